@@ -1,0 +1,74 @@
+"""CT window presets dock: sets an Image layer's contrast limits; the data are never touched."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from magicgui.widgets import ComboBox, Container, FloatSpinBox, Label, PushButton
+
+from napari_dagman.core.errors import DagmanInputError
+from napari_dagman.core.windowing import DEFAULT_WINDOW, WINDOW_PRESETS, window_limits
+
+if TYPE_CHECKING:
+    import napari
+
+
+class WindowWidget(Container):
+    """Pick an Image layer and a CT window (abdomen, lung, bone, brain, liver, mediastinum or custom W/L)."""
+
+    def __init__(self, napari_viewer: napari.viewer.Viewer) -> None:
+        super().__init__(labels=True)
+        self._viewer = napari_viewer
+        self._layer = ComboBox(label="image", choices=self._image_layers, nullable=True)
+        self._preset = ComboBox(label="window", choices=[*WINDOW_PRESETS, "custom"], value=DEFAULT_WINDOW)
+        self._width = FloatSpinBox(label="width (HU)", min=1, max=10000, step=10)
+        self._level = FloatSpinBox(label="level (HU)", min=-2000, max=4000, step=10)
+        self._apply = PushButton(text="Apply")
+        self._status = Label(value="")
+        self.extend([self._layer, self._preset, self._width, self._level, self._apply, self._status])
+        self._show_preset_values()
+        self._preset.changed.connect(self._on_preset)
+        self._apply.changed.connect(self.apply)
+        for event in (napari_viewer.layers.events.inserted, napari_viewer.layers.events.removed):
+            event.connect(self._layer.reset_choices)
+
+    def _image_layers(self, _widget=None) -> list:
+        import napari
+
+        return [layer for layer in self._viewer.layers if isinstance(layer, napari.layers.Image)]
+
+    def _show_preset_values(self) -> None:
+        custom = self._preset.value == "custom"
+        if not custom:
+            window = WINDOW_PRESETS[self._preset.value]
+            self._width.value, self._level.value = window.width, window.level
+        self._width.enabled = self._level.enabled = custom
+
+    def _on_preset(self, _value=None) -> None:
+        self._show_preset_values()
+        self.apply()
+
+    def apply(self, _value=None) -> None:
+        """Set the chosen layer's contrast limits to the window (display only)."""
+        from napari.utils.notifications import show_warning
+
+        layer = self._layer.value
+        if layer is None:
+            layers = self._image_layers()
+            if not layers:
+                show_warning("No image layer to window: open a CT first")
+                return
+            layer = layers[-1]
+            self._layer.value = layer
+        try:
+            limits = window_limits(self._preset.value, width=self._width.value, level=self._level.value)
+        except DagmanInputError as err:
+            show_warning(str(err))
+            return
+        lo, hi = layer.contrast_limits_range
+        # widen the slider range when the window reaches beyond the data (e.g. brain window on a phantom)
+        layer.contrast_limits_range = (min(lo, limits[0]), max(hi, limits[1]))
+        layer.contrast_limits = limits
+        self._status.value = (
+            f"{layer.name}: W {limits[1] - limits[0]:g} / L {(limits[0] + limits[1]) / 2:g} HU"
+        )

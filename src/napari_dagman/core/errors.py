@@ -1,0 +1,13 @@
+"""Exceptions that carry a one-line message meant for the user (GUI notification or CLI error)."""
+
+
+class DagmanError(Exception):
+    """Base class: the message is shown to the user as it is, without a traceback."""
+
+
+class DagmanInputError(DagmanError, ValueError):
+    """Bad input: wrong file, wrong shape, NaNs, empty labels, incompatible checkpoint, missing device."""
+
+
+class CheckpointError(DagmanInputError):
+    """A run folder or checkpoint that cannot be used for what was asked."""

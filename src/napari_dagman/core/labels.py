@@ -1,0 +1,239 @@
+"""Organ names and colours for label maps.
+
+The default id -> name table is TotalSegmentator's v2 "total" class map (117 classes; the names are
+TotalSegmentator's, Apache-2.0, reproduced so label maps from it open with the right names). Colours are keyed
+by organ *name*, so an organ has the same colour whatever id a file gives it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Mapping
+
+import numpy as np
+import pandas as pd
+
+# Ids 1..117 in order; 0 is background.
+TOTALSEG_V2_NAMES: tuple[str, ...] = (
+    "spleen",
+    "kidney_right",
+    "kidney_left",
+    "gallbladder",
+    "liver",
+    "stomach",
+    "pancreas",
+    "adrenal_gland_right",
+    "adrenal_gland_left",
+    "lung_upper_lobe_left",
+    "lung_lower_lobe_left",
+    "lung_upper_lobe_right",
+    "lung_middle_lobe_right",
+    "lung_lower_lobe_right",
+    "esophagus",
+    "trachea",
+    "thyroid_gland",
+    "small_bowel",
+    "duodenum",
+    "colon",
+    "urinary_bladder",
+    "prostate",
+    "kidney_cyst_left",
+    "kidney_cyst_right",
+    "sacrum",
+    "vertebrae_S1",
+    "vertebrae_L5",
+    "vertebrae_L4",
+    "vertebrae_L3",
+    "vertebrae_L2",
+    "vertebrae_L1",
+    "vertebrae_T12",
+    "vertebrae_T11",
+    "vertebrae_T10",
+    "vertebrae_T9",
+    "vertebrae_T8",
+    "vertebrae_T7",
+    "vertebrae_T6",
+    "vertebrae_T5",
+    "vertebrae_T4",
+    "vertebrae_T3",
+    "vertebrae_T2",
+    "vertebrae_T1",
+    "vertebrae_C7",
+    "vertebrae_C6",
+    "vertebrae_C5",
+    "vertebrae_C4",
+    "vertebrae_C3",
+    "vertebrae_C2",
+    "vertebrae_C1",
+    "heart",
+    "aorta",
+    "pulmonary_vein",
+    "brachiocephalic_trunk",
+    "subclavian_artery_right",
+    "subclavian_artery_left",
+    "common_carotid_artery_right",
+    "common_carotid_artery_left",
+    "brachiocephalic_vein_left",
+    "brachiocephalic_vein_right",
+    "atrial_appendage_left",
+    "superior_vena_cava",
+    "inferior_vena_cava",
+    "portal_vein_and_splenic_vein",
+    "iliac_artery_left",
+    "iliac_artery_right",
+    "iliac_vena_left",
+    "iliac_vena_right",
+    "humerus_left",
+    "humerus_right",
+    "scapula_left",
+    "scapula_right",
+    "clavicula_left",
+    "clavicula_right",
+    "femur_left",
+    "femur_right",
+    "hip_left",
+    "hip_right",
+    "spinal_cord",
+    "gluteus_maximus_left",
+    "gluteus_maximus_right",
+    "gluteus_medius_left",
+    "gluteus_medius_right",
+    "gluteus_minimus_left",
+    "gluteus_minimus_right",
+    "autochthon_left",
+    "autochthon_right",
+    "iliopsoas_left",
+    "iliopsoas_right",
+    "brain",
+    "skull",
+    "rib_left_1",
+    "rib_left_2",
+    "rib_left_3",
+    "rib_left_4",
+    "rib_left_5",
+    "rib_left_6",
+    "rib_left_7",
+    "rib_left_8",
+    "rib_left_9",
+    "rib_left_10",
+    "rib_left_11",
+    "rib_left_12",
+    "rib_right_1",
+    "rib_right_2",
+    "rib_right_3",
+    "rib_right_4",
+    "rib_right_5",
+    "rib_right_6",
+    "rib_right_7",
+    "rib_right_8",
+    "rib_right_9",
+    "rib_right_10",
+    "rib_right_11",
+    "rib_right_12",
+    "sternum",
+    "costal_cartilages",
+)
+
+TOTALSEG_V2: dict[int, str] = {i + 1: name for i, name in enumerate(TOTALSEG_V2_NAMES)}
+
+# Hand-picked colours (RGB 0-255) for the organs users look at most, chosen to be told apart on a grey CT;
+# matched by the start of the organ name, so "kidney_left" and "kidney_right" share the kidney hue family.
+_ORGAN_COLOURS: dict[str, tuple[int, int, int]] = {
+    "liver": (221, 130, 101),
+    "spleen": (157, 108, 162),
+    "kidney_right": (185, 102, 83),
+    "kidney_left": (230, 220, 70),
+    "kidney": (185, 102, 83),
+    "gallbladder": (139, 150, 98),
+    "stomach": (216, 132, 105),
+    "pancreas": (249, 180, 111),
+    "aorta": (224, 97, 76),
+    "inferior_vena_cava": (0, 151, 206),
+    "portal_vein": (0, 112, 165),
+    "urinary_bladder": (222, 154, 132),
+    "bladder": (222, 154, 132),
+    "colon": (204, 168, 143),
+    "small_bowel": (205, 167, 142),
+    "duodenum": (255, 253, 229),
+    "esophagus": (211, 171, 143),
+    "heart": (206, 110, 84),
+    "lung": (197, 165, 145),
+    "trachea": (182, 228, 255),
+    "vertebra": (241, 214, 145),
+    "spine": (241, 214, 145),
+    "sacrum": (241, 214, 145),
+    "rib": (253, 232, 158),
+    "costal_cartilages": (255, 237, 180),
+    "femur": (255, 255, 207),
+    "hip": (252, 220, 160),
+    "muscle": (192, 104, 88),
+    "gluteus": (188, 95, 76),
+    "autochthon": (183, 105, 92),
+    "iliopsoas": (196, 121, 79),
+    "fat": (230, 220, 150),
+    "body": (177, 122, 101),
+    "nodule": (255, 60, 60),
+    "lung_vessels": (200, 60, 60),
+    "spinal_cord": (244, 214, 49),
+    "adrenal_gland": (244, 186, 150),
+    "prostate": (230, 158, 140),
+}
+
+
+def organ_colour(name: str) -> tuple[float, float, float, float]:
+    """RGBA in 0..1 for an organ name: a curated colour when known, else a stable colour from its name."""
+    key = name.lower()
+    best = ""
+    for prefix in _ORGAN_COLOURS:
+        if key.startswith(prefix) and len(prefix) > len(best):
+            best = prefix
+    if best:
+        r, g, b = _ORGAN_COLOURS[best]
+    else:
+        digest = hashlib.sha256(key.encode()).digest()
+        # bright, saturated colours: keep each channel in 60..255
+        r, g, b = (60 + digest[i] % 196 for i in range(3))
+    return (r / 255.0, g / 255.0, b / 255.0, 1.0)
+
+
+def default_names(ids: Iterable[int]) -> tuple[dict[int, str], str]:
+    """Names for label ids without a sidecar: TotalSegmentator v2 when the ids fit it, else ``label_<id>``.
+
+    Returns the table and where it came from (``"totalsegmentator_v2"`` or ``"generic"``).
+    """
+    ids = sorted(int(i) for i in ids if int(i) != 0)
+    if ids and max(ids) <= len(TOTALSEG_V2_NAMES):
+        return {i: TOTALSEG_V2[i] for i in ids}, "totalsegmentator_v2"
+    return {i: f"label_{i}" for i in ids}, "generic"
+
+
+def label_table(ids: Iterable[int], names: Mapping[int, str] | None = None) -> pd.DataFrame:
+    """Features table for a napari Labels layer: one row per id (background first), ``index``/``name``/``colour``.
+
+    Ids missing from ``names`` fall back to :func:`default_names`.
+    """
+    ids = sorted({0, *(int(i) for i in ids)})
+    fallback, _ = default_names(ids)
+    names = {int(k): v for k, v in (names or {}).items()}
+    rows = []
+    for i in ids:
+        name = "background" if i == 0 else names.get(i, fallback.get(i, f"label_{i}"))
+        rows.append({"index": i, "name": name})
+    return pd.DataFrame(rows)
+
+
+def colour_dict(names: Mapping[int, str]) -> dict[int | None, np.ndarray]:
+    """``DirectLabelColormap``-ready mapping id -> RGBA (background transparent, unknown ids grey)."""
+    colours: dict[int | None, np.ndarray] = {0: np.zeros(4), None: np.array([0.5, 0.5, 0.5, 1.0])}
+    for i, name in names.items():
+        if int(i) != 0:
+            colours[int(i)] = np.array(organ_colour(name))
+    return colours
+
+
+def names_in(array: np.ndarray, names: Mapping[int, str] | None = None) -> dict[int, str]:
+    """Id -> name for every non-zero id present in ``array`` (``names`` first, defaults after)."""
+    ids = [int(i) for i in np.unique(array) if int(i) != 0]
+    fallback, _ = default_names(ids)
+    names = dict(names or {})
+    return {i: names.get(i, fallback[i]) for i in ids}
