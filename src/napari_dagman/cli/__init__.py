@@ -1,0 +1,55 @@
+"""``napari-dagman``: the command line over the same config objects and job generators as the GUI.
+
+Each subcommand lives in its own module exposing ``add_parser(subparsers)``; ``main`` dispatches and turns
+user errors into a one-line message and a non-zero exit status.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+from napari_dagman import __version__
+
+#: Subcommand modules, in the order ``--help`` lists them.
+SUBCOMMANDS: tuple[str, ...] = ("pretrain", "methods")
+
+EXIT_USER_ERROR = 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="napari-dagman",
+        description="Self-supervised pretraining of Swin transformers on CT (DAGMaN and baselines), and what "
+        "it learned: attention maps, masks, segmentation, organ clusters.",
+    )
+    parser.add_argument("--version", action="version", version=f"napari-dagman {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in SUBCOMMANDS:
+        importlib.import_module(f"napari_dagman.cli.{name}").add_parser(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the console script; returns the exit status."""
+    from napari_dagman.core.errors import DagmanError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return EXIT_USER_ERROR
+    try:
+        return int(args.func(args) or 0)
+    except DagmanError as err:
+        print(f"napari-dagman {args.command}: error: {err}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print(f"napari-dagman {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,344 @@
+"""Attention maps of the semantic class attention, mask previews and head-diversity figures."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Generator, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from napari_dagman.core.data import model_volume
+from napari_dagman.core.events import CancelToken, ProgressEvent
+from napari_dagman.core.masking import attention_mask, attention_to_cells, make_mask, random_mask
+from napari_dagman.core.models.encoder import upsample_mask
+from napari_dagman.core.volume import Volume, grid_placement
+
+if TYPE_CHECKING:
+    from napari_dagman.core.checkpoint import PretrainedEncoder
+
+
+def head_diversity(attention: torch.Tensor) -> dict[str, Any]:
+    """Diversity of the class-attention heads (DAGMaN's claim is that a noisy teacher keeps it high).
+
+    ``attention`` is (B, heads, N) with each head summing to 1. Returns
+
+    * ``diversity``: 1 - mean pairwise cosine similarity between the heads' maps (0 = all heads identical);
+    * ``similarity``: the heads x heads cosine-similarity matrix (mean over the batch);
+    * ``entropy``: per-head attention entropy normalised by log N (1 = uniform, 0 = one token);
+    * ``entropy_mean`` and ``entropy_std`` over heads.
+    """
+    a = attention.detach().float()
+    if a.ndim == 2:
+        a = a.unsqueeze(0)
+    b, h, n = a.shape
+    unit = F.normalize(a, dim=-1)
+    sim = unit @ unit.transpose(1, 2)  # (B, H, H)
+    mean_sim = sim.mean(dim=0)
+    if h > 1:
+        off = ~torch.eye(h, dtype=torch.bool)
+        diversity = 1.0 - float(mean_sim[off].mean())
+    else:
+        diversity = 0.0
+    ent = -(a.clamp_min(1e-12) * a.clamp_min(1e-12).log()).sum(dim=-1) / math.log(max(n, 2))
+    per_head = ent.mean(dim=0)
+    return {
+        "diversity": diversity,
+        "similarity": mean_sim.tolist(),
+        "entropy": per_head.tolist(),
+        "entropy_mean": float(per_head.mean()),
+        "entropy_std": float(per_head.std(unbiased=False)) if h > 1 else 0.0,
+        "heads": h,
+        "tokens": n,
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Attention maps of a whole volume (sliding window) and of one crop
+# ---------------------------------------------------------------------------------------------------------
+@dataclass
+class AttentionMaps:
+    """Per-head class attention on the attention-stage token grid, placed in physical space.
+
+    ``maps`` is (heads, z, y, x), in *relative attention*: each window's weights times its number of
+    tokens, so 1 means "as much as a uniform map" whatever the window size; overlapping windows are
+    averaged. ``scale``/``translate`` place the token grid on the CT (napari world = physical LPS mm).
+    """
+
+    maps: np.ndarray
+    scale: list[float]
+    translate: list[float]
+    direction: np.ndarray
+    token_size: tuple[int, int, int]
+    windows: int
+    diversity: dict[str, Any]
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def mean(self) -> np.ndarray:
+        return self.maps.mean(axis=0)
+
+    def volumes(self) -> dict[str, Volume]:
+        """``mean`` and ``head{h}`` as `Volume`s with the token grid's geometry (for NIfTI export)."""
+        spacing = tuple(self.scale)
+        origin = tuple(self.translate)
+        out = {
+            "mean": Volume(self.mean.astype(np.float32), spacing, origin, self.direction, dict(self.metadata))
+        }
+        for h in range(self.maps.shape[0]):
+            out[f"head{h}"] = Volume(
+                self.maps[h].astype(np.float32), spacing, origin, self.direction, dict(self.metadata)
+            )
+        return out
+
+
+def _window_attention(encoder, batch: torch.Tensor) -> torch.Tensor:
+    """(B, heads, *grid) relative attention of a batch of windows."""
+    with torch.no_grad():
+        out = encoder(batch)
+    att = out.attention.float()
+    n = att.shape[-1]
+    return (att * n).reshape(att.shape[0], att.shape[1], *out.grid)
+
+
+def _window_starts(size: int, roi: int, step: int) -> list[int]:
+    if size <= roi:
+        return [0]
+    starts = list(range(0, size - roi + 1, step))
+    if starts[-1] != size - roi:
+        starts.append(starts[-1] + step)
+    return starts
+
+
+def attention_maps(
+    pretrained: PretrainedEncoder,
+    volume: Volume,
+    *,
+    overlap: float = 0.25,
+    batch_size: int = 2,
+    device: str | torch.device = "cpu",
+    cancel: CancelToken | None = None,
+) -> Generator[ProgressEvent, None, AttentionMaps]:
+    """Sliding-window class attention over a whole volume; yields progress, returns `AttentionMaps`.
+
+    The volume is resampled to the run's spacing and HU range; windows of the run's ROI step by a multiple of
+    the token size (so their token grids line up) and the volume is padded with air at its far end to fit.
+    A 2D model runs over every axial slice.
+    """
+    from monai.data.utils import dense_patch_slices
+
+    arch = pretrained.arch
+    roi, token = pretrained.roi, arch.attention_stride
+    pv = model_volume(volume, dims=arch.dims, spacing=pretrained.spacing, hu_range=pretrained.hu_range)
+    array = pv.array
+    step = max(token, int(round(roi * (1.0 - overlap) / token)) * token)
+    plane_axes = (0, 1, 2) if arch.dims == 3 else (1, 2)
+    padded_shape = list(array.shape)
+    for axis in plane_axes:
+        starts = _window_starts(array.shape[axis], roi, step)
+        padded_shape[axis] = max(roi, starts[-1] + roi)
+    padded = np.zeros(padded_shape, np.float32)
+    padded[tuple(slice(0, s) for s in array.shape)] = array
+
+    factor = (token, token, token) if arch.dims == 3 else (1, token, token)
+    grid_shape = [-(-s // f) for s, f in zip(padded_shape, factor, strict=True)]
+    heads = arch.sca_heads
+    acc = np.zeros((heads, *grid_shape), np.float64)
+    count = np.zeros(grid_shape, np.float64)
+    diversities: list[float] = []
+    entropies: list[float] = []
+
+    if arch.dims == 3:
+        slices = dense_patch_slices(padded_shape, (roi,) * 3, (step,) * 3)
+        windows = [(s, None) for s in slices]
+    else:
+        in_plane = dense_patch_slices(padded_shape[1:], (roi, roi), (step, step))
+        windows = [(s, z) for z in range(padded_shape[0]) for s in in_plane]
+    encoder = pretrained.encoder.to(device)
+    total = len(windows)
+    for first in range(0, total, batch_size):
+        if cancel is not None and cancel.cancelled:
+            raise DagmanCancelled("attention computation cancelled")
+        chunk = windows[first : first + batch_size]
+        crops = [padded[sl] if z is None else padded[z][sl] for sl, z in chunk]
+        batch = torch.from_numpy(np.stack(crops)[:, None]).to(device)
+        rel = _window_attention(encoder, batch).cpu().numpy()
+        flat = rel.reshape(rel.shape[0], heads, -1)
+        div = head_diversity(torch.from_numpy(flat / flat.sum(axis=-1, keepdims=True)))
+        diversities.append(div["diversity"])
+        entropies.append(div["entropy_mean"])
+        for (sl, z), window in zip(chunk, rel, strict=True):
+            target = tuple(slice(s.start // token, s.stop // token) for s in sl)
+            if z is not None:  # a 2D window on slice z: (heads, 1, gy, gx) onto (heads, z, ...)
+                target = (slice(z, z + 1), *target)
+                window = window[:, None]
+            acc[(slice(None), *target)] += window
+            count[target] += 1
+        yield ProgressEvent(min(first + batch_size, total), total, "attention")
+
+    maps = (acc / np.maximum(count, 1)).astype(np.float32)
+    keep = tuple(-(-s // f) for s, f in zip(array.shape, factor, strict=True))
+    maps = maps[(slice(None), *(slice(0, k) for k in keep))]
+    scale, translate = grid_placement(pv.origin, pv.spacing, factor)
+    meta = {k: v for k, v in volume.metadata.items() if k.startswith("source_") or k == "name"}
+    return AttentionMaps(
+        maps=maps,
+        scale=scale,
+        translate=translate,
+        direction=pv.direction.copy(),
+        token_size=factor,
+        windows=total,
+        diversity={
+            "diversity_mean_over_windows": float(np.mean(diversities)),
+            "entropy_mean_over_windows": float(np.mean(entropies)),
+            "windows": total,
+        },
+        metadata=meta,
+    )
+
+
+class DagmanCancelled(Exception):
+    """A job was cancelled by its user (not an error)."""
+
+
+# ---------------------------------------------------------------------------------------------------------
+# One crop: attention and the mask each strategy would draw
+# ---------------------------------------------------------------------------------------------------------
+#: The mask previews offered, in display order (the noisy teacher is attention-high after input dropout).
+PREVIEW_STRATEGIES: tuple[str, ...] = (
+    "random",
+    "block",
+    "attention-high",
+    "attention-low",
+    "attention-hint",
+    "noisy-teacher",
+)
+
+
+@dataclass
+class CropPreview:
+    """A crop of the model volume, its class attention and the masks of each strategy, in physical space."""
+
+    image: np.ndarray  # (z, y, x) model intensities; z = 1 for a 2D model
+    image_scale: list[float]
+    image_translate: list[float]
+    attention: np.ndarray  # (heads, *token grid) relative attention
+    attention_scale: list[float]
+    attention_translate: list[float]
+    masks: dict[str, np.ndarray]  # strategy -> (*cell grid) uint8
+    mask_scale: list[float]
+    mask_translate: list[float]
+    diversity: dict[str, Any]
+    start: tuple[int, int, int]  # crop start in the model volume (z, y, x)
+
+
+def crop_start(shape: Sequence[int], center: Sequence[float], roi: int, dims: int) -> tuple[int, int, int]:
+    """Start index of a ``roi`` crop centred on ``center`` (model-volume voxels), clamped inside the volume."""
+    out = []
+    for axis, (size, c) in enumerate(zip(shape, center, strict=True)):
+        if dims == 2 and axis == 0:
+            out.append(int(np.clip(round(c), 0, size - 1)))
+            continue
+        out.append(int(np.clip(round(c - roi / 2), 0, max(0, size - roi))))
+    return tuple(out)  # type: ignore[return-value]
+
+
+def crop_preview(
+    pretrained: PretrainedEncoder,
+    volume: Volume,
+    center: Sequence[float] | None = None,
+    *,
+    ratio: float = 0.6,
+    mask_cell: int | None = None,
+    noise_rate: float = 0.2,
+    hint_fraction: float = 0.1,
+    hint_pool: float = 0.1,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+) -> CropPreview:
+    """Attention and mask previews for the crop around a physical point (default: the body's centre).
+
+    ``center`` is a physical (napari world) position z, y, x in mm. The masks use the same generators as
+    training; ``noisy-teacher`` is attention-high on the attention the encoder gives when ``noise_rate`` of
+    the cells are dropped from its input (DAGMaN's teacher).
+    """
+    arch = pretrained.arch
+    roi, token = pretrained.roi, arch.attention_stride
+    cell = mask_cell or int(pretrained.run_config.get("mask_cell", token))
+    pv = model_volume(volume, dims=arch.dims, spacing=pretrained.spacing, hu_range=pretrained.hu_range)
+    shape = pv.array.shape
+    need = (1, roi, roi) if arch.dims == 2 else (roi, roi, roi)
+    array = pv.array
+    if any(s < n for s, n in zip(shape, need, strict=True)):
+        pad = [(0, max(0, n - s)) for s, n in zip(shape, need, strict=True)]
+        array = np.pad(array, pad)
+    if center is None:
+        body = np.argwhere(pv.array > 0)
+        index = body.mean(axis=0) if len(body) else np.asarray(shape) / 2
+    else:
+        p = np.asarray(center, float) - np.asarray(pv.origin)
+        index = (p @ np.linalg.inv(pv.direction).T) / np.asarray(pv.spacing)
+    start = crop_start(array.shape, index, roi, arch.dims)
+    if arch.dims == 3:
+        crop = array[start[0] : start[0] + roi, start[1] : start[1] + roi, start[2] : start[2] + roi]
+        x = torch.from_numpy(np.ascontiguousarray(crop))[None, None]
+        factor_cells, factor_tokens = (cell,) * 3, (token,) * 3
+        image = crop
+    else:
+        crop = array[start[0], start[1] : start[1] + roi, start[2] : start[2] + roi]
+        x = torch.from_numpy(np.ascontiguousarray(crop))[None, None]
+        factor_cells, factor_tokens = (1, cell, cell), (1, token, token)
+        image = crop[None]
+    encoder = pretrained.encoder.to(device)
+    with torch.no_grad():
+        clean = encoder(x.to(device))
+    grid = clean.grid
+    cells = (roi // cell,) * arch.dims
+    attention = clean.attention.float().cpu()
+    generator = torch.Generator().manual_seed(seed)
+    mean_cells = attention_to_cells(attention.mean(1).reshape(1, *grid), cells)
+
+    masks: dict[str, np.ndarray] = {}
+    for strategy in ("random", "block", "attention-high", "attention-low", "attention-hint"):
+        m = make_mask(
+            strategy,
+            batch=1,
+            grid=cells,
+            ratio=ratio,
+            attention=mean_cells,
+            generator=generator,
+            hint_fraction=hint_fraction,
+            hint_pool=hint_pool,
+        )
+        masks[strategy] = m[0].numpy().astype(np.uint8)
+    dropped = random_mask(1, cells, noise_rate, generator)
+    token_mask = upsample_mask(dropped, cell // arch.patch_size, arch.dims)
+    with torch.no_grad():
+        noisy = encoder(x.to(device), token_mask.to(device))
+    noisy_cells = attention_to_cells(noisy.attention.float().cpu().mean(1).reshape(1, *grid), cells)
+    masks["noisy-teacher"] = attention_mask(noisy_cells, ratio, "high")[0].numpy().astype(np.uint8)
+
+    rel = (attention[0] * attention.shape[-1]).reshape(attention.shape[1], *grid).numpy()
+    if arch.dims == 2:
+        rel = rel[:, None]
+        masks = {k: v[None] for k, v in masks.items()}
+    origin = pv.index_to_physical(start)
+    image_scale = list(pv.spacing)
+    mask_scale, mask_translate = grid_placement(origin, pv.spacing, factor_cells)
+    att_scale, att_translate = grid_placement(origin, pv.spacing, factor_tokens)
+    return CropPreview(
+        image=np.asarray(image, np.float32),
+        image_scale=image_scale,
+        image_translate=[float(o) for o in origin],
+        attention=rel.astype(np.float32),
+        attention_scale=att_scale,
+        attention_translate=att_translate,
+        masks=masks,
+        mask_scale=mask_scale,
+        mask_translate=mask_translate,
+        diversity=head_diversity(attention),
+        start=start,
+    )

@@ -1,0 +1,351 @@
+"""Run folders and checkpoints: safetensors + JSON, written atomically, loaded without executing code.
+
+A run folder holds::
+
+    config.json          the resolved job config, with the architecture and the method
+    model.safetensors    the latest weights (student.* and teacher.*), architecture in the metadata
+    best.safetensors     the weights at the lowest running-mean training loss
+    resume.safetensors   everything to continue exactly: weights, method buffers, optimiser state, step
+    checkpoints/         weight snapshots every N steps
+    metrics.jsonl        one JSON line per logged step
+    run.json             versions, seed, data hashes, command, status
+
+Every file is written to a temporary name in the same folder and renamed into place, so a crash or a cancel
+never leaves a half-written checkpoint. Loading uses `safetensors` (no pickle), checks that the file is a
+napari-dagman checkpoint and that its architecture matches what is asked for.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from napari_dagman.core.errors import CheckpointError
+from napari_dagman.core.io import atomic_write_text, publish
+from napari_dagman.core.models.architecture import Architecture
+
+CONFIG_FILE = "config.json"
+MODEL_FILE = "model.safetensors"
+BEST_FILE = "best.safetensors"
+RESUME_FILE = "resume.safetensors"
+METRICS_FILE = "metrics.jsonl"
+RUN_FILE = "run.json"
+SNAPSHOT_DIR = "checkpoints"
+FORMAT = "napari-dagman/1"
+
+
+# --- tensors ------------------------------------------------------------------------------------------------
+def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """Write a safetensors file atomically (temporary file, fsync, rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    flat = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+    meta = {"format": FORMAT, **{k: str(v) for k, v in metadata.items()}}
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(flat, tmp, metadata=meta)
+        publish(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def load_tensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Read a safetensors file and its metadata; refuse files that are not napari-dagman checkpoints."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as fh:
+            metadata = fh.metadata() or {}
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(f"{path.name} is not a readable safetensors checkpoint ({err})") from None
+    if metadata.get("format") != FORMAT:
+        raise CheckpointError(f"{path.name} is a safetensors file but not a napari-dagman checkpoint")
+    return tensors, metadata
+
+
+def prefixed(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {f"{prefix}.{k}": v for k, v in state.items()}
+
+
+def strip_prefix(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    p = prefix + "."
+    return {k[len(p) :]: v for k, v in state.items() if k.startswith(p)}
+
+
+# --- optimiser state ------------------------------------------------------------------------------------------
+def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], str]:
+    """Flatten an optimiser state into tensors + a JSON string (param groups and scalar state)."""
+    state = optimizer.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, Any] = {}
+    for idx, entry in state["state"].items():
+        for key, value in entry.items():
+            if torch.is_tensor(value):
+                tensors[f"optim.{idx}.{key}"] = value
+            else:
+                scalars[f"{idx}.{key}"] = value
+    return tensors, json.dumps({"param_groups": state["param_groups"], "scalars": scalars})
+
+
+def load_optimizer_state(
+    optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta_json: str
+) -> None:
+    meta = json.loads(meta_json)
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        if key.startswith("optim."):
+            _, idx, name = key.split(".", 2)
+            state.setdefault(int(idx), {})[name] = value
+    for key, value in meta["scalars"].items():
+        idx, name = key.split(".", 1)
+        state.setdefault(int(idx), {})[name] = value
+    try:
+        optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    except (ValueError, KeyError) as err:
+        raise CheckpointError(f"optimiser state does not fit this model ({err})") from None
+
+
+# --- compatibility ----------------------------------------------------------------------------------------
+def check_state_fits(module: torch.nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
+    """Refuse a state dict whose names or shapes differ from ``module``'s, naming the first differences."""
+    own = module.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    wrong = sorted(k for k in set(own) & set(state) if tuple(own[k].shape) != tuple(state[k].shape))
+    if missing or unexpected or wrong:
+        parts = []
+        if wrong:
+            k = wrong[0]
+            parts.append(
+                f"{len(wrong)} tensors of another shape (e.g. {k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)})"
+            )
+        if missing:
+            parts.append(f"{len(missing)} missing (e.g. {missing[0]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
+        raise CheckpointError(f"{what} does not fit this architecture: " + "; ".join(parts))
+
+
+def architecture_from_metadata(metadata: dict[str, str], source: str) -> Architecture:
+    try:
+        return Architecture.from_dict(json.loads(metadata["architecture"]))
+    except (KeyError, json.JSONDecodeError, TypeError):
+        raise CheckpointError(f"{source} carries no architecture description") from None
+
+
+# --- run folder -----------------------------------------------------------------------------------------------
+class RunFolder:
+    """Paths and readers of a run folder (pretraining or fine-tuning)."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+
+    def file(self, name: str) -> Path:
+        return self.path / name
+
+    @property
+    def exists(self) -> bool:
+        return self.path.is_dir()
+
+    def has_checkpoint(self) -> bool:
+        return self.file(MODEL_FILE).is_file() or self.file(RESUME_FILE).is_file()
+
+    def config_dict(self) -> dict[str, Any]:
+        path = self.file(CONFIG_FILE)
+        if not path.is_file():
+            if not self.path.exists():
+                raise CheckpointError(f"run folder {self.path} does not exist")
+            raise CheckpointError(f"{self.path} is not a napari-dagman run folder (no {CONFIG_FILE})")
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise CheckpointError(f"{path} is not valid JSON ({err})") from None
+        if not isinstance(data, dict) or "architecture" not in data:
+            raise CheckpointError(f"{path} is not a napari-dagman run config (no architecture)")
+        return data
+
+    def architecture(self) -> Architecture:
+        return Architecture.from_dict(self.config_dict()["architecture"])
+
+    def write_config(self, data: dict[str, Any]) -> None:
+        atomic_write_text(self.file(CONFIG_FILE), json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+    def weights_path(self, which: str = "last") -> Path:
+        name = {"last": MODEL_FILE, "best": BEST_FILE}.get(which)
+        path = self.file(name) if name else Path(which)
+        if not path.is_file():
+            raise CheckpointError(f"no '{which}' weights in {self.path}")
+        return path
+
+    # metrics ---------------------------------------------------------------------------------------------
+    def append_metrics(self, record: dict[str, Any]) -> None:
+        with open(self.file(METRICS_FILE), "a") as fh:
+            fh.write(json.dumps(record) + "\n")
+
+    def read_metrics(self) -> list[dict[str, Any]]:
+        path = self.file(METRICS_FILE)
+        if not path.is_file():
+            return []
+        out = []
+        for line in path.read_text().splitlines():
+            line = line.strip()
+            if line:
+                try:
+                    out.append(json.loads(line))
+                except json.JSONDecodeError:
+                    break  # a line cut by a crash: everything after it is unreliable
+        return out
+
+    def truncate_metrics(self, step: int) -> None:
+        """Drop metric lines after ``step`` (a resumed run rewrites them)."""
+        kept = [r for r in self.read_metrics() if int(r.get("step", 0)) <= step]
+        atomic_write_text(self.file(METRICS_FILE), "".join(json.dumps(r) + "\n" for r in kept))
+
+    # run.json ----------------------------------------------------------------------------------------------
+    def write_run_info(self, info: dict[str, Any]) -> None:
+        atomic_write_text(self.file(RUN_FILE), json.dumps(info, indent=2, sort_keys=True, default=str) + "\n")
+
+    def read_run_info(self) -> dict[str, Any]:
+        path = self.file(RUN_FILE)
+        return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def environment_info() -> dict[str, Any]:
+    """Versions and host facts for run.json."""
+    import monai
+
+    import napari_dagman
+
+    info: dict[str, Any] = {
+        "napari_dagman": napari_dagman.__version__,
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "monai": monai.__version__,
+        "numpy": np.__version__,
+        "platform": platform.platform(),
+        "cuda": torch.version.cuda if torch.cuda.is_available() else None,
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+    return info
+
+
+def array_hash(array: np.ndarray) -> str:
+    """sha256 of an array's bytes, shape and dtype (identifies the data a run saw)."""
+    h = hashlib.sha256()
+    h.update(str((array.shape, str(array.dtype))).encode())
+    h.update(np.ascontiguousarray(array).tobytes())
+    return h.hexdigest()
+
+
+def timestamp() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+# --- loading a pretrained encoder ---------------------------------------------------------------------------------
+class PretrainedEncoder:
+    """A pretrained `SwinEncoder` with what is needed to feed it: the run's spacing, HU range and ROI."""
+
+    def __init__(
+        self, encoder, arch: Architecture, run_config: dict[str, Any], *, source: str, which: str, step: int
+    ):
+        self.encoder = encoder
+        self.arch = arch
+        self.run_config = run_config
+        self.source = source
+        self.which = which
+        self.step = step
+
+    @property
+    def method(self) -> str:
+        return str(self.run_config.get("method", "unknown"))
+
+    @property
+    def roi(self) -> int:
+        return int(self.run_config.get("roi", 96))
+
+    @property
+    def spacing(self) -> float | None:
+        value = self.run_config.get("spacing")
+        return None if value is None else float(value)
+
+    @property
+    def hu_range(self) -> tuple[float, float]:
+        return float(self.run_config.get("hu_min", -175.0)), float(self.run_config.get("hu_max", 250.0))
+
+    @property
+    def trains_class_attention(self) -> bool:
+        """False for methods (SimMIM) whose loss never reaches the class-attention module."""
+        from napari_dagman.core.methods.registry import REGISTRY
+
+        spec = REGISTRY.get(self.method)
+        return bool(spec.uses_teacher) if spec is not None else True
+
+
+def load_pretrained_encoder(
+    path: str | os.PathLike, which: str = "auto", *, weights: str = "last", device: str | torch.device = "cpu"
+) -> PretrainedEncoder:
+    """Load the encoder of a pretraining run folder (or of one of its ``.safetensors`` files).
+
+    ``which`` is ``teacher``, ``student`` or ``auto`` (the teacher when the method has one: it is the network
+    whose attention chose the masks). ``weights`` is ``last``, ``best`` or a file path. Raises `CheckpointError`
+    for folders that are not pretraining runs, files of another format, and weights that do not fit.
+    """
+    from napari_dagman.core.models.encoder import SwinEncoder
+
+    path = Path(path)
+    if path.is_dir():
+        run = RunFolder(path)
+        config = run.config_dict()
+        if config.get("job", "pretrain") != "pretrain":
+            raise CheckpointError(f"{path} is a {config.get('job')} run, not a pretraining run")
+        file = run.weights_path(weights)
+    else:
+        file = path
+        sibling = (
+            path.parent / CONFIG_FILE
+            if path.parent.name != SNAPSHOT_DIR
+            else path.parent.parent / CONFIG_FILE
+        )
+        config = json.loads(sibling.read_text()) if sibling.is_file() else {}
+    tensors, meta = load_tensors(file)
+    if meta.get("job", "pretrain") != "pretrain":
+        raise CheckpointError(f"{file.name} holds {meta.get('job')} weights, not a pretrained encoder")
+    arch = architecture_from_metadata(meta, file.name)
+    if config and "architecture" in config:
+        diff = Architecture.from_dict(config["architecture"]).differences(arch)
+        if diff:
+            raise CheckpointError(f"{file.name} does not match its run's config.json: {'; '.join(diff)}")
+    config = config or {"method": meta.get("method")}
+    has_teacher = any(k.startswith("teacher.encoder.") for k in tensors)
+    if which == "auto":
+        which = "teacher" if has_teacher else "student"
+    if which not in ("teacher", "student"):
+        raise CheckpointError(f"which must be teacher, student or auto, got {which!r}")
+    state = strip_prefix(tensors, f"{which}.encoder")
+    if not state:
+        raise CheckpointError(f"{file.name} has no {which} encoder weights")
+    encoder = SwinEncoder(arch)
+    check_state_fits(encoder, state, file.name)
+    encoder.load_state_dict(state)
+    encoder.eval().to(device)
+    return PretrainedEncoder(
+        encoder, arch, config, source=str(file), which=which, step=int(meta.get("step", 0))
+    )

@@ -1,0 +1,101 @@
+"""Typed events that long jobs yield (training, fine-tuning, attention, embeddings).
+
+The GUI runs a job generator in a napari worker and draws what it yields; the CLI drives the same generator
+with a progress bar. Stopping = closing the generator (or a `CancelToken`) at the next yield.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+
+class CancelToken:
+    """A thread-safe flag a job checks between steps (the GUI's Cancel button sets it)."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+
+    def cancel(self) -> None:
+        self._event.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._event.is_set()
+
+
+@dataclass
+class LogEvent:
+    """A message for the user (status line, notification, CLI output)."""
+
+    message: str
+    level: str = "info"  # info | warning
+
+
+@dataclass
+class ProgressEvent:
+    """Progress of a job that is not a training loop (attention over a volume, embeddings)."""
+
+    done: int
+    total: int
+    stage: str = ""
+
+
+@dataclass
+class StepEvent:
+    """One optimiser step finished."""
+
+    step: int  # steps done so far (1-based)
+    total_steps: int
+    loss: float
+    terms: dict[str, float]
+    lr: float
+    seconds_per_step: float
+    samples_per_second: float
+    extras: dict[str, float] = field(default_factory=dict)
+    epoch: float = 0.0
+
+
+@dataclass
+class PreviewEvent:
+    """What the model saw and chose at a step, for one view, placed in physical (napari world) space.
+
+    Arrays are 3D (a 2D model's slice has a leading axis of 1). Each comes with the ``scale``/``translate``
+    that overlay it on the CT: ``image`` is the crop (model intensities in [0, 1]), ``attention`` the class
+    attention per head (heads, *token grid) or None for methods without one, ``mask`` the hidden cells.
+    """
+
+    step: int
+    image: np.ndarray
+    image_scale: list[float]
+    image_translate: list[float]
+    mask: np.ndarray
+    mask_scale: list[float]
+    mask_translate: list[float]
+    attention: np.ndarray | None = None
+    attention_scale: list[float] = field(default_factory=list)
+    attention_translate: list[float] = field(default_factory=list)
+    volume_name: str = ""
+    volume_index: int = 0
+
+
+@dataclass
+class CheckpointEvent:
+    step: int
+    path: str
+    kind: str  # last | best | snapshot
+
+
+@dataclass
+class FinishedEvent:
+    """The job ended (completed, cancelled or stopped early); ``run_dir`` holds its results."""
+
+    run_dir: str
+    steps_done: int
+    total_steps: int
+    cancelled: bool = False
+    paths: dict[str, str] = field(default_factory=dict)
+    summary: dict[str, Any] = field(default_factory=dict)

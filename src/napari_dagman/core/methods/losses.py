@@ -1,0 +1,101 @@
+"""Losses and schedules shared by the self-supervised methods (written once, imported by each method)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def cosine_schedule(step: int, total: int, start: float, end: float) -> float:
+    """Cosine from ``start`` (step 0) to ``end`` (step ``total``), over the *global* step."""
+    if total <= 0:
+        return end
+    t = min(max(step / total, 0.0), 1.0)
+    return end + (start - end) * 0.5 * (1.0 + math.cos(math.pi * t))
+
+
+def linear_warmup(step: int, warmup: int, start: float, end: float) -> float:
+    """Linear from ``start`` to ``end`` over ``warmup`` steps, then ``end``."""
+    if warmup <= 0 or step >= warmup:
+        return end
+    return start + (end - start) * step / warmup
+
+
+def learning_rate(step: int, total: int, *, peak: float, warmup: int, final: float) -> float:
+    """Linear warm-up to ``peak`` then cosine decay to ``final`` (SMIT / iBOT)."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    return cosine_schedule(step - warmup, max(1, total - warmup), peak, final)
+
+
+@torch.no_grad()
+def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
+    """theta_t <- m theta_t + (1 - m) theta_s over the parameters the teacher has (matched by name)."""
+    student_params = dict(student.named_parameters())
+    for name, p_t in teacher.named_parameters():
+        p_t.mul_(momentum).add_(student_params[name].detach().to(p_t.dtype), alpha=1.0 - momentum)
+
+
+def masked_l1(target: torch.Tensor, prediction: torch.Tensor, voxel_mask: torch.Tensor) -> torch.Tensor:
+    """L1 over the hidden voxels only: sum(|x - x_hat| * M) / (sum(M) + 1e-5) (SimMIM / SMIT)."""
+    m = voxel_mask.unsqueeze(1).to(prediction.dtype)
+    return (torch.abs(target - prediction) * m).sum() / (m.sum() * target.shape[1] + 1e-5)
+
+
+class DistillationLoss(nn.Module):
+    """iBOT-style self-distillation: cross-view global term + masked-patch term, with centring.
+
+    Teacher probabilities are ``softmax((z_t - c) / tau_t)``, the student's ``log_softmax(z_s / tau_s)``.
+    Centres ``c`` are running means of the teacher outputs (buffers: saved with a checkpoint, so a resumed
+    run continues exactly).
+    """
+
+    def __init__(self, out_dim: int, *, student_temp: float = 0.1, center_momentum: float = 0.9) -> None:
+        super().__init__()
+        self.student_temp = student_temp
+        self.center_momentum = center_momentum
+        self.register_buffer("center_global", torch.zeros(1, out_dim))
+        self.register_buffer("center_patch", torch.zeros(1, 1, out_dim))
+
+    def global_loss(
+        self, teacher: torch.Tensor, student: torch.Tensor, views: int, teacher_temp: float
+    ) -> torch.Tensor:
+        """Cross-view only: mean over pairs q != v of H(P_t(view q), P_s(view v)). Inputs (views*B, K)."""
+        t = F.softmax((teacher.float() - self.center_global) / teacher_temp, dim=-1).chunk(views)
+        s = F.log_softmax(student.float() / self.student_temp, dim=-1).chunk(views)
+        total, pairs = teacher.new_zeros(()).float(), 0
+        for q in range(views):
+            for v in range(views):
+                if q != v:
+                    total = total + torch.sum(-t[q] * s[v], dim=-1).mean()
+                    pairs += 1
+        return total / max(1, pairs)
+
+    def patch_loss(
+        self, teacher: torch.Tensor, student: torch.Tensor, token_mask: torch.Tensor, teacher_temp: float
+    ) -> torch.Tensor:
+        """Same view, hidden tokens only: mean_b [sum_i m_i H(P_t_i, P_s_i) / max(1, sum_i m_i)].
+
+        ``teacher``/``student`` are (B, N, K); ``token_mask`` is (B, N) with 1 on hidden tokens.
+        """
+        t = F.softmax((teacher.float() - self.center_patch) / teacher_temp, dim=-1)
+        s = F.log_softmax(student.float() / self.student_temp, dim=-1)
+        per_token = torch.sum(-t * s, dim=-1)
+        m = token_mask.float()
+        return ((per_token * m).sum(dim=1) / m.sum(dim=1).clamp(min=1.0)).mean()
+
+    @torch.no_grad()
+    def update_centers(self, teacher_global: torch.Tensor, teacher_patch: torch.Tensor) -> None:
+        """c <- m c + (1 - m) mean(z_t), averaged over all processes under DistributedDataParallel."""
+        g = teacher_global.float().mean(dim=0, keepdim=True)
+        p = teacher_patch.float().mean(dim=(0, 1), keepdim=True)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            world = torch.distributed.get_world_size()
+            torch.distributed.all_reduce(g)
+            torch.distributed.all_reduce(p)
+            g, p = g / world, p / world
+        self.center_global.mul_(self.center_momentum).add_(g, alpha=1 - self.center_momentum)
+        self.center_patch.mul_(self.center_momentum).add_(p, alpha=1 - self.center_momentum)
