@@ -78,3 +78,28 @@ def drive(events: Generator[Any, None, Any], *, desc: str, quiet: bool = False) 
     if finished is None:
         raise DagmanError(f"{desc} ended without a result")
     return finished
+
+
+def drive_result(events: Generator[Any, None, Any], *, desc: str, quiet: bool = False) -> Any:
+    """Run a generator of `ProgressEvent`/`LogEvent` with a progress bar and return its return value."""
+    from tqdm import tqdm
+
+    bar = None
+    try:
+        while True:
+            event = next(events)
+            if isinstance(event, ProgressEvent) and is_main_process() and not quiet:
+                if bar is None:
+                    bar = tqdm(total=event.total, desc=desc, dynamic_ncols=True, file=sys.stderr)
+                bar.n = event.done
+                bar.refresh()
+            elif isinstance(event, LogEvent):
+                say(("warning: " if event.level == "warning" else "") + event.message, err=True)
+    except StopIteration as stop:
+        return stop.value
+    except KeyboardInterrupt:
+        events.close()
+        raise
+    finally:
+        if bar is not None:
+            bar.close()

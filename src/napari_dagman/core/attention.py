@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Generator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -342,3 +343,40 @@ def crop_preview(
         diversity=head_diversity(attention),
         start=start,
     )
+
+
+def save_preview_figure(preview: CropPreview, path: str | Path, *, title: str = "") -> None:
+    """PNG of the crop's middle axial slice: the mean attention and each strategy's mask side by side."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    z = preview.image.shape[0] // 2
+    image = preview.image[z]
+    token = int(round(preview.attention_scale[-1] / preview.image_scale[-1]))
+    cell = int(round(preview.mask_scale[-1] / preview.image_scale[-1]))
+    token_z = min(
+        preview.attention.shape[1] - 1,
+        z // max(1, int(round(preview.attention_scale[0] / preview.image_scale[0]))),
+    )
+    cell_z = min(
+        next(iter(preview.masks.values())).shape[0] - 1,
+        z // max(1, int(round(preview.mask_scale[0] / preview.image_scale[0]))),
+    )
+    attention = np.kron(preview.attention.mean(axis=0)[token_z], np.ones((token, token)))
+    panels = [("mean attention", attention, "inferno")] + [
+        (name, np.kron(mask[cell_z], np.ones((cell, cell))), "Reds") for name, mask in preview.masks.items()
+    ]
+    fig = Figure(figsize=(2.2 * len(panels), 2.6), tight_layout=True)
+    FigureCanvasAgg(fig)
+    for i, (name, overlay, cmap) in enumerate(panels):
+        ax = fig.add_subplot(1, len(panels), i + 1)
+        ax.imshow(image, cmap="gray", vmin=0, vmax=1)
+        if cmap == "Reds":  # hidden cells in red, visible cells untouched
+            ax.imshow(np.ma.masked_equal(overlay, 0), cmap=cmap, vmin=0, vmax=1.2, alpha=0.55)
+        else:
+            ax.imshow(overlay, cmap=cmap, alpha=0.5)
+        ax.set_title(name, fontsize=8)
+        ax.axis("off")
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.savefig(str(path), dpi=110)
