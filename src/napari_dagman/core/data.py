@@ -11,12 +11,16 @@ import math
 from dataclasses import dataclass, field
 
 import numpy as np
-from monai.transforms import CropForeground, ScaleIntensityRange, SpatialPad
+from monai.transforms import CropForeground, SpatialPad
 
 from napari_dagman.core.checkpoint import array_hash
 from napari_dagman.core.errors import DagmanInputError
 from napari_dagman.core.io import resample_to_spacing
 from napari_dagman.core.volume import Volume, check_finite
+from napari_dagman.core.windowing import normalize_hu
+
+#: HU -> model intensities (one implementation, in `core.windowing`).
+normalize = normalize_hu
 
 
 @dataclass
@@ -34,12 +38,6 @@ class PreparedVolume:
     def index_to_physical(self, index) -> np.ndarray:
         idx = np.asarray(index, dtype=float)
         return np.asarray(self.origin) + (idx * np.asarray(self.spacing)) @ self.direction.T
-
-
-def normalize(array: np.ndarray, hu_range: tuple[float, float]) -> np.ndarray:
-    """HU clipped to ``hu_range`` and scaled to [0, 1] with MONAI's ScaleIntensityRange."""
-    scale = ScaleIntensityRange(a_min=hu_range[0], a_max=hu_range[1], b_min=0.0, b_max=1.0, clip=True)
-    return np.asarray(scale(array.astype(np.float32, copy=False)), dtype=np.float32)
 
 
 def model_volume(
@@ -61,7 +59,7 @@ def model_volume(
         target = (spacing,) * 3 if dims == 3 else (volume.spacing[0], spacing, spacing)
         volume = resample_to_spacing(volume, target, is_label=False)
     return PreparedVolume(
-        array=normalize(volume.array, hu_range),
+        array=normalize_hu(volume.array, hu_range),
         spacing=tuple(float(s) for s in volume.spacing),
         origin=tuple(float(o) for o in volume.origin),
         direction=volume.direction.copy(),

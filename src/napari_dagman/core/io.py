@@ -236,6 +236,8 @@ def read_volumes(path: str | os.PathLike) -> list[Volume]:
         raise DagmanInputError(
             f"cannot read {path.name}: not a readable image file or truncated ({_first_line(err)})"
         ) from None
+    if suffix_of(path) in (".nii", ".nii.gz"):
+        _check_nifti_complete(path)
     meta: dict[str, Any] = {"source_path": str(path), "name": stem_of(path)}
     if suffix_of(path) == ".dcm" or looks_like_dicom(path):
         with contextlib.suppress(RuntimeError):
@@ -246,6 +248,36 @@ def read_volumes(path: str | os.PathLike) -> list[Volume]:
         if names is not None:
             volume.metadata["label_names"] = names
     return [volume]
+
+
+def _check_nifti_complete(path: Path) -> None:
+    """Refuse truncated NIfTI files, which ITK reads without complaint (the missing voxels become 0).
+
+    The expected size is the header's data offset plus voxels x bytes per voxel; for ``.nii.gz`` it is compared
+    with the gzip trailer (uncompressed size modulo 2**32), which a cut file does not have.
+    """
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+        ndim = int(reader.GetMetaData("dim[0]"))
+        voxels = int(np.prod([int(reader.GetMetaData(f"dim[{i}]")) for i in range(1, ndim + 1)]))
+        expected = (
+            int(float(reader.GetMetaData("vox_offset"))) + voxels * int(reader.GetMetaData("bitpix")) // 8
+        )
+    except (RuntimeError, ValueError):
+        return  # not enough header information to check; SimpleITK has read what it could
+    if suffix_of(path) == ".nii.gz":
+        with open(path, "rb") as fh:
+            fh.seek(-4, os.SEEK_END)
+            stored = int.from_bytes(fh.read(4), "little")
+        complete = stored == expected % 2**32
+    else:
+        complete = path.stat().st_size >= expected
+    if not complete:
+        raise DagmanInputError(
+            f"{path.name} is truncated or corrupt: its data end before the header says they do"
+        )
 
 
 def read_volume(path: str | os.PathLike) -> Volume:

@@ -177,3 +177,22 @@ def grid_placement(
     scale = [float(s) * k for s, k in zip(spacing, f, strict=True)]
     translate = [float(o) + float(s) * (k - 1) / 2.0 for o, s, k in zip(origin, spacing, f, strict=True)]
     return scale, translate
+
+
+def require_same_grid(image: Volume, labels: Volume, what: str = "label map") -> None:
+    """Raise a clear error when a label map does not lie on the image's voxel grid."""
+    if image.same_grid(labels):
+        return
+
+    def describe(v: Volume) -> str:
+        return (
+            f"{'x'.join(map(str, v.shape))} voxels of {'x'.join(f'{s:g}' for s in v.spacing)} mm at origin "
+            + "("
+            + ", ".join(f"{o:.1f}" for o in v.origin)
+            + ")"
+        )
+
+    raise DagmanInputError(
+        f"the {what} ({describe(labels)}) is not on the image grid ({describe(image)}); "
+        "resample it onto the image first"
+    )

@@ -63,9 +63,11 @@ DEFAULT_HU_RANGE: tuple[float, float] = (-175.0, 250.0)
 
 
 def normalize_hu(array: np.ndarray, hu_range: tuple[float, float] = DEFAULT_HU_RANGE) -> np.ndarray:
-    """Clip HU to ``hu_range`` and scale linearly to [0, 1] (float32): the model's input intensities."""
+    """Clip HU to ``hu_range`` and scale linearly to [0, 1] (float32, MONAI's ScaleIntensityRange): the model's input."""
+    from monai.transforms import ScaleIntensityRange
+
     lo, hi = float(hu_range[0]), float(hu_range[1])
     if not hi > lo:
         raise DagmanInputError(f"HU range must be increasing, got {hu_range}")
-    out = (np.asarray(array, dtype=np.float32) - lo) / (hi - lo)
-    return np.clip(out, 0.0, 1.0, out=out)
+    scale = ScaleIntensityRange(a_min=lo, a_max=hi, b_min=0.0, b_max=1.0, clip=True)
+    return np.asarray(scale(np.asarray(array, dtype=np.float32)), dtype=np.float32)

@@ -1,0 +1,66 @@
+"""Organ names and colours; CT windows (display) vs model normalisation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from napari_dagman.core.errors import DagmanInputError
+from napari_dagman.core.labels import (
+    TOTALSEG_V2,
+    colour_dict,
+    default_names,
+    label_table,
+    names_in,
+    organ_colour,
+)
+from napari_dagman.core.windowing import WINDOW_PRESETS, normalize_hu, window_limits
+
+
+def test_totalsegmentator_v2_map(shared_data):
+    import json
+
+    official = json.loads((shared_data / "labels.json").read_text())
+    assert len(TOTALSEG_V2) == 117
+    assert all(TOTALSEG_V2[int(k)] == v for k, v in official.items() if k != "0")
+
+
+def test_default_names_fit_totalsegmentator_else_generic():
+    names, source = default_names([0, 1, 5, 117])
+    assert source == "totalsegmentator_v2" and names == {1: "spleen", 5: "liver", 117: "costal_cartilages"}
+    names, source = default_names([1, 300])
+    assert source == "generic" and names == {1: "label_1", 300: "label_300"}
+
+
+def test_label_table_and_colours_are_stable_per_organ_name():
+    table = label_table([5, 1], {5: "liver", 1: "spleen"})
+    assert table["index"].tolist() == [0, 1, 5]
+    assert table["name"].tolist() == ["background", "spleen", "liver"]
+    # the same organ keeps its colour whatever id a file gives it
+    a = colour_dict({5: "liver"})[5]
+    b = colour_dict({42: "liver"})[42]
+    np.testing.assert_allclose(a, b)
+    assert organ_colour("kidney_left") != organ_colour("liver")
+    assert organ_colour("some_new_structure") == organ_colour("some_new_structure")
+    assert colour_dict({1: "spleen"})[0][3] == 0  # background transparent
+
+
+def test_names_in_prefers_given_names():
+    arr = np.array([[[0, 1, 5]]])
+    assert names_in(arr, {1: "my organ"}) == {1: "my organ", 5: "liver"}
+
+
+def test_window_presets_and_custom():
+    assert window_limits("lung") == (-1350.0, 150.0)
+    assert window_limits("abdomen") == (-160.0, 240.0)
+    assert window_limits("custom", width=100, level=30) == (-20.0, 80.0)
+    assert set(WINDOW_PRESETS) >= {"abdomen", "lung", "bone", "brain", "liver", "mediastinum"}
+    with pytest.raises(DagmanInputError):
+        window_limits("nope")
+    with pytest.raises(DagmanInputError):
+        window_limits("custom", width=-5, level=0)
+
+
+def test_model_normalisation_is_clipped_and_linear():
+    hu = np.array([-1000, -175, 37.5, 250, 3000], dtype=np.float32)
+    np.testing.assert_allclose(normalize_hu(hu), [0.0, 0.0, 0.5, 1.0, 1.0])
