@@ -233,8 +233,12 @@ def read_volumes(path: str | os.PathLike) -> list[Volume]:
     try:
         image = sitk.ReadImage(str(path))
     except RuntimeError as err:
+        if "Unable to determine ImageIO reader" in str(err):
+            raise DagmanInputError(
+                f"cannot read {path.name}: not an image file (NIfTI, NRRD, MHA/MHD or DICOM) despite its name"
+            ) from None
         raise DagmanInputError(
-            f"cannot read {path.name}: not a readable image file or truncated ({_first_line(err)})"
+            f"cannot read {path.name}: broken or truncated file ({_first_line(err)})"
         ) from None
     if suffix_of(path) in (".nii", ".nii.gz"):
         _check_nifti_complete(path)

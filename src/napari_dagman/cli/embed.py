@@ -1,0 +1,123 @@
+"""``napari-dagman embed``: patch embeddings of a CT, their UMAP/PCA/t-SNE, clusters and (with labels) metrics."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Generator
+from pathlib import Path
+from typing import Any
+
+from napari_dagman.cli.common import drive, say
+from napari_dagman.core.config import EmbedConfig
+
+EXAMPLES = """examples:
+  napari-dagman embed ct.nii.gz --checkpoint runs/dagman --labels seg.nii.gz --out clusters/
+  napari-dagman embed ct.nii.gz --checkpoint runs/dagman --patch 32 --stride 16 --method pca --out clusters/
+  napari-dagman embed ct.nii.gz --checkpoint runs/dagman --labels seg.nii.gz --features intensity --out ctl/
+  napari-dagman embed dicom_folder/ --checkpoint runs/dagman --pooling token --stage 4 --fast --out tokens/
+
+outputs: patches.csv (or .parquet): one row per patch with its centre in physical LPS mm and source voxels,
+organ id/name and purity (with --labels), the 2D projection, the cluster, and its role in the k-NN evaluation;
+metrics.json (with --labels): NMI, ARI, silhouette, slab-cross-validated k-NN accuracy; scatter.png; config.json.
+"""
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "embed",
+        help="organ clusters: patch embeddings, UMAP/PCA/t-SNE, clusters and cluster-quality metrics",
+        description="Embed every patch of a CT with a pretraining run's encoder (or a control on the same "
+        "patches), project to 2D, cluster, and with a label map score how well organs separate.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("image", help="CT file (NIfTI, NRRD, MHA) or DICOM series folder")
+    p.add_argument("--checkpoint", required=True, help="pretraining run folder (or one of its .safetensors)")
+    p.add_argument("--labels", help="label map on the image grid: organ names, purity and metrics")
+    p.add_argument("--out", required=True, help="output folder (created if missing)")
+    p.add_argument("--config", dest="config_file", help="JSON config file; flags given here override it")
+    p.add_argument("--colour-by", choices=("organ", "cluster"), help="scatter.png colours (default: organ)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    EmbedConfig.add_arguments(p)
+    p.set_defaults(func=run)
+
+
+def _job(config: EmbedConfig, colour_by: str | None) -> Generator[Any, None, None]:
+    """Read, embed, write: the whole command as one event generator (driven with a progress bar)."""
+    from napari_dagman.core.embeddings import run_embedding, write_results
+    from napari_dagman.core.events import FinishedEvent
+    from napari_dagman.core.io import read_volume
+
+    volume = read_volume(config.image)  # type: ignore[arg-type]
+    labels = read_volume(config.labels) if config.labels else None
+    result = yield from run_embedding(config, volume, labels)
+    paths = write_results(result, config.out)  # type: ignore[arg-type]
+    by = colour_by or ("organ" if "organ" in result.table.columns else "cluster")
+    if by in result.table.columns:
+        paths["scatter"] = write_scatter_png(
+            result.table, config.method, by, Path(config.out) / "scatter.png"
+        )  # type: ignore[arg-type]
+    yield FinishedEvent(
+        run_dir=str(config.out),
+        steps_done=len(result.table),
+        total_steps=len(result.table),
+        paths=paths,
+        summary={"metrics": result.metrics, "patches": len(result.table)},
+    )
+
+
+def write_scatter_png(table: Any, method: str, by: str, path: Path) -> str:
+    """The projection coloured by organ or cluster, with a legend, as a PNG (no screen needed)."""
+    from matplotlib.figure import Figure
+
+    from napari_dagman.core.embeddings import colour_groups
+
+    x, y = table[f"{method}_0"].to_numpy(), table[f"{method}_1"].to_numpy()
+    groups = colour_groups(table, by)
+    fig = Figure(figsize=(8, 6), layout="constrained")
+    ax = fig.add_subplot(111)
+    for name, rgba, rows in groups:
+        ax.plot(x[rows], y[rows], "o", ms=2.5, mew=0, color=rgba, label=f"{name} ({len(rows)})")
+    ax.set_xlabel(f"{method.upper()} 1")
+    ax.set_ylabel(f"{method.upper()} 2")
+    ax.set_title(f"{len(table)} patches coloured by {by}")
+    ax.legend(
+        fontsize=6, markerscale=2, loc="center left", bbox_to_anchor=(1.0, 0.5), ncols=1 + len(groups) // 30
+    )
+    fig.savefig(path, dpi=150)
+    return str(path)
+
+
+def format_metrics(metrics: dict[str, Any]) -> str:
+    """The figures of metrics.json in a few readable lines."""
+    lines = [f"evaluated: {metrics['evaluated_patches']} patches of {len(metrics['organs'])} organs"]
+    if "note" in metrics:
+        lines.append(f"note: {metrics['note']}")
+    figures = [
+        (name, metrics[key])
+        for name, key in (("NMI", "nmi"), ("ARI", "ari"), ("silhouette", "silhouette"))
+        if key in metrics
+    ]
+    if figures:
+        lines.append("k-means vs organs: " + "  ".join(f"{n} {v:.3f}" for n, v in figures))
+    if "knn_accuracy" in metrics:
+        s = metrics["settings"]
+        lines.append(
+            f"k-NN ({s['knn']}, {s['distance']}; {s['slabs']} axial slabs, gap {s['gap_mm']:g} mm): "
+            f"accuracy {metrics['knn_accuracy']:.3f}, balanced {metrics['knn_balanced_accuracy']:.3f}, "
+            f"majority baseline {metrics['knn_majority_baseline']:.3f} "
+            f"({metrics['knn_scored']} scored, {metrics['knn_unseen_organ']} of an organ absent from training)"
+        )
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    extra = {"image": args.image, "checkpoint": args.checkpoint, "labels": args.labels, "out": args.out}
+    config = EmbedConfig.from_args(args, config_file=args.config_file, **extra)
+    finished = drive(_job(config, args.colour_by), desc="embed", quiet=args.quiet)
+    say(f"{finished.summary['patches']} patches")
+    metrics = finished.summary.get("metrics")
+    if metrics is not None:
+        say(format_metrics(metrics))
+    say("wrote " + ", ".join(Path(p).name for p in finished.paths.values()) + f" in {finished.run_dir}")
+    return 0
