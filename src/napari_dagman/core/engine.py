@@ -234,6 +234,39 @@ def parameter_groups(module: torch.nn.Module, weight_decay: float) -> list[dict[
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def train_step(
+    method: SSLMethod,
+    optimizer: torch.optim.Optimizer,
+    params: list[torch.nn.Parameter],
+    views: torch.Tensor,
+    step: int,
+    generator: torch.Generator,
+    *,
+    grad_clip: float,
+    use_amp: bool,
+) -> tuple[Any, float]:
+    """One optimiser step (forward, finite-loss check, backward, clipping, update); the EMA is the caller's.
+
+    Returns the method's `StepOutput` and the gradient norm before clipping (NaN when clipping is off).
+    """
+    method.train()
+    autocast = (
+        torch.autocast(views.device.type, dtype=torch.bfloat16) if use_amp else contextlib.nullcontext()
+    )
+    with autocast:
+        out = method.forward_step(views, step, generator)
+    if not torch.isfinite(out.loss):
+        raise DagmanError(
+            f"the loss became {float(out.loss)} at step {step + 1}; the last good checkpoint is kept. "
+            "Lower --lr or check the input intensities"
+        )
+    optimizer.zero_grad(set_to_none=True)
+    out.loss.backward()
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, grad_clip)) if grad_clip > 0 else math.nan
+    optimizer.step()
+    return out, grad_norm
+
+
 # --- inputs ---------------------------------------------------------------------------------------------------
 def load_inputs(config: PretrainConfig, volumes: Sequence[Volume] | None) -> list[Volume]:
     """The volumes to train on: given ones, or every path in ``config.images`` (all checked before any write)."""
@@ -485,24 +518,16 @@ def run_pretraining(
                 views_np, crops = sampler.sample(step)
                 views = torch.from_numpy(views_np).to(device, non_blocking=True)
 
-                method.train()
-                with (
-                    torch.autocast(device.type, dtype=torch.bfloat16) if use_amp else contextlib.nullcontext()
-                ):
-                    out = method.forward_step(views, step, generator)
-                if not torch.isfinite(out.loss):
-                    raise DagmanError(
-                        f"the loss became {float(out.loss)} at step {step + 1}; the last good checkpoint is kept. "
-                        "Lower --lr or check the input intensities"
-                    )
-                optimizer.zero_grad(set_to_none=True)
-                out.loss.backward()
-                grad_norm = (
-                    float(torch.nn.utils.clip_grad_norm_(params, config.grad_clip))
-                    if config.grad_clip > 0
-                    else math.nan
+                out, grad_norm = train_step(
+                    method,
+                    optimizer,
+                    params,
+                    views,
+                    step,
+                    generator,
+                    grad_clip=config.grad_clip,
+                    use_amp=use_amp,
                 )
-                optimizer.step()
                 extras = {**out.extras, **method.after_optimizer_step(step)}
                 step += 1
                 seconds = time.perf_counter() - t0
