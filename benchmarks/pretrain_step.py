@@ -117,13 +117,14 @@ def method_step_fn(
 ):
     from napari_dagman.core.config import PretrainConfig
     from napari_dagman.core.engine import build_method, parameter_groups, resolve_config, train_step
+    from napari_dagman.core.models.encoder import set_fused_window_attention
 
     config = resolve_config(
         PretrainConfig(method=name, preset=preset, roi=roi, batch_size=batch, steps=100, mask_warmup_steps=0),
         1,
     )
     method = build_method(config).to(device)
-    method.student_network.encoder.set_fused_attention(fused)
+    set_fused_window_attention(method, fused)
     optimizer = torch.optim.AdamW(parameter_groups(method.student, config.weight_decay), lr=config.lr)
     params = [p for group in optimizer.param_groups for p in group["params"]]
     g = torch.Generator().manual_seed(0)

@@ -252,6 +252,12 @@ class PretrainConfig(ConfigBase):
         3.0, "clip the gradient norm to this (0 = off)", minimum=0.0, group="optimisation"
     )
     amp: bool = option(True, "bf16 autocast on CUDA (ignored on CPU)", group="optimisation")
+    fused_attention: bool = option(
+        True,
+        "window attention via scaled_dot_product_attention (about 2x faster attention; equal to MONAI's "
+        "explicit softmax up to rounding)",
+        group="optimisation",
+    )
     mask_strategy: str | None = option(
         None, "mask strategy (default: the method's)", choices=MASK_STRATEGIES, group="masking"
     )
@@ -376,3 +382,347 @@ class PretrainConfig(ConfigBase):
         if self.epochs is not None:
             return self.epochs * max(1, -(-num_volumes // self.batch_size))
         return 1000
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Organ clusters (embeddings)
+# ---------------------------------------------------------------------------------------------------------
+#: What each patch is described by: the run's encoder, or one of the controls on exactly the same patches.
+EMBED_FEATURES: tuple[str, ...] = ("encoder", "random-init", "intensity", "position")
+EMBED_POOLINGS: tuple[str, ...] = ("mean", "token")
+EMBED_SAMPLINGS: tuple[str, ...] = ("grid", "organs", "both")
+PROJECTIONS: tuple[str, ...] = ("umap", "pca", "tsne")
+CLUSTERINGS: tuple[str, ...] = ("kmeans", "hdbscan", "none")
+
+
+@dataclass
+class EmbedConfig(ConfigBase):
+    """Patch embeddings of a CT from a pretraining run, their 2D projection, clusters and quality metrics."""
+
+    kind: ClassVar[str] = "embed"
+
+    image: str | None = option(None, "CT file or DICOM folder", cli=False, group="data")
+    checkpoint: str | None = option(None, "pretraining run folder (or one of its .safetensors)", cli=False)
+    labels: str | None = option(None, "label map on the image grid (organ names and metrics)", cli=False)
+    out: str | None = option(None, "output folder", cli=False, group="run")
+    features: str = option(
+        "encoder",
+        "what describes a patch: the run's encoder, or a control on the same patches: random-init (same "
+        "architecture, untrained), intensity (histogram of the model's input HU window), position (centre mm)",
+        choices=EMBED_FEATURES,
+    )
+    which: str = option(
+        "auto",
+        "encoder of the run: teacher, student or auto (teacher when there is one)",
+        choices=("auto", "teacher", "student"),
+    )
+    weights: str = option("last", "weights of the run: last or best", choices=("last", "best"))
+    stage: int = option(
+        3,
+        "encoder stage whose feature map is used (0 = patch embedding ... 4 = deepest)",
+        minimum=0,
+        maximum=4,
+        group="patches",
+    )
+    pooling: str = option(
+        "mean",
+        "mean = average the stage's tokens over each patch; token = one point per token (patch and stride "
+        "become the token size)",
+        choices=EMBED_POOLINGS,
+        group="patches",
+    )
+    patch: int = option(32, "patch side in voxels at the run's spacing", minimum=1, group="patches")
+    stride: int = option(
+        16, "distance between patch starts in voxels (< patch: overlapping)", minimum=1, group="patches"
+    )
+    sampling: str = option(
+        "grid",
+        "grid = every patch of the lattice; organs = patches centred inside each organ (needs labels), so small "
+        "organs are represented; both",
+        choices=EMBED_SAMPLINGS,
+        group="patches",
+    )
+    per_organ: int = option(
+        20, "organ-centred patches per organ (sampling organs/both)", minimum=1, group="patches"
+    )
+    overlap: float = option(
+        0.5,
+        "overlap of the encoder's sliding windows (features averaged where they overlap)",
+        minimum=0.0,
+        maximum=0.9,
+        group="patches",
+    )
+    hist_bins: int = option(32, "bins of the intensity control's histogram", minimum=2, group="patches")
+    resample_labels: bool = option(
+        False,
+        "resample a label map on another grid onto the image (nearest) instead of refusing it",
+        group="data",
+    )
+    method: str = option("umap", "2D projection", choices=PROJECTIONS, group="projection")
+    fast: bool = option(
+        False, "UMAP in parallel: faster, but not reproducible (no fixed random state)", group="projection"
+    )
+    n_neighbors: int = option(15, "UMAP neighbours", minimum=2, group="projection")
+    min_dist: float = option(0.1, "UMAP minimum distance", minimum=0.0, maximum=1.0, group="projection")
+    perplexity: float = option(
+        30.0, "t-SNE perplexity (capped for few points)", minimum=1.0, group="projection"
+    )
+    clustering: str = option(
+        "kmeans", "clusters shown in the table and the plot", choices=CLUSTERINGS, group="clusters"
+    )
+    clusters: int = option(
+        0,
+        "k-means clusters (0 = the number of organs evaluated, or 8 without labels)",
+        minimum=0,
+        group="clusters",
+    )
+    min_cluster_size: int = option(10, "HDBSCAN smallest cluster", minimum=2, group="clusters")
+    min_purity: float = option(
+        0.5,
+        "metrics use patches whose majority organ covers at least this fraction",
+        minimum=0.0,
+        maximum=1.0,
+        group="metrics",
+    )
+    min_patches: int = option(
+        5, "metrics leave out organs with fewer patches than this", minimum=1, group="metrics"
+    )
+    knn: int = option(5, "k of the k-NN accuracy", minimum=1, group="metrics")
+    distance: str = option(
+        "cosine",
+        "distance of the k-NN and the silhouette (on standardised features)",
+        choices=("cosine", "euclidean"),
+        group="metrics",
+    )
+    slabs: int = option(
+        5,
+        "k-NN is cross-validated over this many axial slabs (each slab tested once)",
+        minimum=2,
+        group="metrics",
+    )
+    gap_mm: float | None = option(
+        None,
+        "training patches keep this distance (mm, centre to test slab) so none overlaps a test patch "
+        "(default: the patch side)",
+        minimum=0.0,
+        group="metrics",
+    )
+    seed: int = option(
+        0, "seed of UMAP/t-SNE/PCA, k-means, organ sampling and the random-init encoder", group="run"
+    )
+    device: str = option("auto", "auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps", group="run")
+    batch_size: int = option(2, "encoder windows per forward pass", minimum=1, group="run")
+    cache: bool = option(
+        True, "reuse embeddings cached on disk (keyed by image, checkpoint and settings)", group="run"
+    )
+    cache_dir: str | None = option(
+        None, "cache folder (default $NAPARI_DAGMAN_CACHE or ~/.cache/napari-dagman/embeddings)", group="run"
+    )
+    table_format: str = option("csv", "table file format", choices=("csv", "parquet"), group="run")
+
+    def validate(self) -> None:
+        super().validate()
+        if self.sampling != "grid" and self.pooling == "token":
+            raise DagmanInputError("token pooling works on the token grid only; use --sampling grid")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Fine-tuning and prediction (segmentation)
+# ---------------------------------------------------------------------------------------------------------
+ENCODER_CHOICES: tuple[str, ...] = ("auto", "teacher", "student")
+VAL_SPLITS: tuple[str, ...] = ("auto", "slab", "cases", "none")
+
+
+@dataclass
+class FinetuneConfig(ConfigBase):
+    """Segmentation fine-tuning of a SwinUNETR (encoder from a pretraining run, or from scratch).
+
+    ``None`` means "the pretraining run's value" (or the scratch default when there is no run), resolved at start.
+    """
+
+    kind: ClassVar[str] = "finetune"
+
+    images: list[str] = option([], "CT files or DICOM folders, one per label map", cli=False, group="data")
+    segmentations: list[str] = option(
+        [], "label maps, one per image, on the image's voxel grid", cli=False, group="data"
+    )
+    out: str | None = option(None, "run folder to write (created if missing)", cli=False, group="run")
+    organs: list[int] = option(
+        [], "label ids to segment (default: every id found in the label maps)", cli=False, group="data"
+    )
+    init: str | None = option(
+        None,
+        "pretraining run folder (or its .safetensors file) whose Swin encoder starts the model; "
+        "omit to train from scratch",
+        group="model",
+    )
+    init_encoder: str = option(
+        "auto",
+        "which encoder of the run: auto (the teacher when the method has one, as DINO-style evaluation "
+        "does), teacher or student",
+        choices=ENCODER_CHOICES,
+        group="model",
+    )
+    init_weights: str = option(
+        "last", "which weights of the run: last or best", choices=("last", "best"), group="model"
+    )
+    preset: str | None = option(
+        None,
+        "encoder size when training from scratch (default small; with --init the run's preset)",
+        choices=PRESET_NAMES,
+        group="model",
+    )
+    dims: int | None = option(
+        None,
+        "3 = volumes, 2 = axial slices (default: the run's; 3 from scratch)",
+        choices=(2, 3),
+        group="model",
+    )
+    drop_path: float = option(
+        0.0, "stochastic depth rate of the Swin encoder", minimum=0.0, maximum=0.9, group="model"
+    )
+    roi: int | None = option(
+        None,
+        "crop side in voxels, a multiple of 32 and at least 64 (default: the run's ROI, at least 64; else 96)",
+        minimum=64,
+        group="data",
+    )
+    spacing: float | None = option(
+        None, "isotropic spacing in mm (default: the run's; 2.0 from scratch)", minimum=0.05, group="data"
+    )
+    hu_min: float | None = option(
+        None, "model input: HU mapped to 0 (default: the run's; -175 from scratch)", group="data"
+    )
+    hu_max: float | None = option(
+        None, "model input: HU mapped to 1 (default: the run's; 250 from scratch)", group="data"
+    )
+    resample_labels: bool = option(
+        False,
+        "resample label maps whose grid differs from their image (nearest neighbour) instead of refusing them",
+        group="data",
+    )
+    background_ratio: float = option(
+        1.0,
+        "class-balanced crops: chance of a crop centred on background relative to one centred on an organ",
+        minimum=0.0,
+        group="data",
+    )
+    augment: bool = option(
+        True,
+        "random intensity scale and shift (no flips or rotations: they would swap left and right organs)",
+        group="data",
+    )
+    steps: int = option(1000, "optimiser steps", minimum=1, group="optimisation")
+    batch_size: int = option(2, "crops per step", minimum=1, group="optimisation")
+    lr: float = option(1e-4, "peak learning rate (AdamW)", minimum=0.0, group="optimisation")
+    min_lr: float = option(
+        1e-6, "learning rate at the end of the cosine schedule", minimum=0.0, group="optimisation"
+    )
+    weight_decay: float = option(1e-5, "AdamW weight decay", minimum=0.0, group="optimisation")
+    warmup_steps: int | None = option(
+        None, "linear learning-rate warm-up (default 5% of the steps)", minimum=0, group="optimisation"
+    )
+    grad_clip: float = option(
+        3.0, "clip the gradient norm to this (0 = off)", minimum=0.0, group="optimisation"
+    )
+    amp: bool = option(True, "bf16 autocast on CUDA (ignored on CPU)", group="optimisation")
+    fused_attention: bool = option(
+        True,
+        "window attention via scaled_dot_product_attention (about 2x faster attention; equal to MONAI's "
+        "explicit softmax up to rounding)",
+        group="optimisation",
+    )
+    val_split: str = option(
+        "auto",
+        "validation data: slab (a held-out axial slab of each volume), cases (the last --val-cases pairs), "
+        "none, or auto (cases with two or more pairs, else slab)",
+        choices=VAL_SPLITS,
+        group="validation",
+    )
+    val_fraction: float = option(
+        0.2,
+        "slab split: thickness of the held-out slab as a fraction of the volume's z extent",
+        minimum=0.01,
+        maximum=0.8,
+        group="validation",
+    )
+    val_position: float = option(
+        0.5,
+        "slab split: where the slab sits along z, 0 = first slice (inferior in LPS), 1 = last slice",
+        minimum=0.0,
+        maximum=1.0,
+        group="validation",
+    )
+    val_gap_mm: float = option(
+        15.0,
+        "slab split: millimetres left out on each side of the slab (neither trained nor validated)",
+        minimum=0.0,
+        group="validation",
+    )
+    val_cases: int = option(
+        1, "cases split: how many of the last pairs are held out", minimum=1, group="validation"
+    )
+    val_every: int = option(50, "validate every N steps (and at the end)", minimum=1, group="validation")
+    overlap: float = option(
+        0.25, "sliding-window overlap during validation", minimum=0.0, maximum=0.95, group="validation"
+    )
+    device: str = option("auto", "auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps", group="run")
+    seed: int = option(0, "random seed (initialisation, crops, augmentation)", group="run")
+    threads: int | None = option(None, "torch CPU threads (default: torch's choice)", minimum=1, group="run")
+    log_every: int = option(1, "write training metrics every N steps", minimum=1, group="run")
+    save_every: int = option(
+        10, "refresh the resumable 'last' checkpoint every N steps", minimum=1, group="run"
+    )
+    checkpoint_every: int = option(
+        0, "keep a weights snapshot every N steps (0 = only last and best)", minimum=0, group="run"
+    )
+
+    def validate(self) -> None:
+        super().validate()
+        if self.roi is not None and self.roi % 32:
+            raise DagmanInputError(
+                f"roi must be a multiple of 32 (Swin merges patches 4 times), got {self.roi}"
+            )
+        if self.hu_min is not None and self.hu_max is not None and not self.hu_max > self.hu_min:
+            raise DagmanInputError(f"hu_max ({self.hu_max}) must be above hu_min ({self.hu_min})")
+        if len(self.images) != len(self.segmentations):
+            raise DagmanInputError(
+                f"give one label map per image: {len(self.images)} image(s), {len(self.segmentations)} label map(s)"
+            )
+        if any(int(i) <= 0 for i in self.organs):
+            raise DagmanInputError("organ label ids must be positive (0 is background)")
+
+
+@dataclass
+class PredictConfig(ConfigBase):
+    """Sliding-window segmentation of a CT with a fine-tuned run. ``None`` = the run's training value."""
+
+    kind: ClassVar[str] = "predict"
+
+    checkpoint: str | None = option(
+        None, "fine-tuning run folder (or one of its .safetensors files)", cli=False, group="model"
+    )
+    weights: str = option(
+        "best",
+        "which weights of the run: best (validation Dice) or last",
+        choices=("best", "last"),
+        group="model",
+    )
+    roi: int | None = option(
+        None,
+        "sliding-window side in voxels, a multiple of 32 (default: the training ROI)",
+        minimum=32,
+        group="inference",
+    )
+    overlap: float = option(0.5, "sliding-window overlap", minimum=0.0, maximum=0.95, group="inference")
+    sw_batch_size: int = option(4, "windows per forward pass", minimum=1, group="inference")
+    hd95: bool = option(
+        True, "also compute the 95% Hausdorff distance when a reference is given", group="inference"
+    )
+    device: str = option("auto", "auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps", group="run")
+    threads: int | None = option(None, "torch CPU threads (default: torch's choice)", minimum=1, group="run")
+
+    def validate(self) -> None:
+        super().validate()
+        if self.roi is not None and self.roi % 32:
+            raise DagmanInputError(f"roi must be a multiple of 32, got {self.roi}")

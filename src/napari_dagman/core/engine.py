@@ -59,6 +59,7 @@ from napari_dagman.core.methods.base import SSLMethod
 from napari_dagman.core.methods.losses import learning_rate
 from napari_dagman.core.methods.registry import get_method
 from napari_dagman.core.models.architecture import Architecture, architecture_for
+from napari_dagman.core.models.encoder import set_fused_window_attention
 from napari_dagman.core.volume import Volume, grid_placement
 
 Event = Any  # one of the dataclasses in core.events
@@ -406,7 +407,7 @@ def run_pretraining(
         total = int(config.steps or 1)
 
         method = build_method(config, arch).to(device)
-        method.student_network.encoder.set_fused_attention(True)  # no-grad passes (teacher) use SDPA
+        set_fused_window_attention(method, config.fused_attention)
         optimizer = torch.optim.AdamW(
             parameter_groups(method.student, config.weight_decay), lr=config.lr, betas=(0.9, 0.999)
         )
