@@ -188,3 +188,17 @@ def test_ema_update_is_exact():
     before = a.weight.detach().clone()
     ema_update(a, b, 0.9)
     torch.testing.assert_close(a.weight, 0.9 * before + 0.1 * b.weight.detach())
+
+
+def test_teacher_entropy_bounds_the_cross_entropy():
+    loss = DistillationLoss(16)
+    g = torch.Generator().manual_seed(0)
+    t, s = torch.randn(4, 16, generator=g), torch.randn(4, 16, generator=g)
+    ce = float(loss.global_loss(t, s, 2, 0.07))
+    h = loss.teacher_entropy(t, 0.07)
+    assert 0.0 < h <= torch.log(torch.tensor(16.0)).item() + 1e-6
+    assert ce >= h - 1e-5  # Gibbs: cross-entropy >= entropy, so CE - H is a KL divergence >= 0
+    tp, sp = torch.randn(2, 5, 16, generator=g), torch.randn(2, 5, 16, generator=g)
+    mask = torch.tensor([[1, 1, 0, 0, 0], [0, 0, 0, 1, 0]], dtype=torch.bool)
+    h_patch = loss.teacher_entropy(tp, 0.04, mask)
+    assert float(loss.patch_loss(tp, sp, mask, 0.04)) >= h_patch - 1e-5

@@ -87,6 +87,10 @@ class CoDistillation(SSLMethod):
         loss_patch = self.distill.patch_loss(t_out.patch_logits, s_out.patch_logits, token_mask, teacher_temp)
         loss_rec = self.reconstruction_loss(views, s_out.reconstruction, cell_mask)
         loss = cfg.w_global * loss_global + cfg.w_patch * loss_patch + cfg.w_rec * loss_rec
+        global_kl = loss_global.item() - self.distill.teacher_entropy(t_out.global_logits, teacher_temp)
+        patch_kl = loss_patch.item() - self.distill.teacher_entropy(
+            t_out.patch_logits, teacher_temp, token_mask
+        )
         self.distill.update_centers(t_out.global_logits, t_out.patch_logits)
 
         diversity = head_diversity(attention)
@@ -105,6 +109,8 @@ class CoDistillation(SSLMethod):
                 "teacher_temp": teacher_temp,
                 "head_diversity": diversity["diversity"],
                 "head_entropy": diversity["entropy_mean"],
+                "global_kl": global_kl,
+                "patch_kl": patch_kl,
             },
         )
 

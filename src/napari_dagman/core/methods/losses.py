@@ -88,6 +88,25 @@ class DistillationLoss(nn.Module):
         return ((per_token * m).sum(dim=1) / m.sum(dim=1).clamp(min=1.0)).mean()
 
     @torch.no_grad()
+    def teacher_entropy(
+        self, teacher: torch.Tensor, teacher_temp: float, token_mask: torch.Tensor | None = None
+    ) -> float:
+        """Mean entropy of the teacher's target distribution: the floor of the cross-entropy terms.
+
+        ``cross-entropy - teacher entropy`` is the KL divergence the student actually reduces; logging it
+        separates learning from the rise of the cross-entropy that the teacher-temperature warm-up causes.
+        Global outputs are (B, K); patch outputs (B, N, K) are averaged like `patch_loss`, over the hidden
+        tokens of ``token_mask``.
+        """
+        center = self.center_global if token_mask is None else self.center_patch
+        p = F.softmax((teacher.float() - center) / teacher_temp, dim=-1)
+        entropy = -(p * p.clamp_min(1e-12).log()).sum(dim=-1)
+        if token_mask is None:
+            return float(entropy.mean())
+        m = token_mask.float()
+        return float(((entropy * m).sum(dim=1) / m.sum(dim=1).clamp(min=1.0)).mean())
+
+    @torch.no_grad()
     def update_centers(self, teacher_global: torch.Tensor, teacher_patch: torch.Tensor) -> None:
         """c <- m c + (1 - m) mean(z_t), averaged over all processes under DistributedDataParallel."""
         g = teacher_global.float().mean(dim=0, keepdim=True)
