@@ -44,10 +44,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def _job(config: EmbedConfig, colour_by: str | None) -> Generator[Any, None, None]:
     """Read, embed, write: the whole command as one event generator (driven with a progress bar)."""
-    from napari_dagman.core.embeddings import run_embedding, write_results
+    from napari_dagman.core.embeddings import require_parquet, run_embedding, write_results
     from napari_dagman.core.events import FinishedEvent
     from napari_dagman.core.io import read_volume
 
+    if config.table_format == "parquet":
+        require_parquet()
     volume = read_volume(config.image)  # type: ignore[arg-type]
     labels = read_volume(config.labels) if config.labels else None
     result = yield from run_embedding(config, volume, labels)
@@ -88,36 +90,15 @@ def write_scatter_png(table: Any, method: str, by: str, path: Path) -> str:
     return str(path)
 
 
-def format_metrics(metrics: dict[str, Any]) -> str:
-    """The figures of metrics.json in a few readable lines."""
-    lines = [f"evaluated: {metrics['evaluated_patches']} patches of {len(metrics['organs'])} organs"]
-    if "note" in metrics:
-        lines.append(f"note: {metrics['note']}")
-    figures = [
-        (name, metrics[key])
-        for name, key in (("NMI", "nmi"), ("ARI", "ari"), ("silhouette", "silhouette"))
-        if key in metrics
-    ]
-    if figures:
-        lines.append("k-means vs organs: " + "  ".join(f"{n} {v:.3f}" for n, v in figures))
-    if "knn_accuracy" in metrics:
-        s = metrics["settings"]
-        lines.append(
-            f"k-NN ({s['knn']}, {s['distance']}; {s['slabs']} axial slabs, gap {s['gap_mm']:g} mm): "
-            f"accuracy {metrics['knn_accuracy']:.3f}, balanced {metrics['knn_balanced_accuracy']:.3f}, "
-            f"majority baseline {metrics['knn_majority_baseline']:.3f} "
-            f"({metrics['knn_scored']} scored, {metrics['knn_unseen_organ']} of an organ absent from training)"
-        )
-    return "\n".join(lines)
-
-
 def run(args: argparse.Namespace) -> int:
+    from napari_dagman.core.embeddings import metrics_summary
+
     extra = {"image": args.image, "checkpoint": args.checkpoint, "labels": args.labels, "out": args.out}
     config = EmbedConfig.from_args(args, config_file=args.config_file, **extra)
     finished = drive(_job(config, args.colour_by), desc="embed", quiet=args.quiet)
     say(f"{finished.summary['patches']} patches")
     metrics = finished.summary.get("metrics")
     if metrics is not None:
-        say(format_metrics(metrics))
+        say(metrics_summary(metrics))
     say("wrote " + ", ".join(Path(p).name for p in finished.paths.values()) + f" in {finished.run_dir}")
     return 0

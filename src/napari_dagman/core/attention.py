@@ -57,6 +57,17 @@ def head_diversity(attention: torch.Tensor) -> dict[str, Any]:
     }
 
 
+def map_head_diversity(maps: np.ndarray) -> dict[str, Any]:
+    """`head_diversity` of per-head maps ``(heads, *grid)`` given in any positive unit (relative attention).
+
+    Each head is first normalised to sum to 1, so the figures describe the maps as shown (e.g. a whole-volume
+    map averaged over sliding windows), not one window.
+    """
+    flat = np.asarray(maps, dtype=np.float64).reshape(maps.shape[0], -1)
+    flat = flat / np.maximum(flat.sum(axis=-1, keepdims=True), 1e-12)
+    return head_diversity(torch.from_numpy(flat))
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Attention maps of a whole volume (sliding window) and of one crop
 # ---------------------------------------------------------------------------------------------------------

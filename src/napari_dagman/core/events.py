@@ -99,3 +99,26 @@ class FinishedEvent:
     cancelled: bool = False
     paths: dict[str, str] = field(default_factory=dict)
     summary: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ValidationEvent:
+    """Validation of a fine-tuning run after ``step`` steps: Dice per organ name (NaN: not in the validation data)."""
+
+    step: int
+    dice: dict[str, float]
+    mean_dice: float
+    seconds: float = 0.0
+    best: bool = False
+
+
+@dataclass
+class PredictionEvent:
+    """A finished segmentation: ``labels`` is a `core.volume.Volume` of label ids in the input's geometry.
+
+    Organ names are in ``labels.metadata["label_names"]`` (id -> name).
+    """
+
+    labels: Any
+    seconds: float
+    source: str = ""

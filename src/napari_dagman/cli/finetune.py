@@ -1,0 +1,109 @@
+"""``napari-dagman finetune``: segmentation fine-tuning of a SwinUNETR whose encoder comes from a pretraining run."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import shlex
+import sys
+from pathlib import Path
+
+from napari_dagman.cli.common import drive, say
+from napari_dagman.core.config import FinetuneConfig
+
+EXAMPLES = """examples:
+  napari-dagman finetune ct.nii.gz seg.nii.gz --init runs/dagman --out runs/seg --labels 5,1,2,3,21,20 --steps 500
+  napari-dagman finetune ct.nii.gz seg.nii.gz --out runs/seg_scratch --preset tiny --labels liver,spleen
+  napari-dagman finetune a.nii.gz a_seg.nii.gz b.nii.gz b_seg.nii.gz c.nii.gz c_seg.nii.gz --init runs/dagman \\
+      --out runs/seg3 --val-split cases                    # train on a and b, validate on c
+  napari-dagman finetune --out runs/seg --resume --steps 1000   # continue where it stopped
+
+Validation: with one pair, a held-out axial slab (--val-fraction, --val-position) with a gap of --val-gap-mm on
+each side that is neither trained nor validated; with several pairs, the last --val-cases pairs.
+"""
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "finetune",
+        help="fine-tune a segmentation model (SwinUNETR) from a pretraining run or from scratch",
+        description="Fine-tune MONAI's SwinUNETR on CT/label-map pairs. With --init, its Swin encoder is loaded "
+        "from a pretraining run folder (the teacher by default) and the decoder starts fresh; without it the "
+        "whole network starts from scratch. Writes a run folder: config.json, model.safetensors, "
+        "best.safetensors (best validation Dice), resume.safetensors, metrics.jsonl, run.json.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "pairs",
+        nargs="*",
+        metavar="IMAGE LABELS",
+        help="image file (or DICOM folder) followed by its label map, one or more pairs",
+    )
+    p.add_argument("--out", required=True, help="run folder to write (must be new unless --resume)")
+    p.add_argument(
+        "--labels",
+        dest="organ_spec",
+        metavar="IDS",
+        help="organs to segment: label ids or names, comma-separated (e.g. 5,1,2,3 or liver,spleen); "
+        "default: every id in the label maps",
+    )
+    p.add_argument("--config", dest="config_file", help="JSON config file; flags given here override it")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    FinetuneConfig.add_arguments(p)
+    p.set_defaults(func=run)
+
+
+def organ_names(labels_path: str | None) -> dict[int, str]:
+    """Names that ``--labels`` may use: TotalSegmentator v2, overridden by the first label map's sidecar."""
+    from napari_dagman.core.io import read_label_names
+    from napari_dagman.core.labels import TOTALSEG_V2
+
+    names = dict(TOTALSEG_V2)
+    if labels_path and Path(labels_path).is_file():
+        names.update(read_label_names(labels_path) or {})
+    return names
+
+
+def run(args: argparse.Namespace) -> int:
+    from napari_dagman.core.checkpoint import CONFIG_FILE
+    from napari_dagman.core.errors import DagmanInputError
+    from napari_dagman.core.finetune import parse_organs, run_finetuning
+
+    if len(args.pairs) % 2:
+        raise DagmanInputError(
+            f"give IMAGE LABELS pairs: got {len(args.pairs)} path(s), the last one ({args.pairs[-1]}) has no partner"
+        )
+    if not args.pairs and not args.resume:
+        raise DagmanInputError("give at least one IMAGE LABELS pair")
+    config_file = args.config_file
+    if args.resume and config_file is None and (Path(args.out) / CONFIG_FILE).is_file():
+        config_file = str(Path(args.out) / CONFIG_FILE)
+    base = FinetuneConfig.load(config_file, strict=False).to_dict() if config_file else {}
+    base.update({k: v for k, v in vars(args).items() if k in FinetuneConfig.__dataclass_fields__})
+    if args.pairs:
+        base["images"] = [str(p) for p in args.pairs[0::2]]
+        base["segmentations"] = [str(p) for p in args.pairs[1::2]]
+    if args.organ_spec:
+        base["organs"] = parse_organs(args.organ_spec, organ_names(base.get("segmentations", [None])[0]))
+    base["out"] = args.out
+    config = FinetuneConfig.from_dict(base)
+    command = "napari-dagman " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    finished = drive(
+        run_finetuning(config, resume=args.resume, command=command), desc="finetune", quiet=args.quiet
+    )
+    state = "cancelled" if finished.cancelled else "done"
+    summary = finished.summary
+    say(f"{state}: {finished.steps_done}/{finished.total_steps} steps; run folder {finished.run_dir}")
+    best = summary.get("best_dice") or {}
+    if best:
+        say(f"best validation (step {summary['best_step']}): mean Dice {summary['best_mean_dice']:.3f}")
+        for organ, value in best.items():
+            shown = (
+                f"{value:.3f}"
+                if isinstance(value, float) and math.isfinite(value)
+                else "- (not in validation)"
+            )
+            say(f"  {organ:<24} {shown}")
+    return 0
