@@ -1,0 +1,359 @@
+"""How responsive napari stays while the docks work: Qt event-loop lateness and training throughput.
+
+Run under a real X server or Xvfb (never ``QT_QPA_PLATFORM=offscreen``)::
+
+    xvfb-run -a -s "-screen 0 1600x1000x24" python benchmarks/ui_latency.py            # ~10 minutes
+    xvfb-run -a -s "-screen 0 1600x1000x24" python benchmarks/ui_latency.py --seconds 20 --phases thread process
+
+It opens napari (shown) with the synthetic CT phantom, docks the pretraining and attention docks and, for each
+phase, samples the lateness of a 10 ms Qt timer (how late each tick fires; 0 = on time) for ``--seconds``:
+
+* ``idle``: napari alone (the floor of this machine);
+* ``headless``: no GUI at all, pretraining in a plain process (the training speed to compare with);
+* ``thread``: pretraining started from the dock in a thread of the napari process;
+* ``thread-1``: the same with torch limited to one intra-op thread (the usual mitigation);
+* ``process``: started from the dock in a child process at the same priority as napari (nice 0);
+* ``process-nice``: the same at a lower priority (nice 10);
+* ``explorer-thread`` / ``explorer-process``: the attention dock computing whole-volume maps again and again.
+
+Lateness is reported as p50 / p99 / max in ms, training as steps per second after the first step. The machine's
+load average is printed with each phase: on a shared machine, other people's jobs show up in every figure.
+Results go to stdout as a table and to ``--json`` (default: benchmarks/results/ui_latency.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ALL_PHASES = (
+    "idle",
+    "headless",
+    "thread",
+    "thread-1",
+    "process",
+    "process-nice",
+    "explorer-thread",
+    "explorer-process",
+)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--seconds", type=float, default=60.0, help="sampling time per phase (default: 60)")
+    p.add_argument("--phases", nargs="+", default=list(ALL_PHASES), choices=ALL_PHASES)
+    p.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="run the phase sequence N times (interleaved, so that a shared machine's load drift hits every "
+        "phase alike); the table shows the median of the repeats",
+    )
+    p.add_argument("--preset", default="tiny", help="encoder preset (default: tiny)")
+    p.add_argument("--roi", type=int, default=64, help="crop side in voxels (default: 64)")
+    p.add_argument("--spacing", type=float, default=3.0, help="training spacing in mm (default: 3)")
+    p.add_argument("--batch", type=int, default=1, help="batch size (default: 1)")
+    p.add_argument("--preview-every", type=int, default=5, help="live preview every N steps (default: 5)")
+    p.add_argument("--json", default=str(Path(__file__).parent / "results" / "ui_latency.json"))
+    return p.parse_args(argv)
+
+
+# --- measuring ----------------------------------------------------------------------------------------------
+class LatencyProbe:
+    """A 10 ms precise Qt timer; each tick records how late it fired relative to the previous tick + 10 ms."""
+
+    def __init__(self, interval_ms: int = 10) -> None:
+        from qtpy.QtCore import Qt, QTimer
+
+        self.interval = interval_ms / 1000.0
+        self.lateness: list[float] = []
+        self._last: float | None = None
+        self._timer = QTimer()
+        self._timer.setTimerType(Qt.TimerType.PreciseTimer)
+        self._timer.setInterval(interval_ms)
+        self._timer.timeout.connect(self._tick)
+
+    def _tick(self) -> None:
+        now = time.perf_counter()
+        if self._last is not None:
+            self.lateness.append(max(0.0, now - self._last - self.interval))
+        self._last = now
+
+    def start(self) -> None:
+        self.lateness.clear()
+        self._last = None
+        self._timer.start()
+
+    def stop(self) -> dict[str, float]:
+        self._timer.stop()
+        a = np.asarray(self.lateness) * 1000.0
+        if not a.size:
+            return {"ticks": 0}
+        return {
+            "ticks": int(a.size),
+            "p50_ms": round(float(np.percentile(a, 50)), 2),
+            "p99_ms": round(float(np.percentile(a, 99)), 2),
+            "max_ms": round(float(a.max()), 1),
+        }
+
+
+def steps_per_second(times: list[float]) -> float | None:
+    """Throughput from the arrival times of step events, first step excluded (start-up is not a step)."""
+    if len(times) < 3:
+        return None
+    return (len(times) - 1) / (times[-1] - times[0])
+
+
+def spin(seconds: float, until: Any = None) -> None:
+    """Run the Qt event loop for ``seconds`` (or until ``until()`` is true)."""
+    from qtpy.QtWidgets import QApplication
+
+    end = time.monotonic() + seconds
+    while time.monotonic() < end and not (until is not None and until()):
+        QApplication.processEvents()
+        time.sleep(0.002)
+
+
+def median_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per-key median of the numeric results of repeated runs of one phase (other keys: the last run's)."""
+    out = dict(runs[-1])
+    for key, value in runs[-1].items():
+        values = [r.get(key) for r in runs]
+        if isinstance(value, int | float) and all(isinstance(v, int | float) for v in values):
+            out[key] = round(float(np.median(values)), 3)
+    return out
+
+
+def load() -> float:
+    return round(os.getloadavg()[0], 2)
+
+
+# --- the headless baseline (child process, no Qt) -------------------------------------------------------------
+def _headless(config_dict: dict[str, Any], seconds: float, out: Any) -> None:
+    from napari_dagman.core.config import PretrainConfig
+    from napari_dagman.core.engine import run_pretraining
+    from napari_dagman.core.events import CancelToken, StepEvent
+    from napari_dagman.core.phantom import make_phantom
+
+    ct, _ = make_phantom()
+    token = CancelToken()
+    times: list[float] = []
+    start = time.perf_counter()
+    for event in run_pretraining(PretrainConfig.from_dict(config_dict), [ct], cancel=token):
+        if isinstance(event, StepEvent):
+            times.append(time.perf_counter())
+        if time.perf_counter() - start > seconds:
+            token.cancel()
+    out.put({"steps": len(times), "steps_per_s": steps_per_second(times), "first_step_s": times[0] - start})
+
+
+def headless_phase(config: dict[str, Any], seconds: float) -> dict[str, Any]:
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_headless, args=(config, seconds, queue))
+    before = load()
+    proc.start()
+    result = queue.get(timeout=seconds + 600)
+    proc.join()
+    return {**result, "load_before": before, "load_after": load()}
+
+
+# --- phases with the GUI ---------------------------------------------------------------------------------------
+def training_phase(
+    viewer: Any,
+    widget: Any,
+    probe: LatencyProbe,
+    seconds: float,
+    *,
+    in_process: bool,
+    nice: int,
+    threads: int | None,
+) -> dict[str, Any]:
+    import torch
+
+    from napari_dagman.core.events import StepEvent
+
+    times: list[float] = []
+    original = widget._on_event
+
+    def record(event: Any) -> None:
+        if isinstance(event, StepEvent):
+            times.append(time.perf_counter())
+        original(event)
+
+    widget._runner.on_event = record
+    widget.in_process.value = in_process
+    widget.process_nice = nice
+    widget.run_name.value = (
+        f"bench-{'process' if in_process else 'thread'}-{nice}-{threads}-{time.time():.0f}"
+    )
+    torch_threads = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    before = load()
+    probe.start()
+    t0 = time.perf_counter()
+    if not widget.start():
+        raise RuntimeError("the dock refused to start")
+    spin(seconds)
+    stats = probe.stop()
+    widget.cancel()
+    cancel_t = time.perf_counter()
+    widget._runner.wait(300)
+    stopped = time.perf_counter() - cancel_t
+    widget._runner.on_event = original
+    torch.set_num_threads(torch_threads)
+    return {
+        **stats,
+        "steps": len(times),
+        "steps_per_s": steps_per_second(times),
+        "first_step_s": round(times[0] - t0, 1) if times else None,
+        "cancel_to_stopped_s": round(stopped, 1),
+        "load_before": before,
+        "load_after": load(),
+        "run": widget.last_finished.run_dir if widget.last_finished else None,
+    }
+
+
+def explorer_phase(widget: Any, probe: LatencyProbe, seconds: float, *, in_process: bool) -> dict[str, Any]:
+    widget.scope.value = "volume"
+    widget.volume_in_process = in_process
+    done = 0
+    before = load()
+    probe.start()
+    t0 = time.perf_counter()
+    durations = []
+    while time.perf_counter() - t0 < seconds:
+        start = time.perf_counter()
+        if not widget.compute():
+            raise RuntimeError("the explorer refused to start")
+        spin(seconds + 600, until=lambda: not widget.running)
+        durations.append(time.perf_counter() - start)
+        done += 1
+    stats = probe.stop()
+    return {
+        **stats,
+        "computations": done,
+        "seconds_per_computation": round(float(np.mean(durations)), 1),
+        "windows": widget.result.maps.windows if widget.result and widget.result.maps else None,
+        "load_before": before,
+        "load_after": load(),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    os.environ.setdefault("NAPARI_DAGMAN_SETTINGS", tempfile.mktemp(suffix=".ini"))
+    if os.environ.get("QT_QPA_PLATFORM") == "offscreen":
+        print("QT_QPA_PLATFORM=offscreen does not render napari: run under xvfb-run instead", file=sys.stderr)
+        return 2
+    import torch
+
+    import napari
+    from napari_dagman._sample_data import sample_phantom
+    from napari_dagman._widgets.attention import AttentionWidget
+    from napari_dagman._widgets.pretrain import PretrainWidget
+
+    runs = tempfile.mkdtemp(prefix="ui-latency-")
+    config = {
+        "preset": args.preset,
+        "roi": args.roi,
+        "spacing": args.spacing,
+        "batch_size": args.batch,
+        "steps": 100_000,
+        "preview_every": args.preview_every,
+        "device": "cpu",
+    }
+    results: dict[str, Any] = {
+        "machine": {
+            "cpus": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "napari": napari.__version__,
+        },
+        "config": {k: v for k, v in config.items() if k not in ("out", "steps")},
+        "seconds": args.seconds,
+        "phases": {},
+    }
+
+    viewer = napari.Viewer(show=True)
+    for data, kwargs, kind in sample_phantom():
+        getattr(viewer, f"add_{kind}")(data, **kwargs)
+    pretrain = PretrainWidget(viewer)
+    explorer = AttentionWidget(viewer)
+    viewer.window.add_dock_widget(pretrain, name="Pretraining", area="right")
+    viewer.window.add_dock_widget(explorer, name="Attention & mask explorer", area="right")
+    pretrain.layers.value = [viewer.layers["phantom CT"]]
+    pretrain.preset.value = args.preset
+    pretrain.roi.value = args.roi
+    pretrain.spacing.value = args.spacing
+    pretrain.batch_size.value = args.batch
+    pretrain.length.value = 100_000
+    pretrain.preview_every.value = args.preview_every
+    pretrain.device.value = "cpu"
+    pretrain.runs_folder.value = runs
+    probe = LatencyProbe()
+    spin(3.0)  # let the window settle
+
+    last_run = None
+    runs_by_phase: dict[str, list[dict[str, Any]]] = {phase: [] for phase in args.phases}
+    for repeat in range(args.repeat):
+        for phase in args.phases:
+            print(f"--- {phase} #{repeat + 1} ({args.seconds:.0f} s) load {load()}", flush=True)
+            if phase == "idle":
+                before = load()
+                probe.start()
+                spin(args.seconds)
+                out = {**probe.stop(), "load_before": before, "load_after": load()}
+            elif phase == "headless":
+                out = headless_phase(config | {"out": str(Path(runs) / f"headless-{repeat}")}, args.seconds)
+            elif phase in ("thread", "thread-1", "process", "process-nice"):
+                out = training_phase(
+                    viewer,
+                    pretrain,
+                    probe,
+                    args.seconds,
+                    in_process=phase.startswith("process"),
+                    nice=10 if phase == "process-nice" else 0,
+                    threads=1 if phase == "thread-1" else None,
+                )
+                last_run = out.get("run") or last_run
+            else:
+                if last_run is None:
+                    print("    (no run folder yet: run a training phase first)", flush=True)
+                    continue
+                explorer.set_run(last_run)
+                explorer.image.value = viewer.layers["phantom CT"]
+                out = explorer_phase(explorer, probe, args.seconds, in_process=phase == "explorer-process")
+            runs_by_phase[phase].append(out)
+            print("    " + json.dumps(out), flush=True)
+    results["runs"] = runs_by_phase
+    results["phases"] = {phase: median_of(rs) for phase, rs in runs_by_phase.items() if rs}
+
+    print(f"\nmedian of {args.repeat} run(s) per phase; load = 1-min load average before -> after")
+    print("phase              p50 ms   p99 ms   max ms   steps/s   load")
+    for phase, r in results["phases"].items():
+        sps = r.get("steps_per_s")
+        print(
+            f"{phase:17s} {r.get('p50_ms', '-'):>7} {r.get('p99_ms', '-'):>8} {r.get('max_ms', '-'):>8} "
+            f"{(f'{sps:.3f}' if sps else '-'):>9}   {r.get('load_before')}->{r.get('load_after')}"
+        )
+    path = Path(args.json)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"\nwrote {path}")
+    viewer.close()
+    return 0
+
+
+if __name__ == "__main__":  # the spawn start method re-imports this module in each child: keep the guard
+    sys.exit(main())
