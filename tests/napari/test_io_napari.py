@@ -144,3 +144,21 @@ def test_broken_file_gives_a_clear_message_and_napari_keeps_running(make_napari_
     assert len(viewer.layers) == 0
     viewer.add_image(np.zeros((4, 4)))  # the viewer still works
     assert len(viewer.layers) == 1
+
+
+def test_labels_layer_from_elsewhere_keeps_its_feature_names(make_napari_viewer):
+    """A Labels layer painted or added by another plugin: names come from its features table."""
+    import pandas as pd
+
+    from napari_dagman._widgets._common import volume_from_layer
+
+    viewer = make_napari_viewer()
+    data = np.zeros((4, 5, 6), dtype=np.int32)
+    data[1, 2, 3] = 7
+    features = pd.DataFrame({"index": [0, 7], "name": ["background", "my_tumour"]})
+    layer = viewer.add_labels(data, scale=(2.0, 1.0, 1.0), features=features)
+    volume = volume_from_layer(layer, kind="labels")
+    assert volume.metadata["label_names"] == {7: "my_tumour"}
+    assert tuple(volume.spacing) == (2.0, 1.0, 1.0)
+    with pytest.raises(Exception, match="is a Image layer, not a labels layer"):
+        volume_from_layer(viewer.add_image(data.astype(float)), kind="labels")

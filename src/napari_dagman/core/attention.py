@@ -16,7 +16,7 @@ from napari_dagman.core.data import model_volume
 from napari_dagman.core.events import CancelToken, ProgressEvent
 from napari_dagman.core.masking import attention_mask, attention_to_cells, make_mask, random_mask
 from napari_dagman.core.models.encoder import upsample_mask
-from napari_dagman.core.volume import Volume, grid_placement
+from napari_dagman.core.volume import Volume, grid_placement, window_starts
 
 if TYPE_CHECKING:
     from napari_dagman.core.checkpoint import PretrainedEncoder
@@ -116,15 +116,6 @@ def _window_attention(encoder, batch: torch.Tensor) -> torch.Tensor:
     return (att * n).reshape(att.shape[0], att.shape[1], *out.grid)
 
 
-def _window_starts(size: int, roi: int, step: int) -> list[int]:
-    if size <= roi:
-        return [0]
-    starts = list(range(0, size - roi + 1, step))
-    if starts[-1] != size - roi:
-        starts.append(starts[-1] + step)
-    return starts
-
-
 def attention_maps(
     pretrained: PretrainedEncoder,
     volume: Volume,
@@ -150,7 +141,7 @@ def attention_maps(
     plane_axes = (0, 1, 2) if arch.dims == 3 else (1, 2)
     padded_shape = list(array.shape)
     for axis in plane_axes:
-        starts = _window_starts(array.shape[axis], roi, step)
+        starts = window_starts(array.shape[axis], roi, step)
         padded_shape[axis] = max(roi, starts[-1] + roi)
     padded = np.zeros(padded_shape, np.float32)
     padded[tuple(slice(0, s) for s in array.shape)] = array

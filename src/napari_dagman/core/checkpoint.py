@@ -227,6 +227,46 @@ class RunFolder:
         path = self.file(RUN_FILE)
         return json.loads(path.read_text()) if path.is_file() else {}
 
+    def begin_run_info(
+        self,
+        job: str,
+        *,
+        resume_step: int | None,
+        command: str | None,
+        data: list[dict[str, Any]],
+        device: Any,
+        total_steps: int,
+        **extra: Any,
+    ) -> None:
+        """Write run.json as a job starts (``resume_step``: the step a resumed run continues from, else None).
+
+        A resumed run keeps its first start time and appends to ``resumed_at``.
+        """
+        info = self.read_run_info() if resume_step is not None else {}
+        info.update(
+            job=job,
+            status="running",
+            command=command or " ".join(sys.argv),
+            started=info.get("started", timestamp()),
+            resumed_at=[*info.get("resumed_at", []), resume_step] if resume_step is not None else [],
+            data=data,
+            environment=environment_info(),
+            device=str(device),
+            total_steps=total_steps,
+            **extra,
+        )
+        self.write_run_info(info)
+
+    def finish_run_info(self, status: str, step: int | None, **extra: Any) -> None:
+        """Record how a job ended (completed, cancelled, failed) and how far it got; no-op without a folder."""
+        if not self.path.is_dir():
+            return
+        info = self.read_run_info()
+        info.update(status=status, finished=timestamp(), **extra)
+        if step is not None:
+            info["steps_done"] = step
+        self.write_run_info(info)
+
 
 def environment_info() -> dict[str, Any]:
     """Versions and host facts for run.json."""

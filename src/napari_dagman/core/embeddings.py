@@ -42,7 +42,7 @@ from napari_dagman.core.errors import CheckpointError, DagmanError, DagmanInputE
 from napari_dagman.core.events import CancelToken, LogEvent, ProgressEvent
 from napari_dagman.core.io import publish, resample_like, resample_to_spacing
 from napari_dagman.core.labels import names_in, organ_colour
-from napari_dagman.core.volume import Volume, require_same_grid
+from napari_dagman.core.volume import Volume, require_same_grid, window_starts
 
 if TYPE_CHECKING:
     import torch
@@ -243,16 +243,6 @@ def organ_centred_starts(
 # ---------------------------------------------------------------------------------------------------------
 # Encoder features over a whole volume
 # ---------------------------------------------------------------------------------------------------------
-def window_starts(size: int, roi: int, step: int) -> list[int]:
-    """Window starts along one axis: every ``step``, and a last one reaching the end (padded with air)."""
-    if size <= roi:
-        return [0]
-    starts = list(range(0, size - roi + 1, step))
-    if starts[-1] != size - roi:
-        starts.append(starts[-1] + step)
-    return starts
-
-
 def stage_feature_map(
     encoder: Any,
     array: np.ndarray,

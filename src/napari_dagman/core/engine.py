@@ -17,7 +17,6 @@ import contextlib
 import json
 import math
 import os
-import sys
 import time
 from collections.abc import Generator, Sequence
 from dataclasses import dataclass
@@ -34,14 +33,12 @@ from napari_dagman.core.checkpoint import (
     SNAPSHOT_DIR,
     RunFolder,
     check_state_fits,
-    environment_info,
     load_optimizer_state,
     load_tensors,
     optimizer_tensors,
     prefixed,
     save_tensors,
     strip_prefix,
-    timestamp,
 )
 from napari_dagman.core.config import PretrainConfig
 from napari_dagman.core.data import PreparedVolume, ViewSampler, prepare_volume
@@ -424,15 +421,10 @@ def run_pretraining(
             run.write_config({**config.to_dict(), "architecture": arch.to_dict(), "job": "pretrain"})
             if resume:
                 run.truncate_metrics(start)
-            info = run.read_run_info() if resume else {}
-            info.update(
-                job="pretrain",
-                method=config.method,
-                seed=config.seed,
-                status="running",
-                command=command or " ".join(sys.argv),
-                started=info.get("started", timestamp()),
-                resumed_at=[*info.get("resumed_at", []), start] if resume else [],
+            run.begin_run_info(
+                "pretrain",
+                resume_step=start if resume else None,
+                command=command,
                 data=[
                     {
                         "name": p.name,
@@ -442,12 +434,12 @@ def run_pretraining(
                     }
                     for p in prepared
                 ],
-                environment=environment_info(),
-                device=str(device),
-                world_size=dist.world_size,
+                device=device,
                 total_steps=total,
+                method=config.method,
+                seed=config.seed,
+                world_size=dist.world_size,
             )
-            run.write_run_info(info)
         dist.barrier()
 
         for pv in prepared:
@@ -609,15 +601,8 @@ def run_pretraining(
 def _finish_run_info(
     run: RunFolder, dist: DistContext, status: str, step: int | None, tracker: dict[str, float] | None = None
 ) -> None:
-    if not dist.is_main or not run.path.is_dir():
-        return
-    info = run.read_run_info()
-    info.update(status=status, finished=timestamp())
-    if step is not None:
-        info["steps_done"] = step
-    if tracker:
-        info["best_running_loss"] = tracker["best_loss"]
-    run.write_run_info(info)
+    if dist.is_main:
+        run.finish_run_info(status, step, **({"best_running_loss": tracker["best_loss"]} if tracker else {}))
 
 
 def consume(events: Generator[Event, None, FinishedEvent]) -> FinishedEvent:

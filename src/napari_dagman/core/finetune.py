@@ -29,7 +29,6 @@ import contextlib
 import json
 import math
 import queue
-import sys
 import threading
 import time
 import warnings
@@ -52,14 +51,12 @@ from napari_dagman.core.checkpoint import (
     RunFolder,
     architecture_from_metadata,
     check_state_fits,
-    environment_info,
     load_optimizer_state,
     load_tensors,
     optimizer_tensors,
     prefixed,
     save_tensors,
     strip_prefix,
-    timestamp,
 )
 from napari_dagman.core.config import FinetuneConfig
 from napari_dagman.core.errors import CheckpointError, DagmanError, DagmanInputError
@@ -1152,15 +1149,10 @@ def run_finetuning(
         )
         if resume:
             run.truncate_metrics(start)
-        info = run.read_run_info() if resume else {}
-        info.update(
-            job="finetune",
-            init=config.init,
-            seed=config.seed,
-            status="running",
-            command=command or " ".join(sys.argv),
-            started=info.get("started", timestamp()),
-            resumed_at=[*info.get("resumed_at", []), start] if resume else [],
+        run.begin_run_info(
+            "finetune",
+            resume_step=start if resume else None,
+            command=command,
             data=[
                 {
                     "name": c.name,
@@ -1170,11 +1162,11 @@ def run_finetuning(
                 }
                 for c in cases
             ],
-            environment=environment_info(),
-            device=str(device),
+            device=device,
             total_steps=total,
+            init=config.init,
+            seed=config.seed,
         )
-        run.write_run_info(info)
 
         for note in notes:
             yield LogEvent(note, "warning")
@@ -1399,15 +1391,10 @@ def _resume_settings(
 
 
 def _finish_run_info(run: RunFolder, status: str, step: int | None, tracker: dict[str, Any] | None) -> None:
-    if not run.path.is_dir():
-        return
-    info = run.read_run_info()
-    info.update(status=status, finished=timestamp())
-    if step is not None:
-        info["steps_done"] = step
+    best = {}
     if tracker and math.isfinite(tracker.get("best_dice", -math.inf)):
-        info.update(best_mean_dice=tracker["best_dice"], best_step=tracker["best_step"])
-    run.write_run_info(info)
+        best = {"best_mean_dice": tracker["best_dice"], "best_step": tracker["best_step"]}
+    run.finish_run_info(status, step, **best)
 
 
 # =============================================================================================================

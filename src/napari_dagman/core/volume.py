@@ -196,3 +196,13 @@ def require_same_grid(image: Volume, labels: Volume, what: str = "label map") ->
         f"the {what} ({describe(labels)}) is not on the image grid ({describe(image)}); "
         "resample it onto the image first"
     )
+
+
+def window_starts(size: int, roi: int, step: int) -> list[int]:
+    """Sliding-window starts along one axis: every ``step``, and a last one reaching the end (padded with air)."""
+    if size <= roi:
+        return [0]
+    starts = list(range(0, size - roi + 1, step))
+    if starts[-1] != size - roi:
+        starts.append(starts[-1] + step)
+    return starts
