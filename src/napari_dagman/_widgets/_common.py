@@ -1,4 +1,5 @@
-"""Pieces every dock shares: device list, layer pickers, a live curve plot, a job runner, layer helpers.
+"""Pieces every dock shares: device list, layer pickers, a live curve plot, a job runner and a dock that owns
+one, layer helpers.
 
 Thin on purpose: no science here. Heavy libraries (torch) are imported inside functions so napari starts fast.
 """
@@ -18,6 +19,7 @@ from magicgui.widgets import ComboBox, Select
 from qtpy.QtCore import QEvent, QObject, QSettings, QTimer
 from qtpy.QtWidgets import QSizePolicy, QVBoxLayout, QWidget
 
+from napari_dagman._widgets._subprocess import DEFAULT_NICE
 from napari_dagman.core.errors import DagmanError, DagmanInputError
 
 if TYPE_CHECKING:
@@ -172,7 +174,10 @@ def volume_from_layer(layer: Any, kind: str = "image") -> Volume:
         raise DagmanInputError(f"no {kind} layer chosen")
     expected = napari.layers.Image if kind == "image" else napari.layers.Labels
     if not isinstance(layer, expected):
-        raise DagmanInputError(f"'{layer.name}' is a {type(layer).__name__} layer, not an {kind} layer")
+        article = "an" if kind == "image" else "a"
+        raise DagmanInputError(
+            f"'{layer.name}' is a {type(layer).__name__} layer, not {article} {kind} layer"
+        )
     if getattr(layer, "multiscale", False):
         raise DagmanInputError(f"'{layer.name}' is multiscale; open it as a single-resolution volume")
     if getattr(layer, "rgb", False):
@@ -184,7 +189,25 @@ def volume_from_layer(layer: Any, kind: str = "image") -> Volume:
         )
     meta = dict(layer.metadata)
     meta.setdefault("name", layer.name)
+    if kind == "labels" and not meta.get("label_names"):
+        meta_names = label_names_from_features(getattr(layer, "features", None))
+        if meta_names:
+            meta["label_names"] = meta_names
     return Volume.from_layer_data(data, scale=layer.scale, translate=layer.translate, metadata=meta)
+
+
+def label_names_from_features(features: Any) -> dict[int, str]:
+    """Id -> organ name from a Labels layer's ``features`` (``index`` and ``name`` columns), else empty.
+
+    Labels made outside this plugin (painted, or added by another plugin with a features table) keep their names.
+    """
+    if features is None or not {"index", "name"} <= set(getattr(features, "columns", ())):
+        return {}
+    return {
+        int(i): str(n)
+        for i, n in zip(features["index"], features["name"], strict=True)
+        if int(i) != 0 and isinstance(n, str) and n
+    }
 
 
 def _differs(current: Any, value: Any) -> bool:
@@ -225,7 +248,12 @@ def upsert_layer(viewer: napari.viewer.Viewer, name: str, data: Any, layer_type:
         return existing
     if existing is not None:
         viewer.layers.remove(existing)
-    return getattr(viewer, f"add_{layer_type}")(data, name=name, **kwargs)
+    # napari selects a new layer; a preview appearing must not take the user's selection (their CT) away
+    active = viewer.layers.selection.active
+    layer = getattr(viewer, f"add_{layer_type}")(data, name=name, **kwargs)
+    if active is not None and active in viewer.layers:
+        viewer.layers.selection.active = active
+    return layer
 
 
 def cells_on_voxels(
@@ -623,3 +651,58 @@ def stop_jobs_with(widget: QWidget, *runners: JobRunner, timeout: float = 60.0) 
     """Tie ``runners`` to a dock ``widget``: closing the dock stops them cleanly (cancel, wait up to
     ``timeout`` s, then end a child process); deleting the widget (napari's window closed) cancels them."""
     _JobGuard(widget, tuple(runners), timeout)
+
+
+# --- docks ------------------------------------------------------------------------------------------------------
+#: Where the pretraining dock remembers the run folder it trained (or resumed) last.
+LAST_RUN_GROUP, LAST_RUN_KEY = "runs", "last_run"
+
+
+def last_run() -> str:
+    """The run folder last trained (or resumed) in the pretraining dock ("" when none): the attention explorer
+    and the fine-tuning dock start from it."""
+    return str(Settings(LAST_RUN_GROUP).get(LAST_RUN_KEY, "") or "")
+
+
+def remember_last_run(run_dir: str) -> None:
+    Settings(LAST_RUN_GROUP).set(LAST_RUN_KEY, run_dir)
+
+
+class JobDock(QWidget):
+    """A dock with remembered settings and one background job whose events it draws.
+
+    The runner calls the dock's ``_on_event``, ``_on_done``, ``_on_error`` and ``_on_stopped`` in the main
+    thread; a subclass overrides the ones it needs.
+    """
+
+    def __init__(self, napari_viewer: napari.viewer.Viewer, *, settings_group: str, description: str) -> None:
+        super().__init__()
+        self._viewer = napari_viewer
+        self._settings = Settings(settings_group)
+        self._runner = JobRunner(
+            self._on_event,
+            on_done=self._on_done,
+            on_error=self._on_error,
+            on_stopped=self._on_stopped,
+            description=description,
+            viewer=napari_viewer,
+        )
+        #: Unix nice value of a job run in a child process (0 = same priority as napari); see docs/pretraining.md
+        self.process_nice = DEFAULT_NICE
+
+    @property
+    def running(self) -> bool:
+        """True from the job's start until its last event has been drawn."""
+        return self._runner.running
+
+    def _on_event(self, event: Any) -> None:
+        """An event the job yielded."""
+
+    def _on_done(self, result: Any) -> None:
+        """The job's return value (None or a partial result when it was cancelled)."""
+
+    def _on_error(self, err: BaseException) -> None:
+        """The job failed; the runner has already shown the notification."""
+
+    def _on_stopped(self) -> None:
+        """The job ended, whatever the way: the dock goes back to idle."""

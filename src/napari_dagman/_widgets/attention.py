@@ -38,10 +38,11 @@ from superqt import QCollapsible
 from napari_dagman._widgets._common import (
     OUTPUT_KEY,
     DeviceComboBox,
+    JobDock,
     JobRunner,
-    Settings,
     cells_on_voxels,
     is_output_layer,
+    last_run,
     layer_combo,
     notify_error,
     notify_info,
@@ -50,7 +51,6 @@ from napari_dagman._widgets._common import (
     upsert_layer,
     volume_from_layer,
 )
-from napari_dagman._widgets._subprocess import DEFAULT_NICE
 from napari_dagman.core.errors import DagmanError, DagmanInputError
 
 if TYPE_CHECKING:
@@ -125,21 +125,11 @@ class DiversityFigure(QWidget):
         self.canvas.draw_idle()
 
 
-class AttentionWidget(QWidget):
+class AttentionWidget(JobDock):
     """Per-head class attention and the mask of every strategy, for an Image layer and a pretraining run."""
 
     def __init__(self, napari_viewer: napari.viewer.Viewer) -> None:
-        super().__init__()
-        self._viewer = napari_viewer
-        self._settings = Settings("attention")
-        self._runner = JobRunner(
-            self._on_event,
-            on_done=self._on_done,
-            on_error=self._on_error,
-            on_stopped=self._on_stopped,
-            description="DAGMaN attention",
-            viewer=napari_viewer,
-        )
+        super().__init__(napari_viewer, settings_group="attention", description="DAGMaN attention")
         self._export_runner = JobRunner(
             lambda _event: None, on_done=self._on_exported, description="DAGMaN attention export"
         )
@@ -151,13 +141,12 @@ class AttentionWidget(QWidget):
         self._cursor_seen = False
         self._pending_masks = False
         self._grid_was_enabled: bool | None = None
-        #: whole-volume maps in a child process (True) or a thread; and the child's Unix nice value
+        #: whole-volume maps in a child process (True) or a thread (the child's nice value: ``process_nice``)
         self.volume_in_process = True
-        self.process_nice = DEFAULT_NICE
         self._build()
         stop_jobs_with(self, self._runner, self._export_runner, timeout=30.0)
         napari_viewer.cursor.events.position.connect(self._on_cursor)
-        last = Settings("runs").get("last_run", "")
+        last = last_run()
         if last and Path(last).is_dir():
             self.run.value = last
 
@@ -314,7 +303,7 @@ class AttentionWidget(QWidget):
         self.status.setText(f"run folder: {path}")
 
     def use_last_run(self) -> None:
-        last = Settings("runs").get("last_run", "")
+        last = last_run()
         if not last:
             notify_warning("no run trained from the pretraining dock yet")
             return
@@ -357,10 +346,6 @@ class AttentionWidget(QWidget):
         return volume.index_to_physical(index), z
 
     # --- compute --------------------------------------------------------------------------------------------
-    @property
-    def running(self) -> bool:
-        return self._runner.running
-
     def compute_or_cancel(self) -> None:
         if self._runner.running:
             self._runner.cancel()

@@ -15,17 +15,14 @@ No science here: remapping, metrics, where an organ is largest and where the dis
 
 from __future__ import annotations
 
-import time
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from magicgui.widgets import (
     CheckBox,
     ComboBox,
-    Container,
     FileEdit,
     FloatSpinBox,
     LineEdit,
@@ -46,7 +43,6 @@ from qtpy.QtWidgets import (
     QVBoxLayout,
     QWidget,
 )
-from superqt import QCollapsible
 
 from napari_dagman._widgets._common import (
     OUTPUT_KEY,
@@ -56,6 +52,7 @@ from napari_dagman._widgets._common import (
     Settings,
     is_output_layer,
     jump_to,
+    last_run,
     layer_combo,
     notify_error,
     notify_info,
@@ -63,7 +60,7 @@ from napari_dagman._widgets._common import (
     upsert_layer,
     volume_from_layer,
 )
-from napari_dagman._widgets._subprocess import DEFAULT_NICE
+from napari_dagman._widgets._training import Actions, TrainingDock, compact_form, path_text
 from napari_dagman.core.config import ENCODER_CHOICES, PRESET_NAMES, VAL_SPLITS, FinetuneConfig
 from napari_dagman.core.errors import DagmanError, DagmanInputError
 
@@ -71,13 +68,10 @@ if TYPE_CHECKING:
     import pandas as pd
 
     import napari
-    from napari_dagman.core.events import CancelToken, FinishedEvent
+    from napari_dagman.core.events import CancelToken, FinishedEvent, StepEvent
     from napari_dagman.core.volume import Volume
 
 RESULTS_WIDGET = "Segmentation results"
-#: Shared with the pretraining dock: the run folder most recently trained from the GUI.
-LAST_RUN_GROUP, LAST_RUN_KEY = "runs", "last_run"
-DEFAULT_RUNS_FOLDER = str(Path.home() / "napari-dagman-runs")
 VIEW_MODES: tuple[str, ...] = ("prediction", "reference", "both (contours)")
 
 
@@ -188,34 +182,18 @@ def layer_label_names(layer: Any) -> dict[int, str]:
     return names_in(np.asarray(layer.data), names)
 
 
-def _form(widgets: list[Any]) -> Container:
-    form = Container(widgets=widgets, labels=True)
-    form.margins = (0, 0, 0, 0)
-    return form
-
-
 # =============================================================================================================
 # Fine-tuning dock
 # =============================================================================================================
-class FinetuneWidget(QWidget):
+class FinetuneWidget(TrainingDock):
     """Fine-tune a SwinUNETR segmentation model from napari; live loss and validation Dice per organ."""
 
+    run_kind = "fine-tuning"
+    command = "napari-dagman fine-tuning dock"
+
     def __init__(self, napari_viewer: napari.viewer.Viewer) -> None:
-        super().__init__()
-        self._viewer = napari_viewer
-        self._settings = Settings("finetune")
-        self._runner = JobRunner(
-            self._on_event,
-            on_done=self._on_done,
-            on_error=self._on_error,
-            on_stopped=self._on_stopped,
-            description="segmentation fine-tuning",
-            viewer=napari_viewer,
-        )
-        self.last_finished: FinishedEvent | None = None
-        self.messages: list[str] = []
+        super().__init__(napari_viewer, settings_group="finetune", description="segmentation fine-tuning")
         self.offered_organs: dict[int, str] = {}
-        self.process_nice = DEFAULT_NICE
         self._build()
         self.refresh_organs()
 
@@ -224,7 +202,6 @@ class FinetuneWidget(QWidget):
         import napari
 
         help_of = FinetuneConfig.field_help()
-        s = self._settings
         not_ours = lambda layer: not is_output_layer(layer)  # noqa: E731
         self.image = layer_combo(
             self._viewer, napari.layers.Image, "image", tooltip="the CT to train on", where=not_ours
@@ -252,8 +229,7 @@ class FinetuneWidget(QWidget):
         )
         self.organs.native.setMaximumHeight(110)
 
-        last_run = str(Settings(LAST_RUN_GROUP).get(LAST_RUN_KEY, "") or "")
-        self.init_run = FileEdit(label="pretrained run", mode="d", value=last_run, tooltip=help_of["init"])
+        self.init_run = FileEdit(label="pretrained run", mode="d", value=last_run(), tooltip=help_of["init"])
         self.scratch = CheckBox(
             label="from scratch", value=False, tooltip="no pretrained encoder (a baseline)"
         )
@@ -316,27 +292,12 @@ class FinetuneWidget(QWidget):
             tooltip=help_of["val_every"],
         )
 
-        self.device = DeviceComboBox(value=s.get("device", "auto"))
+        self._make_run_widgets(
+            run_name_tip="name of the new run folder (empty: date)",
+            resume_tip="a fine-tuning run folder to continue (same data and organs)",
+            in_process_tip="train in a child process (napari stays responsive); untick to train in a thread",
+        )
         self.seed = SpinBox(label="seed", min=0, max=2**31 - 1, value=0, tooltip=help_of["seed"])
-        self.runs_folder = FileEdit(
-            label="runs folder",
-            mode="d",
-            value=s.get("runs_folder", DEFAULT_RUNS_FOLDER),
-            tooltip="where new run folders are created (remembered)",
-        )
-        self.run_name = LineEdit(
-            label="run name", value="", tooltip="name of the new run folder (empty: date)"
-        )
-        self.resume_from = FileEdit(
-            label="resume from",
-            mode="d",
-            tooltip="a fine-tuning run folder to continue (same data and organs)",
-        )
-        self.in_process = CheckBox(
-            label="separate process",
-            value=str(s.get("in_process", "true")).lower() != "false",
-            tooltip="train in a child process (napari stays responsive); untick to train in a thread",
-        )
 
         sections = [
             ("Data", [self.image, self.labels, self.image_file, self.labels_file, self.organs], True),
@@ -355,32 +316,13 @@ class FinetuneWidget(QWidget):
         ]
         layout = QVBoxLayout(self)
         layout.setContentsMargins(4, 4, 4, 4)
-        self._forms: list[Container] = []
-        for title, widgets, expanded in sections:
-            form = _form(widgets)
-            box = QCollapsible(title, self)
-            box.addWidget(form.native)
-            if expanded:
-                box.expand(animate=False)
-            layout.addWidget(box)
-            self._forms.append(form)
-
-        buttons = QHBoxLayout()
-        self.start_button = QPushButton("Start")
-        self.start_button.setToolTip(
-            "start fine-tuning; becomes Cancel while it runs (a checkpoint is saved)"
+        self._add_sections(layout, sections)
+        self._add_run_controls(
+            layout,
+            start_tip="start fine-tuning; becomes Cancel while it runs (a checkpoint is saved)",
+            loss_label="Dice+CE",
         )
-        self.pause_button = QPushButton("Pause")
-        self.pause_button.setEnabled(False)
-        buttons.addWidget(self.start_button)
-        buttons.addWidget(self.pause_button)
-        layout.addLayout(buttons)
-        self.status = QLabel("idle")
-        self.status.setWordWrap(True)
-        layout.addWidget(self.status)
-        self.loss_plot = LossPlot("training loss", "Dice+CE", log_y=True)
         self.dice_plot = LossPlot("validation Dice", "Dice")
-        layout.addWidget(self.loss_plot)
         layout.addWidget(self.dice_plot)
         self.results_button = QPushButton("Predict && inspect results")
         self.results_button.setToolTip("open the results dock with this run and image")
@@ -391,9 +333,6 @@ class FinetuneWidget(QWidget):
         self.labels.changed.connect(self.refresh_organs)
         self.labels_file.changed.connect(self.refresh_organs)
         self.scratch.changed.connect(self._on_scratch)
-        self.device.changed.connect(lambda value: self._settings.set("device", str(value)))
-        self.start_button.clicked.connect(self.start_or_cancel)
-        self.pause_button.clicked.connect(self.toggle_pause)
         self.results_button.clicked.connect(lambda: self.open_results())
         self._on_scratch()
 
@@ -405,7 +344,7 @@ class FinetuneWidget(QWidget):
         """Offer the organs of the chosen label map (layer or file), by name and id."""
         names: dict[int, str] = {}
         try:
-            path = self._file(self.labels_file)
+            path = path_text(self.labels_file)
             if path:
                 from napari_dagman.core.io import read_volume
                 from napari_dagman.core.labels import names_in
@@ -424,11 +363,6 @@ class FinetuneWidget(QWidget):
         self.organs.choices = [(f"{name} ({i})", i) for i, name in self.offered_organs.items()]
 
     # --- building the job ----------------------------------------------------------------------------------------
-    @staticmethod
-    def _file(edit: FileEdit) -> str:
-        value = edit.line_edit.value.strip()
-        return "" if value in ("", ".") else value
-
     def _learning_rate(self) -> float:
         try:
             return float(self.lr.value.strip())
@@ -442,8 +376,8 @@ class FinetuneWidget(QWidget):
         from napari_dagman._widgets._jobs import picklable_volume
         from napari_dagman.core.checkpoint import RunFolder
 
-        resume_dir = self._file(self.resume_from)
-        image_file, labels_file = self._file(self.image_file), self._file(self.labels_file)
+        resume_dir = path_text(self.resume_from)
+        image_file, labels_file = path_text(self.image_file), path_text(self.labels_file)
         pairs: list[tuple[Any, Any]] = []
         images: list[str] = []
         segmentations: list[str] = []
@@ -463,22 +397,15 @@ class FinetuneWidget(QWidget):
                 "choose an image layer and its labels layer (or an image file and a label map)"
             )
         base: dict[str, Any] = {}
-        if resume_dir:
-            base = FinetuneConfig.from_dict(RunFolder(resume_dir).config_dict(), strict=False).to_dict()
+        out, resume = self._run_folder("finetune")
+        if resume:
+            base = FinetuneConfig.from_dict(RunFolder(out).config_dict(), strict=False).to_dict()
             if not pairs and not images and not base.get("images"):
                 raise DagmanInputError(
-                    f"{resume_dir} was trained on napari layers: choose the same image and labels layers to resume it"
+                    f"{out} was trained on napari layers: choose the same image and labels layers to resume it"
                 )
-            out = resume_dir
         else:
-            parent = self._file(self.runs_folder)
-            if not parent:
-                raise DagmanInputError("choose a runs folder for the new run")
-            out = str(
-                Path(parent).expanduser()
-                / (self.run_name.value.strip() or f"finetune-{time.strftime('%Y%m%d-%H%M%S')}")
-            )
-            init = None if self.scratch.value else (self._file(self.init_run) or None)
+            init = None if self.scratch.value else (path_text(self.init_run) or None)
             base.update(
                 init=init,
                 init_encoder=self.encoder.value,
@@ -502,101 +429,32 @@ class FinetuneWidget(QWidget):
             val_every=int(self.val_every.value),
             device=str(self.device.value),
         )
-        return FinetuneConfig.from_dict(base), pairs, bool(resume_dir)
+        return FinetuneConfig.from_dict(base), pairs, resume
 
-    # --- start / cancel / pause ----------------------------------------------------------------------------------
-    @property
-    def running(self) -> bool:
-        return self._runner.running
+    # --- running the job (hooks of TrainingDock) ---------------------------------------------------------------
+    def _job(self) -> Callable[..., Generator[Any, None, Any]]:
+        return finetune_job
 
-    def start_or_cancel(self) -> None:
-        if self._runner.running:
-            self.cancel()
-        else:
-            self.start()
-
-    def start(self) -> bool:
-        """Start a run from the form; bad input gives a notification. True when a run started."""
-        if self._runner.running:
-            notify_warning("a fine-tuning run is already going; cancel it first")
-            return False
-        try:
-            config, pairs, resume = self.build_job()
-        except DagmanError as err:
-            notify_error(err)
-            return False
-        self._settings.set("runs_folder", self._file(self.runs_folder))
-        self._settings.set("in_process", "true" if self.in_process.value else "false")
-        self.last_finished = None
-        self.messages.clear()
-        self.loss_plot.clear()
+    def _prepare_run(self, data: list[tuple[Any, Any]]) -> None:
         self.dice_plot.clear()
-        if self.in_process.value:
-            self._runner.start_in_process(finetune_job, config, pairs, resume=resume, nice=self.process_nice)
-        else:
-            self._runner.start(lambda token: finetune_job(config, pairs, resume=resume, cancel=token))
-        self._set_running(True)
-        self.status.setText(f"starting on {config.device}: {config.out}")
-        return True
 
-    def cancel(self) -> None:
-        """Stop after the current step; the run saves a resumable checkpoint first."""
-        if not self._runner.running:
-            return
-        self._runner.cancel()
-        self.start_button.setEnabled(False)
-        self.status.setText("cancelling: finishing the current step and saving a checkpoint...")
-
-    def toggle_pause(self) -> None:
-        if not self._runner.running:
-            return
-        if self._runner.paused:
-            self._runner.resume()
-            self.pause_button.setText("Pause")
-        else:
-            self._runner.pause()
-            self.pause_button.setText("Resume")
-
-    def wait(self, timeout: float = 600.0) -> bool:
-        """Process events until the run ends (tests)."""
-        return self._runner.wait(timeout)
-
-    def _set_running(self, running: bool) -> None:
-        self.start_button.setText("Cancel" if running else "Start")
-        self.start_button.setEnabled(True)
-        self.pause_button.setEnabled(running)
-        self.pause_button.setText("Pause")
-        for form in self._forms:
-            form.enabled = not running
+    def _starting_text(self, config: FinetuneConfig) -> str:
+        return f"starting on {config.device}: {config.out}"
 
     # --- events (main thread) ---------------------------------------------------------------------------------
-    def _on_event(self, event: Any) -> None:
-        from napari_dagman.core.events import LogEvent, StepEvent, ValidationEvent
+    def _on_job_event(self, event: Any) -> None:
+        from napari_dagman.core.events import ValidationEvent
 
-        if isinstance(event, StepEvent):
-            self.loss_plot.add_point("loss", event.step, event.loss)
-            for name, value in event.terms.items():
-                self.loss_plot.add_point(name, event.step, value)
-            self.status.setText(
-                f"step {event.step}/{event.total_steps}: loss {event.loss:.4f} ({event.seconds_per_step:.2f} s/step)"
-            )
-        elif isinstance(event, ValidationEvent):
+        if isinstance(event, ValidationEvent):
             for organ, value in event.dice.items():
                 self.dice_plot.add_point(organ, event.step, value)
             self.dice_plot.add_point("mean", event.step, event.mean_dice)
-        elif isinstance(event, LogEvent):
-            self.messages.append(event.message)
-            if event.level == "warning":
-                notify_warning(event.message)
-            else:
-                self.status.setText(event.message)
 
-    def _on_done(self, finished: Any) -> None:
-        from napari_dagman.core.events import FinishedEvent
+    def _step_text(self, event: StepEvent) -> str:
+        return f"step {event.step}/{event.total_steps}: loss {event.loss:.4f} ({event.seconds_per_step:.2f} s/step)"
 
-        if not isinstance(finished, FinishedEvent):
-            return
-        self.last_finished = finished
+    def _finish_report(self, finished: FinishedEvent) -> tuple[str, Actions]:
+        """Run folder and best validation Dice; offers the results dock."""
         best = finished.summary.get("best_mean_dice")
         head = (
             f"cancelled at step {finished.steps_done}/{finished.total_steps} (resumable)"
@@ -606,29 +464,14 @@ class FinetuneWidget(QWidget):
         text = f"{head}; run folder {finished.run_dir}"
         if best is not None:
             text += f"; best validation Dice {best:.3f} (step {finished.summary.get('best_step')})"
-        self.status.setText(text)
         self.results_button.setEnabled(True)
-        notify_info(text, actions=[("Predict & inspect", lambda *_: self.open_results())])
-
-    def _on_error(self, err: BaseException) -> None:
-        self.status.setText(f"failed: {err}")
-
-    def _on_stopped(self) -> None:
-        self._set_running(False)
+        return text, [("Predict & inspect", lambda *_: self.open_results())]
 
     def open_results(self, run_dir: str | None = None) -> Any:
         """Dock the results widget with this run and the training image chosen; returns it."""
-        run_dir = run_dir or (self.last_finished.run_dir if self.last_finished else None)
-        if not run_dir:
-            notify_warning("no finished run yet")
-            return None
-        try:
-            _, widget = self._viewer.window.add_plugin_dock_widget("napari-dagman", RESULTS_WIDGET)
-        except (KeyError, LookupError, ValueError) as err:
-            notify_error(f"cannot open the results dock: {err}")
-            return None
-        widget.set_run(run_dir, image=self.image.value, reference=self.labels.value)
-        return widget
+        return self._open_with_run(
+            RESULTS_WIDGET, "results dock", run_dir, image=self.image.value, reference=self.labels.value
+        )
 
 
 # =============================================================================================================
@@ -697,7 +540,7 @@ class SegmentationResultsWidget(QWidget):
         self.view = RadioButtons(
             label="show", choices=list(VIEW_MODES), value=VIEW_MODES[2], orientation="horizontal"
         )
-        form = _form(
+        form = compact_form(
             [self.image, self.checkpoint, self.weights, self.overlap, self.roi, self.device, self.reference]
         )
         self._forms = [form]
@@ -714,7 +557,7 @@ class SegmentationResultsWidget(QWidget):
         row.addWidget(self.predict_button)
         row.addWidget(self.evaluate_button)
         layout.addLayout(row)
-        second = _form([self.prediction, self.view])
+        second = compact_form([self.prediction, self.view])
         self._forms.append(second)
         layout.addWidget(second.native)
 

@@ -9,6 +9,7 @@ the attention explorer.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Generator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -16,7 +17,6 @@ import numpy as np
 from magicgui.widgets import (
     CheckBox,
     ComboBox,
-    Container,
     FileEdit,
     FloatSpinBox,
     Label,
@@ -25,27 +25,21 @@ from magicgui.widgets import (
 )
 from qtpy.QtCore import QUrl
 from qtpy.QtGui import QDesktopServices
-from qtpy.QtWidgets import QHBoxLayout, QLabel, QPushButton, QVBoxLayout, QWidget
-from superqt import QCollapsible
+from qtpy.QtWidgets import QHBoxLayout, QPushButton, QVBoxLayout
 
 from napari_dagman._widgets._common import (
     OUTPUT_KEY,
-    DeviceComboBox,
-    JobRunner,
     LossPlot,
-    Settings,
     cells_on_voxels,
     is_output_layer,
     jump_to,
     layer_select,
     notify_error,
-    notify_info,
-    notify_warning,
-    stop_jobs_with,
+    remember_last_run,
     upsert_layer,
     volume_from_layer,
 )
-from napari_dagman._widgets._subprocess import DEFAULT_NICE
+from napari_dagman._widgets._training import Actions, TrainingDock, compact_form, path_text
 from napari_dagman.core.config import PRESET_NAMES, TEACHER_NOISES, PretrainConfig
 from napari_dagman.core.errors import DagmanError, DagmanInputError
 from napari_dagman.core.methods.registry import REGISTRY
@@ -53,14 +47,12 @@ from napari_dagman.core.methods.registry import REGISTRY
 if TYPE_CHECKING:
     import napari
     from napari_dagman.core.events import FinishedEvent, PreviewEvent, StepEvent
+    from napari_dagman.core.volume import Volume
 
 #: Names of the live preview layers (one each, updated in place).
 PREVIEW_CROP = "pretrain preview: crop"
 PREVIEW_ATTENTION = "pretrain preview: teacher attention"
 PREVIEW_MASK = "pretrain preview: mask"
-#: Shared with the attention dock: the run folder most recently trained (or resumed) from the GUI.
-LAST_RUN_GROUP, LAST_RUN_KEY = "runs", "last_run"
-DEFAULT_RUNS_FOLDER = str(Path.home() / "napari-dagman-runs")
 EXPLORER_WIDGET = "Attention & mask explorer"
 MASK_COLOUR = "#00e5ff"
 
@@ -69,31 +61,18 @@ def _default(name: str) -> Any:
     return PretrainConfig.__dataclass_fields__[name].default
 
 
-class PretrainWidget(QWidget):
+class PretrainWidget(TrainingDock):
     """Self-supervised pretraining from napari: method, data, hyperparameters, device; live loss and preview."""
 
+    run_kind = "pretraining"
+    command = "napari-dagman pretraining dock"
+
     def __init__(self, napari_viewer: napari.viewer.Viewer) -> None:
-        super().__init__()
-        self._viewer = napari_viewer
-        self._settings = Settings("pretrain")
-        self._runner = JobRunner(
-            self._on_event,
-            on_done=self._on_done,
-            on_error=self._on_error,
-            on_stopped=self._on_stopped,
-            description="DAGMaN pretraining",
-            viewer=napari_viewer,
-        )
-        self._cancel_requested_at: float | None = None
+        super().__init__(napari_viewer, settings_group="pretrain", description="DAGMaN pretraining")
         self._step_seconds: list[float] = []
         self._trained_layer_names: set[str] = set()
-        self._checkpoints: dict[str, str] = {}
-        self.last_finished: FinishedEvent | None = None
-        #: Unix nice value of the training process (0 = same priority as napari); see docs/pretraining.md
-        self.process_nice = DEFAULT_NICE
         self._build()
         self._on_method()
-        stop_jobs_with(self, self._runner)  # closing the dock stops the run cleanly (it saves first)
 
     # --- form ---------------------------------------------------------------------------------------------------
     def _build(self) -> None:
@@ -191,20 +170,11 @@ class PretrainWidget(QWidget):
         self.seed = SpinBox(
             label="seed", min=0, max=2**31 - 1, value=_default("seed"), tooltip=help_of["seed"]
         )
-        self.device = DeviceComboBox(value=s.get("device", "auto"))
-        self.runs_folder = FileEdit(
-            label="runs folder",
-            mode="d",
-            value=s.get("runs_folder", DEFAULT_RUNS_FOLDER),
-            tooltip="where new run folders are created (remembered)",
-        )
-        self.run_name = LineEdit(
-            label="run name", value="", tooltip="name of the new run folder (empty: method and date)"
-        )
-        self.resume_from = FileEdit(
-            label="resume from",
-            mode="d",
-            tooltip="a run folder to continue from its last checkpoint (its settings are loaded into the form)",
+        self._make_run_widgets(
+            run_name_tip="name of the new run folder (empty: method and date)",
+            resume_tip="a run folder to continue from its last checkpoint (its settings are loaded into the form)",
+            in_process_tip="train in a child process (recommended: napari stays responsive, GPU memory is freed "
+            "on exit); untick to train in a thread of napari (debugging)",
         )
         self.preview_every = SpinBox(
             label="preview every",
@@ -222,12 +192,6 @@ class PretrainWidget(QWidget):
         )
         self.follow = CheckBox(
             label="follow preview", value=True, tooltip="move the slice slider to each new preview crop"
-        )
-        self.in_process = CheckBox(
-            label="separate process",
-            value=str(s.get("in_process", "true")).lower() != "false",
-            tooltip="train in a child process (recommended: napari stays responsive, GPU memory is freed on "
-            "exit); untick to train in a thread of napari (debugging)",
         )
 
         sections = [
@@ -254,37 +218,13 @@ class PretrainWidget(QWidget):
 
         layout = QVBoxLayout(self)
         layout.setContentsMargins(4, 4, 4, 4)
-        head = Container(widgets=[self.method, self._method_summary], labels=True)
-        head.margins = (0, 0, 0, 0)
+        head = compact_form([self.method, self._method_summary])
         layout.addWidget(head.native)
-        self._sections: dict[str, QCollapsible] = {}
-        self._forms: list[Container] = [head]
-        for title, widgets, expanded in sections:
-            form = Container(widgets=widgets, labels=True)
-            form.margins = (0, 0, 0, 0)
-            box = QCollapsible(title, self)
-            box.addWidget(form.native)
-            if expanded:
-                box.expand(animate=False)
-            layout.addWidget(box)
-            self._sections[title] = box
-            self._forms.append(form)
-
-        buttons = QHBoxLayout()
-        self.start_button = QPushButton("Start")
-        self.start_button.setToolTip("start pretraining; becomes Cancel while it runs")
-        self.pause_button = QPushButton("Pause")
-        self.pause_button.setEnabled(False)
-        self.pause_button.setToolTip("hold the run after the current step; Resume continues")
-        buttons.addWidget(self.start_button)
-        buttons.addWidget(self.pause_button)
-        layout.addLayout(buttons)
-
-        self.status = QLabel("idle")
-        self.status.setWordWrap(True)
-        layout.addWidget(self.status)
-        self.plot = LossPlot("training loss", "loss", log_y=True)
-        layout.addWidget(self.plot)
+        self._forms.append(head)
+        self._add_sections(layout, sections)
+        self._add_run_controls(
+            layout, start_tip="start pretraining; becomes Cancel while it runs", loss_label="loss"
+        )
 
         after = QHBoxLayout()
         self.explore_button = QPushButton("Explore attention")
@@ -297,18 +237,16 @@ class PretrainWidget(QWidget):
         layout.addLayout(after)
         layout.addStretch(1)
 
-        # device and runs folder are remembered as soon as they change (the rest when a run starts)
-        self.device.changed.connect(lambda value: self._settings.set("device", str(value)))
-        self.runs_folder.changed.connect(
-            lambda *_: self._settings.set("runs_folder", self.runs_folder.line_edit.value.strip())
-        )
         self.method.changed.connect(self._on_method)
         self.resume_from.changed.connect(self._on_resume_folder)
         self.length_unit.changed.connect(self._on_length_unit)
-        self.start_button.clicked.connect(self.start_or_cancel)
-        self.pause_button.clicked.connect(self.toggle_pause)
         self.explore_button.clicked.connect(lambda: self.open_in_explorer())
         self.folder_button.clicked.connect(lambda: self.open_run_folder())
+
+    @property
+    def plot(self) -> LossPlot:
+        """The training-loss curve (the name scripts and tests know)."""
+        return self.loss_plot
 
     # --- reacting to the form ------------------------------------------------------------------------------------
     def _on_method(self, _value: Any = None) -> None:
@@ -332,7 +270,7 @@ class PretrainWidget(QWidget):
         """Load a run's settings into the form, so that the resumed model is the same one."""
         from napari_dagman.core.checkpoint import RunFolder
 
-        path = self.resume_from.line_edit.value.strip()
+        path = path_text(self.resume_from)
         if not path:
             return
         try:
@@ -393,23 +331,12 @@ class PretrainWidget(QWidget):
                 f"learning rate must be 'auto' or a number, got {self.lr.value!r}"
             ) from None
 
-    def _run_folder(self) -> tuple[str, bool]:
-        """(run folder, resume?)."""
-        resume = self.resume_from.line_edit.value.strip()
-        if resume:
-            return resume, True
-        parent = self.runs_folder.line_edit.value.strip()
-        if not parent:
-            raise DagmanInputError("choose a runs folder for the new run")
-        name = self.run_name.value.strip() or f"{self.method.value}-{time.strftime('%Y%m%d-%H%M%S')}"
-        return str(Path(parent).expanduser() / name), False
-
     def build_job(self) -> tuple[PretrainConfig, list[Any], bool]:
         """The config, the layer volumes and the resume flag the Start button would run (raises on bad input)."""
         from napari_dagman._widgets._jobs import picklable_volume
         from napari_dagman.core.checkpoint import RunFolder
 
-        out, resume = self._run_folder()
+        out, resume = self._run_folder(self.method.value)
         images = self._paths()
         volumes = [picklable_volume(volume_from_layer(layer, "image")) for layer in self.layers.value]
         base: dict[str, Any] = {}
@@ -450,114 +377,41 @@ class PretrainWidget(QWidget):
         config = PretrainConfig.from_dict(base)
         return config, volumes, resume
 
-    # --- start / cancel / pause --------------------------------------------------------------------------------
-    @property
-    def running(self) -> bool:
-        return self._runner.running
-
-    def start_or_cancel(self) -> None:
-        if self._runner.running:
-            self.cancel()
-        else:
-            self.start()
-
-    def start(self) -> bool:
-        """Start a run from the form; bad input gives a notification. True when a run started."""
+    # --- running the job (hooks of TrainingDock) ---------------------------------------------------------------
+    def _job(self) -> Callable[..., Generator[Any, None, Any]]:
         from napari_dagman._widgets._jobs import pretrain_job
 
-        if self._runner.running:
-            notify_warning("a pretraining run is already going; cancel it first")
-            return False
-        try:
-            config, volumes, resume = self.build_job()
-        except DagmanError as err:
-            notify_error(err)
-            return False
-        self._remember()
+        return pretrain_job
+
+    def _prepare_run(self, data: list[Volume]) -> None:
         # the engine names a volume by its metadata name: previews of these crops overlay an open layer
         self._trained_layer_names = {
-            str(volume.metadata.get("name") or f"volume {i}") for i, volume in enumerate(volumes)
+            str(volume.metadata.get("name") or f"volume {i}") for i, volume in enumerate(data)
         }
-        self._checkpoints.clear()
         self._step_seconds.clear()
-        self._cancel_requested_at = None
-        self.last_finished = None
-        self.plot.clear()
-        command = "napari-dagman pretraining dock"
-        if self.in_process.value:
-            self._runner.start_in_process(
-                pretrain_job, config, volumes, resume=resume, command=command, nice=self.process_nice
-            )
-        else:
-            self._runner.start(
-                lambda token: pretrain_job(config, volumes, resume=resume, cancel=token, command=command)
-            )
-        self._set_running(True)
+
+    def _starting_text(self, config: PretrainConfig) -> str:
         where = "a separate process" if self.in_process.value else "a thread"
-        self.status.setText(f"starting {config.method} in {where} on {config.device}: {config.out}")
-        return True
-
-    def cancel(self) -> None:
-        """Stop at the end of the current step; the run saves a resumable checkpoint first."""
-        if not self._runner.running:
-            return
-        self._cancel_requested_at = time.monotonic()
-        self._runner.cancel()
-        self.start_button.setEnabled(False)
-        self.pause_button.setEnabled(False)
-        self.status.setText("cancelling: finishing the current step and saving a checkpoint...")
-
-    def toggle_pause(self) -> None:
-        if not self._runner.running:
-            return
-        if self._runner.paused:
-            self._runner.resume()
-            self.pause_button.setText("Pause")
-            self.status.setText("resumed")
-        else:
-            self._runner.pause()
-            self.pause_button.setText("Resume")
-            self.status.setText("paused after the current step (nothing is lost; Resume continues)")
-
-    def _set_running(self, running: bool) -> None:
-        self.start_button.setText("Cancel" if running else "Start")
-        self.start_button.setEnabled(True)
-        self.pause_button.setEnabled(running)
-        self.pause_button.setText("Pause")
-        for form in self._forms:
-            form.enabled = not running
+        return f"starting {config.method} in {where} on {config.device}: {config.out}"
 
     def _remember(self) -> None:
+        super()._remember()
         s = self._settings
-        s.set("device", str(self.device.value))
-        s.set("runs_folder", self.runs_folder.line_edit.value.strip())
         s.set("method", self.method.value)
         s.set("preset", self.preset.value)
         s.set("dims", int(self.dims.value))
         s.set("roi", int(self.roi.value))
         s.set("spacing", float(self.spacing.value))
-        s.set("in_process", "true" if self.in_process.value else "false")
 
     # --- events from the job (main thread) -------------------------------------------------------------------
-    def _on_event(self, event: Any) -> None:
-        from napari_dagman.core.events import CheckpointEvent, LogEvent, PreviewEvent, StepEvent
+    def _on_job_event(self, event: Any) -> None:
+        from napari_dagman.core.events import PreviewEvent
 
-        if isinstance(event, StepEvent):
-            self._on_step(event)
-        elif isinstance(event, PreviewEvent):
+        if isinstance(event, PreviewEvent):
             self._on_preview(event)
-        elif isinstance(event, CheckpointEvent):
-            self._checkpoints[event.kind] = event.path
-        elif isinstance(event, LogEvent):
-            if event.level == "warning":
-                notify_warning(event.message)
-            elif self._cancel_requested_at is None:
-                self.status.setText(event.message)
 
-    def _on_step(self, event: StepEvent) -> None:
-        self.plot.add_point("loss", event.step, event.loss)
-        for name, value in event.terms.items():
-            self.plot.add_point(name, event.step, value)
+    def _step_text(self, event: StepEvent) -> str:
+        """Step, loss, speed and ETA (over the last 20 steps), head diversity when the method reports it."""
         self._step_seconds.append(event.seconds_per_step)
         recent = self._step_seconds[-20:]
         seconds = float(np.mean(recent))
@@ -573,8 +427,7 @@ class PretrainWidget(QWidget):
             parts.append(f"head diversity {diversity:.3f}")
         if self._runner.paused:
             parts.append("pausing")
-        if self._cancel_requested_at is None:
-            self.status.setText(" · ".join(parts))
+        return " · ".join(parts)
 
     def _on_preview(self, event: PreviewEvent) -> None:
         """The crop, the teacher's attention and the mask of this step, one layer each, updated in place."""
@@ -639,13 +492,9 @@ class PretrainWidget(QWidget):
         if created and "contour" in create:  # not an add_labels() argument
             layer.contour = create["contour"]
 
-    def _on_done(self, finished: Any) -> None:
-        from napari_dagman.core.events import FinishedEvent
-
-        if not isinstance(finished, FinishedEvent):
-            return
-        self.last_finished = finished
-        Settings(LAST_RUN_GROUP).set(LAST_RUN_KEY, finished.run_dir)
+    def _finish_report(self, finished: FinishedEvent) -> tuple[str, Actions]:
+        """Run folder and checkpoints; the run becomes the attention explorer's "last run"."""
+        remember_last_run(finished.run_dir)
         best, last = finished.paths.get("best", ""), finished.paths.get("last", "")
         if finished.cancelled:
             head = f"Pretraining cancelled at step {finished.steps_done}/{finished.total_steps}; resumable."
@@ -654,47 +503,18 @@ class PretrainWidget(QWidget):
         lines = [head, f"Run folder: {finished.run_dir}", f"last: {last}"]
         if best and Path(best).is_file():
             lines.append(f"best: {best}")
-        self.status.setText("\n".join(lines))
         self.explore_button.setEnabled(True)
         self.folder_button.setEnabled(True)
-        notify_info(
-            "\n".join(lines),
-            actions=[
-                ("Explore attention", lambda *_: self.open_in_explorer(finished.run_dir)),
-                ("Open folder", lambda *_: self.open_run_folder(finished.run_dir)),
-            ],
-        )
-
-    def _on_error(self, err: BaseException) -> None:
-        # the notification is already out (JobRunner); the dock keeps the reason and goes back to idle
-        last = self._checkpoints.get("last")
-        self.status.setText(f"failed: {err}" + (f"\nlast good checkpoint: {last}" if last else ""))
-
-    def _on_stopped(self) -> None:
-        self._set_running(False)
-        self._cancel_requested_at = None
+        actions: Actions = [
+            ("Explore attention", lambda *_: self.open_in_explorer(finished.run_dir)),
+            ("Open folder", lambda *_: self.open_run_folder(finished.run_dir)),
+        ]
+        return "\n".join(lines), actions
 
     # --- after the run -------------------------------------------------------------------------------------------
-    def _finished_run(self, run_dir: str | None) -> str | None:
-        if run_dir:
-            return run_dir
-        if self.last_finished is not None:
-            return self.last_finished.run_dir
-        notify_warning("no finished run yet")
-        return None
-
     def open_in_explorer(self, run_dir: str | None = None) -> Any:
         """Dock the attention & mask explorer with this run folder chosen; returns the explorer widget."""
-        run_dir = self._finished_run(run_dir)
-        if run_dir is None:
-            return None
-        try:
-            _, widget = self._viewer.window.add_plugin_dock_widget("napari-dagman", EXPLORER_WIDGET)
-        except (KeyError, LookupError, ValueError) as err:
-            notify_error(f"cannot open the attention explorer: {err}")
-            return None
-        widget.set_run(run_dir)
-        return widget
+        return self._open_with_run(EXPLORER_WIDGET, "attention explorer", run_dir)
 
     def open_run_folder(self, run_dir: str | None = None) -> None:
         run_dir = self._finished_run(run_dir)
