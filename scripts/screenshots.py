@@ -6,8 +6,12 @@ Run under an X server or Xvfb (a shown window is needed to render; never ``QT_QP
 
 It opens napari with the synthetic CT phantom, docks the CT-window, pretraining and attention docks, runs a
 short tiny pretraining from the pretraining dock (live loss curve, attention and mask preview), then a
-whole-volume attention computation and the mask previews in the explorer, and writes
-``docs/images/{window_dock,pretrain_dock,attention_explorer}.png`` (each under 400 kB).
+whole-volume attention computation and the mask previews in the explorer. Then, on the real CT of
+``../shared/data`` (``$DAGMAN_SHARED_DATA``) with its label map, it makes a 3-step tiny pretraining run (core
+API, as the tests' ``tiny_run``), fine-tunes from it in the fine-tuning dock (curves), predicts in the results
+dock (prediction layer, table, click-through to the liver), and computes a UMAP of the run's patch embeddings
+in the organ-clusters dock. It writes ``docs/images/{window_dock,pretrain_dock,attention_explorer,
+finetune_dock,organ_clusters}.png`` (each under 400 kB); ``--docks`` makes a subset.
 """
 
 from __future__ import annotations
@@ -21,6 +25,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 MAX_BYTES = 400_000
+DOCKS = ("window", "pretrain", "attention", "finetune", "clusters")
+#: Organs of the fine-tuning picture (TotalSegmentator ids): liver, spleen, kidneys, colon, urinary bladder.
+FINETUNE_ORGANS = [5, 1, 2, 3, 20, 21]
 
 
 def spin(seconds: float, until=None) -> None:
@@ -35,8 +42,11 @@ def spin(seconds: float, until=None) -> None:
 
 def save(viewer, path: Path, width: int = 1400) -> None:
     """Screenshot of the whole window (canvas and docks), scaled to ``width`` and kept under 400 kB."""
+    from napari._qt.dialogs.qt_notification import NapariQtNotification
     from PIL import Image
 
+    for toast in viewer.window._qt_window.findChildren(NapariQtNotification):
+        toast.close()  # "run finished" toasts would cover the canvas
     spin(1.5)
     array = viewer.screenshot(canvas_only=False, flash=False)
     image = Image.fromarray(array[..., :3])
@@ -55,21 +65,49 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=str(ROOT / "docs" / "images"), help="folder for the PNGs")
     parser.add_argument("--steps", type=int, default=24, help="pretraining steps (tiny preset, CPU)")
+    parser.add_argument("--finetune-steps", type=int, default=10, help="fine-tuning steps (CPU)")
+    parser.add_argument(
+        "--data",
+        default=os.environ.get("DAGMAN_SHARED_DATA", str(ROOT.parent / "shared" / "data")),
+        help="folder with example_ct.nii.gz and example_seg_fast_force_split.nii.gz (real CT and its labels)",
+    )
+    parser.add_argument(
+        "--docks", nargs="+", choices=DOCKS, default=list(DOCKS), help="the pictures to make (default: all)"
+    )
     args = parser.parse_args(argv)
     if os.environ.get("QT_QPA_PLATFORM") == "offscreen":
         print("QT_QPA_PLATFORM=offscreen does not render napari: run under xvfb-run", file=sys.stderr)
         return 2
+    data_dir = Path(args.data)
+    docks = set(args.docks)
+    if {"finetune", "clusters"} & docks and not (data_dir / "example_ct.nii.gz").is_file():
+        print(f"real CT not found in {data_dir} (--data or DAGMAN_SHARED_DATA)", file=sys.stderr)
+        return 2
     os.environ.setdefault("NAPARI_DAGMAN_SETTINGS", tempfile.mktemp(suffix=".ini"))
 
     import napari
+
+    out = Path(args.out)
+    runs = Path(tempfile.mkdtemp(prefix="dagman-screenshots-"))
+    viewer = napari.Viewer(title="napari-dagman", show=True)
+    viewer.window._qt_window.resize(1600, 1000)
+    steps = [phantom_shots] if {"window", "pretrain", "attention"} & docks else []
+    if {"finetune", "clusters"} & docks:
+        steps.append(real_ct_shots)
+    for shots in steps:
+        if shots(viewer, out, runs, args) != 0:
+            return 1
+    viewer.close()
+    return 0
+
+
+def phantom_shots(viewer, out: Path, runs: Path, args: argparse.Namespace) -> int:
+    """CT window, pretraining and attention explorer on the synthetic phantom."""
     from napari_dagman._sample_data import sample_phantom
     from napari_dagman._widgets.attention import MEAN_LAYER, AttentionWidget
     from napari_dagman._widgets.pretrain import PretrainWidget
     from napari_dagman._widgets.window import WindowWidget
 
-    out = Path(args.out)
-    viewer = napari.Viewer(title="napari-dagman", show=True)
-    viewer.window._qt_window.resize(1600, 1000)
     for data, kwargs, kind in sample_phantom():
         getattr(viewer, f"add_{kind}")(data, **kwargs)
     ct, organs = viewer.layers["phantom CT"], viewer.layers["phantom organs"]
@@ -84,7 +122,12 @@ def main(argv: list[str] | None = None) -> int:
     window.apply()
     organs.opacity = 0.35
     viewer.reset_view()
-    save(viewer, out / "window_dock.png")
+    if "window" in args.docks:
+        save(viewer, out / "window_dock.png")
+    if not {"pretrain", "attention"} & set(args.docks):
+        viewer.window.remove_dock_widget(window_dock)
+        viewer.layers.clear()
+        return 0
 
     # --- pretraining dock: a short run with the live preview ----------------------------------------------------
     organs.visible = False
@@ -95,7 +138,6 @@ def main(argv: list[str] | None = None) -> int:
     pretrain.preset.value, pretrain.roi.value, pretrain.spacing.value = "tiny", 64, 2.5
     pretrain.batch_size.value, pretrain.length.value, pretrain.preview_every.value = 1, args.steps, 2
     pretrain.device.value = "cpu"
-    runs = Path(tempfile.mkdtemp(prefix="dagman-screenshots-"))
     pretrain.runs_folder.value = str(runs)
     pretrain.run_name.value = "dagman-phantom"
     pretrain._sections["Run"].collapse(animate=False)
@@ -106,11 +148,16 @@ def main(argv: list[str] | None = None) -> int:
         3600,
         until=lambda: len(pretrain.plot.series("loss")[0]) >= max(2, args.steps - 4) or not pretrain.running,
     )
-    save(viewer, out / "pretrain_dock.png")
+    if "pretrain" in args.docks:
+        save(viewer, out / "pretrain_dock.png")
     spin(3600, until=lambda: not pretrain.running)
     if pretrain.last_finished is None:
         print("the pretraining run did not finish", file=sys.stderr)
         return 1
+    if "attention" not in args.docks:
+        viewer.window.remove_dock_widget(pretrain)
+        viewer.layers.clear()
+        return 0
 
     # --- attention explorer: whole-volume maps, masks of the crop as outlines --------------------------------------
     for name in [layer.name for layer in viewer.layers if layer.name.startswith("pretrain preview")]:
@@ -137,7 +184,137 @@ def main(argv: list[str] | None = None) -> int:
     viewer.dims.set_point(0, z_crop)
     viewer.layers.selection.active = viewer.layers[MEAN_LAYER]
     save(viewer, out / "attention_explorer.png")
-    viewer.close()
+    viewer.window.remove_dock_widget(explorer)
+    viewer.layers.clear()
+    return 0
+
+
+def real_ct_shots(viewer, out: Path, runs: Path, args: argparse.Namespace) -> int:
+    """Fine-tuning (with the results dock) and organ clusters on the real CT and its label map."""
+    from napari_dagman.core.config import PretrainConfig
+    from napari_dagman.core.engine import consume, run_pretraining
+
+    data_dir = Path(args.data)
+    os.environ.setdefault("NAPARI_DAGMAN_CACHE", str(runs / "embedding-cache"))  # compute, do not reuse
+    # the encoder both docks start from: a 3-step tiny pretraining run on the real CT (the tests' tiny_run)
+    run = runs / "tiny-ct"
+    print(f"pretraining {run} (tiny, 3 steps) ...", flush=True)
+    config = PretrainConfig(
+        images=[str(data_dir / "example_ct.nii.gz")],
+        out=str(run),
+        preset="tiny",
+        roi=32,
+        spacing=4.0,
+        steps=3,
+        batch_size=1,
+        preview_every=0,
+        seed=0,
+    )
+    consume(run_pretraining(config))
+    viewer.open(data_dir / "example_ct.nii.gz", plugin="napari-dagman")
+    viewer.open(data_dir / "example_seg_fast_force_split.nii.gz", plugin="napari-dagman")
+    ct, seg = viewer.layers[-2], viewer.layers[-1]
+    viewer.reset_view()
+    if "finetune" in args.docks and finetune_shot(viewer, out, runs, ct, seg, run, args.finetune_steps):
+        return 1
+    if "clusters" in args.docks and clusters_shot(viewer, out, ct, seg, run):
+        return 1
+    return 0
+
+
+def fit_window(viewer) -> None:
+    """Back to 1600 x 1000 (a tall dock grows the window) and the whole image in the canvas."""
+    spin(0.5)  # let the dock layout settle first
+    viewer.window._qt_window.resize(1600, 1000)
+    spin(1.0)
+    viewer.reset_view()
+
+
+def dock_of(widget):
+    """The QDockWidget that holds ``widget``."""
+    from qtpy.QtWidgets import QDockWidget
+
+    while widget is not None and not isinstance(widget, QDockWidget):
+        widget = widget.parentWidget()
+    return widget
+
+
+def finetune_shot(viewer, out: Path, runs: Path, ct, seg, run: Path, steps: int) -> int:
+    """A short fine-tune from the tiny run in the fine-tuning dock, then Predict & inspect results."""
+    from qtpy.QtCore import Qt
+    from superqt import QCollapsible
+
+    from napari_dagman._widgets.finetune import FinetuneWidget, SegmentationResultsWidget
+
+    finetune = FinetuneWidget(viewer)
+    for section in finetune.findChildren(QCollapsible):  # fold the form (but the organs) so the curves show
+        if section.text() != "Data":
+            section.collapse(animate=False)
+    viewer.window.add_dock_widget(finetune, name="Fine-tuning", area="right")
+    finetune.image.value, finetune.labels.value = ct, seg
+    finetune.organs.value = FINETUNE_ORGANS
+    finetune.init_run.value = str(run)
+    finetune.steps.value, finetune.batch_size.value, finetune.lr.value = steps, 1, "3e-3"
+    finetune.roi.value, finetune.spacing.value = 64, 6.0  # one 64^3 crop at 6 mm holds the whole CT
+    finetune.val_fraction.value, finetune.val_position.value, finetune.val_every.value = 0.25, 0.75, 2
+    finetune.device.value = "cpu"
+    finetune.runs_folder.value, finetune.run_name.value = str(runs), "finetune-ct"
+    finetune.in_process.value = False  # a thread: no child interpreter to start (same dock, same curves)
+    if not finetune.start():
+        return 1
+    spin(3600, until=lambda: not finetune.running)
+    if finetune.last_finished is None:
+        print(f"the fine-tuning run did not finish: {finetune.status.text()}", file=sys.stderr)
+        return 1
+
+    results = finetune.open_results()  # what "Predict & inspect results" does
+    if results is None:  # the plugin is not installed: dock it directly
+        results = SegmentationResultsWidget(viewer)
+        viewer.window.add_dock_widget(results, name="Segmentation results", area="right")
+        results.set_run(finetune.last_finished.run_dir, image=ct, reference=seg)
+    results.device.value = "cpu"
+    if not results.predict() or not results.wait(600) or results.results is None:
+        print(f"the prediction failed: {results.status.text()}", file=sys.stderr)
+        return 1
+    # the two docks side by side
+    viewer.window._qt_window.splitDockWidget(dock_of(finetune), dock_of(results), Qt.Orientation.Horizontal)
+    fit_window(viewer)
+    viewer.layers[f"{results.prediction_layer.name} vs reference"].visible = False  # the prediction itself
+    organs = [results.table.item(row, 0).text() for row in range(results.table.rowCount())]
+    results.go_to_organ(organs.index("liver"))  # a click on the table's liver row
+    save(viewer, out / "finetune_dock.png")
+    for widget in (results, finetune):
+        viewer.window.remove_dock_widget(dock_of(widget))
+    for layer in [layer for layer in viewer.layers if layer not in (ct, seg)]:
+        viewer.layers.remove(layer)
+    return 0
+
+
+def clusters_shot(viewer, out: Path, ct, seg, run: Path) -> int:
+    """UMAP of the tiny run's patch embeddings of the real CT, coloured by organ, a liver patch picked."""
+    import numpy as np
+
+    from napari_dagman._widgets.clusters import ClustersWidget
+
+    seg.visible, seg.contour, seg.opacity = True, 0, 0.5
+    clusters = ClustersWidget(viewer)
+    viewer.window.add_dock_widget(clusters, name="Organ clusters", area="right")
+    clusters.image.value, clusters.labels.value = ct, seg
+    clusters.run.value = str(run)
+    clusters.method.value = "umap"
+    clusters.patch.value, clusters.stride.value, clusters.sampling.value = 8, 8, "both"
+    clusters.device.value = "cpu"
+    print("embedding and UMAP (the first UMAP compiles for up to a minute) ...", flush=True)
+    clusters.compute()
+    spin(1800, until=lambda: not clusters.runner.running)
+    if clusters.result is None:
+        print(f"the embedding failed: {clusters.status.text()}", file=sys.stderr)
+        return 1
+    fit_window(viewer)
+    table = clusters.result.table
+    clusters.pick(int(np.argmax(table["purity"].to_numpy() * (table["organ_id"].to_numpy() == 5))))
+    save(viewer, out / "organ_clusters.png")
+    viewer.window.remove_dock_widget(dock_of(clusters))
     return 0
 
 
