@@ -157,6 +157,8 @@ class RunFolder:
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
+        #: set by `begin_run_info`: only a job that started here may record how it ended
+        self.began = False
 
     def file(self, name: str) -> Path:
         return self.path / name
@@ -256,10 +258,15 @@ class RunFolder:
             **extra,
         )
         self.write_run_info(info)
+        self.began = True
 
     def finish_run_info(self, status: str, step: int | None, **extra: Any) -> None:
-        """Record how a job ended (completed, cancelled, failed) and how far it got; no-op without a folder."""
-        if not self.path.is_dir():
+        """Record how a job ended (completed, cancelled, failed) and how far it got.
+
+        A no-op unless this job began the run info: a request refused before it started (resuming a finished
+        run, other settings) must not mark the run it refused as failed.
+        """
+        if not self.began or not self.path.is_dir():
             return
         info = self.read_run_info()
         info.update(status=status, finished=timestamp(), **extra)

@@ -587,7 +587,7 @@ def run_pretraining(
         yield finished
         return finished
     except DagmanError as err:
-        if run.file("run.json").is_file() and dist.is_main:
+        if dist.is_main:
             _finish_run_info(run, dist, f"failed: {err}", None)
         raise
     finally:

@@ -1346,8 +1346,7 @@ def run_finetuning(
         yield finished
         return finished
     except DagmanError as err:
-        if run.file("run.json").is_file():
-            _finish_run_info(run, f"failed: {err}", None, None)
+        _finish_run_info(run, f"failed: {err}", None, None)
         raise
     finally:
         net = None  # drop the model with the generator's frame (GPU memory), not when it is collected
