@@ -112,10 +112,9 @@ def test_resume_after_stop_repeats_the_uninterrupted_run(uninterrupted, shared_d
     assert losses(out) == losses(full)  # bit-identical on CPU with a fixed seed
 
 
-def test_killed_run_resumes_from_its_last_save(uninterrupted, shared_data, tmp_path):
-    full, _ = uninterrupted
-    out = tmp_path / "killed"
-    cmd = [
+def cli_pretrain(shared_data, out) -> list[str]:
+    """The CLI command of `small_config` (6 steps, saves every 2)."""
+    return [
         sys.executable,
         "-m",
         "napari_dagman.cli",
@@ -139,14 +138,30 @@ def test_killed_run_resumes_from_its_last_save(uninterrupted, shared_data, tmp_p
         "3",
         "--quiet",
     ]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def start_and_signal(shared_data, out, sig: signal.Signals, after_step: int) -> int:
+    """Run the CLI, send ``sig`` once step ``after_step`` is logged; the exit status."""
+    proc = subprocess.Popen(
+        cli_pretrain(shared_data, out),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        # as from a terminal: a background job of a non-interactive shell would start with SIGINT ignored
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
-        if (out / "metrics.jsonl").is_file() and max(losses(out), default=0) >= 5:
+        if (out / "metrics.jsonl").is_file() and max(losses(out), default=0) >= after_step:
             break
         time.sleep(0.05)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    os.kill(proc.pid, sig)
+    return proc.wait()
+
+
+def test_killed_run_resumes_from_its_last_save(uninterrupted, shared_data, tmp_path):
+    full, _ = uninterrupted
+    out = tmp_path / "killed"
+    start_and_signal(shared_data, out, signal.SIGKILL, 5)
     _, meta = load_tensors(out / "resume.safetensors")
     saved = int(meta["step"])
     assert saved in (4, 6)
@@ -156,8 +171,27 @@ def test_killed_run_resumes_from_its_last_save(uninterrupted, shared_data, tmp_p
     assert losses(out) == losses(full)
 
 
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["sigterm", "ctrl-c"])
+def test_terminated_cli_run_saves_where_it_stopped(uninterrupted, shared_data, tmp_path, sig):
+    """A scheduler's SIGTERM or Ctrl-C: the CLI saves the step it reached, says so, and resumes exactly."""
+    full, _ = uninterrupted
+    out = tmp_path / sig.name
+    status = start_and_signal(shared_data, out, sig, 3)
+    _, meta = load_tensors(out / "resume.safetensors")
+    saved = int(meta["step"])
+    if saved == 6:
+        pytest.skip("the run finished before the signal")
+    assert status == 128 + sig
+    assert saved == max(losses(out))  # saved at the interruption, not only at the last periodic save
+    assert json.loads((out / "run.json").read_text())["status"] == "cancelled"
+    resumed = list(run_pretraining(small_config(shared_data, out), resume=True))
+    assert next(e for e in resumed if isinstance(e, StepEvent)).step == saved + 1
+    assert losses(out) == losses(full)
+
+
 def test_refusals(uninterrupted, shared_data, tmp_path):
     full, _ = uninterrupted
+    record = (full / "run.json").read_bytes()
     with pytest.raises(DagmanInputError, match="already holds a run"):
         consume(run_pretraining(small_config(shared_data, full)))
     with pytest.raises(CheckpointError, match="preset 'tiny' -> 'small'"):
@@ -166,6 +200,9 @@ def test_refusals(uninterrupted, shared_data, tmp_path):
         consume(run_pretraining(small_config(shared_data, tmp_path / "new"), resume=True))
     with pytest.raises(DagmanInputError, match="already finished 6 of 6"):
         consume(run_pretraining(small_config(shared_data, full), resume=True))
+    assert (
+        full / "run.json"
+    ).read_bytes() == record  # a refused request leaves the finished run's record alone
 
 
 def test_bad_inputs_write_nothing(shared_data, tmp_path):

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
-from collections.abc import Generator
+import threading
+from collections.abc import Generator, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from napari_dagman.core.errors import DagmanError
 from napari_dagman.core.events import (
+    CancelToken,
     CheckpointEvent,
     FinishedEvent,
     LogEvent,
@@ -26,6 +30,59 @@ def is_main_process() -> bool:
 def say(message: str, *, err: bool = False) -> None:
     if is_main_process():
         print(message, file=sys.stderr if err else sys.stdout, flush=True)
+
+
+class SignalStop(CancelToken):
+    """A cancel token that Ctrl-C (SIGINT) or SIGTERM sets; ``signum`` says which came first."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.signum: int | None = None
+
+    @property
+    def exit_status(self) -> int:
+        """The shell's convention for a job stopped by a signal (130 Ctrl-C, 143 SIGTERM); 0 if none came."""
+        return 128 + self.signum if self.signum is not None else 0
+
+
+@contextmanager
+def stop_on_signals() -> Iterator[SignalStop]:
+    """Ctrl-C or SIGTERM (a batch scheduler's pre-emption) let a training job finish its step, save, and stop.
+
+    Python would raise KeyboardInterrupt wherever the loop happens to be, often between the optimiser step and
+    the EMA update, where no consistent state exists to save; a token checked between steps always has one. A
+    second signal aborts at once. SIGINT that the caller ignores (a background job of a script) stays ignored.
+    """
+    stop = SignalStop()
+    # signals can only be caught in the main thread; under torchrun every rank would have to stop at the same
+    # step (a flag set at different steps leaves the others waiting in an all-reduce): there, a signal stops the
+    # job at once and --resume continues from the last periodic save
+    if (
+        threading.current_thread() is not threading.main_thread()
+        or int(os.environ.get("WORLD_SIZE", "1")) > 1
+    ):
+        yield stop
+        return
+
+    def handle(signum: int, frame: object) -> None:
+        if stop.cancelled:
+            raise KeyboardInterrupt
+        stop.signum = signum
+        stop.cancel()
+        say(
+            f"\n{signal.Signals(signum).name}: stopping after this step and saving (send it again to stop at once)",
+            err=True,
+        )
+
+    wanted = [signal.SIGTERM]
+    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+        wanted.append(signal.SIGINT)
+    previous = {sig: signal.signal(sig, handle) for sig in wanted}
+    try:
+        yield stop
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def drive(events: Generator[Any, None, Any], *, desc: str, quiet: bool = False) -> FinishedEvent:

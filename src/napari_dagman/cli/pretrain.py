@@ -7,7 +7,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from napari_dagman.cli.common import drive, say
+from napari_dagman.cli.common import drive, say, stop_on_signals
 from napari_dagman.core.config import PretrainConfig
 
 EXAMPLES = """examples:
@@ -71,9 +71,14 @@ def run(args: argparse.Namespace) -> int:
     base["out"] = args.out
     config = PretrainConfig.from_dict(base)
     command = "napari-dagman " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    finished = drive(
-        run_pretraining(config, resume=args.resume, command=command), desc="pretrain", quiet=args.quiet
-    )
+    with stop_on_signals() as stop:
+        finished = drive(
+            run_pretraining(config, resume=args.resume, cancel=stop, command=command),
+            desc="pretrain",
+            quiet=args.quiet,
+        )
     state = "cancelled" if finished.cancelled else "done"
     say(f"{state}: {finished.steps_done}/{finished.total_steps} steps; run folder {finished.run_dir}")
-    return 0
+    if finished.cancelled:
+        say(f"continue it with: napari-dagman {args.command} --out {shlex.quote(finished.run_dir)} --resume")
+    return stop.exit_status if finished.cancelled else 0
