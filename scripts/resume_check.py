@@ -1,4 +1,4 @@
-"""Interrupt a CLI pretraining at step N (Ctrl-C, or SIGKILL), resume it, and compare with an uninterrupted run.
+"""Stop a CLI pretraining at step N (Ctrl-C, SIGTERM, SIGKILL), resume it, and compare with an uninterrupted run.
 
     python scripts/resume_check.py --out /tmp/resume-check            # tiny, 3D, ROI 64, 25 steps, stop at 20
 

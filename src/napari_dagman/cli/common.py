@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import os
+import shlex
 import signal
 import sys
 import threading
-from collections.abc import Generator, Iterator
+from collections.abc import Callable, Generator, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -83,6 +84,25 @@ def stop_on_signals() -> Iterator[SignalStop]:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def run_training(
+    job: Callable[..., Generator[Any, None, Any]], config: Any, *, resume: bool, name: str, quiet: bool
+) -> tuple[FinishedEvent, int]:
+    """Run a training job (``run_pretraining``, ``run_finetuning``) for a subcommand and say how it ended.
+
+    Progress bar, Ctrl-C/SIGTERM stop at a step boundary (`stop_on_signals`), the end line and, when stopped,
+    the ``--resume`` command. Returns the `FinishedEvent` and the exit status (0, or 130/143 after a signal).
+    """
+    command = "napari-dagman " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    with stop_on_signals() as stop:
+        finished = drive(job(config, resume=resume, cancel=stop, command=command), desc=name, quiet=quiet)
+    state = "cancelled" if finished.cancelled else "done"
+    say(f"{state}: {finished.steps_done}/{finished.total_steps} steps; run folder {finished.run_dir}")
+    if not finished.cancelled:
+        return finished, 0
+    say(f"continue it with: napari-dagman {name} --out {shlex.quote(finished.run_dir)} --resume")
+    return finished, stop.exit_status
 
 
 def drive(events: Generator[Any, None, Any], *, desc: str, quiet: bool = False) -> FinishedEvent:

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import argparse
 import math
-import shlex
-import sys
 from pathlib import Path
 
-from napari_dagman.cli.common import drive, say, stop_on_signals
+from napari_dagman.cli.common import run_training, say
 from napari_dagman.core.config import FinetuneConfig
 
 EXAMPLES = """examples:
@@ -89,18 +87,10 @@ def run(args: argparse.Namespace) -> int:
         base["organs"] = parse_organs(args.organ_spec, organ_names(base.get("segmentations", [None])[0]))
     base["out"] = args.out
     config = FinetuneConfig.from_dict(base)
-    command = "napari-dagman " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    with stop_on_signals() as stop:
-        finished = drive(
-            run_finetuning(config, resume=args.resume, cancel=stop, command=command),
-            desc="finetune",
-            quiet=args.quiet,
-        )
-    state = "cancelled" if finished.cancelled else "done"
+    finished, status = run_training(
+        run_finetuning, config, resume=args.resume, name="finetune", quiet=args.quiet
+    )
     summary = finished.summary
-    say(f"{state}: {finished.steps_done}/{finished.total_steps} steps; run folder {finished.run_dir}")
-    if finished.cancelled:
-        say(f"continue it with: napari-dagman {args.command} --out {shlex.quote(finished.run_dir)} --resume")
     best = summary.get("best_dice") or {}
     if best:
         say(f"best validation (step {summary['best_step']}): mean Dice {summary['best_mean_dice']:.3f}")
@@ -111,4 +101,4 @@ def run(args: argparse.Namespace) -> int:
                 else "- (not in validation)"
             )
             say(f"  {organ:<24} {shown}")
-    return stop.exit_status if finished.cancelled else 0
+    return status

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import shlex
-import sys
 from pathlib import Path
 
-from napari_dagman.cli.common import drive, say, stop_on_signals
+from napari_dagman.cli.common import run_training
 from napari_dagman.core.config import PretrainConfig
 
 EXAMPLES = """examples:
@@ -70,15 +68,5 @@ def run(args: argparse.Namespace) -> int:
         base["images"] = expand_inputs(args.images)
     base["out"] = args.out
     config = PretrainConfig.from_dict(base)
-    command = "napari-dagman " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    with stop_on_signals() as stop:
-        finished = drive(
-            run_pretraining(config, resume=args.resume, cancel=stop, command=command),
-            desc="pretrain",
-            quiet=args.quiet,
-        )
-    state = "cancelled" if finished.cancelled else "done"
-    say(f"{state}: {finished.steps_done}/{finished.total_steps} steps; run folder {finished.run_dir}")
-    if finished.cancelled:
-        say(f"continue it with: napari-dagman {args.command} --out {shlex.quote(finished.run_dir)} --resume")
-    return stop.exit_status if finished.cancelled else 0
+    _, status = run_training(run_pretraining, config, resume=args.resume, name="pretrain", quiet=args.quiet)
+    return status

@@ -587,8 +587,7 @@ def run_pretraining(
         yield finished
         return finished
     except DagmanError as err:
-        if dist.is_main:
-            _finish_run_info(run, dist, f"failed: {err}", None)
+        _finish_run_info(run, dist, f"failed: {err}", None)
         raise
     finally:
         if method is not None:
