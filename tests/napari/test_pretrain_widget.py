@@ -234,3 +234,30 @@ def test_device_and_runs_folder_persist(make_napari_viewer, phantom, tmp_path):
     again = PretrainWidget(make_napari_viewer())
     assert again.device.value == "cpu"
     assert again.runs_folder.line_edit.value == str(tmp_path / "elsewhere")
+
+
+def test_job_events_are_drawn_in_order_when_drawing_reenters_the_event_loop(qtbot):
+    """Drawing an event may spin Qt's loop (napari's progress bar does); later events must still come after."""
+    from qtpy.QtWidgets import QApplication
+
+    from napari_dagman._widgets._common import JobRunner
+
+    drawn: list[int] = []
+
+    def draw(event: int) -> None:
+        if event == 1:
+            time.sleep(0.3)  # the worker has sent the later events by now
+            QApplication.processEvents()
+        drawn.append(event)
+
+    finished: list[object] = []
+    runner = JobRunner(draw, on_done=finished.append)
+
+    def job(token):
+        yield from range(1, 6)
+        return "done"
+
+    runner.start(job)
+    assert runner.wait(30)
+    assert drawn == [1, 2, 3, 4, 5]
+    assert finished == ["done"]

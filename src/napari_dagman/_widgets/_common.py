@@ -10,6 +10,7 @@ import contextlib
 import os
 import time
 import traceback
+from collections import deque
 from collections.abc import Callable, Generator, Sequence
 from functools import partial
 from typing import TYPE_CHECKING, Any
@@ -452,6 +453,8 @@ class JobRunner:
         self._quit_hooked = False
         self.events_seen = 0
         self.last_error: BaseException | None = None
+        self._delivery: deque[tuple[Callable[..., None], tuple[Any, ...]]] = deque()
+        self._delivering = False
 
     @property
     def running(self) -> bool:
@@ -474,10 +477,10 @@ class JobRunner:
 
         # superqt's worker (not napari's notifying one): errors are reported once, as one line, by us
         worker = GeneratorWorker(work)
-        worker.yielded.connect(self._on_yield)
-        worker.returned.connect(self._on_returned)
-        worker.errored.connect(self._on_errored)
-        worker.finished.connect(self._on_finished)
+        worker.yielded.connect(partial(self._deliver, self._on_yield))
+        worker.returned.connect(partial(self._deliver, self._on_returned))
+        worker.errored.connect(partial(self._deliver, self._on_errored))
+        worker.finished.connect(partial(self._deliver, self._on_finished))
         self.worker = worker
         self.events_seen = 0
         self.last_error = None
@@ -536,8 +539,10 @@ class JobRunner:
         end = time.monotonic() + timeout
         while self.worker is not None and time.monotonic() < end:
             QApplication.processEvents()
+            self._drain()  # called from inside a delivered callback, the outer loop cannot run them
             time.sleep(0.01)
         QApplication.processEvents()
+        self._drain()
         return self.worker is None
 
     def stop(self, timeout: float = 60.0) -> bool:
@@ -569,6 +574,29 @@ class JobRunner:
             self._quit_hooked = True
 
     # main-thread slots -------------------------------------------------------------------------------------------
+    def _deliver(self, slot: Callable[..., None], *args: Any) -> None:
+        """Run the worker's signals one at a time, in the order it sent them.
+
+        Drawing an event can re-enter Qt's event loop (napari's activity-dock progress bar does on its first
+        update); a later event delivered there would be drawn before the one in hand (the loss curve got step 2
+        before step 1). Signals that arrive meanwhile wait in a queue that the outermost delivery empties.
+        """
+        self._delivery.append((slot, args))
+        if not self._delivering:
+            self._drain()
+
+    def _drain(self) -> None:
+        outer, self._delivering = self._delivering, True
+        try:
+            while self._delivery:
+                slot, args = self._delivery.popleft()
+                try:
+                    slot(*args)
+                except Exception as err:  # a failing callback must not hold back the ones queued after it
+                    notify_error(err)
+        finally:
+            self._delivering = outer
+
     def _on_yield(self, event: Any) -> None:
         self.events_seen += 1
         self._update_progress(event)
