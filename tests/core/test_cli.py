@@ -151,6 +151,12 @@ def test_attention_command_writes_aligned_maps(tiny_run, shared_data, tmp_path, 
     report = json.loads((out / "head_diversity.json").read_text())
     assert 0.0 <= report["crop"]["diversity"] <= 1.0 and len(report["crop"]["entropy"]) == 4
     assert report["masked_cells"]["attention-high"] == 5 and report["masked_cells"]["random"] == 5
+    # the noisy teacher's dropped cells (2 of 8 at rate 0.2) beside its mask, on the same grid; the mask hides
+    # round(0.6 x 2) = 1 of them, whatever the attention of the cells it saw
+    dropped = read_volume(out / "teacher_dropped.nii.gz")
+    noisy = read_volume(out / "mask_noisy-teacher.nii.gz")
+    assert dropped.same_grid(noisy) and int(dropped.array.sum()) == 2
+    assert int((noisy.array.astype(bool) & dropped.array.astype(bool)).sum()) == 1
     assert "head diversity" in capsys.readouterr().out
 
 

@@ -84,7 +84,7 @@ def test_momentum_schedule_uses_the_global_step():
 def _spy(module, calls):
     original = module.forward
 
-    def forward(x, token_mask=None, noise_std=0.0, generator=None):
+    def forward(x, token_mask=None, noise_std=0.0, generator=None, **kwargs):
         calls.append(
             {
                 "x": x.clone(),
@@ -92,7 +92,7 @@ def _spy(module, calls):
                 "noise_std": noise_std,
             }
         )
-        return original(x, token_mask, noise_std, generator)
+        return original(x, token_mask, noise_std, generator, **kwargs)
 
     module.forward = forward
 
@@ -125,7 +125,8 @@ def test_gaussian_feature_noise_reaches_the_teacher():
 
 
 def test_attention_methods_mask_the_teachers_top_cells_after_the_warm_up():
-    m = make("attmask", roi=64, mask_warmup_steps=5)
+    # AttMask's own recipe masks half the images at a jittered ratio; here every image at one ratio
+    m = make("attmask", roi=64, mask_warmup_steps=5, masking_prob=1.0, mask_ratio_jitter=0.0, mask_ratio=0.6)
     calls = []
     _spy(m.teacher, calls)
     gen = torch.Generator().manual_seed(0)

@@ -15,6 +15,7 @@ import pytest
 from napari_dagman._layers import image_layer_data, labels_layer_data
 from napari_dagman._widgets._common import Settings
 from napari_dagman._widgets.attention import (
+    DROPPED_LAYER,
     HEAD_LAYER,
     HEADS_LAYER,
     MASK_LAYER,
@@ -104,6 +105,10 @@ def test_crop_maps_heads_and_masks_update_in_place(make_napari_viewer, ct, tiny_
         assert tuple(layer.translate) == pytest.approx(tuple(preview.image_translate))
         np.testing.assert_array_equal(layer.data[::16, ::16, ::16], preview.masks[strategy])
     assert all(layer.visible == (s == "noisy-teacher") for s, layer in mask_layers.items())
+    # the cells the noisy teacher did not see, as their own layer shown with its mask
+    dropped = viewer.layers[DROPPED_LAYER]
+    np.testing.assert_array_equal(dropped.data[::16, ::16, ::16], preview.teacher_dropped)
+    assert dropped.visible and int(preview.teacher_dropped.sum()) == masked_count(cells, 0.2)
     assert "diversity" in dock.diversity_text.text()
 
     # a new ratio redraws the masks in the same layers; the maps stay

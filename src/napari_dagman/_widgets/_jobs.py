@@ -217,6 +217,14 @@ def export_explorer(
             if on_image_grid:
                 vol = resample_like(vol, image, is_label=True)
             written += write_volume(vol, out / f"mask_{strategy}.nii.gz", label_names={1: "masked"})
+        vol = Volume(
+            p.teacher_dropped.astype(np.uint8), p.mask_scale, p.mask_translate, image.direction.copy(), dict(meta)
+        )
+        if on_image_grid:
+            vol = resample_like(vol, image, is_label=True)
+        written += write_volume(
+            vol, out / "teacher_dropped.nii.gz", label_names={1: "not seen by the noisy teacher"}
+        )
     return written
 
 

@@ -63,6 +63,7 @@ MEAN_LAYER = "attention: mean"
 HEADS_LAYER = "attention: heads"
 HEAD_LAYER = "attention: head {}"
 MASK_LAYER = "mask: {}"
+DROPPED_LAYER = "noisy teacher: cells it did not see"
 SCOPE_CHOICES = [
     ("crop around the cursor", "crop"),
     ("displayed slice (2D model)", "slice"),
@@ -77,10 +78,11 @@ MASK_COLOURS = {
     "attention-hint": "#ffb300",
     "noisy-teacher": "#00e676",
 }
+DROPPED_COLOUR = "#ffffff"
 
 
 class DiversityFigure(QWidget):
-    """Head-diversity figures of the shown maps: head x head cosine similarity and per-head entropy."""
+    """Head-diversity figures of the shown maps: head x head correlation and per-head entropy."""
 
     def __init__(self, parent: QWidget | None = None) -> None:
         super().__init__(parent)
@@ -108,12 +110,12 @@ class DiversityFigure(QWidget):
             for spine in ax.spines.values():
                 spine.set_color("#8f9294")
         if similarity.size:
-            image = left.imshow(similarity, vmin=0.0, vmax=1.0, cmap="viridis")
+            image = left.imshow(similarity, vmin=-1.0, vmax=1.0, cmap="RdBu_r")
             left.set_xticks(range(len(similarity)))
             left.set_yticks(range(len(similarity)))
             cbar = fig.colorbar(image, ax=left, fraction=0.046, pad=0.04)
             cbar.ax.tick_params(colors="#d0d0d0", labelsize=6)
-        left.set_title("cosine similarity", color="#e0e0e0", fontsize=8)
+        left.set_title("correlation", color="#e0e0e0", fontsize=8)
         left.set_xlabel("head", color="#d0d0d0", fontsize=7)
         if entropy.size:
             right.bar(range(len(entropy)), entropy, color="#f0a030")
@@ -543,6 +545,14 @@ class AttentionWidget(JobDock):
                 scale=preview.image_scale,
                 translate=preview.image_translate,
             )
+        self._output(
+            DROPPED_LAYER,
+            cells_on_voxels(preview.teacher_dropped.astype(np.uint8), preview.mask_scale, preview.image_scale),
+            "labels",
+            {"colormap": {1: DROPPED_COLOUR, None: "transparent"}, "opacity": 0.35},
+            scale=preview.image_scale,
+            translate=preview.image_translate,
+        )
         self._apply_mask_visibility()
 
     def _apply_mask_visibility(self, *_: Any) -> None:
@@ -556,13 +566,18 @@ class AttentionWidget(JobDock):
                 layer = self._viewer.layers[name]
                 layer.visible = chosen in ("all", strategy)
                 layer.contour = 1 if self.contour.value else 0
+        if DROPPED_LAYER in self._viewer.layers:  # shown with the mask the dropped cells belong to
+            layer = self._viewer.layers[DROPPED_LAYER]
+            layer.visible = chosen in ("all", "noisy-teacher")
+            layer.contour = 1 if self.contour.value else 0
 
     def _show_diversity(self) -> None:
         d = self.result.diversity if self.result is not None else {}
         if not d:
             return
         self.diversity_text.setText(
-            f"diversity {d['diversity']:.3f} (1 − mean pairwise cosine of the {d['heads']} heads; 0 = all alike) · "
+            f"diversity {d['diversity']:.3f} (1 − mean pairwise correlation of the {d['heads']} heads' maps; "
+            "0 = all alike, 1 = unrelated) · "
             f"mean entropy {d['entropy_mean']:.3f} ± {d['entropy_std']:.3f} (1 = uniform) · {d['tokens']} tokens"
         )
         self.diversity_figure.show_diversity(d)

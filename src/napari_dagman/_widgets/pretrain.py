@@ -70,6 +70,7 @@ class PretrainWidget(TrainingDock):
     def __init__(self, napari_viewer: napari.viewer.Viewer) -> None:
         super().__init__(napari_viewer, settings_group="pretrain", description="DAGMaN pretraining")
         self._step_seconds: list[float] = []
+        self._probe_diversity: float | None = None
         self._trained_layer_names: set[str] = set()
         self._build()
         self._on_method()
@@ -389,6 +390,7 @@ class PretrainWidget(TrainingDock):
             str(volume.metadata.get("name") or f"volume {i}") for i, volume in enumerate(data)
         }
         self._step_seconds.clear()
+        self._probe_diversity = None
 
     def _starting_text(self, config: PretrainConfig) -> str:
         where = "a separate process" if self.in_process.value else "a thread"
@@ -422,9 +424,12 @@ class PretrainWidget(TrainingDock):
             f"{seconds:.2f} s/step",
             f"ETA {time.strftime('%H:%M:%S', time.gmtime(eta))}",
         ]
-        diversity = event.extras.get("head_diversity")
-        if diversity is not None and np.isfinite(diversity):
-            parts.append(f"head diversity {diversity:.3f}")
+        # measured on the run's probe crops every --probe-every steps: keep the latest figure on screen
+        probe = event.extras.get("probe_teacher_head_diversity")
+        if probe is not None and np.isfinite(probe):
+            self._probe_diversity = float(probe)
+        if self._probe_diversity is not None:
+            parts.append(f"teacher head diversity {self._probe_diversity:.3f}")
         if self._runner.paused:
             parts.append("pausing")
         return " · ".join(parts)

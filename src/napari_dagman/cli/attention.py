@@ -117,6 +117,16 @@ def run(args: argparse.Namespace) -> int:
             mask.astype(np.uint8), preview.mask_scale, preview.mask_translate, maps.direction, dict(meta)
         )
         written += write_volume(vol, out / f"mask_{strategy}.nii.gz", label_names={1: "masked"})
+    dropped = Volume(
+        preview.teacher_dropped.astype(np.uint8),
+        preview.mask_scale,
+        preview.mask_translate,
+        maps.direction,
+        dict(meta),
+    )
+    written += write_volume(
+        dropped, out / "teacher_dropped.nii.gz", label_names={1: "not seen by the noisy teacher"}
+    )
     crop = Volume(preview.image, preview.image_scale, preview.image_translate, maps.direction, dict(meta))
     written += write_volume(crop, out / "crop_model_input.nii.gz")
     figure = out / "mask_previews.png"
@@ -141,7 +151,7 @@ def run(args: argparse.Namespace) -> int:
     (out / "head_diversity.json").write_text(json.dumps(report, indent=2) + "\n")
     written.append(str(out / "head_diversity.json"))
     say(
-        f"head diversity (1 - mean pairwise cosine of heads): whole volume "
+        f"head diversity (1 - mean pairwise correlation of the heads' maps; 0 = alike, 1 = unrelated): whole volume "
         f"{maps.diversity['diversity_mean_over_windows']:.4f}, crop {preview.diversity['diversity']:.4f}; "
         f"mean head entropy (1 = uniform) {preview.diversity['entropy_mean']:.4f}"
     )

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Generator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -10,51 +9,16 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from napari_dagman.core.data import model_volume
+from napari_dagman.core.diversity import head_diversity
 from napari_dagman.core.events import CancelToken, ProgressEvent
-from napari_dagman.core.masking import attention_mask, attention_to_cells, make_mask, random_mask
-from napari_dagman.core.models.encoder import upsample_mask
+from napari_dagman.core.masking import attention_to_cells, make_mask, random_mask, strategy_names
+from napari_dagman.core.models.encoder import cell_stage_token_mask, cell_token_mask
 from napari_dagman.core.volume import Volume, grid_placement, window_starts
 
 if TYPE_CHECKING:
     from napari_dagman.core.checkpoint import PretrainedEncoder
-
-
-def head_diversity(attention: torch.Tensor) -> dict[str, Any]:
-    """Diversity of the class-attention heads (DAGMaN's claim is that a noisy teacher keeps it high).
-
-    ``attention`` is (B, heads, N) with each head summing to 1. Returns
-
-    * ``diversity``: 1 - mean pairwise cosine similarity between the heads' maps (0 = all heads identical);
-    * ``similarity``: the heads x heads cosine-similarity matrix (mean over the batch);
-    * ``entropy``: per-head attention entropy normalised by log N (1 = uniform, 0 = one token);
-    * ``entropy_mean`` and ``entropy_std`` over heads.
-    """
-    a = attention.detach().float()
-    if a.ndim == 2:
-        a = a.unsqueeze(0)
-    b, h, n = a.shape
-    unit = F.normalize(a, dim=-1)
-    sim = unit @ unit.transpose(1, 2)  # (B, H, H)
-    mean_sim = sim.mean(dim=0)
-    if h > 1:
-        off = ~torch.eye(h, dtype=torch.bool)
-        diversity = 1.0 - float(mean_sim[off].mean())
-    else:
-        diversity = 0.0
-    ent = -(a.clamp_min(1e-12) * a.clamp_min(1e-12).log()).sum(dim=-1) / math.log(max(n, 2))
-    per_head = ent.mean(dim=0)
-    return {
-        "diversity": diversity,
-        "similarity": mean_sim.tolist(),
-        "entropy": per_head.tolist(),
-        "entropy_mean": float(per_head.mean()),
-        "entropy_std": float(per_head.std(unbiased=False)) if h > 1 else 0.0,
-        "heads": h,
-        "tokens": n,
-    }
 
 
 def map_head_diversity(maps: np.ndarray) -> dict[str, Any]:
@@ -232,6 +196,8 @@ class CropPreview:
     attention_scale: list[float]
     attention_translate: list[float]
     masks: dict[str, np.ndarray]  # strategy -> (*cell grid) uint8
+    #: cells the noisy teacher dropped from its input when it drew the ``noisy-teacher`` mask
+    teacher_dropped: np.ndarray
     mask_scale: list[float]
     mask_translate: list[float]
     diversity: dict[str, Any]
@@ -305,7 +271,7 @@ def crop_preview(
     mean_cells = attention_to_cells(attention.mean(1).reshape(1, *grid), cells)
 
     masks: dict[str, np.ndarray] = {}
-    for strategy in ("random", "block", "attention-high", "attention-low", "attention-hint"):
+    for strategy in strategy_names():
         m = make_mask(
             strategy,
             batch=1,
@@ -317,17 +283,39 @@ def crop_preview(
             hint_pool=hint_pool,
         )
         masks[strategy] = m[0].numpy().astype(np.uint8)
-    dropped = random_mask(1, cells, noise_rate, generator)
-    token_mask = upsample_mask(dropped, cell // arch.patch_size, arch.dims)
+    # the noisy teacher as in training (methods/dagman.py): drop cells, leave their tokens out of the class
+    # attention, rank the seen cells and hide the dropped ones at the same ratio; its own seeded stream
+    noisy_gen = torch.Generator().manual_seed(seed)
+    dropped = random_mask(1, cells, noise_rate, noisy_gen)
     with torch.no_grad():
-        noisy = encoder(x.to(device), token_mask.to(device))
+        noisy = encoder(
+            x.to(device),
+            cell_token_mask(dropped, cell, arch.patch_size, arch.dims).to(device),
+            attention_ignore=cell_stage_token_mask(dropped, cell, token, arch.dims).to(device)
+            if bool(dropped.any())
+            else None,
+        )
     noisy_cells = attention_to_cells(noisy.attention.float().cpu().mean(1).reshape(1, *grid), cells)
-    masks["noisy-teacher"] = attention_mask(noisy_cells, ratio, "high")[0].numpy().astype(np.uint8)
+    masks["noisy-teacher"] = (
+        make_mask(
+            "attention-high",
+            batch=1,
+            grid=cells,
+            ratio=ratio,
+            attention=noisy_cells,
+            generator=noisy_gen,
+            unseen=dropped,
+        )[0]
+        .numpy()
+        .astype(np.uint8)
+    )
+    teacher_dropped = dropped[0].numpy().astype(np.uint8)
 
     rel = (attention[0] * attention.shape[-1]).reshape(attention.shape[1], *grid).numpy()
     if arch.dims == 2:
         rel = rel[:, None]
         masks = {k: v[None] for k, v in masks.items()}
+        teacher_dropped = teacher_dropped[None]
     origin = pv.index_to_physical(start)
     image_scale = list(pv.spacing)
     mask_scale, mask_translate = grid_placement(origin, pv.spacing, factor_cells)
@@ -340,6 +328,7 @@ def crop_preview(
         attention_scale=att_scale,
         attention_translate=att_translate,
         masks=masks,
+        teacher_dropped=teacher_dropped,
         mask_scale=mask_scale,
         mask_translate=mask_translate,
         diversity=head_diversity(attention),

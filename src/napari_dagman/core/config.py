@@ -24,14 +24,17 @@ def option(
     default: Any,
     help: str,
     *,
-    choices: typing.Sequence[Any] | None = None,
+    choices: typing.Sequence[Any] | typing.Callable[[], typing.Sequence[Any]] | None = None,
     cli: bool = True,
     flag: str | None = None,
     group: str = "general",
     minimum: float | None = None,
     maximum: float | None = None,
 ) -> Any:
-    """A dataclass field with the metadata the CLI and GUI use."""
+    """A dataclass field with the metadata the CLI and GUI use.
+
+    ``choices`` may be a function returning them (registries that import torch are read only when needed).
+    """
     meta = {
         "help": help,
         "choices": choices,
@@ -44,6 +47,14 @@ def option(
     if isinstance(default, list | dict | tuple) and not isinstance(default, tuple):
         return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
     return field(default=default, metadata=meta)
+
+
+def field_choices(f: dataclasses.Field) -> tuple[Any, ...] | None:
+    """The allowed values of a field (calling a lazy ``choices`` function), or None."""
+    choices = f.metadata.get("choices")
+    if callable(choices):
+        choices = choices()
+    return None if choices is None else tuple(choices)
 
 
 def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
@@ -134,7 +145,7 @@ class ConfigBase:
                 or (tp is int and isinstance(value, bool))
             ):
                 raise DagmanInputError(f"{f.name} must be {tp.__name__}, got {value!r}")
-            choices = f.metadata.get("choices")
+            choices = field_choices(f)
             if choices is not None and value not in choices:
                 raise DagmanInputError(
                     f"{f.name} must be one of {', '.join(map(str, choices))}; got {value!r}"
@@ -169,8 +180,9 @@ class ConfigBase:
                 kwargs.update(nargs="+", type=inner, metavar=f.name.upper())
             else:
                 kwargs["type"] = tp
-                if f.metadata.get("choices") is not None:
-                    kwargs["choices"] = list(f.metadata["choices"])
+                choices = field_choices(f)
+                if choices is not None:
+                    kwargs["choices"] = list(choices)
             group.add_argument(flag, **kwargs)
 
     @classmethod
@@ -196,8 +208,14 @@ class ConfigBase:
 from napari_dagman.core.methods.registry import method_names  # noqa: E402
 
 METHOD_NAMES: tuple[str, ...] = method_names()
-#: Mask strategies (implemented in `core.masking`).
-MASK_STRATEGIES: tuple[str, ...] = ("random", "block", "attention-high", "attention-low", "attention-hint")
+
+
+def _mask_strategy_names() -> tuple[str, ...]:
+    """The registry of `core.masking` (imported when a choice is checked: it needs torch)."""
+    from napari_dagman.core.masking import strategy_names
+
+    return strategy_names()
+
 TEACHER_NOISES: tuple[str, ...] = ("none", "input-dropout", "gaussian")
 PRESET_NAMES: tuple[str, ...] = ("tiny", "small", "base")
 
@@ -259,7 +277,7 @@ class PretrainConfig(ConfigBase):
         group="optimisation",
     )
     mask_strategy: str | None = option(
-        None, "mask strategy (default: the method's)", choices=MASK_STRATEGIES, group="masking"
+        None, "mask strategy (default: the method's)", choices=_mask_strategy_names, group="masking"
     )
     mask_ratio: float | None = option(
         None,
@@ -291,6 +309,22 @@ class PretrainConfig(ConfigBase):
         maximum=1.0,
         group="masking",
     )
+    masking_prob: float | None = option(
+        None,
+        "share of the images that are masked at all; the others are shown whole (AttMask: 0.5; default: "
+        "the method's)",
+        minimum=0.0,
+        maximum=1.0,
+        group="masking",
+    )
+    mask_ratio_jitter: float | None = option(
+        None,
+        "each image's ratio is drawn uniformly from ratio +- this (AttMask/iBOT: 0.3 +- 0.2; default: the "
+        "method's)",
+        minimum=0.0,
+        maximum=0.5,
+        group="masking",
+    )
     teacher_noise: str | None = option(
         None,
         "noisy teacher: none, input-dropout (SMART) or gaussian feature noise (default: the method's)",
@@ -301,7 +335,7 @@ class PretrainConfig(ConfigBase):
         0.2,
         "input-dropout: fraction of cells dropped; gaussian: noise std relative to the token std",
         minimum=0.0,
-        maximum=1.0,
+        maximum=0.9,
         group="teacher",
     )
     ema_momentum: float = option(
@@ -314,6 +348,13 @@ class PretrainConfig(ConfigBase):
     teacher_temp_warmup: int | None = option(
         None,
         "steps of linear teacher-temperature warm-up (default 30% of the steps)",
+        minimum=0,
+        group="teacher",
+    )
+    freeze_last_layer_steps: int | None = option(
+        None,
+        "the projection heads' last layer is not updated for the first N steps (DINO/iBOT/SMIT freeze it for "
+        "the first epoch; default 1% of the steps)",
         minimum=0,
         group="teacher",
     )
@@ -352,6 +393,16 @@ class PretrainConfig(ConfigBase):
     log_every: int = option(1, "write metrics every N steps", minimum=1, group="run")
     preview_every: int = option(
         10, "emit an attention/mask preview every N steps (0 = never)", minimum=0, group="run"
+    )
+    probe_every: int = option(
+        25,
+        "every N steps, measure head diversity of the clean teacher and the student on fixed probe crops "
+        "(0 = never)",
+        minimum=0,
+        group="run",
+    )
+    probe_crops: int = option(
+        4, "probe crops drawn once per run from the training data", minimum=1, maximum=64, group="run"
     )
     checkpoint_every: int = option(
         100, "keep a weights snapshot every N steps (0 = only last and best)", minimum=0, group="run"

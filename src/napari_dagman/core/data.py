@@ -158,7 +158,7 @@ class ViewSampler:
         epoch, within = divmod(sample, n)
         return int(np.random.default_rng([self.seed, 7919, epoch]).permutation(n)[within])
 
-    def _pair(
+    def pair(
         self, rng: np.random.Generator, shape: tuple[int, int, int]
     ) -> tuple[tuple[int, ...], tuple[int, ...]]:
         if self.dims == 3:
@@ -190,7 +190,7 @@ class ViewSampler:
         for j in range(self.batch_size):
             sample = (step * self.world_size + self.rank) * self.batch_size + j
             v = self.volume_for(sample)
-            a, b = self._pair(rng, self.volumes[v].array.shape)
+            a, b = self.pair(rng, self.volumes[v].array.shape)
             first.append(self.cut(v, a))
             second.append(self.cut(v, b))
             size = (self.roi,) * self.dims

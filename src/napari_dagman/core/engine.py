@@ -57,6 +57,7 @@ from napari_dagman.core.methods.losses import learning_rate
 from napari_dagman.core.methods.registry import get_method
 from napari_dagman.core.models.architecture import Architecture, architecture_for
 from napari_dagman.core.models.encoder import set_fused_window_attention
+from napari_dagman.core.probes import PROBE_FILE, probe_crops, probe_head_diversity
 from napari_dagman.core.volume import Volume, grid_placement
 
 Event = Any  # one of the dataclasses in core.events
@@ -86,6 +87,11 @@ def resolve_config(config: PretrainConfig, num_volumes: int) -> PretrainConfig:
         data["mask_warmup_steps"] = int(round(0.1 * steps))
     if data["teacher_temp_warmup"] is None:
         data["teacher_temp_warmup"] = int(round(0.3 * steps))
+    if data["freeze_last_layer_steps"] is None:
+        data["freeze_last_layer_steps"] = int(round(0.01 * steps))
+    for key, value in (("masking_prob", 1.0), ("mask_ratio_jitter", 0.0)):
+        if data[key] is None:
+            data[key] = value
     return PretrainConfig.from_dict(data)
 
 
@@ -260,6 +266,7 @@ def train_step(
         )
     optimizer.zero_grad(set_to_none=True)
     out.loss.backward()
+    method.after_backward(step)
     grad_norm = float(torch.nn.utils.clip_grad_norm_(params, grad_clip)) if grad_clip > 0 else math.nan
     optimizer.step()
     return out, grad_norm
@@ -316,11 +323,13 @@ def _preview(
     spacing = pv.spacing
     image = views[0, 0].detach().float().cpu().numpy()
     mask = out.mask[0].cpu().numpy().astype(np.uint8)
+    unseen = None if out.unseen is None else out.unseen[0].cpu().numpy().astype(np.uint8)
     attention = None
     if out.attention is not None and out.attention.numel():
         attention = out.attention[0].float().cpu().numpy().reshape(out.attention.shape[1], *out.grid)
     if config.dims == 2:  # a slice: add the z axis back so it overlays the volume at its z
         image, mask = image[None], mask[None]
+        unseen = None if unseen is None else unseen[None]
         attention = attention[:, None] if attention is not None else None
         cell_factor, token_factor = (
             (1, config.mask_cell, config.mask_cell),
@@ -338,6 +347,7 @@ def _preview(
         mask=mask,
         mask_scale=mask_scale,
         mask_translate=mask_translate,
+        unseen=unseen,
         attention=attention,
         attention_scale=att_scale,
         attention_translate=att_translate,
@@ -468,6 +478,9 @@ def run_pretraining(
             rank=dist.rank,
             world_size=dist.world_size,
         )
+        probes = None
+        if config.probe_every and dist.is_main and method.attention_encoders():
+            probes = probe_crops(run.file(PROBE_FILE), sampler, config.probe_crops, config.seed)
         use_amp = config.amp and device.type == "cuda"
         step = start
         saved_step = start
@@ -523,6 +536,10 @@ def run_pretraining(
                 )
                 extras = {**out.extras, **method.after_optimizer_step(step)}
                 step += 1
+                if probes is not None and (step % config.probe_every == 0 or step in (1, total)):
+                    extras.update(probe_head_diversity(method.attention_encoders(), probes, device))
+                for warning in out.warnings:
+                    yield LogEvent(warning, "warning")
                 seconds = time.perf_counter() - t0
                 loss = float(out.loss.detach())
                 tracker["running_loss"] = (

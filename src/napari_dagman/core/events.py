@@ -75,6 +75,8 @@ class PreviewEvent:
     mask: np.ndarray
     mask_scale: list[float]
     mask_translate: list[float]
+    #: cells the noisy teacher dropped from its input (same grid as ``mask``), or None
+    unseen: np.ndarray | None = None
     attention: np.ndarray | None = None
     attention_scale: list[float] = field(default_factory=list)
     attention_translate: list[float] = field(default_factory=list)

@@ -2,27 +2,32 @@
 
 Per step, for the two views x_1, x_2 of each crop (methods.md section 1.3):
 
-1. The EMA teacher sees each view, made *noisy* (DAGMaN/SMART: patch dropout of the teacher's input; or Gaussian
-   feature noise; ``none`` for the SMIT/AttMask ablations), and returns global logits, patch logits and its
-   semantic class attention over the stage-3 tokens. One teacher pass serves both the targets and the mask.
-2. The mask: the ``mask_ratio`` most attended cells (attention-high; low and hint variants too), or random
-   masks (SMIT, and every method during the mask warm-up, when the teacher's attention is still noise).
+1. The EMA teacher (always in eval mode: no drop path) sees each view, made *noisy* (DAGMaN/SMART: patch
+   dropout of the teacher's input; or Gaussian feature noise; ``none`` for the SMIT/AttMask ablations), and
+   returns global logits, patch logits and its semantic class attention over the stage-3 tokens. Dropped cells
+   carry only the mask token, so the class attention leaves their tokens out (as patch dropout removes them).
+2. The mask: the most attended of the cells the teacher saw (attention-high; low and hint variants too), with
+   the dropped cells' share of the budget, ``round(ratio x dropped)``, drawn at random among them, so whether
+   a cell is hidden does not depend on whether the teacher dropped it; or random masks (SMIT, and every method
+   during the mask warm-up, when the teacher's attention is still noise).
 3. The student sees the masked views (mask token at the hidden tokens) and returns the same outputs plus a
    reconstruction.
-4. Loss = w_global * cross-view global distillation + w_patch * masked-patch distillation
+4. Loss = w_global * cross-view global distillation + w_patch * masked-patch distillation over the hidden
+   tokens the teacher saw (a dropped token's target would come from the mask token alone)
    + w_rec * L1 on the hidden voxels (weights 0.1 / 0.1 / 1.0 from SMIT).
 5. After the optimiser step the teacher follows the student: theta_t <- m theta_t + (1 - m) theta_s with m
    on a cosine from ``ema_momentum`` to 1 over the global step.
 
-The presets ``dagman``, ``attmask`` and ``smit`` in the registry differ only in mask strategy and teacher noise.
+The presets ``dagman``, ``attmask`` and ``smit`` in the registry differ in mask strategy, mask recipe and
+teacher noise.
 """
 
 from __future__ import annotations
 
 import torch
 
-from napari_dagman.core.attention import head_diversity
 from napari_dagman.core.config import PretrainConfig
+from napari_dagman.core.diversity import CollapseMonitor, head_diversity, output_statistics
 from napari_dagman.core.masking import random_mask
 from napari_dagman.core.methods.base import SSLMethod, StepOutput
 from napari_dagman.core.methods.losses import DistillationLoss, cosine_schedule, ema_update, linear_warmup
@@ -46,6 +51,7 @@ class CoDistillation(SSLMethod):
             arch.out_dim, student_temp=config.student_temp, center_momentum=config.center_momentum
         )
         self.total_steps = int(config.steps or 1)
+        self.collapse = CollapseMonitor()
 
     # --- schedules ------------------------------------------------------------------------------------------
     def teacher_temperature(self, step: int) -> float:
@@ -55,16 +61,34 @@ class CoDistillation(SSLMethod):
     def momentum(self, step: int) -> float:
         return cosine_schedule(step, self.total_steps, self.config.ema_momentum, 1.0)
 
+    def attention_encoders(self) -> dict[str, torch.nn.Module]:
+        return {"teacher": self.teacher.encoder, "student": self.student_network.encoder}
+
     # --- the noisy teacher ----------------------------------------------------------------------------------
-    def teacher_inputs(self, batch: int, generator: torch.Generator) -> tuple[torch.Tensor | None, float]:
-        """(token mask of dropped cells or None, relative feature-noise std) for the teacher's forward pass."""
+    def teacher_noise(self, batch: int, generator: torch.Generator) -> tuple[torch.Tensor | None, float]:
+        """(cells dropped from the teacher's input (B, *cells) or None, relative feature-noise std)."""
         cfg = self.config
         if cfg.teacher_noise == "input-dropout" and cfg.noise_rate > 0:
-            dropped = random_mask(batch, self.cells, cfg.noise_rate, generator)
-            return self.token_mask(dropped), 0.0
+            return random_mask(batch, self.cells, cfg.noise_rate, generator), 0.0
         if cfg.teacher_noise == "gaussian" and cfg.noise_rate > 0:
             return None, cfg.noise_rate
         return None, 0.0
+
+    def teacher_pass(
+        self, views: torch.Tensor, dropped: torch.Tensor | None, noise_std: float, generator: torch.Generator
+    ):
+        """The teacher's forward pass on (noisy) views; dropped tokens are left out of its class attention."""
+        device = views.device
+        with torch.no_grad():
+            if dropped is None:
+                return self.teacher(views, None, noise_std, generator)
+            return self.teacher(
+                views,
+                self.token_mask(dropped).to(device),
+                noise_std,
+                generator,
+                attention_ignore=self.stage_token_mask(dropped).to(device),
+            )
 
     # --- one step -------------------------------------------------------------------------------------------
     def forward_step(self, views: torch.Tensor, step: int, generator: torch.Generator) -> StepOutput:
@@ -73,27 +97,53 @@ class CoDistillation(SSLMethod):
         device = views.device
         teacher_temp = self.teacher_temperature(step)
 
-        dropped, noise_std = self.teacher_inputs(batch, generator)
-        with torch.no_grad():
-            t_out = self.teacher(views, None if dropped is None else dropped.to(device), noise_std, generator)
+        dropped, noise_std = self.teacher_noise(batch, generator)
+        t_out = self.teacher_pass(views, dropped, noise_std, generator)
         attention = t_out.encoder.attention.detach()
         grid = t_out.encoder.grid
 
-        cell_mask = self.choose_mask(batch, step, attention, grid, generator)
+        cell_mask = self.choose_mask(batch, step, attention, grid, generator, unseen=dropped)
         s_out = self.student(views, self.token_mask(cell_mask).to(device))
 
-        loss_global = self.distill.global_loss(t_out.global_logits, s_out.global_logits, 2, teacher_temp)
+        # distillation targets only from tokens the teacher saw
+        seen = None if dropped is None else ~self.stage_token_mask(dropped).to(device)
         token_mask = self.stage_token_mask(cell_mask).to(device)
-        loss_patch = self.distill.patch_loss(t_out.patch_logits, s_out.patch_logits, token_mask, teacher_temp)
+        target_mask = token_mask if seen is None else token_mask & seen
+        loss_global = self.distill.global_loss(t_out.global_logits, s_out.global_logits, 2, teacher_temp)
+        loss_patch = self.distill.patch_loss(t_out.patch_logits, s_out.patch_logits, target_mask, teacher_temp)
         loss_rec = self.reconstruction_loss(views, s_out.reconstruction, cell_mask)
         loss = cfg.w_global * loss_global + cfg.w_patch * loss_patch + cfg.w_rec * loss_rec
         global_kl = loss_global.item() - self.distill.teacher_entropy(t_out.global_logits, teacher_temp)
         patch_kl = loss_patch.item() - self.distill.teacher_entropy(
-            t_out.patch_logits, teacher_temp, token_mask
+            t_out.patch_logits, teacher_temp, target_mask
         )
-        self.distill.update_centers(t_out.global_logits, t_out.patch_logits)
+        # collapse diagnostics on this step's patch targets, with the centre they were made with
+        seen_patches = t_out.patch_logits if seen is None else t_out.patch_logits[seen]
+        stats = output_statistics(seen_patches, self.distill.center_patch, teacher_temp)
+        warning = self.collapse.update(stats, seen_patches.shape[0], step + 1)
+        self.distill.update_centers(t_out.global_logits, t_out.patch_logits, seen)
 
-        diversity = head_diversity(attention)
+        extras = {
+            "teacher_temp": teacher_temp,
+            "global_kl": global_kl,
+            "patch_kl": patch_kl,
+            # the figure logged before: 1 - mean cosine of the raw maps, on this step's (noisy) teacher input
+            "teacher_cosine_diversity_noisy_input": head_diversity(attention)["cosine_diversity"],
+            "teacher_batch_entropy": stats["batch_entropy"],
+            "teacher_sample_entropy": stats["sample_entropy"],
+            "prototypes_in_use": stats["prototypes_in_use"],
+            "center_norm": stats["center_norm"],
+        }
+        if dropped is not None:
+            hidden = cell_mask.flatten(1)
+            unseen = dropped.flatten(1)
+            extras["mask_dropped_overlap"] = float(
+                (hidden & unseen).sum(1).float().div(unseen.sum(1).clamp_min(1)).mean()
+            )
+        if noise_std > 0 or dropped is not None:
+            every = cfg.probe_every
+            if every and (step + 1) % every == 0:  # a clean pass costs a teacher forward: only now and then
+                extras["mask_clean_agreement"] = self.clean_agreement(views, step, cell_mask, generator)
         return StepOutput(
             loss=loss,
             terms={
@@ -105,14 +155,26 @@ class CoDistillation(SSLMethod):
             attention=attention,
             grid=grid,
             reconstruction=s_out.reconstruction.detach(),
-            extras={
-                "teacher_temp": teacher_temp,
-                "head_diversity": diversity["diversity"],
-                "head_entropy": diversity["entropy_mean"],
-                "global_kl": global_kl,
-                "patch_kl": patch_kl,
-            },
+            extras=extras,
+            unseen=dropped,
+            warnings=[warning] if warning else [],
         )
+
+    def clean_agreement(
+        self, views: torch.Tensor, step: int, cell_mask: torch.Tensor, generator: torch.Generator
+    ) -> float:
+        """Share of the hidden cells that a clean (noise-free) teacher pass would also have hidden.
+
+        The clean mask is drawn with a copy of the step's generator, so its random parts (warm-up, jitter) are
+        the same draws; the figure is the overlap |M and M_clean| / |M_clean|, averaged over the images.
+        """
+        clean = self.teacher_pass(views, None, 0.0, generator)
+        gen = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (), generator=generator)))
+        clean_mask = self.choose_mask(
+            views.shape[0], step, clean.encoder.attention.detach(), clean.encoder.grid, gen
+        )
+        a, b = cell_mask.flatten(1), clean_mask.flatten(1)
+        return float((a & b).sum(1).float().div(b.sum(1).clamp_min(1)).mean())
 
     def after_optimizer_step(self, step: int) -> dict[str, float]:
         m = self.momentum(step)

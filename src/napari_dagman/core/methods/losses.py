@@ -107,10 +107,20 @@ class DistillationLoss(nn.Module):
         return float(((entropy * m).sum(dim=1) / m.sum(dim=1).clamp(min=1.0)).mean())
 
     @torch.no_grad()
-    def update_centers(self, teacher_global: torch.Tensor, teacher_patch: torch.Tensor) -> None:
-        """c <- m c + (1 - m) mean(z_t), averaged over all processes under DistributedDataParallel."""
+    def update_centers(
+        self, teacher_global: torch.Tensor, teacher_patch: torch.Tensor, seen: torch.Tensor | None = None
+    ) -> None:
+        """c <- m c + (1 - m) mean(z_t), averaged over all processes under DistributedDataParallel.
+
+        Called after the step's losses, so a step's loss uses the previous centre. ``seen`` (B, N) limits the
+        patch centre to the tokens the teacher saw (dropped tokens are outliers made of the mask token).
+        """
         g = teacher_global.float().mean(dim=0, keepdim=True)
-        p = teacher_patch.float().mean(dim=(0, 1), keepdim=True)
+        if seen is None:
+            p = teacher_patch.float().mean(dim=(0, 1), keepdim=True)
+        else:
+            w = seen.float().unsqueeze(-1)
+            p = ((teacher_patch.float() * w).sum(dim=(0, 1)) / w.sum().clamp_min(1.0)).reshape(1, 1, -1)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             world = torch.distributed.get_world_size()
             torch.distributed.all_reduce(g)

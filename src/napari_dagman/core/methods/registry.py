@@ -57,10 +57,18 @@ register(
     MethodSpec(
         name="attmask",
         title="AttMask (clean teacher)",
-        summary="Ablation: attention-guided masks from an EMA teacher without noise (AttMask-High on Swin).",
+        summary="Attention-guided masks from an EMA teacher without noise, AttMask's recipe (ratio 0.3 +- 0.2, "
+        "half the images masked) on Swin + class attention (Kakogeorgiou et al., ECCV 2022).",
         module=_CODISTILLATION,
         class_name="CoDistillation",
-        defaults={"mask_strategy": "attention-high", "mask_ratio": 0.6, "teacher_noise": "none"},
+        # AttMask's recipe: ratio 0.3 +- 0.2 per image, half of the images masked at all
+        defaults={
+            "mask_strategy": "attention-high",
+            "mask_ratio": 0.3,
+            "mask_ratio_jitter": 0.2,
+            "masking_prob": 0.5,
+            "teacher_noise": "none",
+        },
     )
 )
 register(

@@ -44,13 +44,22 @@ class ClassAttentionBlock(nn.Module):
         hidden = int(dim * mlp_ratio)
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
 
-    def forward(self, cls: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cls (B, 1, C), tokens (B, N, C) -> new cls (B, 1, C), attention (B, heads, N)."""
+    def forward(
+        self, cls: torch.Tensor, tokens: torch.Tensor, ignore: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """cls (B, 1, C), tokens (B, N, C) -> new cls (B, 1, C), attention (B, heads, N).
+
+        ``ignore`` (B, N) bool: tokens the class token must not attend to (they get attention 0), e.g. the
+        tokens a noisy teacher dropped from its input, which carry only the mask token.
+        """
         b, n, c = tokens.shape
         q = self.q(self.norm_cls(cls)).reshape(b, 1, self.num_heads, self.head_dim).transpose(1, 2)
         kv = self.kv(self.norm_tokens(tokens)).reshape(b, n, 2, self.num_heads, self.head_dim)
         k, v = kv.permute(2, 0, 3, 1, 4)  # each (B, heads, N, head_dim)
-        attn = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)  # (B, heads, 1, N)
+        logits = (q * self.scale) @ k.transpose(-2, -1)  # (B, heads, 1, N)
+        if ignore is not None:
+            logits = logits.masked_fill(ignore[:, None, None, :], float("-inf"))
+        attn = logits.softmax(dim=-1)
         out = (attn @ v).transpose(1, 2).reshape(b, 1, c)
         cls = cls + self.proj(out)
         cls = cls + self.mlp(self.norm_mlp(cls))
@@ -67,12 +76,21 @@ class SemanticClassAttention(nn.Module):
         self.blocks = nn.ModuleList(ClassAttentionBlock(dim, num_heads) for _ in range(blocks))
         self.norm = nn.LayerNorm(dim)
 
-    def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """tokens (B, N, C) -> global token (B, C), attention of the last block (B, heads, N)."""
+    def forward(
+        self, tokens: torch.Tensor, ignore: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """tokens (B, N, C) -> global token (B, C), attention of the last block (B, heads, N).
+
+        ``ignore`` (B, N) bool marks tokens left out of the attention (every sample must keep at least one).
+        """
+        if ignore is not None:
+            ignore = ignore.to(tokens.device, torch.bool)
+            if bool(ignore.all(dim=1).any()):
+                raise ValueError("class attention cannot ignore every token of a sample")
         cls = self.cls_token.expand(tokens.shape[0], -1, -1)
         attn = tokens.new_zeros(0)
         for block in self.blocks:
-            cls, attn = block(cls, tokens)
+            cls, attn = block(cls, tokens, ignore)
         return self.norm(cls.squeeze(1)), attn
 
 
@@ -167,13 +185,16 @@ class SwinEncoder(nn.Module):
         generator: torch.Generator | None = None,
         *,
         class_attention: bool = True,
+        attention_ignore: torch.Tensor | None = None,
     ) -> EncoderOutput:
+        """Encode ``x``; ``token_mask`` hides patch tokens behind the mask token, ``attention_ignore`` (B, N)
+        leaves attention-stage tokens out of the class attention."""
         stages = self.stages(self.embed(x, token_mask, noise_std, generator))
         feat = stages[self.arch.attention_stage]
         grid = tuple(feat.shape[2:])
         tokens = feat.flatten(2).transpose(1, 2)  # (B, N, C)
         if class_attention:
-            global_token, attention = self.class_attention(tokens)
+            global_token, attention = self.class_attention(tokens, attention_ignore)
         else:  # methods that do not train the class attention skip it (no unused-gradient bookkeeping)
             global_token, attention = tokens.mean(dim=1), tokens.new_zeros(0)
         return EncoderOutput(stages, tokens, global_token, attention, grid)
@@ -254,3 +275,14 @@ def pool_mask(mask: torch.Tensor, factor: int, dims: int) -> torch.Tensor:
     """Fraction of hidden voxels per block of ``factor`` voxels: (B, *grid) -> (B, *grid/factor)."""
     pool = F.avg_pool3d if dims == 3 else F.avg_pool2d
     return pool(mask.unsqueeze(1).float(), factor).squeeze(1)
+
+
+def cell_token_mask(cell_mask: torch.Tensor, cell: int, patch_size: int, dims: int) -> torch.Tensor:
+    """Cell mask (B, *cells) -> patch-embedding token mask (B, *roi/patch) (a cell is ``cell`` voxels a side)."""
+    return upsample_mask(cell_mask, cell // patch_size, dims)
+
+
+def cell_stage_token_mask(cell_mask: torch.Tensor, cell: int, stride: int, dims: int) -> torch.Tensor:
+    """Cell mask -> (B, N) mask on the tokens of a stage of ``stride`` voxels (hidden when >= half is)."""
+    voxels = upsample_mask(cell_mask, cell, dims)
+    return (pool_mask(voxels, stride, dims) >= 0.5).flatten(1)

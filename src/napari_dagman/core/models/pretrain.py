@@ -47,8 +47,16 @@ class PretrainNetwork(nn.Module):
         token_mask: torch.Tensor | None = None,
         noise_std: float = 0.0,
         generator: torch.Generator | None = None,
+        attention_ignore: torch.Tensor | None = None,
     ) -> PretrainOutput:
-        enc = self.encoder(x, token_mask, noise_std, generator, class_attention=self.global_head is not None)
+        enc = self.encoder(
+            x,
+            token_mask,
+            noise_std,
+            generator,
+            class_attention=self.global_head is not None,
+            attention_ignore=attention_ignore,
+        )
         global_logits = self.global_head(enc.global_token) if self.global_head is not None else None
         patch_logits = self.patch_head(enc.tokens) if self.patch_head is not None else None
         recon = self.decoder(enc.stages[4]) if self.decoder is not None else None
