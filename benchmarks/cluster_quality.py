@@ -52,7 +52,7 @@ def pretrain(out: Path, image: Path, seed: int, steps: int) -> Path:
     """A DAGMaN run with the stated budget; a finished run already in ``out`` is reused."""
     from napari_dagman.core.checkpoint import RunFolder
     from napari_dagman.core.config import PretrainConfig
-    from napari_dagman.core.engine import consume, run_pretraining
+    from napari_dagman.core.training import consume, run_pretraining
 
     info = RunFolder(out).read_run_info() if out.is_dir() else {}
     if info.get("status") == "completed" and info.get("steps_done") == steps:

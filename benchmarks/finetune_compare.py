@@ -74,8 +74,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def training_part(ct, args: argparse.Namespace):
     """The CT at the fine-tuning spacing, cut into the training z-ranges of the slab split (list of Volumes)."""
-    from napari_dagman.core.finetune import slab_ranges
     from napari_dagman.core.io import resample_to_spacing
+    from napari_dagman.core.segmentation import slab_ranges
     from napari_dagman.core.volume import Volume
 
     vol = resample_to_spacing(ct, (args.spacing,) * 3, is_label=False)
@@ -92,8 +92,8 @@ def training_part(ct, args: argparse.Namespace):
 
 def pretrain(ct, args: argparse.Namespace, out: Path) -> tuple[Path, float]:
     from napari_dagman.core.config import PretrainConfig
-    from napari_dagman.core.engine import run_pretraining
     from napari_dagman.core.events import FinishedEvent, StepEvent
+    from napari_dagman.core.training import run_pretraining
 
     run = out / "pretrain_dagman"
     pieces, _, _ = training_part(ct, args)
@@ -131,8 +131,8 @@ def encoder_shift(run: Path, which: str, seed: int) -> float:
     both networks), so this is the only difference between an arm initialised from the run and scratch.
     """
     from napari_dagman.core.checkpoint import load_tensors
-    from napari_dagman.core.finetune import SegmentationNet
     from napari_dagman.core.models.architecture import architecture_for
+    from napari_dagman.core.segmentation import SegmentationNet
 
     tensors, _ = load_tensors(run / "model.safetensors")
     torch.manual_seed(seed)
@@ -151,7 +151,7 @@ def finetune(
 ) -> dict:
     from napari_dagman.core.config import FinetuneConfig
     from napari_dagman.core.events import FinishedEvent, LogEvent, StepEvent, ValidationEvent
-    from napari_dagman.core.finetune import run_finetuning
+    from napari_dagman.core.segmentation import run_finetuning
 
     data = Path(args.data)
     config = FinetuneConfig(

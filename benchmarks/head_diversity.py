@@ -54,7 +54,7 @@ def run_arm(arm: str, seed: int, args: dict[str, Any]) -> dict[str, Any]:
 
     from napari_dagman.core.checkpoint import RunFolder
     from napari_dagman.core.config import PretrainConfig
-    from napari_dagman.core.engine import consume, run_pretraining
+    from napari_dagman.core.training import consume, run_pretraining
 
     torch.set_num_threads(args["threads"])
     out = Path(args["work"]) / args["recipe"] / f"{arm}_seed{seed}"

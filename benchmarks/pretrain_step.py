@@ -115,8 +115,9 @@ def ssl_step_fn(model: SwinUNETRSSL, batch: int, roi: int, device: torch.device)
 def method_step_fn(
     name: str, preset: str, roi: int, batch: int, device: torch.device, amp: bool, fused: bool
 ):
-    from napari_dagman.core.config import PretrainConfig
     from napari_dagman.core.engine import build_method, parameter_groups, resolve_config, train_step
+
+    from napari_dagman.core.config import PretrainConfig
     from napari_dagman.core.models.encoder import set_fused_window_attention
 
     config = resolve_config(

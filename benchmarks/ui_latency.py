@@ -140,9 +140,9 @@ def load() -> float:
 # --- the headless baseline (child process, no Qt) -------------------------------------------------------------
 def _headless(config_dict: dict[str, Any], seconds: float, out: Any) -> None:
     from napari_dagman.core.config import PretrainConfig
-    from napari_dagman.core.engine import run_pretraining
     from napari_dagman.core.events import CancelToken, StepEvent
     from napari_dagman.core.phantom import make_phantom
+    from napari_dagman.core.training import run_pretraining
 
     ct, _ = make_phantom()
     token = CancelToken()

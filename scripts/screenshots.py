@@ -192,7 +192,7 @@ def phantom_shots(viewer, out: Path, runs: Path, args: argparse.Namespace) -> in
 def real_ct_shots(viewer, out: Path, runs: Path, args: argparse.Namespace) -> int:
     """Fine-tuning (with the results dock) and organ clusters on the real CT and its label map."""
     from napari_dagman.core.config import PretrainConfig
-    from napari_dagman.core.engine import consume, run_pretraining
+    from napari_dagman.core.training import consume, run_pretraining
 
     data_dir = Path(args.data)
     os.environ.setdefault("NAPARI_DAGMAN_CACHE", str(runs / "embedding-cache"))  # compute, do not reuse

@@ -27,7 +27,7 @@ def shared_data() -> Path:
 def tiny_run(tmp_path_factory, shared_data) -> Path:
     """A 3-step tiny 3D DAGMaN run at ROI 32 on the real CT, shared by tests that need a run folder."""
     from napari_dagman.core.config import PretrainConfig
-    from napari_dagman.core.engine import consume, run_pretraining
+    from napari_dagman.core.training import consume, run_pretraining
 
     out = tmp_path_factory.mktemp("runs") / "tiny3d"
     config = PretrainConfig(
@@ -42,7 +42,7 @@ def tiny_run(tmp_path_factory, shared_data) -> Path:
 def tiny_run_2d(tmp_path_factory, shared_data) -> Path:
     """A 3-step tiny 2D (axial slices) DAGMaN run at ROI 64."""
     from napari_dagman.core.config import PretrainConfig
-    from napari_dagman.core.engine import consume, run_pretraining
+    from napari_dagman.core.training import consume, run_pretraining
 
     out = tmp_path_factory.mktemp("runs") / "tiny2d"
     config = PretrainConfig(

@@ -1,7 +1,13 @@
-"""Test helpers that write small inputs (synthetic DICOM series, broken files)."""
+"""Test helpers that write small inputs (synthetic DICOM series, broken files) and make writing fail."""
 
 from __future__ import annotations
 
+import os
+import shutil
+import signal
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -41,3 +47,49 @@ def write_dicom_series(
         writer.Execute(sl)
         files.append(path)
     return files
+
+
+#: The user id of 'nobody': who root becomes to meet permissions it would otherwise ignore.
+NOBODY = 65534
+
+
+@contextmanager
+def read_only_folder() -> Iterator[Path]:
+    """A folder this process may read but not write to, during the block (the kernel answers EACCES).
+
+    Root ignores permissions, so as root the block runs with the effective user id of 'nobody' (the folder
+    sits in the system temporary folder, which everyone can traverse; pytest's tmp_path is owner-only).
+    """
+    base = Path(tempfile.mkdtemp(prefix="dagman-read-only-"))
+    folder = base / "read-only"
+    folder.mkdir()
+    base.chmod(0o755)
+    folder.chmod(0o555)
+    as_root = hasattr(os, "geteuid") and os.geteuid() == 0
+    try:
+        if as_root:
+            os.seteuid(NOBODY)
+        yield folder
+    finally:
+        if as_root:
+            os.seteuid(0)
+        folder.chmod(0o755)
+        shutil.rmtree(base)
+
+
+@contextmanager
+def file_size_limit(nbytes: int) -> Iterator[None]:
+    """During the block, writing past ``nbytes`` of any file fails with EFBIG, as writing to a full disk does.
+
+    SIGXFSZ is ignored meanwhile, so the write returns the error instead of the process being killed.
+    """
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (nbytes, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, previous)

@@ -75,7 +75,7 @@ def test_pretrain_config_file_and_flags_compose(shared_data, tmp_path, capsys):
     assert (
         saved["steps"] == 2
         and saved["roi"] == 32
-        and saved["mask_ratio"] == 0.5
+        and saved["smit"]["mask_ratio"] == 0.5  # the method's options, stored under its name
         and saved["method"] == "smit"
     )
     assert "done: 2/2 steps" in capsys.readouterr().out

@@ -12,25 +12,27 @@ import torch
 from napari_dagman.core.config import PretrainConfig
 from napari_dagman.core.data import ViewSampler
 from napari_dagman.core.diversity import CollapseMonitor, head_diversity, output_statistics
-from napari_dagman.core.engine import (
+from napari_dagman.core.events import LogEvent
+from napari_dagman.core.masking import attention_mask, hint_mask, make_mask, masked_count, random_mask
+from napari_dagman.core.methods import dagman as dagman_module
+from napari_dagman.core.methods.losses import cosine_schedule
+from napari_dagman.core.models.encoder import SemanticClassAttention
+from napari_dagman.core.training import (
     build_method,
     consume,
     parameter_groups,
     prepare_inputs,
     resolve_config,
     run_pretraining,
-    train_step,
 )
-from napari_dagman.core.events import LogEvent
-from napari_dagman.core.masking import attention_mask, hint_mask, make_mask, masked_count, random_mask
-from napari_dagman.core.methods import dagman as dagman_module
-from napari_dagman.core.methods.losses import cosine_schedule
-from napari_dagman.core.models.encoder import SemanticClassAttention
 
 
 def method_for(name: str, *, preset: str = "tiny", roi: int = 64, steps: int = 10, **overrides):
     config = resolve_config(
-        PretrainConfig(method=name, preset=preset, roi=roi, steps=steps, mask_warmup_steps=0, **overrides), 1
+        PretrainConfig.from_dict(
+            {"method": name, "preset": preset, "roi": roi, "steps": steps, "mask_warmup_steps": 0, **overrides}
+        ),
+        1,
     )
     return build_method(config)
 
@@ -105,16 +107,18 @@ def _overlaps(method, views: torch.Tensor, draws: int) -> list[float]:
 
 def test_hidden_share_of_dropped_cells_equals_the_mask_ratio_on_real_ct(shared_data):
     config = resolve_config(
-        PretrainConfig(
-            images=[str(shared_data / "example_ct.nii.gz")],
-            method="dagman",
-            preset="tiny",
-            roi=64,
-            spacing=3.0,
-            steps=40,
-            batch_size=1,
-            mask_warmup_steps=0,
-            lr=2e-3,
+        PretrainConfig.from_dict(
+            {
+                "images": [str(shared_data / "example_ct.nii.gz")],
+                "method": "dagman",
+                "preset": "tiny",
+                "roi": 64,
+                "spacing": 3.0,
+                "steps": 40,
+                "batch_size": 1,
+                "mask_warmup_steps": 0,
+                "lr": 2e-3,
+            }
         ),
         1,
     )
@@ -124,7 +128,7 @@ def test_hidden_share_of_dropped_cells_equals_the_mask_ratio_on_real_ct(shared_d
     sampler = ViewSampler(prepared, roi=64, dims=3, batch_size=2, seed=0)
     method = build_method(config)
     views = torch.from_numpy(sampler.sample(0)[0])
-    ratio = config.mask_ratio
+    ratio = config.method_options().mask_ratio
     at_init = _overlaps(method, views, 8)
     assert abs(float(np.mean(at_init)) - ratio) <= 0.1
     # a few training steps (attention no longer uniform), then the same check
@@ -132,8 +136,12 @@ def test_hidden_share_of_dropped_cells_equals_the_mask_ratio_on_real_ct(shared_d
     params = [p for g in optimizer.param_groups for p in g["params"]]
     for step in range(4):
         batch = torch.from_numpy(sampler.sample(step)[0])
-        train_step(method, optimizer, params, batch, step, torch.Generator().manual_seed(step), grad_clip=3.0,
-                   use_amp=False)
+        method.train()
+        out = method.forward_step(batch, step, torch.Generator().manual_seed(step))
+        optimizer.zero_grad()
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 3.0)
+        optimizer.step()
         method.after_optimizer_step(step)
     trained = _overlaps(method, views, 8)
     assert all(abs(v - ratio) <= 0.1 for v in trained), trained
@@ -254,10 +262,10 @@ def test_each_loss_term_reaches_the_parts_it_should_and_no_others():
     for term, reached in expected.items():
         m = method_for("attmask", masking_prob=1.0, mask_ratio_jitter=0.0, mask_ratio=0.6)
         weights = {"global": (1.0, 0.0, 0.0), "patch": (0.0, 1.0, 0.0), "reconstruction": (0.0, 0.0, 1.0)}
-        m.config = m.config.replace(**dict(zip(("w_global", "w_patch", "w_rec"), weights[term], strict=True)))
+        m.options = m.options.replace(**dict(zip(("w_global", "w_patch", "w_rec"), weights[term], strict=True)))
         out = m.forward_step(rand_views(), step=3, generator=torch.Generator().manual_seed(0))
         out.loss.backward()
-        norms = _grad_norms(m.student_network, parts)
+        norms = _grad_norms(m.network("student"), parts)
         for part in parts:
             if part in reached:
                 assert norms[part] > 0, (term, part)
@@ -274,14 +282,14 @@ def test_last_layer_is_frozen_for_the_configured_steps():
         out = m.forward_step(rand_views(), step=step, generator=torch.Generator().manual_seed(step))
         out.loss.backward()
         m.after_backward(step)
-        last = [p.grad for n, p in m.student_network.named_parameters() if ".last_layer." in n and p.requires_grad]
+        last = [p.grad for n, p in m.network("student").named_parameters() if ".last_layer." in n and p.requires_grad]
         assert last and all((g is None) == frozen for g in last), step
-        assert m.student_network.encoder.mask_token.grad is not None
+        assert m.network("student").encoder.mask_token.grad is not None
 
 
 def test_masking_prob_and_ratio_jitter_follow_attmasks_recipe():
     m = method_for("attmask")  # preset: ratio 0.3 +- 0.2, half the images masked
-    assert (m.config.mask_ratio, m.config.mask_ratio_jitter, m.config.masking_prob) == (0.3, 0.2, 0.5)
+    assert (m.options.mask_ratio, m.options.mask_ratio_jitter, m.options.masking_prob) == (0.3, 0.2, 0.5)
     hidden = []
     for seed in range(60):
         mask = m.choose_mask(2, 3, None, (), torch.Generator().manual_seed(seed))
@@ -332,7 +340,7 @@ def test_a_collapsed_teacher_raises_one_warning_event(shared_data, tmp_path, mon
                     head.last_layer.parametrizations.weight.original1.fill_(1.0)
         return method
 
-    monkeypatch.setattr("napari_dagman.core.engine.build_method", collapsed_method)
+    monkeypatch.setattr("napari_dagman.core.training.pretrain.build_method", collapsed_method)
     config = PretrainConfig(
         images=[str(shared_data / "example_ct.nii.gz")], out=str(tmp_path / "run"), preset="tiny", roi=32,
         spacing=4.0, steps=24, batch_size=1, preview_every=0, probe_every=0, lr=0.0, min_lr=0.0,

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
+from tests.helpers import read_only_folder
 
 from napari_dagman.cli import main
 from napari_dagman.core.config import EmbedConfig
@@ -23,6 +24,7 @@ from napari_dagman.core.embeddings import (
     patch_organs,
     pool_patches,
     project,
+    projection_key,
     quality_metrics,
     random_init_encoder,
     run_embedding,
@@ -223,6 +225,50 @@ def test_cache_hit_returns_identical_results(small_pair, pretrained, tmp_path):
     # a damaged entry is recomputed, not trusted
     (tmp_path / f"{a.key}.npz").write_bytes(b"broken")
     assert EmbeddingCache(tmp_path).load(a.key) is None
+
+
+def flip_byte(data: bytes, at: int) -> bytes:
+    return data[:at] + bytes([data[at] ^ 0xFF]) + data[at + 1 :]
+
+
+def test_damaged_cache_entries_are_recomputed(small_pair, pretrained, tmp_path):
+    """A cut .npz or a broken .json (full disk, killed process, copied half) is a miss, then written again."""
+    image, labels = small_pair
+    config = EmbedConfig(features="position", patch=8, stride=4, method="pca", cache_dir=str(tmp_path))
+    _, first = finish(run_embedding(config, image, labels, pretrained=pretrained))
+    key = first.embeddings.key
+    npz, meta = tmp_path / f"{key}.npz", tmp_path / f"{key}.json"
+    projection = tmp_path / f"{projection_key(key, config)}.npz"
+    damages = {
+        "cut npz": lambda: npz.write_bytes(npz.read_bytes()[: npz.stat().st_size // 2]),
+        "flipped byte": lambda: npz.write_bytes(flip_byte(npz.read_bytes(), 200)),
+        "cut json": lambda: meta.write_text('{"version": 1, "patch": [8, 8'),
+        "json list": lambda: meta.write_text("[]"),
+        "cut projection": lambda: projection.write_bytes(projection.read_bytes()[:100]),
+    }
+    for what, damage in damages.items():
+        damage()
+        events, again = finish(run_embedding(config, image, labels, pretrained=pretrained))
+        hit = any("loaded from the cache" in getattr(e, "message", "") for e in events)
+        assert hit == (what == "cut projection"), what  # a damaged projection alone keeps the embeddings
+        assert np.array_equal(again.embeddings.features, first.embeddings.features), what
+        assert np.array_equal(again.projection, first.projection), what
+        # written again: the next run finds a whole entry
+        assert EmbeddingCache(tmp_path).load(key) is not None, what
+        assert EmbeddingCache(tmp_path).load_array(projection_key(key, config)) is not None, what
+
+
+def test_read_only_cache_folder_warns_once_and_computes(small_pair, pretrained):
+    image, _ = small_pair
+    with read_only_folder() as folder:
+        config = EmbedConfig(features="position", patch=8, stride=4, method="pca", cache_dir=str(folder))
+        runs = [finish(run_embedding(config, image, pretrained=pretrained)) for _ in range(2)]
+        assert list(folder.iterdir()) == []
+    warnings = [e for events, _ in runs for e in events if isinstance(e, LogEvent) and e.level == "warning"]
+    assert len(warnings) == 1, warnings
+    assert "not cached" in warnings[0].message and str(folder) in warnings[0].message
+    assert "\n" not in warnings[0].message
+    assert np.array_equal(runs[0][1].projection, runs[1][1].projection)
 
 
 def test_cancel_returns_none(small_pair, pretrained):

@@ -15,10 +15,10 @@ import torch
 
 from napari_dagman.core.checkpoint import load_pretrained_encoder, load_tensors, save_tensors
 from napari_dagman.core.config import PretrainConfig
-from napari_dagman.core.engine import consume, run_pretraining
 from napari_dagman.core.errors import CheckpointError, DagmanInputError
 from napari_dagman.core.events import CancelToken, FinishedEvent, LogEvent, PreviewEvent, StepEvent
 from napari_dagman.core.io import write_volume
+from napari_dagman.core.training import consume, run_pretraining
 from napari_dagman.core.volume import Volume
 
 
@@ -62,7 +62,8 @@ def test_run_folder_contents(uninterrupted):
     } <= {p.name for p in out.iterdir()}
     config = json.loads((out / "config.json").read_text())
     assert config["job"] == "pretrain" and config["architecture"]["embed_dim"] == 12
-    assert config["mask_strategy"] == "attention-high" and config["teacher_noise"] == "input-dropout"
+    options = config["dagman"]  # the method's options, stored under its name
+    assert options["mask_strategy"] == "attention-high" and options["teacher_noise"] == "input-dropout"
     tensors, meta = load_tensors(out / "model.safetensors")
     assert any(k.startswith("student.encoder.swin.") for k in tensors)
     assert any(k.startswith("teacher.encoder.class_attention.") for k in tensors)

@@ -7,15 +7,15 @@ import pytest
 import torch
 
 from napari_dagman.core.config import PretrainConfig
-from napari_dagman.core.engine import build_method, resolve_config
 from napari_dagman.core.methods.losses import DistillationLoss, cosine_schedule, ema_update, masked_l1
 from napari_dagman.core.methods.registry import REGISTRY
+from napari_dagman.core.training import build_method, resolve_config
 
 
 def make(method: str, dims: int = 3, roi: int = 32, **overrides) -> object:
     config = resolve_config(
-        PretrainConfig(
-            **{
+        PretrainConfig.from_dict(
+            {
                 "method": method,
                 "preset": "tiny",
                 "dims": dims,
@@ -44,11 +44,11 @@ def test_every_registered_method_runs_a_step_with_finite_losses(method, dims):
     assert torch.isfinite(out.loss)
     assert all(torch.isfinite(torch.tensor(v)) for v in out.terms.values())
     out.loss.backward()
-    grads = [p.grad for p in m.student_network.parameters() if p.requires_grad]
+    grads = [p.grad for p in m.network("student").parameters() if p.requires_grad]
     assert any(g is not None and g.abs().sum() > 0 for g in grads)
     cells = roi // 16
     assert out.mask.shape == (4, *(cells,) * dims)
-    if REGISTRY[method].uses_teacher:
+    if REGISTRY[method].capabilities.has_teacher:
         assert set(out.terms) == {"global", "patch", "reconstruction"}
         assert out.attention.shape[:2] == (4, 4)
     else:
@@ -62,10 +62,10 @@ def test_teacher_has_no_gradient_and_follows_the_ema_formula():
     assert all(not p.requires_grad and p.grad is None for p in m.teacher.parameters())
     # change the student, then check theta_t <- m theta_t + (1 - m) theta_s for every shared parameter
     with torch.no_grad():
-        for p in m.student_network.parameters():
+        for p in m.network("student").parameters():
             p.add_(torch.randn_like(p) * 0.01)
     before = {k: v.clone() for k, v in m.teacher.named_parameters()}
-    student = dict(m.student_network.named_parameters())
+    student = dict(m.network("student").named_parameters())
     momentum = m.after_optimizer_step(4)["momentum"]
     assert momentum == pytest.approx(cosine_schedule(4, 10, 0.996, 1.0))
     for name, p in m.teacher.named_parameters():

@@ -19,8 +19,8 @@ FAST = {"steps": 2, "batch_size": 1, "roi": 64, "spacing": 6.0, "val_every": 1}
 def ft_run(tmp_path_factory, shared_data, tiny_run) -> Path:
     """A 2-step fine-tuned run (liver, spleen, kidneys, colon) from the tiny DAGMaN run."""
     from napari_dagman.core.config import FinetuneConfig
-    from napari_dagman.core.engine import consume
-    from napari_dagman.core.finetune import run_finetuning
+    from napari_dagman.core.segmentation import run_finetuning
+    from napari_dagman.core.training import consume
 
     out = tmp_path_factory.mktemp("finetune_gui") / "seg"
     config = FinetuneConfig(

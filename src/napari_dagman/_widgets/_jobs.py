@@ -50,13 +50,13 @@ def pretrain_job(
     cancel: CancelToken | None = None,
     command: str = "napari-dagman pretraining dock",
 ) -> Generator[Any, None, Any]:
-    """`core.engine.run_pretraining` on the chosen layers *and* the files in ``config.images``.
+    """`core.training.run_pretraining` on the chosen layers *and* the files in ``config.images``.
 
     The engine trains on in-memory volumes or on files; the dock offers both at once, so the files are read
     here (by the engine's own reader) and appended to the layers. ``config.images`` still lists the files, so
     config.json and run.json record them.
     """
-    from napari_dagman.core.engine import load_inputs, run_pretraining
+    from napari_dagman.core.training import load_inputs, run_pretraining
 
     pool = list(volumes or [])
     if pool and config.images:

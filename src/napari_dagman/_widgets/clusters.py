@@ -42,12 +42,12 @@ from napari_dagman._widgets._common import (
     volume_from_layer,
 )
 from napari_dagman.core.config import (
-    CLUSTERINGS,
     EMBED_FEATURES,
     EMBED_POOLINGS,
     EMBED_SAMPLINGS,
-    PROJECTIONS,
     EmbedConfig,
+    clustering_names,
+    projection_names,
 )
 from napari_dagman.core.errors import DagmanError
 
@@ -382,10 +382,10 @@ class ClustersWidget(QWidget):
         self.sampling = tip(
             ComboBox(label="sampling", choices=EMBED_SAMPLINGS, value=defaults.sampling), "sampling"
         )
-        self.method = tip(ComboBox(label="projection", choices=PROJECTIONS, value=defaults.method), "method")
+        self.method = tip(ComboBox(label="projection", choices=projection_names(), value=defaults.method), "method")
         self.fast = tip(CheckBox(label="fast (not reproducible)", value=defaults.fast), "fast")
         self.clustering = tip(
-            ComboBox(label="clustering", choices=CLUSTERINGS, value=defaults.clustering), "clustering"
+            ComboBox(label="clustering", choices=clustering_names(), value=defaults.clustering), "clustering"
         )
         self.clusters = tip(
             SpinBox(label="clusters (0 = organs)", min=0, max=200, value=defaults.clusters), "clusters"

@@ -1,16 +1,16 @@
-"""Fine-tuning dock and segmentation-results dock (click-through), thin over `core.finetune`.
+"""Fine-tuning dock and segmentation-results dock (click-through), thin over `core.segmentation`.
 
 * `FinetuneWidget`: an image layer and a labels layer (or files), the organs to segment (named), the
   pretraining run whose encoder starts the model (or from scratch), the main hyperparameters and the device;
-  `core.finetune.run_finetuning` runs in a child process (or a thread) and the dock draws the training loss and
-  the validation Dice per organ as they come.
+  `core.segmentation.run_finetuning` runs in a child process (or a thread) and the dock draws the training
+  loss and the validation Dice per organ as they come.
 * `SegmentationResultsWidget`: runs sliding-window prediction with a fine-tuned run (in a thread), shows the
   result as a Labels layer with organ names and stable colours, and - with a reference - a disagreement layer
   (false positive / false negative / wrong organ) and a table (organ, ml, Dice, HD95) whose rows move the viewer
   to the organ; next/previous organ, "worst slice", a prediction/reference/both toggle, and export.
 
 No science here: remapping, metrics, where an organ is largest and where the disagreement is worst all come from
-`core.finetune`. torch and MONAI are imported inside functions, so napari starts fast.
+`core.segmentation`. torch and MONAI are imported inside functions, so napari starts fast.
 """
 
 from __future__ import annotations
@@ -90,8 +90,8 @@ def finetune_job(
     cancel: CancelToken | None = None,
     command: str = "napari-dagman fine-tuning dock",
 ) -> Generator[Any, None, Any]:
-    """`core.finetune.run_finetuning` on layer pairs or on the files of ``config``."""
-    from napari_dagman.core.finetune import run_finetuning
+    """`core.segmentation.run_finetuning` on layer pairs or on the files of ``config``."""
+    from napari_dagman.core.segmentation import run_finetuning
 
     result = yield from run_finetuning(config, pairs or None, resume=resume, cancel=cancel, command=command)
     return result
@@ -117,7 +117,7 @@ def evaluation_job(
 ) -> Generator[Any, None, SegmentationResults]:
     """Per-organ table and disagreement map of a prediction (against a reference on its grid, if any)."""
     from napari_dagman.core.events import ProgressEvent
-    from napari_dagman.core.finetune import (
+    from napari_dagman.core.segmentation import (
         align_labels,
         check_label_volume,
         disagreement_map,
@@ -155,7 +155,7 @@ def prediction_job(
     cancel: CancelToken | None = None,
 ) -> Generator[Any, None, SegmentationResults | None]:
     """Sliding-window prediction with a fine-tuned run, then `evaluation_job` (None when cancelled)."""
-    from napari_dagman.core.finetune import load_segmenter, run_prediction
+    from napari_dagman.core.segmentation import load_segmenter, run_prediction
 
     if not checkpoint:
         raise DagmanInputError("no fine-tuned run chosen: pick a fine-tuning run folder")
@@ -711,8 +711,8 @@ class SegmentationResultsWidget(QWidget):
             kwargs["metadata"][OUTPUT_KEY] = "prediction"
             self.prediction_layer = upsert_layer(self._viewer, kwargs.pop("name"), data, "labels", **kwargs)
         if results.disagreement is not None and self.prediction_layer is not None:
-            from napari_dagman.core.finetune import DISAGREEMENT_NAMES, disagreement_colours
             from napari_dagman.core.labels import label_table
+            from napari_dagman.core.segmentation import DISAGREEMENT_NAMES, disagreement_colours
 
             placement = {
                 "scale": list(self.prediction_layer.scale),
@@ -783,7 +783,7 @@ class SegmentationResultsWidget(QWidget):
 
     def go_to_organ(self, row: int) -> bool:
         """Move the viewer to the organ of table row ``row``: its largest slice, camera on its centre there."""
-        from napari_dagman.core.finetune import organ_focus
+        from napari_dagman.core.segmentation import organ_focus
 
         if self.results is None or not 0 <= row < len(self.results.table):
             return False
@@ -816,7 +816,7 @@ class SegmentationResultsWidget(QWidget):
 
     def go_to_worst_slice(self) -> bool:
         """Jump to the slice where prediction and reference disagree most (selected organ, else all organs)."""
-        from napari_dagman.core.finetune import worst_slice
+        from napari_dagman.core.segmentation import worst_slice
 
         if self.results is None:
             return False

@@ -1,4 +1,4 @@
-"""Pretraining dock: gather a `PretrainConfig`, run `core.engine.run_pretraining` in the background, draw its events.
+"""Pretraining dock: gather a `PretrainConfig`, run `core.training.run_pretraining` in the background, draw its events.
 
 The run happens in a child process by default (see `_subprocess` for why); a thread is available for
 debugging. The dock shows the loss terms live, puts the teacher's attention and the chosen mask of the current

@@ -19,7 +19,8 @@ SUBCOMMANDS: tuple[str, ...] = ("pretrain", "finetune", "predict", "attention", 
 EXIT_USER_ERROR = 2
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
+    """The parser; ``argv`` lets a subcommand add what depends on it (``pretrain --method X``: X's options)."""
     parser = argparse.ArgumentParser(
         prog="napari-dagman",
         description="Self-supervised pretraining of Swin transformers on CT (DAGMaN and baselines), and what "
@@ -28,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"napari-dagman {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in SUBCOMMANDS:
-        importlib.import_module(f"napari_dagman.cli.{name}").add_parser(sub)
+        importlib.import_module(f"napari_dagman.cli.{name}").add_parser(sub, argv)
     return parser
 
 
@@ -36,7 +37,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the console script; returns the exit status."""
     from napari_dagman.core.errors import DagmanError
 
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        parser = build_parser(argv)
+    except DagmanError as err:
+        print(f"napari-dagman: error: {err}", file=sys.stderr)
+        return EXIT_USER_ERROR
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()

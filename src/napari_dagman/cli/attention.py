@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 from napari_dagman.cli.common import drive_result, say
@@ -15,7 +16,7 @@ EXAMPLES = """examples:
 """
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:
+def add_parser(sub: argparse._SubParsersAction, argv: Sequence[str] = ()) -> None:
     p = sub.add_parser(
         "attention",
         help="attention maps, mask previews and head diversity of a pretrained encoder",

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import argparse
-from collections.abc import Generator
+from collections.abc import Generator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,7 @@ metrics.json (with --labels): NMI, ARI, silhouette, slab-cross-validated k-NN ac
 """
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:
+def add_parser(sub: argparse._SubParsersAction, argv: Sequence[str] = ()) -> None:
     p = sub.add_parser(
         "embed",
         help="organ clusters: patch embeddings, UMAP/PCA/t-SNE, clusters and cluster-quality metrics",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import math
+from collections.abc import Sequence
 from pathlib import Path
 
 from napari_dagman.cli.common import run_training, say
@@ -21,7 +22,7 @@ each side that is neither trained nor validated; with several pairs, the last --
 """
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:
+def add_parser(sub: argparse._SubParsersAction, argv: Sequence[str] = ()) -> None:
     p = sub.add_parser(
         "finetune",
         help="fine-tune a segmentation model (SwinUNETR) from a pretraining run or from scratch",
@@ -67,7 +68,7 @@ def organ_names(labels_path: str | None) -> dict[int, str]:
 def run(args: argparse.Namespace) -> int:
     from napari_dagman.core.checkpoint import CONFIG_FILE
     from napari_dagman.core.errors import DagmanInputError
-    from napari_dagman.core.finetune import parse_organs, run_finetuning
+    from napari_dagman.core.segmentation import parse_organs, run_finetuning
 
     if len(args.pairs) % 2:
         raise DagmanInputError(

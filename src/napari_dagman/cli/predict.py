@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 from napari_dagman.cli.common import drive, say
@@ -17,7 +18,7 @@ EXAMPLES = """examples:
 """
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:
+def add_parser(sub: argparse._SubParsersAction, argv: Sequence[str] = ()) -> None:
     p = sub.add_parser(
         "predict",
         help="segment a CT with a fine-tuned run (sliding window); metrics against a reference",
@@ -49,14 +50,14 @@ def run(args: argparse.Namespace) -> int:
 
     from napari_dagman.core.errors import DagmanInputError
     from napari_dagman.core.events import PredictionEvent
-    from napari_dagman.core.finetune import (
+    from napari_dagman.core.io import WRITE_SUFFIXES, read_volume, stem_of, suffix_of, write_volume
+    from napari_dagman.core.segmentation import (
         evaluate,
         format_table,
         load_segmenter,
         results_summary,
         run_prediction,
     )
-    from napari_dagman.core.io import WRITE_SUFFIXES, read_volume, stem_of, suffix_of, write_volume
 
     out = Path(args.out)
     if suffix_of(out) not in WRITE_SUFFIXES:

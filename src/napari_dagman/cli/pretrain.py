@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 from pathlib import Path
 
 from napari_dagman.cli.common import run_training
@@ -16,13 +17,14 @@ EXAMPLES = """examples:
 """
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:
+def add_parser(sub: argparse._SubParsersAction, argv: Sequence[str] = ()) -> None:
     p = sub.add_parser(
         "pretrain",
         help="pretrain a Swin encoder with a self-supervised method",
         description="Pretrain a Swin encoder on CT volumes (files, or folders of NIfTI/NRRD/MHA or DICOM "
         "series) and write a run folder: config.json, model.safetensors, best.safetensors, "
-        "resume.safetensors, metrics.jsonl, run.json.",
+        "resume.safetensors, metrics.jsonl, run.json. Each method has options of its own: "
+        "`pretrain --method X --help` lists X's.",
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -31,8 +33,51 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config", dest="config_file", help="JSON config file; flags given here override it")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    PretrainConfig.add_arguments(p)
+    PretrainConfig.add_arguments(p, skip=("options",))
+    if argv and argv[0] == "pretrain":  # only then: a method's options import the method (and torch)
+        method = requested_method(list(argv[1:]))
+        if method is not None:
+            add_method_options(p, method)
     p.set_defaults(func=run)
+
+
+def _flag_value(argv: list[str], flag: str) -> str | None:
+    for i, arg in enumerate(argv):
+        if arg == flag and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith(flag + "="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+def requested_method(argv: list[str]) -> str | None:
+    """The method a pretrain command line asks for: ``--method``, else its ``--config`` file's, else the run's
+    (``--resume``), else the default. None when that name is not registered (argparse then says so)."""
+    import json
+
+    from napari_dagman.core.methods.registry import method_names
+
+    method = _flag_value(argv, "--method")
+    if method is None:
+        source = _flag_value(argv, "--config")
+        out = _flag_value(argv, "--out")
+        if source is None and "--resume" in argv and out:
+            source = str(Path(out) / "config.json")
+        if source and Path(source).is_file():
+            try:
+                method = json.loads(Path(source).read_text()).get("method")
+            except (ValueError, AttributeError, OSError):
+                method = None  # the config is refused with its own message later
+    method = method or "dagman"
+    return method if method in method_names() else None
+
+
+def add_method_options(parser: argparse.ArgumentParser, method: str) -> None:
+    """The method's own options as flags, with this preset's defaults in their help."""
+    from napari_dagman.core.methods.registry import get_method
+
+    spec = get_method(method)
+    spec.options_class().add_arguments(parser, title=f"{method} options", defaults=spec.default_options())
 
 
 def expand_inputs(paths: list[str]) -> list[str]:
@@ -57,13 +102,22 @@ def expand_inputs(paths: list[str]) -> list[str]:
 
 def run(args: argparse.Namespace) -> int:
     from napari_dagman.core.checkpoint import CONFIG_FILE
-    from napari_dagman.core.engine import run_pretraining
+    from napari_dagman.core.methods.registry import get_method
+    from napari_dagman.core.training import run_pretraining
 
     config_file = args.config_file
     if args.resume and config_file is None and (Path(args.out) / CONFIG_FILE).is_file():
         config_file = str(Path(args.out) / CONFIG_FILE)
     base = PretrainConfig.load(config_file, strict=False).to_dict() if config_file else {}
-    base.update({k: v for k, v in vars(args).items() if k in PretrainConfig.__dataclass_fields__})
+    given = {k: v for k, v in vars(args).items() if k in PretrainConfig.field_names()}
+    method_fields = get_method(given.get("method", base.get("method", "dagman"))).options_class().field_names()
+    if "method" in given and base.get("method") not in (None, given["method"]):
+        # another method than the file's: keep the file's options that this method has too (a mask ratio)
+        for key, value in (base.pop(base["method"], None) or {}).items():
+            if key in method_fields:
+                base[key] = value
+    base.update(given)
+    base.update({k: v for k, v in vars(args).items() if k in method_fields})
     if args.images:
         base["images"] = expand_inputs(args.images)
     base["out"] = args.out

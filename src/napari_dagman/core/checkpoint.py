@@ -17,12 +17,10 @@ napari-dagman checkpoint and that its architecture matches what is asked for.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import platform
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -33,7 +31,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from napari_dagman.core.errors import CheckpointError
-from napari_dagman.core.io import atomic_write_text, publish
+from napari_dagman.core.io import atomic_write, atomic_write_text
 from napari_dagman.core.models.architecture import Architecture
 
 CONFIG_FILE = "config.json"
@@ -48,19 +46,26 @@ FORMAT = "napari-dagman/1"
 
 # --- tensors ------------------------------------------------------------------------------------------------
 def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-    """Write a safetensors file atomically (temporary file, fsync, rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write a safetensors file atomically, verified before it takes its final name (see `io.atomic_write`)."""
     flat = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
     meta = {"format": FORMAT, **{k: str(v) for k, v in metadata.items()}}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(flat, tmp, metadata=meta)
-        publish(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+
+    def write(tmp: Path) -> None:
+        save_file(flat, str(tmp), metadata=meta)
+
+    def verify(tmp: Path) -> None:
+        # header and size: a short write (disk full) leaves a file whose data ends before the header says
+        size = tmp.stat().st_size
+        with open(tmp, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            header = json.loads(fh.read(n)) if 0 < n < size else None
+        if not isinstance(header, dict):
+            raise CheckpointError("the written file has no readable header")
+        ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
+        if set(header) - {"__metadata__"} != set(flat) or 8 + n + max(ends, default=0) != size:
+            raise CheckpointError("the written file is incomplete (disk full?)")
+
+    atomic_write(path, write, verify=verify)
 
 
 def load_tensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -294,24 +299,57 @@ def environment_info() -> dict[str, Any]:
     return info
 
 
-def array_hash(array: np.ndarray) -> str:
-    """sha256 of an array's bytes, shape and dtype (identifies the data a run saw)."""
-    h = hashlib.sha256()
-    h.update(str((array.shape, str(array.dtype))).encode())
-    h.update(np.ascontiguousarray(array).tobytes())
-    return h.hexdigest()
-
-
 def timestamp() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S%z")
 
 
 # --- loading a pretrained encoder ---------------------------------------------------------------------------------
+#: what a run written before encoders were published by name holds (DAGMaN and its relatives, SimMIM)
+_LEGACY_ENCODERS = {
+    "teacher": {"prefix": "teacher.encoder", "kind": "swin", "class_attention_trained": True},
+    "student": {"prefix": "student.encoder", "kind": "swin", "class_attention_trained": True},
+}
+
+
+def published_encoders(metadata: dict[str, str], tensors_keys: Any = ()) -> tuple[dict[str, dict], str]:
+    """(name -> description, preferred name) of the encoders a pretraining weights file publishes."""
+    raw = metadata.get("encoders")
+    if raw:
+        try:
+            encoders = json.loads(raw)
+            preferred = metadata.get("preferred_encoder") or next(iter(encoders))
+        except (json.JSONDecodeError, StopIteration, TypeError):
+            raise CheckpointError("the checkpoint's list of published encoders is unreadable") from None
+        return encoders, str(preferred)
+    keys = list(tensors_keys)
+    encoders = {
+        name: dict(spec) for name, spec in _LEGACY_ENCODERS.items() if any(k.startswith(spec["prefix"] + ".") for k in keys)
+    }
+    if metadata.get("method") == "simmim" and "student" in encoders:
+        encoders["student"]["class_attention_trained"] = False
+    return encoders, "teacher" if "teacher" in encoders else "student"
+
+
 class PretrainedEncoder:
-    """A pretrained `SwinEncoder` with what is needed to feed it: the run's spacing, HU range and ROI."""
+    """A pretrained encoder with what is needed to feed it: the run's spacing, HU range and ROI.
+
+    ``which`` is the name the run published it under; ``kind`` is ``swin`` (a `SwinEncoder`) or another network
+    (e.g. CASS's ``cnn``); ``trains_class_attention`` says whether the method trained the class attention (if
+    not, its maps are not attention and the explorer says so).
+    """
 
     def __init__(
-        self, encoder, arch: Architecture, run_config: dict[str, Any], *, source: str, which: str, step: int
+        self,
+        encoder,
+        arch: Architecture,
+        run_config: dict[str, Any],
+        *,
+        source: str,
+        which: str,
+        step: int,
+        kind: str = "swin",
+        class_attention_trained: bool = True,
+        available: tuple[str, ...] = (),
     ):
         self.encoder = encoder
         self.arch = arch
@@ -319,6 +357,9 @@ class PretrainedEncoder:
         self.source = source
         self.which = which
         self.step = step
+        self.kind = kind
+        self.class_attention_trained = class_attention_trained
+        self.available = available
 
     @property
     def method(self) -> str:
@@ -339,23 +380,21 @@ class PretrainedEncoder:
 
     @property
     def trains_class_attention(self) -> bool:
-        """False for methods (SimMIM) whose loss never reaches the class-attention module."""
-        from napari_dagman.core.methods.registry import REGISTRY
-
-        spec = REGISTRY.get(self.method)
-        return bool(spec.uses_teacher) if spec is not None else True
+        """False when the method's loss never reaches the class-attention module (SimMIM, MiM, ...)."""
+        return self.class_attention_trained
 
 
 def load_pretrained_encoder(
     path: str | os.PathLike, which: str = "auto", *, weights: str = "last", device: str | torch.device = "cpu"
 ) -> PretrainedEncoder:
-    """Load the encoder of a pretraining run folder (or of one of its ``.safetensors`` files).
+    """Load an encoder a pretraining run publishes, by name, from its folder (or one of its ``.safetensors``).
 
-    ``which`` is ``teacher``, ``student`` or ``auto`` (the teacher when the method has one: it is the network
-    whose attention chose the masks). ``weights`` is ``last``, ``best`` or a file path. Raises `CheckpointError`
-    for folders that are not pretraining runs, files of another format, and weights that do not fit.
+    ``which`` is ``auto`` (the method's preferred encoder: the teacher for DAGMaN and its relatives) or a
+    published name (``teacher``, ``student``, ``cnn``...). ``weights`` is ``last``, ``best`` or a file path.
+    Raises `CheckpointError` for folders that are not pretraining runs, files of another format, names the
+    run does not publish, and weights that do not fit.
     """
-    from napari_dagman.core.models.encoder import SwinEncoder
+    from napari_dagman.core.models.published import build_published_encoder
 
     path = Path(path)
     if path.is_dir():
@@ -371,7 +410,14 @@ def load_pretrained_encoder(
             if path.parent.name != SNAPSHOT_DIR
             else path.parent.parent / CONFIG_FILE
         )
-        config = json.loads(sibling.read_text()) if sibling.is_file() else {}
+        config = {}
+        if sibling.is_file():
+            try:
+                config = json.loads(sibling.read_text())
+            except (json.JSONDecodeError, OSError) as err:
+                raise CheckpointError(f"{sibling} beside {path.name} is not readable JSON ({err})") from None
+            if not isinstance(config, dict):
+                raise CheckpointError(f"{sibling} beside {path.name} is not a run config")
     tensors, meta = load_tensors(file)
     if meta.get("job", "pretrain") != "pretrain":
         raise CheckpointError(f"{file.name} holds {meta.get('job')} weights, not a pretrained encoder")
@@ -381,18 +427,35 @@ def load_pretrained_encoder(
         if diff:
             raise CheckpointError(f"{file.name} does not match its run's config.json: {'; '.join(diff)}")
     config = config or {"method": meta.get("method")}
-    has_teacher = any(k.startswith("teacher.encoder.") for k in tensors)
-    if which == "auto":
-        which = "teacher" if has_teacher else "student"
-    if which not in ("teacher", "student"):
-        raise CheckpointError(f"which must be teacher, student or auto, got {which!r}")
-    state = strip_prefix(tensors, f"{which}.encoder")
+    encoders, preferred = published_encoders(meta, tensors)
+    name = preferred if which == "auto" else which
+    if name not in encoders:
+        raise CheckpointError(
+            f"{file.name} publishes no encoder '{which}'; it publishes {', '.join(encoders) or 'none'}"
+        )
+    spec = encoders[name]
+    encoder = build_published_encoder(arch, spec)
+    state = strip_prefix(tensors, spec["prefix"])
     if not state:
-        raise CheckpointError(f"{file.name} has no {which} encoder weights")
-    encoder = SwinEncoder(arch)
+        raise CheckpointError(f"{file.name} has no {name} encoder weights")
+    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise CheckpointError(f"{file.name} holds NaN or infinity in its {name} encoder (e.g. {bad[0]})")
     check_state_fits(encoder, state, file.name)
     encoder.load_state_dict(state)
     encoder.eval().to(device)
+    try:
+        step = int(meta.get("step", 0))
+    except ValueError:
+        raise CheckpointError(f"{file.name} has an unreadable step ({meta.get('step')!r})") from None
     return PretrainedEncoder(
-        encoder, arch, config, source=str(file), which=which, step=int(meta.get("step", 0))
+        encoder,
+        arch,
+        config,
+        source=str(file),
+        which=name,
+        step=step,
+        kind=str(spec.get("kind", "swin")),
+        class_attention_trained=bool(spec.get("class_attention_trained", True)),
+        available=tuple(encoders),
     )

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -57,6 +58,18 @@ def field_choices(f: dataclasses.Field) -> tuple[Any, ...] | None:
     return None if choices is None else tuple(choices)
 
 
+def unknown_options_message(kind: str, unknown: typing.Iterable[str], valid: typing.Iterable[str]) -> str:
+    """One line naming unknown keys and, for each, the closest valid name (a typo like ``lerning_rate``)."""
+    import difflib
+
+    valid = sorted(valid)
+    parts = []
+    for key in unknown:
+        close = difflib.get_close_matches(str(key), valid, n=1, cutoff=0.6)
+        parts.append(f"'{key}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
+    return f"unknown {kind} option(s): {', '.join(parts)}"
+
+
 def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
@@ -71,6 +84,13 @@ class ConfigBase:
     """JSON round-trip, validation and argparse integration shared by every job config."""
 
     kind: ClassVar[str] = "config"
+    #: defaults of shared options that differ by job, applied where a field is left at None
+    job_defaults: ClassVar[dict[str, Any]] = {}
+
+    def __post_init__(self) -> None:
+        for key, value in self.job_defaults.items():
+            if getattr(self, key, None) is None:
+                object.__setattr__(self, key, value)
 
     # --- dict / JSON ------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -81,11 +101,17 @@ class ConfigBase:
         return out
 
     @classmethod
+    def field_names(cls) -> set[str]:
+        return {f.name for f in dataclasses.fields(cls)}
+
+    @classmethod
     def from_dict(cls: type[C], data: dict[str, Any], *, strict: bool = True) -> C:
-        names = {f.name for f in dataclasses.fields(cls)}
+        if not isinstance(data, dict):
+            raise DagmanInputError(f"{cls.kind} options must be a JSON object, got {type(data).__name__}")
+        names = cls.field_names()
         unknown = sorted(set(data) - names)
         if unknown and strict:
-            raise DagmanInputError(f"unknown {cls.kind} option(s): {', '.join(unknown)}")
+            raise DagmanInputError(unknown_options_message(cls.kind, unknown, names))
         hints = typing.get_type_hints(cls)
         kwargs = {}
         for key, value in data.items():
@@ -139,6 +165,8 @@ class ConfigBase:
             if tp is float and isinstance(value, int) and not isinstance(value, bool):
                 value = float(value)
                 object.__setattr__(self, f.name, value)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise DagmanInputError(f"{f.name} must be a finite number, got {value}")
             if (
                 tp in (int, float, str, bool)
                 and not isinstance(value, tp)
@@ -158,8 +186,19 @@ class ConfigBase:
 
     # --- argparse -----------------------------------------------------------------------------------------
     @classmethod
-    def add_arguments(cls, parser: argparse.ArgumentParser, *, skip: typing.Iterable[str] = ()) -> None:
-        """Add one ``--flag`` per field (defaults suppressed, so only flags the user gives override)."""
+    def add_arguments(
+        cls,
+        parser: argparse.ArgumentParser,
+        *,
+        skip: typing.Iterable[str] = (),
+        title: str | None = None,
+        defaults: dict[str, Any] | None = None,
+    ) -> None:
+        """Add one ``--flag`` per field (defaults suppressed, so only flags the user gives override).
+
+        Fields go into argument groups by their ``group`` (or all into one group called ``title``);
+        ``defaults`` overrides the defaults shown in the help (a preset's values).
+        """
         hints = typing.get_type_hints(cls)
         skip = set(skip)
         groups: dict[str, argparse._ArgumentGroup] = {}
@@ -168,9 +207,11 @@ class ConfigBase:
                 continue
             tp, _ = _unwrap_optional(hints[f.name])
             flag = f.metadata.get("flag") or "--" + f.name.replace("_", "-")
-            group_name = f.metadata.get("group", "general")
-            group = groups.setdefault(group_name, parser.add_argument_group(f"{group_name} options"))
+            group_name = title or f"{f.metadata.get('group', 'general')} options"
+            group = groups.setdefault(group_name, parser.add_argument_group(group_name))
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            if defaults and f.name in defaults:
+                default = defaults[f.name]
             help_text = f"{f.metadata.get('help', '')} (default: {default})".replace("%", "%%")
             kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": help_text}
             if tp is bool:
@@ -203,68 +244,58 @@ class ConfigBase:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Pretraining
+# Options every training job shares (declared once)
 # ---------------------------------------------------------------------------------------------------------
-from napari_dagman.core.methods.registry import method_names  # noqa: E402
-
-METHOD_NAMES: tuple[str, ...] = method_names()
-
-
-def _mask_strategy_names() -> tuple[str, ...]:
-    """The registry of `core.masking` (imported when a choice is checked: it needs torch)."""
-    from napari_dagman.core.masking import strategy_names
-
-    return strategy_names()
-
-TEACHER_NOISES: tuple[str, ...] = ("none", "input-dropout", "gaussian")
 PRESET_NAMES: tuple[str, ...] = ("tiny", "small", "base")
+DEVICE_HELP = "auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps"
 
 
 @dataclass
-class PretrainConfig(ConfigBase):
-    """Self-supervised pretraining. ``None`` means "the method's / preset's default" (resolved at start)."""
+class RunOptions(ConfigBase):
+    """Where and how a training job runs: device, threads, seed, logging and checkpoint cadence."""
 
-    kind: ClassVar[str] = "pretrain"
+    device: str = option("auto", DEVICE_HELP, group="run")
+    seed: int = option(0, "random seed (initialisation, crops, masks, noise, augmentation)", group="run")
+    threads: int | None = option(None, "torch CPU threads (default: torch's choice)", minimum=1, group="run")
+    log_every: int = option(1, "write metrics every N steps", minimum=1, group="run")
+    save_every: int = option(
+        10, "refresh the resumable 'last' checkpoint every N steps", minimum=1, group="run"
+    )
+    checkpoint_every: int | None = option(
+        None,
+        "keep a weights snapshot every N steps (0 = only last and best; default 100 when pretraining, 0 when "
+        "fine-tuning)",
+        minimum=0,
+        group="run",
+    )
 
-    images: list[str] = option([], "image files or DICOM folders to pretrain on", cli=False, group="data")
-    out: str | None = option(None, "run folder to write (created if missing)", cli=False, group="run")
-    method: str = option(
-        "dagman", "self-supervised method (see `napari-dagman methods`)", choices=METHOD_NAMES
-    )
-    preset: str = option(
-        "small",
-        "encoder size: tiny (CPU/tests), small, base (SMIT's Swin)",
-        choices=PRESET_NAMES,
-        group="model",
-    )
-    dims: int = option(
-        3, "3 = volumes (window 4), 2 = axial slices (window 7)", choices=(2, 3), group="model"
-    )
-    roi: int = option(96, "crop side in voxels; a multiple of 32", minimum=32, group="data")
-    spacing: float | None = option(
-        2.0,
-        "resample to this isotropic spacing in mm (2D: in-plane); omit to keep the file's",
-        minimum=0.05,
-        group="data",
-    )
-    hu_min: float = option(-175.0, "model input: HU mapped to 0 (clipped below)", group="data")
-    hu_max: float = option(250.0, "model input: HU mapped to 1 (clipped above)", group="data")
-    steps: int | None = option(
-        None, "optimiser steps (give steps or epochs; default 1000 steps)", minimum=1, group="optimisation"
-    )
-    epochs: int | None = option(
-        None, "passes over the volumes (batch-size volumes per step)", minimum=1, group="optimisation"
-    )
-    batch_size: int = option(2, "volumes per step; each gives two views", minimum=1, group="optimisation")
+
+@dataclass
+class OptimiserOptions(ConfigBase):
+    """AdamW with a linear warm-up and a cosine decay, gradient clipping, mixed precision."""
+
+    batch_size: int = option(2, "volumes (pretraining) or crops (fine-tuning) per step", minimum=1, group="optimisation")
     lr: float | None = option(
-        None, "peak learning rate (default 1e-4 x batch size, SMIT's rule)", minimum=0.0, group="optimisation"
+        None,
+        "peak learning rate (default: 1e-4 x batch size when pretraining, SMIT's rule; 1e-4 when fine-tuning)",
+        minimum=0.0,
+        group="optimisation",
     )
     min_lr: float = option(
         1e-6, "learning rate at the end of the cosine schedule", minimum=0.0, group="optimisation"
     )
-    weight_decay: float = option(0.05, "AdamW weight decay", minimum=0.0, group="optimisation")
+    weight_decay: float | None = option(
+        None,
+        "AdamW weight decay, none on biases, norms and tokens (default: 0.05 when pretraining, 1e-5 when "
+        "fine-tuning)",
+        minimum=0.0,
+        group="optimisation",
+    )
     warmup_steps: int | None = option(
-        None, "linear learning-rate warm-up (default 10% of the steps)", minimum=0, group="optimisation"
+        None,
+        "linear learning-rate warm-up (default: 10% of the steps when pretraining, 5% when fine-tuning)",
+        minimum=0,
+        group="optimisation",
     )
     grad_clip: float = option(
         3.0, "clip the gradient norm to this (0 = off)", minimum=0.0, group="optimisation"
@@ -276,103 +307,65 @@ class PretrainConfig(ConfigBase):
         "explicit softmax up to rounding)",
         group="optimisation",
     )
-    mask_strategy: str | None = option(
-        None, "mask strategy (default: the method's)", choices=_mask_strategy_names, group="masking"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Pretraining
+# ---------------------------------------------------------------------------------------------------------
+def _method_names() -> tuple[str, ...]:
+    """The method registry, read when a choice is checked (methods may be registered after this import)."""
+    from napari_dagman.core.methods.registry import method_names
+
+    return method_names()
+
+
+@dataclass
+class PretrainConfig(OptimiserOptions, RunOptions):
+    """Self-supervised pretraining. ``None`` means "the method's / preset's default" (resolved at start).
+
+    The method's own options live in ``options`` (a dict checked against the method's options dataclass, see
+    `core.methods.base.MethodOptions`); in JSON they are stored under the method's name, e.g.
+    ``{"method": "dagman", "dagman": {"mask_ratio": 0.6}}``. `from_dict` also accepts them at the top level.
+    """
+
+    kind: ClassVar[str] = "pretrain"
+    job_defaults: ClassVar[dict[str, Any]] = {"weight_decay": 0.05, "checkpoint_every": 100}
+
+    images: list[str] = option([], "image files or DICOM folders to pretrain on", cli=False, group="data")
+    out: str | None = option(None, "run folder to write (created if missing)", cli=False, group="run")
+    method: str = option(
+        "dagman", "self-supervised method (see `napari-dagman methods`)", choices=_method_names
     )
-    mask_ratio: float | None = option(
-        None,
-        "fraction of mask cells hidden (default: the method's)",
-        minimum=0.0,
-        maximum=1.0,
-        group="masking",
+    options: dict[str, Any] = option(
+        {}, "the method's own options (see `pretrain --method X --help`)", cli=False, group="method"
+    )
+    preset: str = option(
+        "small",
+        "encoder size: tiny (CPU/tests), small, base (SMIT's Swin)",
+        choices=PRESET_NAMES,
+        group="model",
+    )
+    dims: int = option(
+        3, "3 = volumes (window 4), 2 = axial slices (window 7)", choices=(2, 3), group="model"
+    )
+    roi: int = option(96, "crop side in voxels; a multiple of 32", minimum=32, maximum=1024, group="data")
+    spacing: float | None = option(
+        2.0,
+        "resample to this isotropic spacing in mm (2D: in-plane); omit to keep the file's",
+        minimum=0.05,
+        maximum=50.0,
+        group="data",
+    )
+    hu_min: float = option(-175.0, "model input: HU mapped to 0 (clipped below)", group="data")
+    hu_max: float = option(250.0, "model input: HU mapped to 1 (clipped above)", group="data")
+    steps: int | None = option(
+        None, "optimiser steps (give steps or epochs; default 1000 steps)", minimum=1, group="optimisation"
+    )
+    epochs: int | None = option(
+        None, "passes over the volumes (batch-size volumes per step)", minimum=1, group="optimisation"
     )
     mask_cell: int = option(
         16, "mask cell side in voxels (16 = one stage-3 token at patch 2)", minimum=2, group="masking"
-    )
-    mask_warmup_steps: int | None = option(
-        None,
-        "random masks for the first N steps: an untrained teacher's attention is noise (default 10% of the steps)",
-        minimum=0,
-        group="masking",
-    )
-    hint_fraction: float = option(
-        0.1,
-        "attention-hint: reveal this fraction x ratio of the cells",
-        minimum=0.0,
-        maximum=1.0,
-        group="masking",
-    )
-    hint_pool: float = option(
-        0.1,
-        "attention-hint: hints come from this top fraction of attention",
-        minimum=0.0,
-        maximum=1.0,
-        group="masking",
-    )
-    masking_prob: float | None = option(
-        None,
-        "share of the images that are masked at all; the others are shown whole (AttMask: 0.5; default: "
-        "the method's)",
-        minimum=0.0,
-        maximum=1.0,
-        group="masking",
-    )
-    mask_ratio_jitter: float | None = option(
-        None,
-        "each image's ratio is drawn uniformly from ratio +- this (AttMask/iBOT: 0.3 +- 0.2; default: the "
-        "method's)",
-        minimum=0.0,
-        maximum=0.5,
-        group="masking",
-    )
-    teacher_noise: str | None = option(
-        None,
-        "noisy teacher: none, input-dropout (SMART) or gaussian feature noise (default: the method's)",
-        choices=TEACHER_NOISES,
-        group="teacher",
-    )
-    noise_rate: float = option(
-        0.2,
-        "input-dropout: fraction of cells dropped; gaussian: noise std relative to the token std",
-        minimum=0.0,
-        maximum=0.9,
-        group="teacher",
-    )
-    ema_momentum: float = option(
-        0.996, "EMA teacher momentum at step 0 (cosine to 1)", minimum=0.0, maximum=1.0, group="teacher"
-    )
-    teacher_temp: float = option(0.04, "teacher softmax temperature at step 0", minimum=1e-4, group="teacher")
-    teacher_temp_final: float = option(
-        0.07, "teacher temperature after the warm-up", minimum=1e-4, group="teacher"
-    )
-    teacher_temp_warmup: int | None = option(
-        None,
-        "steps of linear teacher-temperature warm-up (default 30% of the steps)",
-        minimum=0,
-        group="teacher",
-    )
-    freeze_last_layer_steps: int | None = option(
-        None,
-        "the projection heads' last layer is not updated for the first N steps (DINO/iBOT/SMIT freeze it for "
-        "the first epoch; default 1% of the steps)",
-        minimum=0,
-        group="teacher",
-    )
-    student_temp: float = option(0.1, "student softmax temperature", minimum=1e-4, group="teacher")
-    center_momentum: float = option(
-        0.9, "momentum of the teacher-output centre", minimum=0.0, maximum=1.0, group="teacher"
-    )
-    w_global: float | None = option(
-        None,
-        "weight of the cross-view global distillation loss (default 0.1, SMIT)",
-        minimum=0.0,
-        group="loss",
-    )
-    w_patch: float | None = option(
-        None, "weight of the masked-patch distillation loss (default 0.1, SMIT)", minimum=0.0, group="loss"
-    )
-    w_rec: float | None = option(
-        None, "weight of the L1 reconstruction of masked voxels (default 1.0)", minimum=0.0, group="loss"
     )
     out_dim: int | None = option(
         None, "prototypes of the projection heads (default: the preset's)", minimum=2, group="model"
@@ -387,10 +380,6 @@ class PretrainConfig(ConfigBase):
         maximum=4,
         group="model",
     )
-    device: str = option("auto", "auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps", group="run")
-    seed: int = option(0, "random seed (crops, masks, noise and initialisation)", group="run")
-    threads: int | None = option(None, "torch CPU threads (default: torch's choice)", minimum=1, group="run")
-    log_every: int = option(1, "write metrics every N steps", minimum=1, group="run")
     preview_every: int = option(
         10, "emit an attention/mask preview every N steps (0 = never)", minimum=0, group="run"
     )
@@ -404,12 +393,64 @@ class PretrainConfig(ConfigBase):
     probe_crops: int = option(
         4, "probe crops drawn once per run from the training data", minimum=1, maximum=64, group="run"
     )
-    checkpoint_every: int = option(
-        100, "keep a weights snapshot every N steps (0 = only last and best)", minimum=0, group="run"
-    )
-    save_every: int = option(
-        10, "refresh the resumable 'last' checkpoint every N steps", minimum=1, group="run"
-    )
+
+    # --- method options ---------------------------------------------------------------------------------
+    def method_spec(self) -> Any:
+        from napari_dagman.core.methods.registry import get_method
+
+        return get_method(self.method)
+
+    def method_options(self) -> Any:
+        """The method's options dataclass: the preset's defaults, then ``options`` (checked)."""
+        return self.method_spec().make_options(self.options)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = super().to_dict()
+        out[self.method] = dict(out.pop("options"))
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], *, strict: bool = True) -> PretrainConfig:
+        """Accepts the method's options under its name (as `to_dict` writes them) or at the top level."""
+        if not isinstance(data, dict):
+            raise DagmanInputError(f"pretrain options must be a JSON object, got {type(data).__name__}")
+        from napari_dagman.core.methods.registry import get_method, method_names
+
+        data = dict(data)
+        method = data.get("method", "dagman")
+        if method not in method_names():
+            get_method(method)  # one line naming the registered methods
+        nested = data.pop(method, None)
+        options = dict(data.pop("options", None) or {})
+        if nested is not None:
+            if not isinstance(nested, dict):
+                raise DagmanInputError(f"'{method}' must hold the method's options as a JSON object")
+            options.update(nested)
+        for other in method_names():  # options of another method (a config edited by hand)
+            if other != method and isinstance(data.get(other), dict):
+                if strict:
+                    raise DagmanInputError(
+                        f"the config holds options of '{other}' but its method is '{method}'"
+                    )
+                data.pop(other)
+        own = cls.field_names()
+        method_fields = get_method(method).options_class().field_names()
+        for key in list(data):
+            if key not in own and key in method_fields:
+                options[key] = data.pop(key)
+        unknown = sorted(set(data) - own)
+        if unknown and strict:
+            raise DagmanInputError(unknown_options_message("pretrain", unknown, own | method_fields))
+        data["options"] = options
+        return super().from_dict(data, strict=strict)
+
+    def replace(self, **changes: Any) -> PretrainConfig:
+        """Like `dataclasses.replace`; method options may be given by name too."""
+        own = self.field_names()
+        moved = {k: changes.pop(k) for k in list(changes) if k not in own}
+        if moved:
+            changes["options"] = {**self.options, **changes.get("options", {}), **moved}
+        return super().replace(**changes)
 
     def validate(self) -> None:
         super().validate()
@@ -425,6 +466,7 @@ class PretrainConfig(ConfigBase):
             raise DagmanInputError("give either steps or epochs, not both")
         if not self.hu_max > self.hu_min:
             raise DagmanInputError(f"hu_max ({self.hu_max}) must be above hu_min ({self.hu_min})")
+        self.method_options()  # refuses unknown or out-of-range method options
 
     def total_steps(self, num_volumes: int) -> int:
         """Steps of the run: ``steps``, or ``epochs`` x ceil(volumes / batch), or 1000."""
@@ -442,8 +484,21 @@ class PretrainConfig(ConfigBase):
 EMBED_FEATURES: tuple[str, ...] = ("encoder", "random-init", "intensity", "position")
 EMBED_POOLINGS: tuple[str, ...] = ("mean", "token")
 EMBED_SAMPLINGS: tuple[str, ...] = ("grid", "organs", "both")
-PROJECTIONS: tuple[str, ...] = ("umap", "pca", "tsne")
-CLUSTERINGS: tuple[str, ...] = ("kmeans", "hdbscan", "none")
+
+
+def projection_names() -> tuple[str, ...]:
+    """The projection registry of `core.embeddings` (read when a choice is checked: it imports monai)."""
+    from napari_dagman.core.embeddings.projection import PROJECTIONS
+
+    return tuple(PROJECTIONS)
+
+
+def clustering_names() -> tuple[str, ...]:
+    """The clusterer registry of `core.embeddings`."""
+    from napari_dagman.core.embeddings.clustering import CLUSTERINGS
+
+    return tuple(CLUSTERINGS)
+
 
 
 @dataclass
@@ -464,8 +519,7 @@ class EmbedConfig(ConfigBase):
     )
     which: str = option(
         "auto",
-        "encoder of the run: teacher, student or auto (teacher when there is one)",
-        choices=("auto", "teacher", "student"),
+        "encoder the run publishes: auto (the method's preferred one) or its name (teacher, student, cnn, ...)",
     )
     weights: str = option("last", "weights of the run: last or best", choices=("last", "best"))
     stage: int = option(
@@ -509,7 +563,7 @@ class EmbedConfig(ConfigBase):
         "resample a label map on another grid onto the image (nearest) instead of refusing it",
         group="data",
     )
-    method: str = option("umap", "2D projection", choices=PROJECTIONS, group="projection")
+    method: str = option("umap", "2D projection", choices=projection_names, group="projection")
     fast: bool = option(
         False, "UMAP in parallel: faster, but not reproducible (no fixed random state)", group="projection"
     )
@@ -519,7 +573,7 @@ class EmbedConfig(ConfigBase):
         30.0, "t-SNE perplexity (capped for few points)", minimum=1.0, group="projection"
     )
     clustering: str = option(
-        "kmeans", "clusters shown in the table and the plot", choices=CLUSTERINGS, group="clusters"
+        "kmeans", "clusters shown in the table and the plot", choices=clustering_names, group="clusters"
     )
     clusters: int = option(
         0,
@@ -580,18 +634,20 @@ class EmbedConfig(ConfigBase):
 # ---------------------------------------------------------------------------------------------------------
 # Fine-tuning and prediction (segmentation)
 # ---------------------------------------------------------------------------------------------------------
+#: the encoder names most runs publish (a method may publish others, e.g. CASS's "cnn")
 ENCODER_CHOICES: tuple[str, ...] = ("auto", "teacher", "student")
 VAL_SPLITS: tuple[str, ...] = ("auto", "slab", "cases", "none")
 
 
 @dataclass
-class FinetuneConfig(ConfigBase):
+class FinetuneConfig(OptimiserOptions, RunOptions):
     """Segmentation fine-tuning of a SwinUNETR (encoder from a pretraining run, or from scratch).
 
     ``None`` means "the pretraining run's value" (or the scratch default when there is no run), resolved at start.
     """
 
     kind: ClassVar[str] = "finetune"
+    job_defaults: ClassVar[dict[str, Any]] = {"lr": 1e-4, "weight_decay": 1e-5, "checkpoint_every": 0}
 
     images: list[str] = option([], "CT files or DICOM folders, one per label map", cli=False, group="data")
     segmentations: list[str] = option(
@@ -609,9 +665,8 @@ class FinetuneConfig(ConfigBase):
     )
     init_encoder: str = option(
         "auto",
-        "which encoder of the run: auto (the teacher when the method has one, as DINO-style evaluation "
-        "does), teacher or student",
-        choices=ENCODER_CHOICES,
+        "which encoder the run publishes: auto (the method's preferred one: the teacher for DAGMaN and its "
+        "relatives, as DINO-style evaluation does), or its name (teacher, student, transformer, ...)",
         group="model",
     )
     init_weights: str = option(
@@ -664,25 +719,6 @@ class FinetuneConfig(ConfigBase):
         group="data",
     )
     steps: int = option(1000, "optimiser steps", minimum=1, group="optimisation")
-    batch_size: int = option(2, "crops per step", minimum=1, group="optimisation")
-    lr: float = option(1e-4, "peak learning rate (AdamW)", minimum=0.0, group="optimisation")
-    min_lr: float = option(
-        1e-6, "learning rate at the end of the cosine schedule", minimum=0.0, group="optimisation"
-    )
-    weight_decay: float = option(1e-5, "AdamW weight decay", minimum=0.0, group="optimisation")
-    warmup_steps: int | None = option(
-        None, "linear learning-rate warm-up (default 5% of the steps)", minimum=0, group="optimisation"
-    )
-    grad_clip: float = option(
-        3.0, "clip the gradient norm to this (0 = off)", minimum=0.0, group="optimisation"
-    )
-    amp: bool = option(True, "bf16 autocast on CUDA (ignored on CPU)", group="optimisation")
-    fused_attention: bool = option(
-        True,
-        "window attention via scaled_dot_product_attention (about 2x faster attention; equal to MONAI's "
-        "explicit softmax up to rounding)",
-        group="optimisation",
-    )
     val_split: str = option(
         "auto",
         "validation data: slab (a held-out axial slab of each volume), cases (the last --val-cases pairs), "
@@ -716,16 +752,6 @@ class FinetuneConfig(ConfigBase):
     val_every: int = option(50, "validate every N steps (and at the end)", minimum=1, group="validation")
     overlap: float = option(
         0.25, "sliding-window overlap during validation", minimum=0.0, maximum=0.95, group="validation"
-    )
-    device: str = option("auto", "auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps", group="run")
-    seed: int = option(0, "random seed (initialisation, crops, augmentation)", group="run")
-    threads: int | None = option(None, "torch CPU threads (default: torch's choice)", minimum=1, group="run")
-    log_every: int = option(1, "write training metrics every N steps", minimum=1, group="run")
-    save_every: int = option(
-        10, "refresh the resumable 'last' checkpoint every N steps", minimum=1, group="run"
-    )
-    checkpoint_every: int = option(
-        0, "keep a weights snapshot every N steps (0 = only last and best)", minimum=0, group="run"
     )
 
     def validate(self) -> None:

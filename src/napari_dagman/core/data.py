@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from monai.transforms import CropForeground, SpatialPad
 
-from napari_dagman.core.checkpoint import array_hash
 from napari_dagman.core.errors import DagmanInputError
+from napari_dagman.core.hashing import array_hash
 from napari_dagman.core.io import resample_to_spacing
 from napari_dagman.core.volume import Volume, check_finite
 from napari_dagman.core.windowing import normalize_hu

@@ -11,7 +11,7 @@ import contextlib
 import json
 import os
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import SimpleITK as sitk
 
-from napari_dagman.core.errors import DagmanInputError
+from napari_dagman.core.errors import DagmanError, DagmanInputError
 from napari_dagman.core.volume import Volume
 
 #: File name endings that SimpleITK reads as 3D volumes here.
@@ -255,7 +255,15 @@ def read_volumes(path: str | os.PathLike) -> list[Volume]:
 
 
 def _check_nifti_complete(path: Path) -> None:
-    """Refuse truncated NIfTI files, which ITK reads without complaint (the missing voxels become 0).
+    """Refuse truncated NIfTI files, which ITK reads without complaint (the missing voxels become 0)."""
+    if not _nifti_complete(path):
+        raise DagmanInputError(
+            f"{path.name} is truncated or corrupt: its data end before the header says they do"
+        )
+
+
+def _nifti_complete(path: Path) -> bool:
+    """Whether a NIfTI file holds all the data its header announces.
 
     The expected size is the header's data offset plus voxels x bytes per voxel; for ``.nii.gz`` it is compared
     with the gzip trailer (uncompressed size modulo 2**32), which a cut file does not have.
@@ -270,18 +278,13 @@ def _check_nifti_complete(path: Path) -> None:
             int(float(reader.GetMetaData("vox_offset"))) + voxels * int(reader.GetMetaData("bitpix")) // 8
         )
     except (RuntimeError, ValueError):
-        return  # not enough header information to check; SimpleITK has read what it could
+        return True  # not enough header information to check; SimpleITK has read what it could
     if suffix_of(path) == ".nii.gz":
         with open(path, "rb") as fh:
             fh.seek(-4, os.SEEK_END)
             stored = int.from_bytes(fh.read(4), "little")
-        complete = stored == expected % 2**32
-    else:
-        complete = path.stat().st_size >= expected
-    if not complete:
-        raise DagmanInputError(
-            f"{path.name} is truncated or corrupt: its data end before the header says they do"
-        )
+        return stored == expected % 2**32
+    return path.stat().st_size >= expected
 
 
 def read_volume(path: str | os.PathLike) -> Volume:
@@ -328,14 +331,86 @@ def read_label_names(path: str | os.PathLike) -> dict[int, str] | None:
 
 
 # --- writing ----------------------------------------------------------------------------------------------
-def _atomic_target(path: Path) -> tuple[Path, str]:
-    suffix = suffix_of(path)
-    if suffix not in WRITE_SUFFIXES:
-        raise DagmanInputError(f"cannot write '{path.name}': use one of {', '.join(WRITE_SUFFIXES)}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{stem_of(path)}.", suffix=suffix, dir=path.parent)
-    os.close(fd)
-    return Path(tmp), suffix
+def atomic_write(
+    path: str | os.PathLike,
+    write: Callable[[Path], object],
+    *,
+    verify: Callable[[Path], object] | None = None,
+    suffix: str | None = None,
+) -> Path:
+    """Write ``path`` completely or not at all: the project's one way to write a whole file.
+
+    ``write(tmp)`` fills a temporary file in the target's folder whose name ends like the target (or in
+    ``suffix``), so writers that choose the format by extension (SimpleITK, numpy) write the right one.
+    ``verify(tmp)``, when given, checks what was written and raises if it is wrong. The file is then fsynced,
+    given the permissions of a plain ``open()`` and renamed onto ``path``.
+
+    On any failure the temporary file is removed and ``path`` is left as it was. An `OSError` (disk full, no
+    permission, read-only file system) or a `DagmanError` from ``write``/``verify`` (whose message is the
+    reason) is raised as one line, ``cannot write <path>: <reason>``, of the same `DagmanError` class
+    (`DagmanInputError` for an `OSError`).
+    """
+    path = Path(path)
+    ending = suffix_of(path) if suffix is None else suffix
+    tmp: Path | None = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # hidden, and ".tmp" before the ending: a leftover from a killed process is recognisable as one
+        fd, name = tempfile.mkstemp(prefix=f".{stem_of(path)}.", suffix=f".tmp{ending}", dir=path.parent)
+        os.close(fd)
+        tmp = Path(name)
+        write(tmp)
+        if verify is not None:
+            verify(tmp)
+        publish(tmp, path)
+        tmp = None  # renamed into place: nothing left to clean up
+    except OSError as err:
+        raise DagmanInputError(f"cannot write {path}: {_os_reason(err, path.parent)}") from None
+    except DagmanError as err:
+        raise type(err)(f"cannot write {path}: {err}") from None
+    finally:
+        if tmp is not None:
+            with contextlib.suppress(OSError):  # gone with its folder: nothing more to clean
+                tmp.unlink()
+    return path
+
+
+def _os_reason(err: OSError, folder: Path) -> str:
+    """The system's reason, naming the file concerned when it lies outside the target's folder (a parent)."""
+    reason = err.strerror or str(err)
+    if isinstance(err.filename, (str, bytes, os.PathLike)):
+        concerned = Path(os.fsdecode(err.filename))
+        if concerned.parent != folder:
+            return f"{reason} ({concerned})"
+    return reason
+
+
+def _umask_mode() -> int:
+    """Permissions a normal ``open()`` would give a new file (mkstemp's are owner-only)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def publish(tmp: str | os.PathLike, path: str | os.PathLike) -> None:
+    """fsync a finished temporary file, give it normal permissions and rename it onto ``path``.
+
+    The last step of `atomic_write`; the caller removes ``tmp`` when this raises.
+    """
+    with open(tmp, "rb") as fh:
+        os.fsync(fh.fileno())
+    os.chmod(tmp, _umask_mode())
+    os.replace(tmp, path)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write text to ``path`` through a temporary file and a rename (see `atomic_write`)."""
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "w") as fh:
+            fh.write(text)
+
+    atomic_write(path, write)
 
 
 def write_volume(
@@ -347,19 +422,24 @@ def write_volume(
 ) -> list[str]:
     """Write a volume (in its source orientation) and, for label maps, a ``.labels.json`` sidecar.
 
-    The file is written to a temporary name and renamed, so an interrupted write never leaves a broken file.
-    Returns the paths written.
+    The file is written to a temporary name, checked and renamed, so an interrupted write or a full disk never
+    leaves a broken file. Returns the paths written.
     """
     path = Path(path)
-    tmp, _ = _atomic_target(path)
+    if suffix_of(path) not in WRITE_SUFFIXES:
+        raise DagmanInputError(f"cannot write '{path.name}': use one of {', '.join(WRITE_SUFFIXES)}")
     try:
-        sitk.WriteImage(to_sitk(volume), str(tmp), useCompression=compress)
-        publish(tmp, path)
+        image = to_sitk(volume)
     except RuntimeError as err:
         raise DagmanInputError(f"cannot write {path}: {_first_line(err)}") from None
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+
+    def write(tmp: Path) -> None:
+        try:
+            sitk.WriteImage(image, str(tmp), useCompression=compress)
+        except RuntimeError as err:
+            raise DagmanInputError(_first_line(err)) from None
+
+    atomic_write(path, write, verify=lambda tmp: _verify_volume(tmp, image.GetSize()))
     written = [str(path)]
     if label_names:
         side = sidecar_path(path)
@@ -368,33 +448,22 @@ def write_volume(
     return written
 
 
-def _umask_mode() -> int:
-    """Permissions a normal ``open()`` would give a new file (mkstemp's are owner-only)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
+def _verify_volume(path: Path, size: tuple[int, ...]) -> None:
+    """Read back the header of a volume just written and check that all its data are there.
 
-
-def publish(tmp: str | os.PathLike, path: str | os.PathLike) -> None:
-    """fsync a finished temporary file, give it normal permissions and rename it onto ``path``."""
-    with open(tmp, "rb") as fh:
-        os.fsync(fh.fileno())
-    os.chmod(tmp, _umask_mode())
-    os.replace(tmp, path)
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write text to ``path`` through a temporary file and a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    SimpleITK's NIfTI writer does not report a full disk (the file just ends early, and reads back with zeros),
+    so a write is only trusted once the file says it is complete.
+    """
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
     try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        publish(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        reader.ReadImageInformation()
+    except RuntimeError as err:
+        raise DagmanInputError(f"the written file does not read back ({_first_line(err)})") from None
+    if tuple(reader.GetSize()) != tuple(size):
+        raise DagmanInputError(f"the written file has size {reader.GetSize()}, not {size}")
+    if suffix_of(path) in (".nii", ".nii.gz") and not _nifti_complete(path):
+        raise DagmanInputError("the written file is incomplete (is the disk full?)")
 
 
 # --- resampling -------------------------------------------------------------------------------------------

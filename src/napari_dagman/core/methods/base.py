@@ -1,22 +1,159 @@
-"""The small interface every self-supervised method implements, and the pieces they share.
+"""The contract every self-supervised method implements, and the pieces methods share.
 
-A method owns its networks (``student``, optionally ``teacher``) and turns a batch of paired views into a loss
-(`forward_step`); the engine owns the optimiser, the schedule, devices, checkpoints and events.
+A method is one file in this package and one `MethodSpec` in the registry. It declares:
+
+* its **options**: a small dataclass (`MethodOptions` subclass) whose fields carry default, limits, help and
+  group; the CLI shows them under ``pretrain --method X --help``, the pretraining dock when X is chosen, and the
+  run's config.json stores them under the method's name;
+* the modules it **trains** (`trained_modules`: the optimiser, gradient clipping, DDP and checkpoints cover
+  exactly these) and the ones it keeps by **EMA** (`ema_modules`: saved, never optimised, always in eval mode);
+* the encoders it **publishes** for downstream use (`published_encoders`, by name: ``teacher``, ``student``,
+  ``cnn``...), which fine-tuning, embeddings and the attention explorer read by name;
+* its **capabilities** (`Capabilities`): trains the class attention, has a teacher, reconstructs, which
+  pictures its previews hold. The GUI and the explorer read these instead of testing method names.
+
+Per step it turns a batch of paired views into a loss (`forward_step`); the training loop owns the optimiser,
+schedules, devices, precision, checkpoints and events (`core.training`).
 """
 
 from __future__ import annotations
 
+import math
 from abc import abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from napari_dagman.core.config import PretrainConfig
-from napari_dagman.core.masking import attention_to_cells, get_strategy, make_mask
+from napari_dagman.core.config import ConfigBase, PretrainConfig, option
+from napari_dagman.core.errors import DagmanInputError
+from napari_dagman.core.masking import attention_to_cells, get_strategy, make_mask, strategy_names
 from napari_dagman.core.methods.losses import masked_l1
 from napari_dagman.core.models.architecture import Architecture
 from napari_dagman.core.models.encoder import cell_stage_token_mask, cell_token_mask, upsample_mask
+
+
+# --- options --------------------------------------------------------------------------------------------------
+@dataclass
+class MethodOptions(ConfigBase):
+    """Base of every method's options. ``None`` fields are filled by `resolve` once the run length is known."""
+
+    kind: ClassVar[str] = "method"
+
+    def resolve(self, steps: int) -> MethodOptions:
+        """Fill the defaults that depend on the number of steps (warm-ups); returns a new, complete object."""
+        return self
+
+
+def fraction_of(steps: int, fraction: float) -> int:
+    """A step count that is a fraction of the run (warm-ups default to one)."""
+    return int(round(fraction * steps))
+
+
+@dataclass
+class MaskingOptions(MethodOptions):
+    """How a masked-image-modelling method hides cells (the strategies of `core.masking`)."""
+
+    mask_strategy: str = option(
+        "random", "mask strategy (see core/masking.py)", choices=strategy_names, group="masking"
+    )
+    mask_ratio: float = option(
+        0.6, "fraction of mask cells hidden", minimum=0.0, maximum=1.0, group="masking"
+    )
+    mask_warmup_steps: int | None = option(
+        None,
+        "random masks for the first N steps: an untrained teacher's attention is noise (default 10% of the steps)",
+        minimum=0,
+        group="masking",
+    )
+    hint_fraction: float = option(
+        0.1,
+        "attention-hint: reveal this fraction x ratio of the cells",
+        minimum=0.0,
+        maximum=1.0,
+        group="masking",
+    )
+    hint_pool: float = option(
+        0.1,
+        "attention-hint: hints come from this top fraction of attention",
+        minimum=0.0,
+        maximum=1.0,
+        group="masking",
+    )
+    masking_prob: float = option(
+        1.0,
+        "share of the images that are masked at all; the others are shown whole (AttMask: 0.5)",
+        minimum=0.0,
+        maximum=1.0,
+        group="masking",
+    )
+    mask_ratio_jitter: float = option(
+        0.0,
+        "each image's ratio is drawn uniformly from ratio +- this (AttMask/iBOT: 0.3 +- 0.2)",
+        minimum=0.0,
+        maximum=0.5,
+        group="masking",
+    )
+
+    def resolve(self, steps: int) -> MaskingOptions:
+        if self.mask_warmup_steps is None:
+            return self.replace(mask_warmup_steps=fraction_of(steps, 0.1))
+        return self
+
+
+# --- what a method declares ----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Capabilities:
+    """What a method does, for the GUI, the explorer and the CLI (never test a method's name).
+
+    ``previews`` names the pictures its `StepOutput` carries for the live preview: ``attention`` (class
+    attention), ``mask`` (hidden cells), ``unseen`` (cells a noisy teacher dropped), ``reconstruction``,
+    ``levels`` (masks per level), ``error`` (reconstruction error per cell).
+    """
+
+    trains_class_attention: bool
+    has_teacher: bool
+    reconstructs: bool
+    previews: tuple[str, ...] = ("mask",)
+    #: the explorer's mask strategies (random, block, attention-*) describe this method's masks
+    cell_masks: bool = True
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "trains_class_attention": self.trains_class_attention,
+            "has_teacher": self.has_teacher,
+            "reconstructs": self.reconstructs,
+            "previews": list(self.previews),
+            "cell_masks": self.cell_masks,
+        }
+
+
+@dataclass(frozen=True)
+class PublishedEncoder:
+    """An encoder a run offers for downstream use: its weights are the keys under ``prefix`` in the run's files.
+
+    ``kind`` says how to rebuild it: ``swin`` is the run's `SwinEncoder` (class attention included; whether
+    the method trained that module is ``class_attention_trained``); other kinds (a CNN) carry their own
+    ``architecture`` description.
+    """
+
+    name: str
+    prefix: str
+    kind: str = "swin"
+    class_attention_trained: bool = True
+    architecture: dict[str, Any] | None = None
+    description: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "prefix": self.prefix,
+            "kind": self.kind,
+            "class_attention_trained": self.class_attention_trained,
+            "architecture": self.architecture,
+            "description": self.description,
+        }
 
 
 @dataclass
@@ -41,49 +178,84 @@ class StepOutput:
 
 
 def unwrap(module: nn.Module) -> nn.Module:
-    """The module inside a DistributedDataParallel wrapper (or the module itself)."""
-    return module.module if hasattr(module, "module") and isinstance(module.module, nn.Module) else module
+    """The module inside a DistributedDataParallel (or compiled) wrapper, or the module itself."""
+    inner = getattr(module, "module", None)
+    if isinstance(inner, nn.Module):
+        return inner
+    original = getattr(module, "_orig_mod", None)
+    return original if isinstance(original, nn.Module) else module
 
 
 class SSLMethod(nn.Module):
-    """Base class. Subclasses build ``self.student`` (and ``self.teacher``) and implement `forward_step`."""
+    """Base class of every self-supervised method (see the module docstring for the contract)."""
 
+    #: the options dataclass this method reads (``self.options``)
+    Options: ClassVar[type[MethodOptions]] = MethodOptions
+    capabilities: ClassVar[Capabilities] = Capabilities(False, False, False)
+    #: the published encoder that downstream jobs use when asked for ``auto``
+    preferred_encoder: ClassVar[str] = "student"
     #: DDP must look for parameters without gradient (e.g. modules a method does not train).
     find_unused_parameters: bool = False
 
-    def __init__(self, config: PretrainConfig, arch: Architecture) -> None:
+    def __init__(self, config: PretrainConfig, options: MethodOptions, arch: Architecture) -> None:
         super().__init__()
         self.config = config
+        self.options = options
         self.arch = arch
         self.dims = arch.dims
         self.cells = (config.roi // config.mask_cell,) * arch.dims
-        self.teacher: nn.Module | None = None
 
-    def train(self, mode: bool = True) -> SSLMethod:
-        """Train the student; a teacher always runs in eval mode (no drop path, no dropout), as in DINO/iBOT."""
-        super().train(mode)
-        if self.teacher is not None:
-            self.teacher.eval()
-        return self
+    # --- the contract -----------------------------------------------------------------------------------------
+    @abstractmethod
+    def trained_modules(self) -> dict[str, nn.Module]:
+        """Attribute name -> module for every module the optimiser updates (DDP wraps each of them)."""
 
-    # --- shared helpers -------------------------------------------------------------------------------------
-    @property
-    def student_network(self) -> nn.Module:
-        return unwrap(self.student)
+    def ema_modules(self) -> dict[str, nn.Module]:
+        """Attribute name -> module for modules kept by EMA (saved, not optimised, always in eval mode)."""
+        return {}
+
+    @abstractmethod
+    def published_encoders(self) -> list[PublishedEncoder]:
+        """The encoders this method offers downstream, preferred one included (`preferred_encoder`)."""
+
+    @abstractmethod
+    def forward_step(self, views: torch.Tensor, step: int, generator: torch.Generator) -> StepOutput:
+        """Views (2B, C, *roi): the B first-views then the B second-views of the same crops."""
+
+    def after_backward(self, step: int) -> None:
+        """Called between backward and the optimiser step (e.g. freeze a layer's gradient)."""
+
+    def after_optimizer_step(self, step: int) -> dict[str, float]:
+        """Called after each optimiser step (e.g. the EMA update); returns values to log."""
+        return {}
 
     def attention_encoders(self) -> dict[str, nn.Module]:
         """Encoders whose class attention this method trains, by name (probed for head diversity)."""
         return {}
 
-    def after_backward(self, step: int) -> None:
-        """Called between backward and the optimiser step: the projection heads' last layer stays frozen for
-        the first ``freeze_last_layer_steps`` steps (DINO's ``cancel_gradients_last_layer``)."""
-        if step >= (self.config.freeze_last_layer_steps or 0):
-            return
-        for name, p in self.student_network.named_parameters():
-            if ".last_layer." in name:
-                p.grad = None
+    # --- what the loop uses ---------------------------------------------------------------------------------
+    def wrap_trained(self, wrapper: Callable[[nn.Module], nn.Module]) -> None:
+        """Replace each trained module by ``wrapper(module)`` (DistributedDataParallel)."""
+        for name, module in self.trained_modules().items():
+            setattr(self, name, wrapper(module))
 
+    def network(self, name: str) -> nn.Module:
+        """A trained or EMA module by attribute name, unwrapped."""
+        return unwrap(getattr(self, name))
+
+    def state_modules(self) -> dict[str, nn.Module]:
+        """Every module whose weights a checkpoint holds (trained, then EMA), unwrapped."""
+        names = [*self.trained_modules(), *self.ema_modules()]
+        return {name: self.network(name) for name in names}
+
+    def train(self, mode: bool = True) -> SSLMethod:
+        """Train the trained modules; EMA modules always run in eval mode (no drop path, no dropout)."""
+        super().train(mode)
+        for module in self.ema_modules().values():
+            module.eval()
+        return self
+
+    # --- shared helpers -------------------------------------------------------------------------------------
     def token_mask(self, cell_mask: torch.Tensor) -> torch.Tensor:
         """Cell mask (B, *cells) -> patch-embedding token mask (B, *roi/patch)."""
         return cell_token_mask(cell_mask, self.config.mask_cell, self.arch.patch_size, self.dims)
@@ -94,6 +266,17 @@ class SSLMethod(nn.Module):
     def stage_token_mask(self, cell_mask: torch.Tensor) -> torch.Tensor:
         """Cell mask -> (B, N) mask on the attention-stage tokens (a token counts as hidden when >= half is)."""
         return cell_stage_token_mask(cell_mask, self.config.mask_cell, self.arch.attention_stride, self.dims)
+
+    def reconstruction_loss(
+        self, views: torch.Tensor, reconstruction: torch.Tensor, cell_mask: torch.Tensor
+    ) -> torch.Tensor:
+        return masked_l1(views, reconstruction, self.voxel_mask(cell_mask).to(views.device))
+
+
+class MaskedMethod(SSLMethod):
+    """A method that hides cells of its input with the strategies of `core.masking` (options: `MaskingOptions`)."""
+
+    Options: ClassVar[type[MethodOptions]] = MaskingOptions
 
     def choose_mask(
         self,
@@ -110,35 +293,30 @@ class SSLMethod(nn.Module):
         see (see `core.masking`). With ``masking_prob`` < 1 an image is left whole with that chance, and with
         ``mask_ratio_jitter`` each image draws its ratio from ``mask_ratio +- jitter`` (AttMask / iBOT).
         """
-        cfg = self.config
-        assert cfg.mask_strategy is not None and cfg.mask_ratio is not None, "config must be resolved"
-        strategy = cfg.mask_strategy
-        if get_strategy(strategy).needs_attention and (
-            attention is None or step < (cfg.mask_warmup_steps or 0)
-        ):
+        o = self.options
+        strategy = o.mask_strategy
+        if get_strategy(strategy).needs_attention and (attention is None or step < (o.mask_warmup_steps or 0)):
             strategy = "random"
         cell_attention = None
         if get_strategy(strategy).needs_attention:
             mean = attention.float().mean(dim=1).reshape(batch, *grid).cpu()
             cell_attention = attention_to_cells(mean, self.cells)
-        options = {"hint_fraction": cfg.hint_fraction, "hint_pool": cfg.hint_pool}
-        prob = 1.0 if cfg.masking_prob is None else cfg.masking_prob
-        jitter = cfg.mask_ratio_jitter or 0.0
-        if prob >= 1.0 and jitter == 0.0:
+        common = {"hint_fraction": o.hint_fraction, "hint_pool": o.hint_pool}
+        if o.masking_prob >= 1.0 and o.mask_ratio_jitter == 0.0:
             return make_mask(
                 strategy,
                 batch=batch,
                 grid=self.cells,
-                ratio=cfg.mask_ratio,
+                ratio=o.mask_ratio,
                 attention=cell_attention,
                 generator=generator,
                 unseen=unseen,
-                **options,
+                **common,
             )
         masks = []
         for b in range(batch):
-            masked = float(torch.rand((), generator=generator)) < prob
-            ratio = cfg.mask_ratio + (2.0 * float(torch.rand((), generator=generator)) - 1.0) * jitter
+            masked = float(torch.rand((), generator=generator)) < o.masking_prob
+            ratio = o.mask_ratio + (2.0 * float(torch.rand((), generator=generator)) - 1.0) * o.mask_ratio_jitter
             if not masked:
                 masks.append(torch.zeros(1, *self.cells, dtype=torch.bool))
                 continue
@@ -151,21 +329,12 @@ class SSLMethod(nn.Module):
                     attention=None if cell_attention is None else cell_attention[b : b + 1],
                     generator=generator,
                     unseen=None if unseen is None else unseen[b : b + 1],
-                    **options,
+                    **common,
                 )
             )
         return torch.cat(masks)
 
-    def reconstruction_loss(
-        self, views: torch.Tensor, reconstruction: torch.Tensor, cell_mask: torch.Tensor
-    ) -> torch.Tensor:
-        return masked_l1(views, reconstruction, self.voxel_mask(cell_mask).to(views.device))
 
-    # --- interface ------------------------------------------------------------------------------------------
-    @abstractmethod
-    def forward_step(self, views: torch.Tensor, step: int, generator: torch.Generator) -> StepOutput:
-        """Views (2B, C, *roi): the B first-views then the B second-views of the same crops."""
-
-    def after_optimizer_step(self, step: int) -> dict[str, float]:
-        """Called after each optimiser step (EMA teacher update); returns values to log."""
-        return {}
+def check_ratio(value: float, name: str) -> None:
+    if not 0.0 <= value <= 1.0 or math.isnan(value):
+        raise DagmanInputError(f"{name} must be within [0, 1], got {value}")

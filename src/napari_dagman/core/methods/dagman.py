@@ -24,22 +24,102 @@ teacher noise.
 
 from __future__ import annotations
 
-import torch
+from dataclasses import dataclass
+from typing import ClassVar
 
-from napari_dagman.core.config import PretrainConfig
+import torch
+from torch import nn
+
+from napari_dagman.core.config import PretrainConfig, option
 from napari_dagman.core.diversity import CollapseMonitor, head_diversity, output_statistics
 from napari_dagman.core.masking import random_mask
-from napari_dagman.core.methods.base import SSLMethod, StepOutput
+from napari_dagman.core.methods.base import (
+    Capabilities,
+    MaskedMethod,
+    MaskingOptions,
+    PublishedEncoder,
+    StepOutput,
+    fraction_of,
+)
 from napari_dagman.core.methods.losses import DistillationLoss, cosine_schedule, ema_update, linear_warmup
 from napari_dagman.core.models.architecture import Architecture
 from napari_dagman.core.models.pretrain import PretrainNetwork
 
+TEACHER_NOISES: tuple[str, ...] = ("none", "input-dropout", "gaussian")
 
-class CoDistillation(SSLMethod):
+
+@dataclass
+class CoDistillationOptions(MaskingOptions):
+    """Options of DAGMaN and its co-distillation relatives (presets set the mask recipe and the teacher noise)."""
+
+    teacher_noise: str = option(
+        "input-dropout",
+        "noisy teacher: none, input-dropout (SMART) or gaussian feature noise",
+        choices=TEACHER_NOISES,
+        group="teacher",
+    )
+    noise_rate: float = option(
+        0.2,
+        "input-dropout: fraction of cells dropped; gaussian: noise std relative to the token std",
+        minimum=0.0,
+        maximum=0.9,
+        group="teacher",
+    )
+    ema_momentum: float = option(
+        0.996, "EMA teacher momentum at step 0 (cosine to 1)", minimum=0.0, maximum=1.0, group="teacher"
+    )
+    teacher_temp: float = option(0.04, "teacher softmax temperature at step 0", minimum=1e-4, group="teacher")
+    teacher_temp_final: float = option(
+        0.07, "teacher temperature after the warm-up", minimum=1e-4, group="teacher"
+    )
+    teacher_temp_warmup: int | None = option(
+        None,
+        "steps of linear teacher-temperature warm-up (default 30% of the steps)",
+        minimum=0,
+        group="teacher",
+    )
+    freeze_last_layer_steps: int | None = option(
+        None,
+        "the projection heads' last layer is not updated for the first N steps (DINO/iBOT freeze it for the "
+        "first epoch; default 1% of the steps)",
+        minimum=0,
+        group="teacher",
+    )
+    student_temp: float = option(0.1, "student softmax temperature", minimum=1e-4, group="teacher")
+    center_momentum: float = option(
+        0.9, "momentum of the teacher-output centre", minimum=0.0, maximum=1.0, group="teacher"
+    )
+    w_global: float = option(
+        0.1, "weight of the cross-view global distillation loss (SMIT)", minimum=0.0, group="loss"
+    )
+    w_patch: float = option(
+        0.1, "weight of the masked-patch distillation loss (SMIT)", minimum=0.0, group="loss"
+    )
+    w_rec: float = option(1.0, "weight of the L1 reconstruction of masked voxels", minimum=0.0, group="loss")
+
+    def resolve(self, steps: int) -> CoDistillationOptions:
+        out = super().resolve(steps)
+        if out.teacher_temp_warmup is None:
+            out = out.replace(teacher_temp_warmup=fraction_of(steps, 0.3))
+        if out.freeze_last_layer_steps is None:
+            out = out.replace(freeze_last_layer_steps=fraction_of(steps, 0.01))
+        return out
+
+
+class CoDistillation(MaskedMethod):
     """Masked image modelling in a teacher-student co-distillation framework on Swin + class attention."""
 
-    def __init__(self, config: PretrainConfig, arch: Architecture) -> None:
-        super().__init__(config, arch)
+    Options: ClassVar[type] = CoDistillationOptions
+    capabilities: ClassVar[Capabilities] = Capabilities(
+        trains_class_attention=True,
+        has_teacher=True,
+        reconstructs=True,
+        previews=("attention", "mask", "unseen", "reconstruction"),
+    )
+    preferred_encoder: ClassVar[str] = "teacher"
+
+    def __init__(self, config: PretrainConfig, options: CoDistillationOptions, arch: Architecture) -> None:
+        super().__init__(config, options, arch)
         self.student = PretrainNetwork(arch, heads=True, decoder=True)
         teacher = PretrainNetwork(arch, heads=True, decoder=False)
         # the teacher starts as a copy of the student (same names, so the EMA pairs parameters by name)
@@ -48,30 +128,52 @@ class CoDistillation(SSLMethod):
             p.requires_grad_(False)
         self.teacher = teacher
         self.distill = DistillationLoss(
-            arch.out_dim, student_temp=config.student_temp, center_momentum=config.center_momentum
+            arch.out_dim, student_temp=options.student_temp, center_momentum=options.center_momentum
         )
         self.total_steps = int(config.steps or 1)
         self.collapse = CollapseMonitor()
 
+    # --- the contract -----------------------------------------------------------------------------------------
+    def trained_modules(self) -> dict[str, nn.Module]:
+        return {"student": self.student}
+
+    def ema_modules(self) -> dict[str, nn.Module]:
+        return {"teacher": self.teacher}
+
+    def published_encoders(self) -> list[PublishedEncoder]:
+        return [
+            PublishedEncoder("teacher", "teacher.encoder", description="the EMA teacher (chose the masks)"),
+            PublishedEncoder("student", "student.encoder", description="the student (saw the masked views)"),
+        ]
+
+    def attention_encoders(self) -> dict[str, nn.Module]:
+        return {"teacher": self.teacher.encoder, "student": self.network("student").encoder}
+
+    def after_backward(self, step: int) -> None:
+        """The projection heads' last layer stays frozen for the first ``freeze_last_layer_steps`` steps
+        (DINO's ``cancel_gradients_last_layer``)."""
+        if step >= (self.options.freeze_last_layer_steps or 0):
+            return
+        for name, p in self.network("student").named_parameters():
+            if ".last_layer." in name:
+                p.grad = None
+
     # --- schedules ------------------------------------------------------------------------------------------
     def teacher_temperature(self, step: int) -> float:
-        cfg = self.config
-        return linear_warmup(step, cfg.teacher_temp_warmup or 0, cfg.teacher_temp, cfg.teacher_temp_final)
+        o = self.options
+        return linear_warmup(step, o.teacher_temp_warmup or 0, o.teacher_temp, o.teacher_temp_final)
 
     def momentum(self, step: int) -> float:
-        return cosine_schedule(step, self.total_steps, self.config.ema_momentum, 1.0)
-
-    def attention_encoders(self) -> dict[str, torch.nn.Module]:
-        return {"teacher": self.teacher.encoder, "student": self.student_network.encoder}
+        return cosine_schedule(step, self.total_steps, self.options.ema_momentum, 1.0)
 
     # --- the noisy teacher ----------------------------------------------------------------------------------
     def teacher_noise(self, batch: int, generator: torch.Generator) -> tuple[torch.Tensor | None, float]:
         """(cells dropped from the teacher's input (B, *cells) or None, relative feature-noise std)."""
-        cfg = self.config
-        if cfg.teacher_noise == "input-dropout" and cfg.noise_rate > 0:
-            return random_mask(batch, self.cells, cfg.noise_rate, generator), 0.0
-        if cfg.teacher_noise == "gaussian" and cfg.noise_rate > 0:
-            return None, cfg.noise_rate
+        o = self.options
+        if o.teacher_noise == "input-dropout" and o.noise_rate > 0:
+            return random_mask(batch, self.cells, o.noise_rate, generator), 0.0
+        if o.teacher_noise == "gaussian" and o.noise_rate > 0:
+            return None, o.noise_rate
         return None, 0.0
 
     def teacher_pass(
@@ -92,7 +194,7 @@ class CoDistillation(SSLMethod):
 
     # --- one step -------------------------------------------------------------------------------------------
     def forward_step(self, views: torch.Tensor, step: int, generator: torch.Generator) -> StepOutput:
-        cfg = self.config
+        cfg = self.options
         batch = views.shape[0]
         device = views.device
         teacher_temp = self.teacher_temperature(step)
@@ -141,7 +243,7 @@ class CoDistillation(SSLMethod):
                 (hidden & unseen).sum(1).float().div(unseen.sum(1).clamp_min(1)).mean()
             )
         if noise_std > 0 or dropped is not None:
-            every = cfg.probe_every
+            every = self.config.probe_every
             if every and (step + 1) % every == 0:  # a clean pass costs a teacher forward: only now and then
                 extras["mask_clean_agreement"] = self.clean_agreement(views, step, cell_mask, generator)
         return StepOutput(
@@ -178,5 +280,5 @@ class CoDistillation(SSLMethod):
 
     def after_optimizer_step(self, step: int) -> dict[str, float]:
         m = self.momentum(step)
-        ema_update(self.teacher, self.student_network, m)
+        ema_update(self.teacher, self.network("student"), m)
         return {"momentum": m}

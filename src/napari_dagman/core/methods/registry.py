@@ -1,7 +1,8 @@
-"""The one registry of self-supervised methods that the engine, the CLI and the GUI read.
+"""The one registry of self-supervised methods that the training loop, the CLI and the GUI read.
 
-Entries are light (no torch import): the implementing class is imported only when a run starts. A method is
-added by writing one file in this package and one `MethodSpec` below.
+Entries are light (no torch import): the implementing class is imported only when its options or a run need it.
+A method is added by writing one file in this package (or anywhere importable) and registering one
+`MethodSpec`; a preset is an entry that reuses another's class with other option defaults.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from napari_dagman.core.errors import DagmanInputError
 
 @dataclass(frozen=True)
 class MethodSpec:
-    """A registered method: where its code lives and the config defaults that make it what it is."""
+    """A registered method: where its class lives, the option defaults that make this preset, and its paper."""
 
     name: str
     title: str
@@ -23,82 +24,50 @@ class MethodSpec:
     module: str
     class_name: str
     defaults: dict[str, Any] = field(default_factory=dict)
-    uses_teacher: bool = True
+    paper: str = ""
 
     def load(self) -> type:
-        """Import and return the implementing class."""
-        return getattr(importlib.import_module(self.module), self.class_name)
+        """Import and return the implementing class (an `SSLMethod`)."""
+        try:
+            return getattr(importlib.import_module(self.module), self.class_name)
+        except (ImportError, AttributeError) as err:
+            raise DagmanInputError(f"method '{self.name}' cannot be loaded from {self.module}: {err}") from None
 
+    def options_class(self) -> type:
+        return self.load().Options
 
-_CODISTILLATION = "napari_dagman.core.methods.dagman"
+    def make_options(self, values: dict[str, Any] | None = None) -> Any:
+        """The method's options: the class defaults, then this preset's, then ``values`` (checked)."""
+        from napari_dagman.core.config import unknown_options_message
+
+        cls = self.options_class()
+        values = dict(values or {})
+        unknown = sorted(set(values) - cls.field_names())
+        if unknown:
+            raise DagmanInputError(unknown_options_message(f"{self.name}", unknown, cls.field_names()))
+        return cls.from_dict({**self.defaults, **values})
+
+    def default_options(self) -> dict[str, Any]:
+        """This preset's option values before a run resolves them (what ``--help`` and the dock show)."""
+        return self.make_options().to_dict()
+
+    @property
+    def capabilities(self) -> Any:
+        return self.load().capabilities
+
 
 REGISTRY: dict[str, MethodSpec] = {}
 
 
 def register(spec: MethodSpec) -> MethodSpec:
-    if spec.name in REGISTRY:
-        raise ValueError(f"method '{spec.name}' is registered twice")
+    """Add a method. Registering the same spec again is a no-op (a module imported twice, a child process)."""
+    known = REGISTRY.get(spec.name)
+    if known is not None:
+        if known == spec:
+            return known
+        raise ValueError(f"method '{spec.name}' is registered twice, differently")
     REGISTRY[spec.name] = spec
     return spec
-
-
-register(
-    MethodSpec(
-        name="dagman",
-        title="DAGMaN",
-        summary="Attention-guided masks chosen by a noisy EMA teacher's semantic class attention; global + "
-        "masked-patch distillation and L1 reconstruction (Jiang et al., MIDL 2025).",
-        module=_CODISTILLATION,
-        class_name="CoDistillation",
-        defaults={"mask_strategy": "attention-high", "mask_ratio": 0.6, "teacher_noise": "input-dropout"},
-    )
-)
-register(
-    MethodSpec(
-        name="attmask",
-        title="AttMask (clean teacher)",
-        summary="Attention-guided masks from an EMA teacher without noise, AttMask's recipe (ratio 0.3 +- 0.2, "
-        "half the images masked) on Swin + class attention (Kakogeorgiou et al., ECCV 2022).",
-        module=_CODISTILLATION,
-        class_name="CoDistillation",
-        # AttMask's recipe: ratio 0.3 +- 0.2 per image, half of the images masked at all
-        defaults={
-            "mask_strategy": "attention-high",
-            "mask_ratio": 0.3,
-            "mask_ratio_jitter": 0.2,
-            "masking_prob": 0.5,
-            "teacher_noise": "none",
-        },
-    )
-)
-register(
-    MethodSpec(
-        name="smit",
-        title="SMIT",
-        summary="Random masks with a clean EMA teacher: SMIT's co-distillation (Jiang et al., MICCAI 2022).",
-        module=_CODISTILLATION,
-        class_name="CoDistillation",
-        defaults={"mask_strategy": "random", "mask_ratio": 0.7, "teacher_noise": "none"},
-    )
-)
-register(
-    MethodSpec(
-        name="simmim",
-        title="SimMIM",
-        summary="Random masks, no teacher: L1 reconstruction of the masked voxels only (Xie et al., CVPR 2022).",
-        module="napari_dagman.core.methods.simmim",
-        class_name="SimMIM",
-        defaults={
-            "mask_strategy": "random",
-            "mask_ratio": 0.6,
-            "teacher_noise": "none",
-            "w_global": 0.0,
-            "w_patch": 0.0,
-            "w_rec": 1.0,
-        },
-        uses_teacher=False,
-    )
-)
 
 
 def get_method(name: str) -> MethodSpec:
@@ -110,3 +79,62 @@ def get_method(name: str) -> MethodSpec:
 
 def method_names() -> tuple[str, ...]:
     return tuple(REGISTRY)
+
+
+_CODISTILLATION = "napari_dagman.core.methods.dagman"
+
+register(
+    MethodSpec(
+        name="dagman",
+        title="DAGMaN",
+        summary="Attention-guided masks chosen by a noisy EMA teacher's semantic class attention; global + "
+        "masked-patch distillation and L1 reconstruction.",
+        module=_CODISTILLATION,
+        class_name="CoDistillation",
+        defaults={"mask_strategy": "attention-high", "mask_ratio": 0.6, "teacher_noise": "input-dropout"},
+        paper="Jiang, Rangnekar, Veeraraghavan: DAGMaN, MIDL 2025 (arXiv 2604.14506); SMART, arXiv 2310.01209",
+    )
+)
+register(
+    MethodSpec(
+        name="attmask",
+        title="AttMask (clean teacher)",
+        summary="Attention-guided masks from an EMA teacher without noise, AttMask's recipe (ratio 0.3 +- 0.2, "
+        "half the images masked) on Swin + class attention.",
+        module=_CODISTILLATION,
+        class_name="CoDistillation",
+        # AttMask's recipe: ratio 0.3 +- 0.2 per image, half of the images masked at all
+        defaults={
+            "mask_strategy": "attention-high",
+            "mask_ratio": 0.3,
+            "mask_ratio_jitter": 0.2,
+            "masking_prob": 0.5,
+            "teacher_noise": "none",
+        },
+        paper="Kakogeorgiou et al.: What to Hide from Your Students: Attention-Guided Masked Image Modeling, "
+        "ECCV 2022",
+    )
+)
+register(
+    MethodSpec(
+        name="smit",
+        title="SMIT",
+        summary="Random masks with a clean EMA teacher: SMIT's co-distillation.",
+        module=_CODISTILLATION,
+        class_name="CoDistillation",
+        defaults={"mask_strategy": "random", "mask_ratio": 0.7, "teacher_noise": "none"},
+        paper="Jiang et al.: Self-supervised 3D anatomy segmentation using self-distilled masked image "
+        "transformer (SMIT), MICCAI 2022",
+    )
+)
+register(
+    MethodSpec(
+        name="simmim",
+        title="SimMIM",
+        summary="Random masks, no teacher: L1 reconstruction of the masked voxels only.",
+        module="napari_dagman.core.methods.simmim",
+        class_name="SimMIM",
+        defaults={"mask_strategy": "random", "mask_ratio": 0.6},
+        paper="Xie et al.: SimMIM: A Simple Framework for Masked Image Modeling, CVPR 2022",
+    )
+)

@@ -1,0 +1,221 @@
+"""Prediction with a fine-tuned network: MONAI's sliding-window inference (Gaussian blending) at the run's
+spacing; class probabilities are resampled back onto the input grid before the arg-max, so the labels keep the
+input's geometry.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import queue
+import threading
+import time
+from collections.abc import Generator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from napari_dagman.core.errors import DagmanError, DagmanInputError
+from napari_dagman.core.events import CancelToken, FinishedEvent, LogEvent, PredictionEvent, ProgressEvent
+from napari_dagman.core.models.architecture import DEEPEST_STRIDE
+from napari_dagman.core.segmentation.data import roi_size_for
+from napari_dagman.core.segmentation.model import Segmenter
+from napari_dagman.core.volume import Volume
+
+Event = Any  # one of the dataclasses in core.events
+
+
+def sliding_window_logits(
+    net: torch.nn.Module,
+    image: np.ndarray,
+    *,
+    roi_size: tuple[int, int, int],
+    overlap: float,
+    device: torch.device,
+    sw_batch_size: int = 4,
+    amp: bool = False,
+    on_window: Any = None,
+) -> torch.Tensor:
+    """Class logits (K+1, Z, Y, X) of a model-space image (Z, Y, X) by MONAI's Gaussian-blended sliding window.
+
+    ``on_window(n)`` is called after every batch of windows with the number of windows in it (progress and
+    cancellation: raising in it stops the inference).
+    """
+    from monai.inferers import sliding_window_inference
+
+    def predictor(x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device.type, dtype=torch.bfloat16) if amp else contextlib.nullcontext():
+            out = net(x.to(device))
+        if on_window is not None:
+            on_window(int(x.shape[0]))
+        return out.float()
+
+    x = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None, None]
+    with torch.no_grad():
+        logits = sliding_window_inference(
+            x,
+            roi_size,
+            sw_batch_size,
+            predictor,
+            overlap=overlap,
+            mode="gaussian",
+            sw_device=device,
+            device="cpu",
+        )
+    return torch.as_tensor(logits)[0]
+
+
+def window_count(shape: Sequence[int], roi_size: Sequence[int], overlap: float) -> int:
+    """How many windows MONAI's sliding window visits (its scan interval rule), for progress bars."""
+    n = 1
+    for size, roi in zip(shape, roi_size, strict=True):
+        size = max(size, roi)
+        interval = max(1, int(roi * (1 - overlap))) if roi < size else 1
+        n *= int(math.ceil((size - roi) / interval)) + 1 if size > roi else 1
+    return n
+
+
+class _Stopped(Exception):
+    """Raised inside the sliding window to stop it (cancel, or the generator was closed)."""
+
+
+def run_prediction(
+    image: Volume,
+    segmenter: Segmenter,
+    *,
+    roi: int | None = None,
+    overlap: float = 0.5,
+    sw_batch_size: int = 4,
+    cancel: CancelToken | None = None,
+    name: str | None = None,
+) -> Generator[Event, None, Volume | None]:
+    """Segment ``image``; yields `ProgressEvent` per batch of windows, a `PredictionEvent`, a `FinishedEvent`.
+
+    The label map (returned, and in the `PredictionEvent`) holds the original label ids on the input's grid,
+    with ``metadata["label_names"]`` and the input's source orientation (a NIfTI written from it overlays the
+    input file). A cancel returns None.
+    """
+    from napari_dagman.core.data import model_volume
+    from napari_dagman.core.io import resample_like
+
+    t_start = time.perf_counter()
+    roi = int(roi or segmenter.roi)
+    if roi % DEEPEST_STRIDE:
+        raise DagmanInputError(f"roi must be a multiple of {DEEPEST_STRIDE}, got {roi}")
+    name = name or str(image.metadata.get("name", "image"))
+    arch = segmenter.arch
+    pv = model_volume(
+        image, dims=arch.dims, spacing=segmenter.spacing, hu_range=segmenter.hu_range, name=name
+    )
+    roi_size = roi_size_for(arch.dims, roi)
+    total = window_count(pv.array.shape, roi_size, overlap)
+    done = [0]
+    updates: queue.SimpleQueue[int] = queue.SimpleQueue()
+    stop = threading.Event()
+    result: dict[str, Any] = {}
+
+    def on_window(n: int) -> None:
+        done[0] += n
+        updates.put(done[0])
+        if stop.is_set() or (cancel is not None and cancel.cancelled):
+            raise _Stopped
+
+    def work() -> None:
+        try:
+            result["logits"] = sliding_window_logits(
+                segmenter.net,
+                pv.array,
+                roi_size=roi_size,
+                overlap=overlap,
+                device=segmenter.device,
+                sw_batch_size=sw_batch_size,
+                amp=segmenter.device.type == "cuda",
+                on_window=on_window,
+            )
+        except BaseException as err:  # handed to the generator's thread
+            result["error"] = err
+
+    yield ProgressEvent(0, total, "sliding window")
+    # MONAI's sliding window has no callback to yield from: it runs in a helper thread while this generator
+    # reports progress, so the GUI's progress bar moves and a cancel takes effect after the current batch.
+    thread = threading.Thread(target=work, name="napari-dagman-predict", daemon=True)
+    thread.start()
+    try:
+        while thread.is_alive():
+            thread.join(0.1)
+            latest = None
+            while not updates.empty():
+                latest = updates.get()
+            if latest is not None:
+                yield ProgressEvent(min(latest, total), total, "sliding window")
+    except GeneratorExit:
+        stop.set()
+        thread.join()
+        raise
+    error = result.get("error")
+    if isinstance(error, _Stopped):
+        yield LogEvent("prediction cancelled", "warning")
+        yield FinishedEvent(str(Path(segmenter.source).parent), done[0], total, cancelled=True)
+        return None
+    if error is not None:
+        raise error
+    logits: torch.Tensor = result["logits"]
+    probs = torch.softmax(logits, dim=0).numpy()
+    del logits
+    yield ProgressEvent(total, total, "resampling to the input grid")
+    model_grid = Volume(np.zeros(pv.array.shape, np.uint8), pv.spacing, pv.origin, pv.direction)
+    if model_grid.same_grid(image):
+        classes = probs.argmax(0)
+    else:
+        # resample class probabilities (linear), not the arg-max: smooth borders on a finer input grid
+        best = np.full(image.shape, -1.0, dtype=np.float32)
+        classes = np.zeros(image.shape, dtype=np.int64)
+        for c in range(probs.shape[0]):
+            p = resample_like(
+                model_grid.with_array(probs[c].astype(np.float32)),
+                image,
+                is_label=False,
+                default=1.0 if c == 0 else 0.0,
+            ).array
+            better = p > best
+            classes[better] = c
+            best = np.where(better, p, best)
+    ids = segmenter.label_map.to_labels(classes)
+    labels = image.with_array(
+        ids,
+        name=f"{name} prediction",
+        label_names={int(k): v for k, v in segmenter.label_map.id_names.items()},
+        kind="labels",
+        prediction_source=segmenter.source,
+    )
+    labels.metadata.pop("source_path", None)  # that is the CT's file, not this label map's
+    seconds = time.perf_counter() - t_start
+    yield PredictionEvent(labels, seconds=seconds, source=segmenter.source)
+    yield FinishedEvent(
+        str(Path(segmenter.source).parent),
+        total,
+        total,
+        paths={"weights": segmenter.source},
+        summary={"seconds": seconds, "windows": total, "model_spacing": list(pv.spacing)},
+    )
+    return labels
+
+
+def predict(
+    image: Volume,
+    segmenter: Segmenter,
+    *,
+    roi: int | None = None,
+    overlap: float = 0.5,
+    sw_batch_size: int = 4,
+) -> Volume:
+    """`run_prediction` to the end: the label map in the input's geometry."""
+    labels = None
+    for event in run_prediction(image, segmenter, roi=roi, overlap=overlap, sw_batch_size=sw_batch_size):
+        if isinstance(event, PredictionEvent):
+            labels = event.labels
+    if labels is None:
+        raise DagmanError("prediction ended without a result")
+    return labels

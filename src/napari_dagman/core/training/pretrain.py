@@ -1,0 +1,347 @@
+"""Self-supervised pretraining as a task on the training loop: any registered method, on CT volumes.
+
+``run_pretraining(config)`` is the job the CLI, the pretraining dock and ``torchrun`` run. The task reads and
+prepares the volumes, builds the method from the registry (its options from ``config.options``), draws paired
+views per step, asks the method for its loss, keeps fixed probe crops for head-diversity measurements, and
+turns a step's output into a preview (the crop, the attention, the mask) placed on the CT.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Generator, Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from napari_dagman.core.checkpoint import RunFolder, architecture_from_metadata
+from napari_dagman.core.config import PretrainConfig
+from napari_dagman.core.data import PreparedVolume, ViewSampler, prepare_volume
+from napari_dagman.core.errors import CheckpointError, DagmanInputError
+from napari_dagman.core.events import CancelToken, FinishedEvent, PreviewEvent
+from napari_dagman.core.methods.base import SSLMethod, StepOutput
+from napari_dagman.core.methods.registry import get_method
+from napari_dagman.core.models.architecture import Architecture, architecture_for
+from napari_dagman.core.models.encoder import set_fused_window_attention
+from napari_dagman.core.probes import PROBE_FILE, probe_crops, probe_head_diversity
+from napari_dagman.core.training.distributed import DistContext
+from napari_dagman.core.training.loop import run_training
+from napari_dagman.core.training.task import StepResult, TrainingTask
+from napari_dagman.core.volume import Volume, grid_placement
+
+#: Keys of a pretraining config that shape the network or the method: a resumed run must keep them.
+ARCHITECTURE_KEYS = ("method", "preset", "dims", "roi", "mask_cell", "attention_stage", "out_dim")
+
+
+# --- configuration ------------------------------------------------------------------------------------------
+def resolve_config(config: PretrainConfig, num_volumes: int) -> PretrainConfig:
+    """Fill every default: the method's options (preset, then step-dependent), steps, learning rate, warm-up."""
+    steps = config.total_steps(num_volumes)
+    options = config.method_options().resolve(steps)
+    data = config.to_dict()
+    data[config.method] = options.to_dict()
+    data["steps"], data["epochs"] = steps, None
+    if data["lr"] is None:
+        data["lr"] = 1e-4 * config.batch_size
+    if data["warmup_steps"] is None:
+        data["warmup_steps"] = int(round(0.1 * steps))
+    return PretrainConfig.from_dict(data)
+
+
+def build_architecture(config: PretrainConfig) -> Architecture:
+    return architecture_for(
+        config.preset,
+        config.dims,
+        drop_path=config.drop_path,
+        attention_stage=config.attention_stage,
+        out_dim=config.out_dim,
+    )
+
+
+def build_method(config: PretrainConfig, arch: Architecture | None = None) -> SSLMethod:
+    """Instantiate the registered method for a resolved config (seeded initialisation)."""
+    arch = arch or build_architecture(config)
+    options = config.method_options().resolve(int(config.steps or 1))
+    torch.manual_seed(config.seed)
+    return get_method(config.method).load()(config, options, arch)
+
+
+# --- inputs ---------------------------------------------------------------------------------------------------
+def load_inputs(config: PretrainConfig, volumes: Sequence[Volume] | None) -> list[Volume]:
+    """The volumes to train on: given ones, or every path in ``config.images`` (all checked before any write)."""
+    if volumes:
+        return list(volumes)
+    if not config.images:
+        raise DagmanInputError("no images given: pass image files or DICOM folders")
+    from napari_dagman.core.io import read_volumes
+
+    out: list[Volume] = []
+    for path in config.images:
+        try:
+            out.extend(read_volumes(path))
+        except DagmanInputError as err:
+            raise DagmanInputError(f"cannot use {path}: {err}") from None
+    return out
+
+
+def prepare_inputs(config: PretrainConfig, volumes: Sequence[Volume]) -> list[PreparedVolume]:
+    prepared = []
+    for i, volume in enumerate(volumes):
+        name = str(volume.metadata.get("name") or f"volume {i}")
+        prepared.append(
+            prepare_volume(
+                volume,
+                roi=config.roi,
+                dims=config.dims,
+                spacing=config.spacing,
+                hu_range=(config.hu_min, config.hu_max),
+                name=name,
+            )
+        )
+    return prepared
+
+
+# --- the task -----------------------------------------------------------------------------------------------------
+class PretrainTask(TrainingTask):
+    """Pretraining of one registered method (see `core.methods.base.SSLMethod`)."""
+
+    job = "pretrain"
+
+    def __init__(self, config: PretrainConfig, volumes: Sequence[Volume] | None = None) -> None:
+        super().__init__(config)
+        self.volumes = volumes
+        self.method: SSLMethod | None = None
+        self.arch: Architecture | None = None
+        self.prepared: list[PreparedVolume] = []
+        self.sampler: ViewSampler | None = None
+        self.probes: torch.Tensor | None = None
+        self.rank, self.world_size = 0, 1
+        self._views: torch.Tensor | None = None
+        self._crops: list[Any] = []
+
+    # --- before anything is written ---------------------------------------------------------------------------
+    def prepare(self, run: RunFolder, resume: bool) -> None:
+        config = self.config
+        if resume:
+            saved = PretrainConfig.from_dict(run.config_dict(), strict=False)
+            changed = [k for k in ARCHITECTURE_KEYS if getattr(saved, k) != getattr(config, k)]
+            if changed:
+                details = ", ".join(f"{k} {getattr(saved, k)!r} -> {getattr(config, k)!r}" for k in changed)
+                raise CheckpointError(f"cannot resume {run.path} with a different model: {details}")
+            if not config.images and not self.volumes:
+                config = config.replace(images=saved.images)
+        raw = load_inputs(config, self.volumes)
+        self.prepared = prepare_inputs(config, raw)
+        self.config = resolve_config(config, len(self.prepared))
+        self.arch = build_architecture(self.config)
+        self.total_steps = int(self.config.steps or 1)
+        self.notes = [note for p in self.prepared for note in p.notes]
+        self.data_records = [
+            {"name": p.name, "sha256": p.source_hash, "shape": list(p.array.shape), "spacing": list(p.spacing)}
+            for p in self.prepared
+        ]
+
+    def build(self, device: torch.device, dist: DistContext) -> None:
+        config = self.config
+        self.rank, self.world_size = dist.rank, dist.world_size
+        self.method = build_method(config, self.arch).to(device)
+        set_fused_window_attention(self.method, config.fused_attention)
+        self.find_unused_parameters = self.method.find_unused_parameters
+        self.sampler = ViewSampler(
+            self.prepared,
+            roi=config.roi,
+            dims=config.dims,
+            batch_size=config.batch_size,
+            seed=config.seed,
+            rank=self.rank,
+            world_size=self.world_size,
+        )
+
+    # --- modules ---------------------------------------------------------------------------------------------
+    def trained_modules(self) -> dict[str, nn.Module]:
+        return self.method.trained_modules()
+
+    def ema_modules(self) -> dict[str, nn.Module]:
+        return self.method.ema_modules()
+
+    def state_modules(self) -> dict[str, nn.Module]:
+        return self.method.state_modules()
+
+    def wrap_trained(self, wrapper: Callable[[nn.Module], nn.Module]) -> None:
+        self.method.wrap_trained(wrapper)
+
+    def extra_state(self) -> dict[str, torch.Tensor]:
+        """Method-level buffers outside its networks (e.g. distillation centres)."""
+        modules = tuple(f"{name}." for name in self.state_modules())
+        return {k: v for k, v in self.method.state_dict().items() if not k.startswith(modules)}
+
+    def load_extra_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.method.load_state_dict(tensors, strict=False)
+
+    # --- records -----------------------------------------------------------------------------------------------
+    def published(self) -> dict[str, Any]:
+        method = self.method
+        return {
+            "encoders": {e.name: e.to_dict() for e in method.published_encoders()},
+            "preferred_encoder": method.preferred_encoder,
+            "capabilities": method.capabilities.to_dict(),
+        }
+
+    def weights_metadata(self) -> dict[str, Any]:
+        return {"architecture": self.arch.to_json(), "method": self.config.method, **self.published()}
+
+    def check_checkpoint(self, metadata: dict[str, str], name: str) -> None:
+        diff = self.arch.differences(architecture_from_metadata(metadata, name))
+        if diff:
+            raise CheckpointError(f"{name} was trained with another architecture: {'; '.join(diff)}")
+
+    def run_config(self) -> dict[str, Any]:
+        return {**self.config.to_dict(), "architecture": self.arch.to_dict(), "job": "pretrain", **self.published()}
+
+    def run_info(self) -> dict[str, Any]:
+        return {"method": self.config.method}
+
+    def start_messages(self, start: int, resume: bool) -> list[str]:
+        c = self.config
+        return [
+            f"{c.method} on {len(self.prepared)} volume(s), preset {c.preset} {c.dims}D, ROI {c.roi}, "
+            f"{self.total_steps} steps on {next(self.method.parameters()).device}"
+            + (f" (resuming at step {start})" if resume else "")
+        ]
+
+    def begin(self, run: RunFolder, is_main: bool, start: int) -> None:
+        config = self.config
+        if config.probe_every and is_main and self.method.attention_encoders():
+            self.probes = probe_crops(run.file(PROBE_FILE), self.sampler, config.probe_crops, config.seed)
+
+    def finish_info(self, tracker: dict[str, Any] | None) -> dict[str, Any]:
+        return {"best_running_loss": tracker["best_loss"]} if tracker else {}
+
+    def steps_per_epoch(self, world_size: int) -> int:
+        return max(1, -(-len(self.prepared) // (self.config.batch_size * world_size)))
+
+    def samples(self) -> int:
+        return 2 * self.config.batch_size
+
+    # --- steps -----------------------------------------------------------------------------------------------------
+    def step(self, step: int, generator: torch.Generator, device: torch.device) -> StepResult:
+        views_np, crops = self.sampler.sample(step)
+        views = torch.from_numpy(views_np).to(device, non_blocking=True)
+        self._views, self._crops = views, crops
+        self.method.train()
+        out = self.method.forward_step(views, step, generator)
+        return StepResult(out.loss, out.terms, dict(out.extras), list(out.warnings), out)
+
+    def after_backward(self, step: int) -> None:
+        self.method.after_backward(step)
+
+    def after_optimizer_step(self, step: int, device: torch.device) -> dict[str, float]:
+        extras = dict(self.method.after_optimizer_step(step))
+        done = step + 1
+        every = self.config.probe_every
+        if self.probes is not None and (done % every == 0 or done in (1, self.total_steps)):
+            extras.update(probe_head_diversity(self.method.attention_encoders(), self.probes, device))
+        return extras
+
+    def events_after_step(self, step: int, result: StepResult) -> Iterator[Any]:
+        every = self.config.preview_every
+        if every and (step % every == 0 or step == 1):
+            yield preview_event(result.output, self._views, self._crops, self.prepared, self.config, self.arch, step)
+
+    def release(self) -> None:
+        self.method = None
+        self._views = None
+
+
+def preview_event(
+    out: StepOutput,
+    views: torch.Tensor,
+    crops: list[Any],
+    prepared: list[PreparedVolume],
+    config: PretrainConfig,
+    arch: Architecture,
+    step: int,
+) -> PreviewEvent:
+    """The first view of the batch, its class attention and its mask, placed in physical space."""
+    crop = crops[0]
+    pv = prepared[crop.volume]
+    origin = pv.index_to_physical(crop.start)
+    spacing = pv.spacing
+    image = views[0, 0].detach().float().cpu().numpy()
+    mask = out.mask[0].cpu().numpy().astype(np.uint8)
+    unseen = None if out.unseen is None else out.unseen[0].cpu().numpy().astype(np.uint8)
+    attention = None
+    if out.attention is not None and out.attention.numel():
+        attention = out.attention[0].float().cpu().numpy().reshape(out.attention.shape[1], *out.grid)
+    if config.dims == 2:  # a slice: add the z axis back so it overlays the volume at its z
+        image, mask = image[None], mask[None]
+        unseen = None if unseen is None else unseen[None]
+        attention = attention[:, None] if attention is not None else None
+        cell_factor = (1, config.mask_cell, config.mask_cell)
+        token_factor = (1, arch.attention_stride, arch.attention_stride)
+    else:
+        cell_factor, token_factor = config.mask_cell, arch.attention_stride
+    mask_scale, mask_translate = grid_placement(origin, spacing, cell_factor)
+    att_scale, att_translate = grid_placement(origin, spacing, token_factor)
+    return PreviewEvent(
+        step=step,
+        image=image,
+        image_scale=list(spacing),
+        image_translate=[float(o) for o in origin],
+        mask=mask,
+        mask_scale=mask_scale,
+        mask_translate=mask_translate,
+        unseen=unseen,
+        attention=attention,
+        attention_scale=att_scale,
+        attention_translate=att_translate,
+        volume_name=pv.name,
+        volume_index=crop.volume,
+    )
+
+
+def run_pretraining(
+    config: PretrainConfig,
+    volumes: Sequence[Volume] | None = None,
+    *,
+    resume: bool = False,
+    cancel: CancelToken | None = None,
+    command: str | None = None,
+) -> Generator[Any, None, FinishedEvent]:
+    """Pretrain and yield events; returns (and yields last) the `FinishedEvent`.
+
+    ``config.out`` is the run folder; ``volumes`` are in-memory volumes (the GUI's layers), else
+    ``config.images`` are read; ``resume`` continues the run in ``config.out``; ``cancel`` is checked before
+    every step (the run saves and finishes as cancelled); ``command`` is recorded in run.json.
+    """
+    return run_training(PretrainTask(config, volumes), resume=resume, cancel=cancel, command=command)
+
+
+def describe_method(name: str) -> dict[str, Any]:
+    """A registered method's summary, paper, capabilities and default options (for `methods` and the dock)."""
+    spec = get_method(name)
+    cls = spec.load()
+    return {
+        "name": spec.name,
+        "title": spec.title,
+        "summary": spec.summary,
+        "paper": spec.paper,
+        "capabilities": cls.capabilities.to_dict(),
+        "preferred_encoder": cls.preferred_encoder,
+        "options": spec.default_options(),
+    }
+
+
+__all__ = [
+    "ARCHITECTURE_KEYS",
+    "PretrainTask",
+    "build_architecture",
+    "build_method",
+    "describe_method",
+    "load_inputs",
+    "prepare_inputs",
+    "preview_event",
+    "resolve_config",
+    "run_pretraining",
+]
