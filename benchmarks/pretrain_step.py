@@ -115,39 +115,56 @@ def ssl_step_fn(model: SwinUNETRSSL, batch: int, roi: int, device: torch.device)
 def method_step_fn(
     name: str, preset: str, roi: int, batch: int, device: torch.device, amp: bool, fused: bool
 ):
-    from napari_dagman.core.engine import build_method, parameter_groups, resolve_config, train_step
+    """One optimiser step of the real pretraining task (views drawn from a synthetic CT), as the loop runs it."""
+    import numpy as np
 
+    from napari_dagman.core.checkpoint import RunFolder
     from napari_dagman.core.config import PretrainConfig
-    from napari_dagman.core.models.encoder import set_fused_window_attention
+    from napari_dagman.core.training import DistContext, PretrainTask, optimizer_step, parameter_groups
+    from napari_dagman.core.volume import Volume
 
-    config = resolve_config(
-        PretrainConfig(method=name, preset=preset, roi=roi, batch_size=batch, steps=100, mask_warmup_steps=0),
-        1,
+    config = PretrainConfig.from_dict(
+        {
+            "method": name,
+            "preset": preset,
+            "roi": roi,
+            "batch_size": batch,
+            "steps": 100,
+            "mask_warmup_steps": 0,
+            "fused_attention": fused,
+            "spacing": None,
+            "probe_every": 0,
+        }
     )
-    method = build_method(config).to(device)
-    set_fused_window_attention(method, fused)
-    optimizer = torch.optim.AdamW(parameter_groups(method.student, config.weight_decay), lr=config.lr)
+    # a body-like volume larger than the crop region (views are drawn from it as in training)
+    rng = np.random.default_rng(0)
+    side = int(roi * 1.5)
+    ct = Volume(rng.uniform(-150, 200, (side, side, side)).astype(np.float32), (2.0, 2.0, 2.0))
+    task = PretrainTask(config, [ct])
+    task.prepare(RunFolder("unused"), resume=False)
+    task.build(device, DistContext())
+    optimizer = torch.optim.AdamW(
+        parameter_groups(list(task.trained_modules().values()), task.config.weight_decay), lr=task.config.lr
+    )
     params = [p for group in optimizer.param_groups for p in group["params"]]
-    g = torch.Generator().manual_seed(0)
     counter = {"step": 0}
 
     def step() -> None:
-        views = torch.rand(2 * batch, 1, roi, roi, roi, generator=g).to(device)
-        train_step(
-            method,
+        k = counter["step"]
+        optimizer_step(
+            task,
             optimizer,
             params,
-            views,
-            counter["step"],
-            torch.Generator().manual_seed(counter["step"]),
-            grad_clip=config.grad_clip,
+            k,
+            torch.Generator().manual_seed(k),
+            device,
+            grad_clip=task.config.grad_clip,
             use_amp=amp and device.type == "cuda",
         )
-        method.after_optimizer_step(counter["step"])
+        task.after_optimizer_step(k, device)
         counter["step"] += 1
 
-    arch = method.arch
-    return step, arch
+    return step, task.arch
 
 
 def measure(step, device: torch.device, warmup: int, repeats: int) -> tuple[float, float]:

@@ -244,7 +244,8 @@ def finetune_shot(viewer, out: Path, runs: Path, ct, seg, run: Path, steps: int)
     from qtpy.QtCore import Qt
     from superqt import QCollapsible
 
-    from napari_dagman._widgets.finetune import FinetuneWidget, SegmentationResultsWidget
+    from napari_dagman._widgets.finetune import FinetuneWidget
+    from napari_dagman._widgets.results import SegmentationResultsWidget
 
     finetune = FinetuneWidget(viewer)
     for section in finetune.findChildren(QCollapsible):  # fold the form (but the organs) so the curves show

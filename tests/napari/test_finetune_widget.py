@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from napari_dagman._widgets.finetune import FinetuneWidget, SegmentationResultsWidget
+from napari_dagman._widgets.finetune import FinetuneWidget
+from napari_dagman._widgets.results import SegmentationResultsWidget
 
 FAST = {"steps": 2, "batch_size": 1, "roi": 64, "spacing": 6.0, "val_every": 1}
 

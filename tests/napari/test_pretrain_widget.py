@@ -5,6 +5,7 @@ Runs use the tiny preset at ROI 32 and 4 mm on the phantom, in the dock's defaul
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -17,11 +18,46 @@ from napari_dagman._widgets.pretrain import (
     PREVIEW_ATTENTION,
     PREVIEW_CROP,
     PREVIEW_MASK,
+    PREVIEW_UNSEEN,
     PretrainWidget,
 )
+from napari_dagman.core.config import PretrainConfig, option
+from napari_dagman.core.errors import DagmanInputError
 from napari_dagman.core.events import PreviewEvent, StepEvent
-from napari_dagman.core.methods.registry import REGISTRY
+from napari_dagman.core.methods.base import Capabilities, MaskingOptions
+from napari_dagman.core.methods.registry import REGISTRY, MethodSpec, register
+from napari_dagman.core.methods.simmim import SimMIM
 from napari_dagman.core.phantom import make_phantom
+
+
+# --- a method that only this file knows (registered by the test that uses it) -------------------------------------
+@dataclasses.dataclass
+class ToyOptions(MaskingOptions):
+    """SimMIM's masking and a scale of the loss."""
+
+    toy_weight: float = option(1.0, "scale of the toy's loss", minimum=0.0, maximum=10.0, group="toy")
+
+
+class Toy(SimMIM):
+    """SimMIM with its own options and no attention previews: a method registered by user code."""
+
+    Options = ToyOptions
+    capabilities = Capabilities(trains_class_attention=False, has_teacher=False, reconstructs=True)
+
+    def forward_step(self, views, step, generator):
+        out = super().forward_step(views, step, generator)
+        out.loss = out.loss * self.options.toy_weight
+        return out
+
+
+TOY = MethodSpec(
+    name="toy",
+    title="Toy (test)",
+    summary="SimMIM with a scaled loss, registered by a test file.",
+    module=__name__,
+    class_name="Toy",
+    defaults={"mask_ratio": 0.5, "toy_weight": 0.5},
+)
 
 
 @pytest.fixture(scope="module")
@@ -88,11 +124,35 @@ def test_methods_listed_are_the_registry(make_napari_viewer, phantom, tmp_path):
     assert [combo.itemText(i) for i in range(combo.count())] == [spec.title for spec in REGISTRY.values()]
     for name, spec in REGISTRY.items():
         dock.method.value = name
-        assert dock._method_summary.value == spec.summary
-        assert dock.mask_ratio.value == pytest.approx(spec.defaults["mask_ratio"])
-        assert dock.teacher_noise.enabled is spec.uses_teacher
+        assert dock._method_summary.value.startswith(spec.summary)
+        # the method's own options form, rebuilt with this preset's values
+        assert dock.method_form.config_class is spec.options_class()
+        assert dock.method_form["mask_ratio"].value == pytest.approx(spec.defaults["mask_ratio"])
+        assert dock.method_form.values() == spec.default_options()
+        # teacher options only for a method with a teacher (its options class has them; no name is tested)
+        assert ("teacher_noise" in dock.method_form) is spec.capabilities.has_teacher
     # tooltips come from the config's help texts
     assert "multiple of 32" in dock.roi.tooltip
+
+
+def test_the_config_goes_through_from_dict_with_the_method_options(make_napari_viewer, phantom, tmp_path):
+    _, dock = make_dock(make_napari_viewer, phantom, tmp_path, length=7, run_name="built")
+    dock.method.value = "smit"
+    dock.method_form["mask_ratio"].value = 0.55
+    dock.lr.value = "2e-4"
+    config, volumes, resume = dock.build_job()
+    assert isinstance(config, PretrainConfig) and not resume and len(volumes) == 1
+    assert (config.method, config.steps, config.epochs, config.lr) == ("smit", 7, None, 2e-4)
+    assert config.method_options().mask_ratio == 0.55
+    assert config.method_options().teacher_noise == REGISTRY["smit"].defaults["teacher_noise"]
+    dock.length_unit.value = "epochs"
+    config, *_ = dock.build_job()
+    assert (config.steps, config.epochs) == (None, 7)
+    # what the dock builds is checked by PretrainConfig.from_dict: an unknown option is refused
+    values = dock.config_values()
+    values["options"]["mask_ration"] = 0.5
+    with pytest.raises(DagmanInputError, match="did you mean 'mask_ratio'"):
+        PretrainConfig.from_dict(values)
 
 
 def test_tiny_run_finishes_writes_run_folder_and_updates_previews_in_place(
@@ -134,7 +194,10 @@ def test_tiny_run_finishes_writes_run_folder_and_updates_previews_in_place(
     previews = [event for _, event in seen if isinstance(event, PreviewEvent)]
     assert len(previews) == 3 and len(placements) == 3
     assert len({p[0] for p in placements}) == 1 and len({p[1] for p in placements}) == 1
-    assert placements[0][0] == 5  # ct, organs + crop, attention, mask
+    assert placements[0][0] == 6  # ct, organs + crop, attention, mask, cells the noisy teacher did not see
+    assert previews[-1].unseen is not None
+    unseen = viewer.layers[PREVIEW_UNSEEN]
+    np.testing.assert_array_equal(unseen.data[::16, ::16, ::16], previews[-1].unseen)
     # the mask is drawn as outlines on the crop's 4 mm voxels: 16-voxel cells, 2 x 2 x 2 in a 32-voxel crop
     assert placements[-1][2] == pytest.approx((4.0, 4.0, 4.0))
     mask = viewer.layers[PREVIEW_MASK]
@@ -261,3 +324,29 @@ def test_job_events_are_drawn_in_order_when_drawing_reenters_the_event_loop(qtbo
     assert runner.wait(30)
     assert drawn == [1, 2, 3, 4, 5]
     assert finished == ["done"]
+
+
+def test_a_method_registered_at_run_time_trains_from_the_dock(make_napari_viewer, phantom, tmp_path):
+    """User code registers a method in napari's process; the child process registers the same spec and trains."""
+    register(TOY)
+    try:
+        viewer, dock = make_dock(
+            make_napari_viewer, phantom, tmp_path, length=2, preview_every=1, run_name="toy"
+        )
+        dock.method.reset_choices()
+        dock.method.value = "toy"
+        assert dock.method_form.config_class is ToyOptions
+        assert dock.method_form["toy_weight"].value == 0.5 and dock.method_form["mask_ratio"].value == 0.5
+        assert "teacher_noise" not in dock.method_form
+        dock.method_form["toy_weight"].value = 2.0
+        assert dock.in_process.value  # the child knows nothing of this file's registration until told
+        assert dock.start()
+        assert wait_until(lambda: not dock.running, 240), "the toy run did not finish"
+        assert dock.last_finished is not None and not dock.last_finished.cancelled, dock.status.text()
+        saved = json.loads((tmp_path / "runs" / "toy" / "config.json").read_text())
+        assert saved["method"] == "toy" and saved["toy"]["toy_weight"] == 2.0
+        # previews follow the capabilities: no attention, no teacher
+        assert PREVIEW_MASK in viewer.layers
+        assert PREVIEW_ATTENTION not in viewer.layers and PREVIEW_UNSEEN not in viewer.layers
+    finally:
+        REGISTRY.pop("toy", None)

@@ -13,12 +13,12 @@ import traceback
 from collections import deque
 from collections.abc import Callable, Generator, Sequence
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 from magicgui.widgets import ComboBox, Select
-from qtpy.QtCore import QEvent, QObject, QSettings, QTimer
-from qtpy.QtWidgets import QSizePolicy, QVBoxLayout, QWidget
+from qtpy.QtCore import QEvent, QObject, QSettings
+from qtpy.QtWidgets import QLabel, QWidget
 
 from napari_dagman._widgets._subprocess import DEFAULT_NICE
 from napari_dagman.core.errors import DagmanError, DagmanInputError
@@ -83,6 +83,12 @@ class Settings:
 
 
 # --- pickers ----------------------------------------------------------------------------------------------------
+def path_text(edit: Any) -> str:
+    """The path typed in a magicgui FileEdit; "" when it is empty (an emptied FileEdit can read ".")."""
+    value = edit.line_edit.value.strip()
+    return "" if value in ("", ".") else value
+
+
 class DeviceComboBox(ComboBox):
     """The devices that are really there: auto, each CUDA GPU with its name and free memory, mps, cpu."""
 
@@ -151,6 +157,28 @@ def layer_combo(
     return combo
 
 
+def layer_picker(
+    viewer: napari.viewer.Viewer,
+    kind: str = "image",
+    label: str | None = None,
+    *,
+    tooltip: str = "",
+    inputs_only: bool = True,
+) -> ComboBox:
+    """A `layer_combo` of the viewer's Image (``kind="image"``) or Labels layers; a labels picker may be left
+    empty. ``inputs_only`` leaves out the layers the docks drew (previews, maps, predictions)."""
+    import napari
+
+    return layer_combo(
+        viewer,
+        napari.layers.Image if kind == "image" else napari.layers.Labels,
+        label or kind,
+        nullable=kind != "image",
+        tooltip=tooltip,
+        where=(lambda layer: not is_output_layer(layer)) if inputs_only else None,
+    )
+
+
 def layer_select(
     viewer: napari.viewer.Viewer,
     layer_type: type,
@@ -209,6 +237,16 @@ def label_names_from_features(features: Any) -> dict[int, str]:
         for i, n in zip(features["index"], features["name"], strict=True)
         if int(i) != 0 and isinstance(n, str) and n
     }
+
+
+def layer_label_names(layer: Any) -> dict[int, str]:
+    """Id -> name of the organs present in a Labels layer: its features table, else metadata, else defaults."""
+    from napari_dagman.core.labels import names_in
+
+    names = label_names_from_features(getattr(layer, "features", None))
+    if not names and layer.metadata.get("label_names"):
+        names = {int(k): str(v) for k, v in layer.metadata["label_names"].items()}
+    return names_in(np.asarray(layer.data), names)
 
 
 def _differs(current: Any, value: Any) -> bool:
@@ -288,135 +326,6 @@ def jump_to(
         viewer.camera.center = tuple(point[list(viewer.dims.displayed)])
     if zoom is not None:
         viewer.camera.zoom = zoom
-
-
-# --- a live curve plot ------------------------------------------------------------------------------------------
-class LossPlot(QWidget):
-    """Curves that grow while a job runs (loss terms, validation Dice), redrawn at most once per ``interval_ms``.
-
-    Drawing happens in the GUI thread, so it is kept cheap (measured ~15 ms per redraw on a 2-core CPU): one
-    persistent line per series whose data are replaced, the layout recomputed only when the legend or the
-    widget size changes, and at most one redraw a second by default.
-    """
-
-    def __init__(
-        self,
-        title: str = "",
-        ylabel: str = "",
-        *,
-        log_y: bool = False,
-        parent: QWidget | None = None,
-        interval_ms: int = 1000,
-    ) -> None:
-        super().__init__(parent)
-        from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
-        from matplotlib.figure import Figure
-
-        # no automatic tight layout: it would run on every draw (the costliest part of a redraw)
-        self.figure = Figure(figsize=(4, 2.6))
-        self.figure.patch.set_facecolor("#262930")  # napari's dark theme background
-        self.axes = self.figure.add_subplot(111)
-        self.canvas = FigureCanvasQTAgg(self.figure)
-        self.canvas.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Expanding)
-        self.canvas.setMinimumHeight(180)
-        layout = QVBoxLayout(self)
-        layout.setContentsMargins(0, 0, 0, 0)
-        layout.addWidget(self.canvas)
-        self._title, self._ylabel, self._log_y = title, ylabel, log_y
-        self._series: dict[str, tuple[list[float], list[float]]] = {}
-        self._lines: dict[str, Any] = {}
-        self._dirty = False
-        self._layout_dirty = True
-        self._timer = QTimer(self)
-        self._timer.setInterval(max(50, int(interval_ms)))
-        self._timer.timeout.connect(self._redraw_if_dirty)
-        self._timer.start()
-        self._style()
-
-    def _style(self) -> None:
-        ax = self.axes
-        ax.set_facecolor("#262930")
-        for spine in ax.spines.values():
-            spine.set_color("#8f9294")
-        ax.tick_params(colors="#d0d0d0", labelsize=8)
-        ax.set_title(self._title, color="#e0e0e0", fontsize=9)
-        ax.set_xlabel("step", color="#d0d0d0", fontsize=8)
-        ax.set_ylabel(self._ylabel, color="#d0d0d0", fontsize=8)
-        if self._log_y:
-            from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
-
-            ax.set_yscale("log")
-            # plain numbers ("0.5", "2", "6"), not "6x10^0": loss values span one or two decades
-            ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
-            ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{v:g}"))
-            ax.yaxis.set_minor_formatter(NullFormatter())
-
-    def add_point(self, series: str, step: float, value: float) -> None:
-        if not np.isfinite(value) or (self._log_y and value <= 0):
-            return
-        xs, ys = self._series.setdefault(series, ([], []))
-        xs.append(float(step))
-        ys.append(float(value))
-        self._dirty = True
-
-    def series(self, name: str) -> tuple[list[float], list[float]]:
-        return self._series.get(name, ([], []))
-
-    def clear(self) -> None:
-        self._series.clear()
-        for line in self._lines.values():
-            line.remove()
-        self._lines.clear()
-        legend = self.axes.get_legend()
-        if legend is not None:
-            legend.remove()
-        self._layout_dirty = True
-        self.redraw()
-
-    def resizeEvent(self, event: Any) -> None:  # noqa: N802 (Qt's name)
-        self._layout_dirty = True
-        super().resizeEvent(event)
-
-    def _redraw_if_dirty(self) -> None:
-        if self._dirty:
-            self.redraw()
-
-    def redraw(self) -> None:
-        self._dirty = False
-        ax = self.axes
-        added = False
-        for name, (xs, ys) in self._series.items():
-            line = self._lines.get(name)
-            if line is None:
-                (line,) = ax.plot(xs, ys, label=name, linewidth=1.2)
-                self._lines[name] = line
-                added = True
-            else:
-                line.set_data(xs, ys)
-        if added:
-            legend = ax.legend(
-                fontsize=7,
-                ncol=2,
-                framealpha=0.6,
-                facecolor="#262930",
-                edgecolor="#8f9294",
-                labelcolor="#d0d0d0",
-            )
-            legend.set_draggable(True)
-            self._layout_dirty = True
-        if self._series:
-            ax.relim()
-            ax.autoscale_view()
-        if self._layout_dirty and self.canvas.width() > 50 and self.canvas.height() > 50:
-            self._layout_dirty = False
-            # a canvas too small to lay out keeps the last layout
-            with contextlib.suppress(ValueError, np.linalg.LinAlgError):
-                self.figure.tight_layout()
-        self.canvas.draw_idle()
-
-    def save_png(self, path: str) -> None:
-        self.redraw()
-        self.figure.savefig(path, dpi=150, facecolor=self.figure.get_facecolor())
 
 
 # --- running a core job in the background -------------------------------------------------------------------------
@@ -632,9 +541,9 @@ class JobRunner:
             self.on_done(value)
 
     def _on_errored(self, err: BaseException) -> None:
-        from napari_dagman.core.attention import DagmanCancelled
+        from napari_dagman.core.events import JobCancelled
 
-        if isinstance(err, DagmanCancelled):  # the user asked for it: not an error
+        if isinstance(err, JobCancelled):  # the user asked for it: not an error
             return
         self.last_error = err
         notify_error(err)
@@ -697,11 +606,21 @@ def remember_last_run(run_dir: str) -> None:
 
 
 class JobDock(QWidget):
-    """A dock with remembered settings and one background job whose events it draws.
+    """A dock with remembered settings and one background job whose events it draws: the one cancel contract.
 
     The runner calls the dock's ``_on_event``, ``_on_done``, ``_on_error`` and ``_on_stopped`` in the main
-    thread; a subclass overrides the ones it needs.
+    thread; a subclass overrides the ones it needs. A dock starts its job with `_launch` (a thread or a child
+    process) from its `start`; `cancel` asks the job to stop at its next step (it saves what it has and ends),
+    `start_or_cancel` is what a Start button that reads "Cancel" while running calls, and closing the dock stops
+    the job the same way (`stop_jobs_with`). While a job runs, the dock's forms (``_forms``) and start buttons
+    (``_start_buttons``) are disabled and its cancel buttons (``_cancel_buttons``) enabled; ``_toggle`` is a
+    (button, idle text) pair whose text becomes "Cancel".
     """
+
+    #: The dock's kind of job, as in "a prediction is already running".
+    run_kind: ClassVar[str] = "job"
+    #: The status line while a cancel is under way.
+    cancelling_text: ClassVar[str] = "cancelling: finishing the current step..."
 
     def __init__(self, napari_viewer: napari.viewer.Viewer, *, settings_group: str, description: str) -> None:
         super().__init__()
@@ -717,12 +636,97 @@ class JobDock(QWidget):
         )
         #: Unix nice value of a job run in a child process (0 = same priority as napari); see docs/pretraining.md
         self.process_nice = DEFAULT_NICE
+        self._forms: list[Any] = []
+        self._start_buttons: list[Any] = []
+        self._cancel_buttons: list[Any] = []
+        self._toggle: tuple[Any, str] | None = None
+        self._cancel_requested_at: float | None = None  # while set, "cancelling..." stays on the status line
+        self.status = QLabel("idle")
+        self.status.setWordWrap(True)
+        stop_jobs_with(self, self._runner)  # closing the dock stops its job cleanly (a run saves first)
+
+    def _expose(self, form: Any, names: Sequence[str]) -> None:
+        """Make some of a form's widgets attributes of the dock (the names scripts and tests use)."""
+        for name in names:
+            setattr(self, name, form[name])
+
+    @property
+    def runner(self) -> JobRunner:
+        """The dock's job runner (scripts and tests wait on it)."""
+        return self._runner
 
     @property
     def running(self) -> bool:
         """True from the job's start until its last event has been drawn."""
         return self._runner.running
 
+    # --- start / cancel -----------------------------------------------------------------------------------------
+    def start(self) -> bool:
+        """Start the dock's job from its form; bad input gives a notification. True when a job started."""
+        raise NotImplementedError
+
+    def start_or_cancel(self) -> None:
+        if self._runner.running:
+            self.cancel()
+        else:
+            self.start()
+
+    def _busy(self) -> bool:
+        """True (with a warning) when a job is already running."""
+        if self._runner.running:
+            notify_warning(f"a {self.run_kind} is already running; cancel it first")
+            return True
+        return False
+
+    def _launch(
+        self,
+        job: Callable[..., Generator[Any, None, Any]],
+        *args: Any,
+        in_process: bool = False,
+        status: str = "",
+        **kwargs: Any,
+    ) -> None:
+        """Run ``job(*args, cancel=token, **kwargs)`` in a worker thread or, ``in_process``, a child process."""
+        if in_process:
+            self._runner.start_in_process(job, *args, nice=self.process_nice, **kwargs)
+        else:
+            self._runner.start(lambda token: job(*args, cancel=token, **kwargs))
+        self._started(status)
+
+    def _started(self, status: str = "") -> None:
+        """The dock's state once its runner has started a job: running, with ``status`` on the status line."""
+        self._cancel_requested_at = None
+        self._set_running(True)
+        if status:
+            self.status.setText(status)
+
+    def cancel(self, _value: Any = None) -> None:
+        """Ask the job to stop at the end of its current step (a training run saves a checkpoint first)."""
+        if not self._runner.running:
+            return
+        self._cancel_requested_at = time.monotonic()
+        self._runner.cancel()
+        for button in self._cancel_buttons + ([self._toggle[0]] if self._toggle else []):
+            set_enabled(button, False)
+        self.status.setText(self.cancelling_text)
+
+    def wait(self, timeout: float = 600.0) -> bool:
+        """Process events until the job ends (tests and scripts)."""
+        return self._runner.wait(timeout)
+
+    def _set_running(self, running: bool) -> None:
+        for form in self._forms:
+            form.enabled = not running
+        for button in self._start_buttons:
+            set_enabled(button, not running)
+        for button in self._cancel_buttons:
+            set_enabled(button, running)
+        if self._toggle is not None:
+            button, idle_text = self._toggle
+            button.setText("Cancel" if running else idle_text)
+            button.setEnabled(True)
+
+    # --- the runner's callbacks (main thread) -------------------------------------------------------------------
     def _on_event(self, event: Any) -> None:
         """An event the job yielded."""
 
@@ -730,7 +734,21 @@ class JobDock(QWidget):
         """The job's return value (None or a partial result when it was cancelled)."""
 
     def _on_error(self, err: BaseException) -> None:
-        """The job failed; the runner has already shown the notification."""
+        """The job failed; the runner has already shown the notification, the status line keeps the reason."""
+        text = str(err).strip()
+        self.status.setText(f"failed: {text.splitlines()[0] if text else type(err).__name__}")
 
     def _on_stopped(self) -> None:
         """The job ended, whatever the way: the dock goes back to idle."""
+        if self._cancel_requested_at is not None and self.status.text() == self.cancelling_text:
+            self.status.setText("cancelled")
+        self._set_running(False)
+        self._cancel_requested_at = None
+
+
+def set_enabled(button: Any, enabled: bool) -> None:
+    """Enable a Qt or a magicgui button."""
+    if hasattr(button, "setEnabled"):
+        button.setEnabled(enabled)
+    else:
+        button.enabled = enabled

@@ -9,24 +9,26 @@ own form, config and job and answers the hooks below. No science here: the jobs 
 
 from __future__ import annotations
 
+import contextlib
+import json
 import time
 from collections.abc import Callable, Generator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from magicgui.widgets import CheckBox, Container, FileEdit, LineEdit
-from qtpy.QtWidgets import QBoxLayout, QHBoxLayout, QLabel, QPushButton, QWidget
-from superqt import QCollapsible
+from magicgui.widgets import CheckBox, FileEdit, LineEdit
+from qtpy.QtWidgets import QBoxLayout, QHBoxLayout, QPushButton, QWidget
 
 from napari_dagman._widgets._common import (
     DeviceComboBox,
     JobDock,
-    LossPlot,
     notify_error,
     notify_info,
     notify_warning,
-    stop_jobs_with,
+    path_text,
 )
+from napari_dagman._widgets._forms import ConfigForm, Section, add_sections
+from napari_dagman._widgets._plots import LossPlot
 from napari_dagman.core.errors import DagmanError, DagmanInputError
 
 if TYPE_CHECKING:
@@ -37,21 +39,6 @@ DEFAULT_RUNS_FOLDER = str(Path.home() / "napari-dagman-runs")
 
 #: (button text, callback) pairs of a notification.
 Actions = list[tuple[str, Callable[..., Any]]]
-#: (title, widgets, expanded) of a collapsible form section.
-Section = tuple[str, list[Any], bool]
-
-
-def path_text(edit: FileEdit) -> str:
-    """The path typed in a FileEdit; "" when it is empty (an emptied FileEdit can read ".")."""
-    value = edit.line_edit.value.strip()
-    return "" if value in ("", ".") else value
-
-
-def compact_form(widgets: list[Any]) -> Container:
-    """A labelled magicgui form without margins (it sits in a dock's own layout)."""
-    form = Container(widgets=widgets, labels=True)
-    form.margins = (0, 0, 0, 0)
-    return form
 
 
 class TrainingDock(JobDock):
@@ -62,10 +49,13 @@ class TrainingDock(JobDock):
     `_on_job_event` and `_remember` are there to extend.
     """
 
-    #: The dock's kind of run, as in "a pretraining run is already going".
-    run_kind: ClassVar[str] = "training"
+    #: The dock's kind of run, as in "a pretraining run is already running".
+    run_kind: ClassVar[str] = "training run"
+    cancelling_text: ClassVar[str] = "cancelling: finishing the current step and saving a checkpoint..."
     #: The command recorded in the run's run.json.
     command: ClassVar[str] = "napari-dagman"
+    #: Fields of the dock's config form (``form``) remembered between sessions, stored when a run starts.
+    remembered_fields: ClassVar[tuple[str, ...]] = ()
 
     # widgets made by the helpers below, for type checkers
     device: DeviceComboBox
@@ -75,19 +65,15 @@ class TrainingDock(JobDock):
     in_process: CheckBox
     start_button: QPushButton
     pause_button: QPushButton
-    status: QLabel
     loss_plot: LossPlot
+    form: ConfigForm
 
     def __init__(self, napari_viewer: napari.viewer.Viewer, *, settings_group: str, description: str) -> None:
         super().__init__(napari_viewer, settings_group=settings_group, description=description)
-        self._cancel_requested_at: float | None = None  # while set, "cancelling..." stays on the status line
         self._checkpoints: dict[str, str] = {}  # kind ("last", "best", ...) -> path, named if the run fails
         self.last_finished: FinishedEvent | None = None
         #: The log lines of the current run, in order.
         self.messages: list[str] = []
-        self._forms: list[Container] = []  # disabled while a run goes
-        self._sections: dict[str, QCollapsible] = {}
-        stop_jobs_with(self, self._runner)  # closing the dock stops the run cleanly (it saves first)
 
     # --- form pieces ------------------------------------------------------------------------------------------
     def _make_run_widgets(self, *, run_name_tip: str, resume_tip: str, in_process_tip: str) -> None:
@@ -114,16 +100,8 @@ class TrainingDock(JobDock):
         )
 
     def _add_sections(self, layout: QBoxLayout, sections: list[Section]) -> None:
-        """One collapsible box per section, each a form that is disabled while a run goes."""
-        for title, widgets, expanded in sections:
-            form = compact_form(widgets)
-            box = QCollapsible(title, self)
-            box.addWidget(form.native)
-            if expanded:
-                box.expand(animate=False)
-            layout.addWidget(box)
-            self._sections[title] = box
-            self._forms.append(form)
+        """One collapsible box per section (shown widgets, then "more" folded), disabled while a run goes."""
+        self._forms.extend(add_sections(layout, sections, self))
 
     def _add_run_controls(self, layout: QBoxLayout, *, start_tip: str, loss_label: str) -> None:
         """Start/Cancel and Pause/Resume, the status line and the training-loss curve."""
@@ -136,8 +114,7 @@ class TrainingDock(JobDock):
         buttons.addWidget(self.start_button)
         buttons.addWidget(self.pause_button)
         layout.addLayout(buttons)
-        self.status = QLabel("idle")
-        self.status.setWordWrap(True)
+        self._toggle = (self.start_button, "Start")
         layout.addWidget(self.status)
         self.loss_plot = LossPlot("training loss", loss_label, log_y=True)
         layout.addWidget(self.loss_plot)
@@ -177,6 +154,21 @@ class TrainingDock(JobDock):
         s.set("device", str(self.device.value))
         s.set("runs_folder", path_text(self.runs_folder))
         s.set("in_process", "true" if self.in_process.value else "false")
+        if self.remembered_fields:
+            s.set("form", json.dumps({name: self.form.value(name) for name in self.remembered_fields}))
+
+    def _restore_form(self) -> None:
+        """Fill the remembered fields of ``form`` from the last session (values no longer valid are skipped)."""
+        try:
+            saved = json.loads(str(self._settings.get("form", "") or "{}"))
+        except ValueError:
+            return
+        if not isinstance(saved, dict):
+            return
+        for name in self.remembered_fields:
+            if name in saved:
+                with contextlib.suppress(DagmanError):
+                    self.form.set_values({name: saved[name]})
 
     # --- building the job -------------------------------------------------------------------------------------
     def _run_folder(self, prefix: str) -> tuple[str, bool]:
@@ -191,16 +183,9 @@ class TrainingDock(JobDock):
         return str(Path(parent).expanduser() / name), False
 
     # --- start / cancel / pause ---------------------------------------------------------------------------------
-    def start_or_cancel(self) -> None:
-        if self._runner.running:
-            self.cancel()
-        else:
-            self.start()
-
     def start(self) -> bool:
         """Start a run from the form; bad input gives a notification. True when a run started."""
-        if self._runner.running:
-            notify_warning(f"a {self.run_kind} run is already going; cancel it first")
+        if self._busy():
             return False
         try:
             config, data, resume = self.build_job()
@@ -209,31 +194,25 @@ class TrainingDock(JobDock):
             return False
         self._remember()
         self._checkpoints.clear()
-        self._cancel_requested_at = None
         self.last_finished = None
         self.messages.clear()
         self.loss_plot.clear()
         self._prepare_run(data)
-        job, command = self._job(), self.command
-        if self.in_process.value:
-            self._runner.start_in_process(
-                job, config, data, resume=resume, command=command, nice=self.process_nice
-            )
-        else:
-            self._runner.start(lambda token: job(config, data, resume=resume, cancel=token, command=command))
-        self._set_running(True)
-        self.status.setText(self._starting_text(config))
+        self._launch(
+            self._job(),
+            config,
+            data,
+            in_process=bool(self.in_process.value),
+            status=self._starting_text(config),
+            resume=resume,
+            command=self.command,
+            **self._job_options(config),
+        )
         return True
 
-    def cancel(self) -> None:
-        """Stop at the end of the current step; the run saves a resumable checkpoint first."""
-        if not self._runner.running:
-            return
-        self._cancel_requested_at = time.monotonic()
-        self._runner.cancel()
-        self.start_button.setEnabled(False)
-        self.pause_button.setEnabled(False)
-        self.status.setText("cancelling: finishing the current step and saving a checkpoint...")
+    def _job_options(self, config: Any) -> dict[str, Any]:
+        """More keyword arguments of the job (e.g. the method a run needs registered in a child process)."""
+        return {}
 
     def toggle_pause(self) -> None:
         if not self._runner.running:
@@ -247,17 +226,15 @@ class TrainingDock(JobDock):
             self.pause_button.setText("Resume")
             self.status.setText("paused after the current step (nothing is lost; Resume continues)")
 
-    def wait(self, timeout: float = 600.0) -> bool:
-        """Process events until the run ends (tests)."""
-        return self._runner.wait(timeout)
+    def cancel(self, _value: Any = None) -> None:
+        """Stop at the end of the current step; the run saves a resumable checkpoint first."""
+        super().cancel()
+        self.pause_button.setEnabled(False)
 
     def _set_running(self, running: bool) -> None:
-        self.start_button.setText("Cancel" if running else "Start")
-        self.start_button.setEnabled(True)
+        super()._set_running(running)
         self.pause_button.setEnabled(running)
         self.pause_button.setText("Pause")
-        for form in self._forms:
-            form.enabled = not running
 
     # --- events from the job (main thread) -----------------------------------------------------------------------
     def _on_event(self, event: Any) -> None:
@@ -298,10 +275,6 @@ class TrainingDock(JobDock):
         # the notification is already out (JobRunner); the dock keeps the reason and goes back to idle
         last = self._checkpoints.get("last")
         self.status.setText(f"failed: {err}" + (f"\nlast good checkpoint: {last}" if last else ""))
-
-    def _on_stopped(self) -> None:
-        self._set_running(False)
-        self._cancel_requested_at = None
 
     # --- after the run ------------------------------------------------------------------------------------------
     def _finished_run(self, run_dir: str | None) -> str | None:

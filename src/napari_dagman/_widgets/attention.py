@@ -55,7 +55,7 @@ from napari_dagman.core.errors import DagmanError, DagmanInputError
 
 if TYPE_CHECKING:
     import napari
-    from napari_dagman._widgets._jobs import ExplorerResult
+    from napari_dagman.core.attention import AttentionResult
     from napari_dagman.core.volume import Volume
 
 #: Layer names (one each; a new computation updates them in place).
@@ -135,7 +135,7 @@ class AttentionWidget(JobDock):
         self._export_runner = JobRunner(
             lambda _event: None, on_done=self._on_exported, description="DAGMaN attention export"
         )
-        self.result: ExplorerResult | None = None
+        self.result: AttentionResult | None = None
         self._image_volume: Volume | None = None
         self._image_layer: Any = None
         self._encoder: Any = None  # (key, PretrainedEncoder) reused by crop computations in a thread
@@ -369,7 +369,9 @@ class AttentionWidget(JobDock):
         return self._start(maps=False, image=self._image_layer)
 
     def _start(self, *, maps: bool, image: Any) -> bool:
-        from napari_dagman._widgets._jobs import explorer_job, picklable_volume
+        from napari_dagman._widgets._jobs import picklable_volume
+        from napari_dagman.core.attention import attention_job
+        from napari_dagman.core.config import AttentionConfig
 
         if self._runner.running:
             notify_warning("the explorer is busy; cancel it first")
@@ -378,25 +380,26 @@ class AttentionWidget(JobDock):
             layer = image if image is not None else self.image.value
             volume = volume_from_layer(layer, "image")
             run = self._run_folder()
+            scope = self.scope.value
+            physical, z = self._physical(layer, volume, self.crop_center())
+            config = AttentionConfig(
+                checkpoint=run,
+                which=self.which.value,
+                weights=self.weights.value,
+                scope=scope,
+                maps=maps,
+                center=[float(c) for c in physical],
+                slice_index=int(z),
+                overlap=float(self.overlap.value),
+                ratio=float(self.ratio.value),
+                noise_rate=float(self.noise_rate.value),
+                seed=int(self.seed.value),
+                device=str(self.device.value),
+            )
+            config.validate()
         except DagmanError as err:
             notify_error(err)
             return False
-        scope = self.scope.value
-        physical, z = self._physical(layer, volume, self.crop_center())
-        kwargs = {
-            "run": run,
-            "which": self.which.value,
-            "weights": self.weights.value,
-            "scope": scope,
-            "maps": maps,
-            "center": physical.tolist(),
-            "slice_index": z,
-            "overlap": float(self.overlap.value),
-            "ratio": float(self.ratio.value),
-            "noise_rate": float(self.noise_rate.value),
-            "seed": int(self.seed.value),
-            "device": str(self.device.value),
-        }
         self._settings.set("device", str(self.device.value))
         self._settings.set("colormap", self.colormap.value)
         self._image_layer, self._image_volume = layer, volume
@@ -404,13 +407,13 @@ class AttentionWidget(JobDock):
         if maps and scope == "volume" and self.volume_in_process:
             # minutes of CPU on a real CT: a child process keeps napari responsive (benchmarks/ui_latency.py)
             self._runner.start_in_process(
-                explorer_job, picklable_volume(volume), keep_encoder=False, nice=self.process_nice, **kwargs
+                attention_job, config, picklable_volume(volume), keep_encoder=False, nice=self.process_nice
             )
         else:
             key = (run, self.which.value, self.weights.value, str(self.device.value))
             encoder = self._encoder[1] if self._encoder and self._encoder[0] == key else None
             self._encoder_key = key
-            self._runner.start(lambda token: explorer_job(volume, encoder=encoder, cancel=token, **kwargs))
+            self._runner.start(lambda token: attention_job(config, volume, encoder=encoder, cancel=token))
         self.compute_button.setText("Cancel")
         self.status.setText("computing maps..." if maps else "drawing masks...")
         return True
@@ -424,7 +427,7 @@ class AttentionWidget(JobDock):
         elif isinstance(event, LogEvent):
             (notify_warning if event.level == "warning" else notify_info)(event.message)
 
-    def _on_done(self, result: ExplorerResult) -> None:
+    def _on_done(self, result: AttentionResult) -> None:
         if result.encoder is not None:
             self._encoder = (self._encoder_key, result.encoder)
             result.encoder = None
@@ -590,7 +593,7 @@ class AttentionWidget(JobDock):
 
     def export(self, folder: str) -> bool:
         """Write the shown maps and masks as NIfTI to ``folder`` in the background; True when started."""
-        from napari_dagman._widgets._jobs import export_job
+        from napari_dagman.core.attention import export_attention_job
 
         if self.result is None or self._image_volume is None:
             notify_warning("nothing to export yet: Compute first")
@@ -599,7 +602,10 @@ class AttentionWidget(JobDock):
             notify_warning("an export is already running")
             return False
         result, image, on_grid = self.result, self._image_volume, bool(self.on_image_grid.value)
-        self._export_runner.start(lambda token: export_job(result, image, folder, on_image_grid=on_grid))
+        prefix = f"attention_{result.scope}"
+        self._export_runner.start(
+            lambda token: export_attention_job(result, image, folder, on_image_grid=on_grid, prefix=prefix)
+        )
         self.status.setText(f"exporting to {folder}...")
         return True
 

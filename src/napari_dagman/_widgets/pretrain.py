@@ -1,48 +1,55 @@
-"""Pretraining dock: gather a `PretrainConfig`, run `core.training.run_pretraining` in the background, draw its events.
+"""Pretraining dock: a `PretrainConfig` from forms, `core.training.run_pretraining` in the background, its events drawn.
 
-The run happens in a child process by default (see `_subprocess` for why); a thread is available for
-debugging. The dock shows the loss terms live, puts the teacher's attention and the chosen mask of the current
-crop on the viewer every N steps (one layer each, updated in place), and on finish offers the run folder to
-the attention explorer.
+The form is built from the config's fields (`_forms.ConfigForm`): the general options, and the chosen method's own
+options (its options dataclass, preset values first), rebuilt when the method changes. What a method does is read
+from its `capabilities`, never from its name. The run happens in a child process by default (see `_subprocess`
+for why; a thread is there for debugging). The dock shows the loss terms live, puts the crop, the class attention,
+the chosen mask and the cells the noisy teacher did not see on the viewer every N steps (one layer each, updated
+in place), and on finish offers the run folder to the attention explorer.
 """
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable, Generator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from magicgui.widgets import (
-    CheckBox,
-    ComboBox,
-    FileEdit,
-    FloatSpinBox,
-    Label,
-    LineEdit,
-    SpinBox,
-)
+from magicgui.widgets import CheckBox, ComboBox, FileEdit
 from qtpy.QtCore import QUrl
 from qtpy.QtGui import QDesktopServices
-from qtpy.QtWidgets import QHBoxLayout, QPushButton, QVBoxLayout
+from qtpy.QtWidgets import QHBoxLayout, QPushButton, QVBoxLayout, QWidget
+from superqt import QCollapsible
 
 from napari_dagman._widgets._common import (
     OUTPUT_KEY,
-    LossPlot,
     cells_on_voxels,
     is_output_layer,
     jump_to,
     layer_select,
     notify_error,
+    path_text,
     remember_last_run,
     upsert_layer,
     volume_from_layer,
 )
-from napari_dagman._widgets._training import Actions, TrainingDock, compact_form, path_text
-from napari_dagman.core.config import PRESET_NAMES, TEACHER_NOISES, PretrainConfig
+from napari_dagman._widgets._forms import (
+    ConfigForm,
+    add_sections,
+    compact_form,
+    default_values,
+    field_spec,
+    placeholder,
+    with_widgets,
+    wrapped_label,
+)
+from napari_dagman._widgets._plots import LossPlot
+from napari_dagman._widgets._training import Actions, TrainingDock
+from napari_dagman.core.config import PretrainConfig
 from napari_dagman.core.errors import DagmanError, DagmanInputError
-from napari_dagman.core.methods.registry import REGISTRY
+from napari_dagman.core.methods.registry import REGISTRY, MethodSpec, get_method
 
 if TYPE_CHECKING:
     import napari
@@ -52,43 +59,131 @@ if TYPE_CHECKING:
 #: Names of the live preview layers (one each, updated in place).
 PREVIEW_CROP = "pretrain preview: crop"
 PREVIEW_ATTENTION = "pretrain preview: teacher attention"
+PREVIEW_CLASS_ATTENTION = "pretrain preview: class attention"  # a method that trains it without a teacher
 PREVIEW_MASK = "pretrain preview: mask"
+PREVIEW_UNSEEN = "pretrain preview: unseen by the teacher"
+PREVIEW_LAYERS = (PREVIEW_CROP, PREVIEW_ATTENTION, PREVIEW_CLASS_ATTENTION, PREVIEW_MASK, PREVIEW_UNSEEN)
 EXPLORER_WIDGET = "Attention & mask explorer"
 MASK_COLOUR = "#00e5ff"
+UNSEEN_COLOUR = "#ff9100"
+
+#: The general fields of `PretrainConfig` the dock shows, by section (the method's own options come separately).
+GENERAL_FIELDS: tuple[str, ...] = (
+    "roi", "spacing", "hu_min", "hu_max",  # data
+    "preset", "dims", "attention_stage", "out_dim", "drop_path", "mask_cell",  # model (+ mask cell)
+    "steps", "batch_size", "lr", "min_lr", "weight_decay", "warmup_steps", "grad_clip", "amp", "fused_attention",
+    "seed", "device", "preview_every", "checkpoint_every", "threads", "log_every", "save_every", "probe_every",
+    "probe_crops",
+)  # fmt: skip
+#: Shown at first; the rest of each section is folded under "more ... options".
+PRIMARY_FIELDS = frozenset(
+    {"roi", "spacing", "preset", "dims", "steps", "batch_size", "lr", "seed", "device", "preview_every",
+     "checkpoint_every"}
+)  # fmt: skip
+#: Form widgets that are also attributes of the dock (the names scripts and tests use).
+EXPOSED: tuple[str, ...] = (
+    "preset",
+    "dims",
+    "roi",
+    "spacing",
+    "batch_size",
+    "lr",
+    "seed",
+    "preview_every",
+    "checkpoint_every",
+)
+#: How the form's fields are labelled in this dock (the field name otherwise).
+LABELS = {
+    "roi": "ROI (voxels)",
+    "spacing": "spacing (mm)",
+    "dims": "input",
+    "steps": "count",
+    "batch_size": "batch",
+    "lr": "learning rate",
+    "preview_every": "preview every",
+    "checkpoint_every": "snapshot every",
+    "hu_min": "HU min",
+    "hu_max": "HU max",
+}
+SECTION_TITLES = {
+    "data": "Data",
+    "model": "Model",
+    "masking": "Model",
+    "optimisation": "Optimisation",
+    "run": "Run",
+}
 
 
-def _default(name: str) -> Any:
-    return PretrainConfig.__dataclass_fields__[name].default
+def describe_capabilities(capabilities: Any) -> str:
+    """One line saying what a method does (its capabilities), for the dock's summary."""
+    parts = [
+        "EMA teacher" if capabilities.has_teacher else "no teacher",
+        "trains the class attention"
+        if capabilities.trains_class_attention
+        else "class attention not trained",
+    ]
+    if capabilities.reconstructs:
+        parts.append("reconstructs masked voxels")
+    return "; ".join(parts)
 
 
 class PretrainWidget(TrainingDock):
     """Self-supervised pretraining from napari: method, data, hyperparameters, device; live loss and preview."""
 
-    run_kind = "pretraining"
+    run_kind = "pretraining run"
     command = "napari-dagman pretraining dock"
+    remembered_fields = ("method", "preset", "dims", "roi", "spacing")
 
     def __init__(self, napari_viewer: napari.viewer.Viewer) -> None:
-        super().__init__(napari_viewer, settings_group="pretrain", description="DAGMaN pretraining")
+        super().__init__(napari_viewer, settings_group="pretrain", description="pretraining")
         self._step_seconds: list[float] = []
-        self._probe_diversity: float | None = None
+        self._probe_diversity: dict[str, float] = {}
         self._trained_layer_names: set[str] = set()
+        self.method_form: ConfigForm | None = None
+        self._method_forms: list[Any] = []
         self._build()
+        self._restore_form()
         self._on_method()
 
     # --- form ---------------------------------------------------------------------------------------------------
     def _build(self) -> None:
-        import napari
-
-        help_of = PretrainConfig.field_help()
-        s = self._settings
-
-        self.method = ComboBox(
-            label="method",
-            choices=[(spec.title, spec.name) for spec in REGISTRY.values()],
-            value=s.get("method", _default("method")) if s.get("method") in REGISTRY else _default("method"),
+        self._make_inputs()
+        self._make_run_widgets(
+            run_name_tip="name of the new run folder (empty: method and date)",
+            resume_tip="a run folder to continue from its last checkpoint (its settings are loaded into the form)",
+            in_process_tip="train in a child process (recommended: napari stays responsive, GPU memory is freed "
+            "on exit); untick to train in a thread of napari (debugging)",
         )
-        self._method_summary = Label(value="")
-        self._method_summary.native.setWordWrap(True)
+        self.method = ComboBox(label="method", choices=self._method_choices)
+        self.form = ConfigForm(
+            PretrainConfig,
+            ("method", *GENERAL_FIELDS),
+            widgets={"device": self.device, "method": self.method},
+            labels=LABELS,
+            steps={"roi": 32},
+            choice_text={"dims": {3: "3D volumes", 2: "2D axial slices"}},
+        )
+        self.method.value = default_values(PretrainConfig)["method"]
+        self._expose(self.form, EXPOSED)
+        self.length = self.form["steps"]
+        self.length_unit = ComboBox(
+            label="length",
+            choices=["steps", "epochs"],
+            value="steps",
+            tooltip="train for a number of optimiser steps or of passes over the volumes",
+        )
+        self.follow = CheckBox(
+            label="follow preview", value=True, tooltip="move the slice slider to each new preview crop"
+        )
+        self._lay_out()
+        self.method.changed.connect(self._on_method)
+        self.resume_from.changed.connect(self._on_resume_folder)
+        self.length_unit.changed.connect(self._on_length_unit)
+        self.explore_button.clicked.connect(lambda: self.open_in_explorer())
+        self.folder_button.clicked.connect(lambda: self.open_run_folder())
+
+    def _make_inputs(self) -> None:
+        import napari
 
         self.layers = layer_select(
             self._viewer,
@@ -110,123 +205,23 @@ class PretrainWidget(TrainingDock):
             tooltip="a DICOM series folder, or a folder of CT files (NIfTI, NRRD, MHA), read when the run starts",
         )
 
-        self.preset = ComboBox(
-            label="preset",
-            choices=list(PRESET_NAMES),
-            value=s.get("preset", _default("preset")),
-            tooltip=help_of["preset"],
-        )
-        self.dims = ComboBox(
-            label="input",
-            choices=[("3D volumes", 3), ("2D axial slices", 2)],
-            value=int(s.get("dims", _default("dims"))),
-            tooltip=help_of["dims"],
-        )
-        self.roi = SpinBox(
-            label="ROI (voxels)",
-            min=32,
-            max=512,
-            step=32,
-            value=int(s.get("roi", _default("roi"))),
-            tooltip=help_of["roi"],
-        )
-        self.spacing = FloatSpinBox(
-            label="spacing (mm)",
-            min=0.0,
-            max=20.0,
-            step=0.25,
-            value=float(s.get("spacing", _default("spacing"))),
-            tooltip=help_of["spacing"] + "; 0 keeps the file's spacing",
-        )
-
-        self.length_unit = ComboBox(
-            label="length",
-            choices=["steps", "epochs"],
-            value="steps",
-            tooltip="train for a number of optimiser steps or of passes over the volumes",
-        )
-        self.length = SpinBox(label="count", min=1, max=10_000_000, value=1000, tooltip=help_of["steps"])
-        self.batch_size = SpinBox(
-            label="batch", min=1, max=256, value=_default("batch_size"), tooltip=help_of["batch_size"]
-        )
-        self.lr = LineEdit(
-            label="learning rate", value="auto", tooltip=help_of["lr"] + "; 'auto' or a number such as 2e-4"
-        )
-
-        self.mask_ratio = FloatSpinBox(
-            label="mask ratio", min=0.0, max=1.0, step=0.05, value=0.6, tooltip=help_of["mask_ratio"]
-        )
-        self.teacher_noise = ComboBox(
-            label="teacher noise", choices=list(TEACHER_NOISES), tooltip=help_of["teacher_noise"]
-        )
-        self.noise_rate = FloatSpinBox(
-            label="noise rate",
-            min=0.0,
-            max=1.0,
-            step=0.05,
-            value=_default("noise_rate"),
-            tooltip=help_of["noise_rate"],
-        )
-
-        self.seed = SpinBox(
-            label="seed", min=0, max=2**31 - 1, value=_default("seed"), tooltip=help_of["seed"]
-        )
-        self._make_run_widgets(
-            run_name_tip="name of the new run folder (empty: method and date)",
-            resume_tip="a run folder to continue from its last checkpoint (its settings are loaded into the form)",
-            in_process_tip="train in a child process (recommended: napari stays responsive, GPU memory is freed "
-            "on exit); untick to train in a thread of napari (debugging)",
-        )
-        self.preview_every = SpinBox(
-            label="preview every",
-            min=0,
-            max=100_000,
-            value=_default("preview_every"),
-            tooltip=help_of["preview_every"],
-        )
-        self.checkpoint_every = SpinBox(
-            label="snapshot every",
-            min=0,
-            max=10_000_000,
-            value=_default("checkpoint_every"),
-            tooltip=help_of["checkpoint_every"],
-        )
-        self.follow = CheckBox(
-            label="follow preview", value=True, tooltip="move the slice slider to each new preview crop"
-        )
-
-        sections = [
-            ("Data", [self.layers, self.files, self.folder], True),
-            ("Model", [self.preset, self.dims, self.roi, self.spacing], True),
-            ("Optimisation", [self.length_unit, self.length, self.batch_size, self.lr], True),
-            ("Masking and teacher", [self.mask_ratio, self.teacher_noise, self.noise_rate], False),
-            (
-                "Run",
-                [
-                    self.seed,
-                    self.device,
-                    self.runs_folder,
-                    self.run_name,
-                    self.resume_from,
-                    self.preview_every,
-                    self.checkpoint_every,
-                    self.follow,
-                    self.in_process,
-                ],
-                True,
-            ),
-        ]
-
+    def _lay_out(self) -> None:
         layout = QVBoxLayout(self)
         layout.setContentsMargins(4, 4, 4, 4)
-        head = compact_form([self.method, self._method_summary])
-        layout.addWidget(head.native)
-        self._forms.append(head)
-        self._add_sections(layout, sections)
+        sections = with_widgets(
+            self.form.sections(
+                SECTION_TITLES, primary=PRIMARY_FIELDS, expanded=("data", "model", "optimisation", "run")
+            ),
+            before={"Data": [self.layers, self.files, self.folder], "Optimisation": [self.length_unit]},
+            after={"Run": [self.runs_folder, self.run_name, self.resume_from, self.follow, self.in_process]},
+        )
+        general = [s for s in sections if s[0] != "General"]  # the method combo sits in the method's box
+        self._add_sections(layout, general[:2])
+        self._add_method_box(layout)
+        self._add_sections(layout, general[2:])
         self._add_run_controls(
             layout, start_tip="start pretraining; becomes Cancel while it runs", loss_label="loss"
         )
-
         after = QHBoxLayout()
         self.explore_button = QPushButton("Explore attention")
         self.explore_button.setToolTip("open the finished run in the attention & mask explorer")
@@ -238,34 +233,78 @@ class PretrainWidget(TrainingDock):
         layout.addLayout(after)
         layout.addStretch(1)
 
-        self.method.changed.connect(self._on_method)
-        self.resume_from.changed.connect(self._on_resume_folder)
-        self.length_unit.changed.connect(self._on_length_unit)
-        self.explore_button.clicked.connect(lambda: self.open_in_explorer())
-        self.folder_button.clicked.connect(lambda: self.open_run_folder())
+    def _add_method_box(self, layout: QVBoxLayout) -> None:
+        """The "Method" box: the method, its summary and its own options (rebuilt when the method changes)."""
+        self._method_summary = wrapped_label()
+        head = compact_form([self.method, self._method_summary])
+        self._forms.append(head)
+        box = QCollapsible("Method", self)
+        box.addWidget(head.native)
+        self._method_holder = QWidget()
+        self._method_layout = QVBoxLayout(self._method_holder)
+        self._method_layout.setContentsMargins(0, 0, 0, 0)
+        box.addWidget(self._method_holder)
+        box.expand(animate=False)
+        layout.addWidget(box)
+
+    @staticmethod
+    def _method_choices(_widget: Any = None) -> list[tuple[str, str]]:
+        """Every registered method (read each time: user code may register one after napari started)."""
+        return [(spec.title, spec.name) for spec in REGISTRY.values()]
 
     @property
     def plot(self) -> LossPlot:
         """The training-loss curve (the name scripts and tests know)."""
         return self.loss_plot
 
+    @property
+    def spec(self) -> MethodSpec:
+        return get_method(self.method.value)
+
+    @property
+    def capabilities(self) -> Any:
+        """The chosen method's capabilities (what it trains, previews...)."""
+        return self.spec.capabilities
+
+    def showEvent(self, event: Any) -> None:  # noqa: N802 (Qt's name)
+        self.method.reset_choices()  # methods registered since the dock was made
+        super().showEvent(event)
+
     # --- reacting to the form ------------------------------------------------------------------------------------
     def _on_method(self, _value: Any = None) -> None:
-        """Show the method's summary and load its defaults (mask ratio, teacher noise) into the form."""
-        spec = REGISTRY[self.method.value]
-        self._method_summary.value = spec.summary
+        """Show the method's summary and rebuild its options form with the preset's values."""
+        spec = self.spec
+        self._method_summary.value = f"{spec.summary}\n({describe_capabilities(spec.capabilities)})"
         self.method.tooltip = spec.summary
-        defaults = spec.defaults
-        if defaults.get("mask_ratio") is not None:
-            self.mask_ratio.value = float(defaults["mask_ratio"])
-        if defaults.get("teacher_noise") is not None:
-            self.teacher_noise.value = defaults["teacher_noise"]
-        # without a teacher, teacher noise means nothing: say so rather than offering a dead control
-        self.teacher_noise.enabled = self.noise_rate.enabled = spec.uses_teacher
+        self._set_method_form(spec)
+
+    def _set_method_form(self, spec: MethodSpec) -> None:
+        """The method's options: the ones its preset sets shown, the others folded by group."""
+        for form in self._method_forms:
+            if form in self._forms:
+                self._forms.remove(form)
+        while self._method_layout.count():
+            item = self._method_layout.takeAt(0)
+            if item.widget() is not None:
+                item.widget().deleteLater()
+        self.method_form = form = ConfigForm(spec.options_class(), defaults=spec.default_options())
+        sections = form.sections(primary=set(spec.defaults), expanded=False)
+        shown = [widget for _, widgets, _, _ in sections for widget in widgets]
+        folded = [(f"{title} options", widgets, [], False) for title, _, widgets, _ in sections if widgets]
+        made = []
+        if shown:
+            made.append(compact_form(shown))
+            self._method_layout.addWidget(made[-1].native)
+        made += add_sections(self._method_layout, folded, self._method_holder)
+        self._method_forms = made
+        self._forms.extend(made)
+        for widget in made:
+            widget.enabled = not self.running
 
     def _on_length_unit(self, _value: Any = None) -> None:
-        help_of = PretrainConfig.field_help()
-        self.length.tooltip = help_of[self.length_unit.value]
+        spec = field_spec(PretrainConfig, self.length_unit.value)
+        self.length.tooltip = spec.help
+        self.length.native.setPlaceholderText(placeholder(spec.auto_text))
 
     def _on_resume_folder(self, _value: Any = None) -> None:
         """Load a run's settings into the form, so that the resumed model is the same one."""
@@ -275,45 +314,31 @@ class PretrainWidget(TrainingDock):
         if not path:
             return
         try:
-            saved = RunFolder(path).config_dict()
+            self.apply_config(RunFolder(path).config_dict())
         except DagmanError as err:
             notify_error(err)
             return
-        self.apply_config(saved)
         self.status.setText(f"resuming {path}: settings loaded; raise the step count to train further")
 
     def apply_config(self, data: dict[str, Any]) -> None:
-        """Fill the form from a config dict (a run's config.json)."""
-        if data.get("method") in REGISTRY:
-            self.method.value = data["method"]
-            self._on_method()
-        for name, widget in (
-            ("preset", self.preset),
-            ("dims", self.dims),
-            ("roi", self.roi),
-            ("batch_size", self.batch_size),
-            ("seed", self.seed),
-            ("mask_ratio", self.mask_ratio),
-            ("teacher_noise", self.teacher_noise),
-            ("noise_rate", self.noise_rate),
-            ("preview_every", self.preview_every),
-            ("checkpoint_every", self.checkpoint_every),
-        ):
-            if data.get(name) is not None:
-                widget.value = data[name]
-        self.spacing.value = float(data["spacing"]) if data.get("spacing") is not None else 0.0
-        if data.get("steps"):
-            self.length_unit.value = "steps"
-            self.length.value = int(data["steps"])
-        self.lr.value = f"{data['lr']:g}" if data.get("lr") is not None else "auto"
+        """Fill the form from a config dict (a run's config.json); raises `DagmanError` on a bad one."""
+        config = PretrainConfig.from_dict(data, strict=False)
+        self.method.value = config.method  # rebuilds the method's form when it changes
+        values = config.to_dict()
+        epochs = values.get("epochs")
+        self.length_unit.value = "epochs" if epochs else "steps"
+        values["steps"] = epochs or values.get("steps")
+        self.form.set_values({k: v for k, v in values.items() if k not in ("method", "device")})
+        if self.method_form is not None:
+            self.method_form.set_values(config.options)
 
     # --- building the job ----------------------------------------------------------------------------------------
     def _paths(self) -> list[str]:
         """Files and the folder entry; a folder of CT files becomes its files (as on the command line)."""
-        from napari_dagman.cli.pretrain import expand_inputs
+        from napari_dagman.core.io import expand_inputs
 
         raw = [str(p) for p in (self.files.value or ()) if str(p).strip() not in ("", ".")]
-        folder = self.folder.line_edit.value.strip()
+        folder = path_text(self.folder)
         if folder:
             raw.append(folder)
         for path in raw:
@@ -321,16 +346,14 @@ class PretrainWidget(TrainingDock):
                 raise DagmanInputError(f"{path} does not exist")
         return expand_inputs(raw)
 
-    def _learning_rate(self) -> float | None:
-        text = self.lr.value.strip().lower()
-        if text in ("", "auto"):
-            return None
-        try:
-            return float(text)
-        except ValueError:
-            raise DagmanInputError(
-                f"learning rate must be 'auto' or a number, got {self.lr.value!r}"
-            ) from None
+    def config_values(self) -> dict[str, Any]:
+        """The form's general values and the method's options, as `PretrainConfig.from_dict` takes them."""
+        values = self.form.values()
+        length = values.pop("steps")
+        unit = self.length_unit.value
+        values["steps"], values["epochs"] = (length, None) if unit == "steps" else (None, length)
+        values["options"] = self.method_form.values() if self.method_form is not None else {}
+        return values
 
     def build_job(self) -> tuple[PretrainConfig, list[Any], bool]:
         """The config, the layer volumes and the resume flag the Start button would run (raises on bad input)."""
@@ -344,6 +367,9 @@ class PretrainWidget(TrainingDock):
         if resume:
             # the resolved settings of the run (schedules, HU window...) so the run continues exactly
             base = PretrainConfig.from_dict(RunFolder(out).config_dict(), strict=False).to_dict()
+            base.pop(
+                base.get("method"), None
+            )  # its method options: the form holds them (loaded from the run)
             if not volumes and not images:
                 images = list(base.get("images") or [])
                 if not images:
@@ -352,31 +378,8 @@ class PretrainWidget(TrainingDock):
                     )
         elif not volumes and not images:
             raise DagmanInputError("no training data: choose image layers, files or a folder")
-        unit = self.length_unit.value
-        base.update(
-            images=images,
-            out=out,
-            method=self.method.value,
-            preset=self.preset.value,
-            dims=int(self.dims.value),
-            roi=int(self.roi.value),
-            spacing=float(self.spacing.value) or None,
-            steps=int(self.length.value) if unit == "steps" else None,
-            epochs=int(self.length.value) if unit == "epochs" else None,
-            batch_size=int(self.batch_size.value),
-            lr=self._learning_rate(),
-            mask_ratio=float(self.mask_ratio.value),
-            teacher_noise=self.teacher_noise.value,
-            noise_rate=float(self.noise_rate.value),
-            seed=int(self.seed.value),
-            device=str(self.device.value),
-            preview_every=int(self.preview_every.value),
-            checkpoint_every=int(self.checkpoint_every.value),
-        )
-        if not REGISTRY[self.method.value].uses_teacher:
-            base.pop("teacher_noise")  # the method's own default ("none")
-        config = PretrainConfig.from_dict(base)
-        return config, volumes, resume
+        base.update(self.config_values(), images=images, out=out)
+        return PretrainConfig.from_dict(base), volumes, resume
 
     # --- running the job (hooks of TrainingDock) ---------------------------------------------------------------
     def _job(self) -> Callable[..., Generator[Any, None, Any]]:
@@ -384,26 +387,24 @@ class PretrainWidget(TrainingDock):
 
         return pretrain_job
 
+    def _job_options(self, config: PretrainConfig) -> dict[str, Any]:
+        # a method registered by user code exists only in this process: the child registers it too
+        return {"methods": (get_method(config.method),)}
+
     def _prepare_run(self, data: list[Volume]) -> None:
         # the engine names a volume by its metadata name: previews of these crops overlay an open layer
         self._trained_layer_names = {
             str(volume.metadata.get("name") or f"volume {i}") for i, volume in enumerate(data)
         }
         self._step_seconds.clear()
-        self._probe_diversity = None
+        self._probe_diversity.clear()
+        for name in PREVIEW_LAYERS:  # a previous run's previews (maybe of another method) would mislead
+            if name in self._viewer.layers:
+                self._viewer.layers.remove(name)
 
     def _starting_text(self, config: PretrainConfig) -> str:
         where = "a separate process" if self.in_process.value else "a thread"
         return f"starting {config.method} in {where} on {config.device}: {config.out}"
-
-    def _remember(self) -> None:
-        super()._remember()
-        s = self._settings
-        s.set("method", self.method.value)
-        s.set("preset", self.preset.value)
-        s.set("dims", int(self.dims.value))
-        s.set("roi", int(self.roi.value))
-        s.set("spacing", float(self.spacing.value))
 
     # --- events from the job (main thread) -------------------------------------------------------------------
     def _on_job_event(self, event: Any) -> None:
@@ -413,10 +414,9 @@ class PretrainWidget(TrainingDock):
             self._on_preview(event)
 
     def _step_text(self, event: StepEvent) -> str:
-        """Step, loss, speed and ETA (over the last 20 steps), head diversity when the method reports it."""
+        """Step, loss, speed and ETA (over the last 20 steps), head diversity when the method trains attention."""
         self._step_seconds.append(event.seconds_per_step)
-        recent = self._step_seconds[-20:]
-        seconds = float(np.mean(recent))
+        seconds = float(np.mean(self._step_seconds[-20:]))
         eta = seconds * (event.total_steps - event.step)
         parts = [
             f"step {event.step}/{event.total_steps}",
@@ -424,18 +424,21 @@ class PretrainWidget(TrainingDock):
             f"{seconds:.2f} s/step",
             f"ETA {time.strftime('%H:%M:%S', time.gmtime(eta))}",
         ]
-        # measured on the run's probe crops every --probe-every steps: keep the latest figure on screen
-        probe = event.extras.get("probe_teacher_head_diversity")
-        if probe is not None and np.isfinite(probe):
-            self._probe_diversity = float(probe)
-        if self._probe_diversity is not None:
-            parts.append(f"teacher head diversity {self._probe_diversity:.3f}")
+        if self.capabilities.trains_class_attention:
+            # measured on the run's probe crops every --probe-every steps: keep the latest figures on screen
+            for key, value in event.extras.items():
+                found = re.fullmatch(r"probe_(\w+)_head_diversity", key)
+                if found and np.isfinite(value):
+                    self._probe_diversity[found.group(1)] = float(value)
+            if self._probe_diversity:
+                figures = ", ".join(f"{name} {value:.3f}" for name, value in self._probe_diversity.items())
+                parts.append(f"head diversity: {figures}")
         if self._runner.paused:
             parts.append("pausing")
         return " · ".join(parts)
 
     def _on_preview(self, event: PreviewEvent) -> None:
-        """The crop, the teacher's attention and the mask of this step, one layer each, updated in place."""
+        """The crop, the class attention, the mask and the unseen cells of this step, one layer each, in place."""
         from_layer = event.volume_name in self._trained_layer_names
         self._preview_layer(
             PREVIEW_CROP,
@@ -446,11 +449,12 @@ class PretrainWidget(TrainingDock):
             # training on layers: the CT is already there; from files: show what the model saw
             create={"colormap": "gray", "contrast_limits": (0.0, 1.0), "visible": not from_layer},
         )
-        if event.attention is not None:
+        capabilities = self.capabilities
+        if event.attention is not None and "attention" in capabilities.previews:
             # relative attention (x number of tokens): 1 = uniform, the unit of the attention explorer too
             mean = event.attention.mean(axis=0) * float(np.prod(event.attention.shape[1:]))
             self._preview_layer(
-                PREVIEW_ATTENTION,
+                PREVIEW_ATTENTION if capabilities.has_teacher else PREVIEW_CLASS_ATTENTION,
                 mean.astype(np.float32),
                 "image",
                 event.attention_scale,
@@ -459,14 +463,9 @@ class PretrainWidget(TrainingDock):
                 contrast_limits=(0.0, max(2.0, float(mean.max()))),
             )
         # outlines of the hidden cells, drawn on the crop's voxels so that they read over the attention
-        self._preview_layer(
-            PREVIEW_MASK,
-            cells_on_voxels(event.mask.astype(np.uint8), event.mask_scale, event.image_scale),
-            "labels",
-            event.image_scale,
-            event.image_translate,
-            create={"colormap": {1: MASK_COLOUR, None: "transparent"}, "opacity": 0.9, "contour": 1},
-        )
+        self._cell_layer(PREVIEW_MASK, event.mask, event, MASK_COLOUR)
+        if event.unseen is not None:
+            self._cell_layer(PREVIEW_UNSEEN, event.unseen, event, UNSEEN_COLOUR)
         if self.follow.value:
             centre = np.asarray(event.image_translate) + (np.asarray(event.image.shape) - 1) / 2 * np.asarray(
                 event.image_scale
@@ -475,6 +474,17 @@ class PretrainWidget(TrainingDock):
             if abs(current[0] - centre[0]) > event.image_scale[0] * event.image.shape[0] / 2:
                 # only when the slice shown is outside the crop: moving the slider re-slices every layer
                 jump_to(self._viewer, centre, center_camera=False)
+
+    def _cell_layer(self, name: str, cells: np.ndarray, event: PreviewEvent, colour: str) -> None:
+        """Cells of the mask grid as outlines on the crop's voxels."""
+        self._preview_layer(
+            name,
+            cells_on_voxels(cells.astype(np.uint8), event.mask_scale, event.image_scale),
+            "labels",
+            event.image_scale,
+            event.image_translate,
+            create={"colormap": {1: colour, None: "transparent"}, "opacity": 0.9, "contour": 1},
+        )
 
     def _preview_layer(
         self,

@@ -80,28 +80,9 @@ def add_method_options(parser: argparse.ArgumentParser, method: str) -> None:
     spec.options_class().add_arguments(parser, title=f"{method} options", defaults=spec.default_options())
 
 
-def expand_inputs(paths: list[str]) -> list[str]:
-    """Files stay; a folder of volume files becomes its files; a DICOM folder stays a folder (one series)."""
-    from napari_dagman.core.errors import DagmanInputError
-    from napari_dagman.core.io import folder_has_dicom, is_volume_file
-
-    out: list[str] = []
-    for raw in paths:
-        path = Path(raw)
-        if path.is_dir() and not folder_has_dicom(path):
-            files = sorted(str(f) for f in path.iterdir() if is_volume_file(f))
-            if not files:
-                raise DagmanInputError(
-                    f"folder {path} holds no CT volumes (NIfTI, NRRD, MHA) and no DICOM series"
-                )
-            out.extend(files)
-        else:
-            out.append(str(path))
-    return out
-
-
 def run(args: argparse.Namespace) -> int:
     from napari_dagman.core.checkpoint import CONFIG_FILE
+    from napari_dagman.core.io import expand_inputs
     from napari_dagman.core.methods.registry import get_method
     from napari_dagman.core.training import run_pretraining
 

@@ -10,9 +10,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from napari_dagman.core.config import AttentionConfig
 from napari_dagman.core.data import model_volume
 from napari_dagman.core.diversity import head_diversity
-from napari_dagman.core.events import CancelToken, ProgressEvent
+from napari_dagman.core.events import CancelToken, JobCancelled, ProgressEvent, check_cancelled
 from napari_dagman.core.masking import attention_to_cells, make_mask, random_mask, strategy_names
 from napari_dagman.core.models.encoder import cell_stage_token_mask, cell_token_mask
 from napari_dagman.core.volume import Volume, grid_placement, window_starts
@@ -127,8 +128,7 @@ def attention_maps(
     encoder = pretrained.encoder.to(device)
     total = len(windows)
     for first in range(0, total, batch_size):
-        if cancel is not None and cancel.cancelled:
-            raise DagmanCancelled("attention computation cancelled")
+        check_cancelled(cancel, "the attention computation")
         chunk = windows[first : first + batch_size]
         crops = [padded[sl] if z is None else padded[z][sl] for sl, z in chunk]
         batch = torch.from_numpy(np.stack(crops)[:, None]).to(device)
@@ -167,8 +167,8 @@ def attention_maps(
     )
 
 
-class DagmanCancelled(Exception):
-    """A job was cancelled by its user (not an error)."""
+#: the name this exception had before every job shared one cancel contract (`core.events.JobCancelled`)
+DagmanCancelled = JobCancelled
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -371,3 +371,214 @@ def save_preview_figure(preview: CropPreview, path: str | Path, *, title: str = 
     if title:
         fig.suptitle(title, fontsize=9)
     fig.savefig(str(path), dpi=110)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The attention job (CLI `napari-dagman attention` and the explorer dock) and its writer
+# ---------------------------------------------------------------------------------------------------------
+@dataclass
+class AttentionResult:
+    """Maps per head (token grid, when computed), the crop's masks, head-diversity figures, the model's facts."""
+
+    maps: AttentionMaps | None
+    preview: CropPreview | None
+    diversity: dict[str, Any]
+    scope: str
+    model: dict[str, Any] = field(default_factory=dict)
+    encoder: PretrainedEncoder | None = None  # returned to thread jobs so the dock can reuse it
+    settings: dict[str, Any] = field(default_factory=dict)  # the AttentionConfig that made it
+
+
+def describe_encoder(pretrained: PretrainedEncoder) -> dict[str, Any]:
+    """Plain facts about a loaded encoder for labels and reports (picklable)."""
+    return {
+        "method": pretrained.method,
+        "which": pretrained.which,
+        "step": pretrained.step,
+        "source": pretrained.source,
+        "dims": pretrained.arch.dims,
+        "roi": pretrained.roi,
+        "heads": pretrained.arch.sca_heads,
+        "trains_class_attention": pretrained.trains_class_attention,
+    }
+
+
+def volume_slab(volume: Volume, z: int) -> Volume:
+    """Axial slice ``z`` of a volume as a one-slice volume at its physical place (2D models' "this slice")."""
+    from napari_dagman.core.errors import DagmanInputError
+
+    if not 0 <= z < volume.shape[0]:
+        raise DagmanInputError(f"slice {z} is outside the image (0..{volume.shape[0] - 1})")
+    origin = volume.index_to_physical((z, 0, 0))
+    return Volume(volume.array[z : z + 1], volume.spacing, origin, volume.direction.copy(), dict(volume.metadata))
+
+
+def load_attention_encoder(config: AttentionConfig) -> PretrainedEncoder:
+    """The run's encoder the config asks for, on its device."""
+    from napari_dagman.core.checkpoint import load_pretrained_encoder
+    from napari_dagman.core.devices import resolve_device
+    from napari_dagman.core.errors import DagmanInputError
+
+    if not config.checkpoint:
+        raise DagmanInputError("no run folder chosen: pick a pretraining run (or train one first)")
+    return load_pretrained_encoder(
+        config.checkpoint, config.which, weights=config.weights, device=resolve_device(config.device)
+    )
+
+
+def attention_job(
+    config: AttentionConfig,
+    volume: Volume,
+    *,
+    encoder: PretrainedEncoder | None = None,
+    keep_encoder: bool = True,
+    cancel: CancelToken | None = None,
+) -> Generator[Any, None, AttentionResult]:
+    """Attention maps for ``config.scope`` (when ``config.maps``) and the masks of every strategy for the crop at
+    ``config.center``; yields progress and warnings, returns an `AttentionResult`.
+
+    ``encoder`` reuses an already loaded network (thread jobs); otherwise the run is loaded, and returned with
+    the result when ``keep_encoder`` (a child process passes False: the network is not worth pickling back).
+    """
+    from napari_dagman.core.devices import resolve_device
+    from napari_dagman.core.errors import DagmanInputError
+    from napari_dagman.core.events import LogEvent
+
+    config.validate()
+    pretrained = encoder or load_attention_encoder(config)
+    if pretrained.kind != "swin":
+        raise DagmanInputError(
+            f"the run's '{pretrained.which}' encoder is a {pretrained.kind}: it has no attention; choose one of "
+            f"{', '.join(n for n in pretrained.available if n != pretrained.which) or 'its other encoders'}"
+        )
+    device = resolve_device(config.device)
+    scope = config.scope
+    if config.maps and scope == "slice" and pretrained.arch.dims == 3:
+        raise DagmanInputError("this run's model is 3D: it sees volumes, not slices; choose 'crop' or 'volume'")
+    if not pretrained.trains_class_attention:
+        yield LogEvent(
+            f"{pretrained.method} does not train the class attention: its maps show an untrained module",
+            "warning",
+        )
+    preview = crop_preview(
+        pretrained,
+        volume,
+        config.center or None,
+        ratio=config.ratio,
+        noise_rate=config.noise_rate,
+        seed=config.seed,
+        device=device,
+    )
+    maps: AttentionMaps | None = None
+    if config.maps and scope == "crop":
+        maps = AttentionMaps(
+            maps=preview.attention,
+            scale=list(preview.attention_scale),
+            translate=list(preview.attention_translate),
+            direction=volume.direction.copy(),
+            token_size=tuple(
+                int(round(a / i)) for a, i in zip(preview.attention_scale, preview.image_scale, strict=True)
+            ),
+            windows=1,
+            diversity=dict(preview.diversity),
+            metadata={k: v for k, v in volume.metadata.items() if k.startswith("source_") or k == "name"},
+        )
+    elif config.maps:
+        source = volume_slab(volume, config.slice_index) if scope == "slice" else volume
+        maps = yield from attention_maps(
+            pretrained, source, overlap=config.overlap, batch_size=config.batch_size, device=device, cancel=cancel
+        )
+    diversity = map_head_diversity(maps.maps) if maps is not None else dict(preview.diversity)
+    return AttentionResult(
+        maps,
+        preview,
+        diversity,
+        scope,
+        describe_encoder(pretrained),
+        pretrained if keep_encoder else None,
+        config.to_dict(),
+    )
+
+
+def write_attention(
+    result: AttentionResult,
+    image: Volume,
+    folder: str | Path,
+    *,
+    on_image_grid: bool = False,
+    prefix: str = "attention",
+    figure: bool = False,
+) -> list[str]:
+    """Write the maps (mean and per head), the crop's masks and the noisy teacher's dropped cells as NIfTI.
+
+    The files carry the physical geometry (spacing, origin, direction, source orientation), so they overlay the
+    CT in any viewer. With ``on_image_grid`` the maps (linear) and masks (nearest) are resampled onto the CT's
+    own voxel grid instead of the token or mask-cell grid. ``figure`` adds the crop's model input, a PNG of the
+    masks side by side and ``head_diversity.json``. Returns the paths written.
+    """
+    import json
+
+    from napari_dagman.core.io import atomic_write_text, resample_like, write_volume
+
+    out = Path(folder)
+    meta = {k: v for k, v in image.metadata.items() if k.startswith("source_")}
+    written: list[str] = []
+
+    def put(vol: Volume, name: str, *, label: str | None = None) -> None:
+        nonlocal written
+        if on_image_grid:
+            vol = resample_like(vol, image, is_label=label is not None)
+        written += write_volume(vol, out / name, label_names=None if label is None else {1: label})
+
+    if result.maps is not None:
+        for name, vol in result.maps.volumes().items():
+            put(vol, f"{prefix}_{name}.nii.gz")
+    p = result.preview
+    if p is not None:
+        direction = image.direction.copy()
+        for strategy, mask in p.masks.items():
+            vol = Volume(mask.astype(np.uint8), p.mask_scale, p.mask_translate, direction, dict(meta))
+            put(vol, f"mask_{strategy}.nii.gz", label="masked")
+        vol = Volume(p.teacher_dropped.astype(np.uint8), p.mask_scale, p.mask_translate, direction, dict(meta))
+        put(vol, "teacher_dropped.nii.gz", label="not seen by the noisy teacher")
+    if figure and p is not None:
+        crop = Volume(p.image, p.image_scale, p.image_translate, image.direction.copy(), dict(meta))
+        written += write_volume(crop, out / "crop_model_input.nii.gz")
+        m = result.model
+        save_preview_figure(p, out / "mask_previews.png", title=f"{m.get('method')} ({m.get('which')}), step {m.get('step')}")
+        written.append(str(out / "mask_previews.png"))
+        report = {
+            "checkpoint": m.get("source"),
+            "which": m.get("which"),
+            "method": m.get("method"),
+            "step": m.get("step"),
+            "image": str(image.metadata.get("source_path", image.metadata.get("name", ""))),
+            "scope": result.scope,
+            "maps": result.maps.diversity if result.maps is not None else None,
+            "shown_maps": {k: v for k, v in result.diversity.items()},
+            "crop": dict(p.diversity),
+            "crop_start_model_voxels": list(p.start),
+            "mask_ratio": result.settings.get("ratio"),
+            "masked_cells": {k: int(v.sum()) for k, v in p.masks.items()},
+            "teacher_dropped_cells": int(p.teacher_dropped.sum()),
+            "trains_class_attention": m.get("trains_class_attention"),
+        }
+        atomic_write_text(out / "head_diversity.json", json.dumps(report, indent=2) + "\n")
+        written.append(str(out / "head_diversity.json"))
+    return written
+
+
+def export_attention_job(
+    result: AttentionResult,
+    image: Volume,
+    folder: str | Path,
+    *,
+    on_image_grid: bool,
+    prefix: str = "attention",
+    cancel: CancelToken | None = None,
+) -> Generator[ProgressEvent, None, list[str]]:
+    """`write_attention` as a job (resampling onto a large CT takes seconds: not in the GUI thread)."""
+    yield ProgressEvent(0, 1, "export")
+    paths = write_attention(result, image, folder, on_image_grid=on_image_grid, prefix=prefix)
+    yield ProgressEvent(1, 1, "export")
+    return paths

@@ -13,6 +13,22 @@ from typing import Any
 import numpy as np
 
 
+class JobCancelled(Exception):
+    """A job stopped because its user cancelled it: not an error, nothing to report.
+
+    The cancel contract of every job (training, attention, prediction, embeddings): a job generator takes a
+    ``cancel`` `CancelToken` and checks it between units of work (a step, a batch of windows); closing the
+    generator has the same effect. A training job then saves a resumable checkpoint and returns its
+    `FinishedEvent` with ``cancelled=True``; a job without a partial result raises `JobCancelled`.
+    """
+
+
+def check_cancelled(cancel: CancelToken | None, what: str = "the job") -> None:
+    """Raise `JobCancelled` when ``cancel`` is set (called by jobs between units of work)."""
+    if cancel is not None and cancel.cancelled:
+        raise JobCancelled(f"{what} was cancelled")
+
+
 class CancelToken:
     """A thread-safe flag a job checks between steps (the GUI's Cancel button sets it)."""
 

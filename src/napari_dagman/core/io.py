@@ -254,6 +254,23 @@ def read_volumes(path: str | os.PathLike) -> list[Volume]:
     return [volume]
 
 
+def expand_inputs(paths: Iterable[str | os.PathLike]) -> list[str]:
+    """Files stay; a folder of volume files becomes its files; a DICOM folder stays a folder (one series)."""
+    out: list[str] = []
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir() and not folder_has_dicom(path):
+            files = sorted(str(f) for f in path.iterdir() if is_volume_file(f))
+            if not files:
+                raise DagmanInputError(
+                    f"folder {path} holds no CT volumes (NIfTI, NRRD, MHA) and no DICOM series"
+                )
+            out.extend(files)
+        else:
+            out.append(str(path))
+    return out
+
+
 def _check_nifti_complete(path: Path) -> None:
     """Refuse truncated NIfTI files, which ITK reads without complaint (the missing voxels become 0)."""
     if not _nifti_complete(path):

@@ -131,6 +131,9 @@ def write_results(result: EmbeddingResult, out: str | os.PathLike) -> dict[str, 
     if result.metrics is not None:
         atomic_write_text(out / "metrics.json", json.dumps(result.metrics, indent=2) + "\n")
         paths["metrics"] = str(out / "metrics.json")
+    used = result.embeddings.settings.get("which")
+    if config.features == "encoder" and used and config.which == "auto":
+        config = config.replace(which=str(used))  # record the encoder "auto" resolved to
     config.save(out / "config.json")
     paths["config"] = str(out / "config.json")
     return paths

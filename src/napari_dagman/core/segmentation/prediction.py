@@ -18,7 +18,14 @@ import numpy as np
 import torch
 
 from napari_dagman.core.errors import DagmanError, DagmanInputError
-from napari_dagman.core.events import CancelToken, FinishedEvent, LogEvent, PredictionEvent, ProgressEvent
+from napari_dagman.core.events import (
+    CancelToken,
+    FinishedEvent,
+    JobCancelled,
+    PredictionEvent,
+    ProgressEvent,
+    check_cancelled,
+)
 from napari_dagman.core.models.architecture import DEEPEST_STRIDE
 from napari_dagman.core.segmentation.data import roi_size_for
 from napari_dagman.core.segmentation.model import Segmenter
@@ -77,10 +84,6 @@ def window_count(shape: Sequence[int], roi_size: Sequence[int], overlap: float) 
     return n
 
 
-class _Stopped(Exception):
-    """Raised inside the sliding window to stop it (cancel, or the generator was closed)."""
-
-
 def run_prediction(
     image: Volume,
     segmenter: Segmenter,
@@ -90,12 +93,12 @@ def run_prediction(
     sw_batch_size: int = 4,
     cancel: CancelToken | None = None,
     name: str | None = None,
-) -> Generator[Event, None, Volume | None]:
+) -> Generator[Event, None, Volume]:
     """Segment ``image``; yields `ProgressEvent` per batch of windows, a `PredictionEvent`, a `FinishedEvent`.
 
     The label map (returned, and in the `PredictionEvent`) holds the original label ids on the input's grid,
     with ``metadata["label_names"]`` and the input's source orientation (a NIfTI written from it overlays the
-    input file). A cancel returns None.
+    input file). A cancel raises `JobCancelled` after the current batch of windows.
     """
     from napari_dagman.core.data import model_volume
     from napari_dagman.core.io import resample_like
@@ -119,8 +122,9 @@ def run_prediction(
     def on_window(n: int) -> None:
         done[0] += n
         updates.put(done[0])
-        if stop.is_set() or (cancel is not None and cancel.cancelled):
-            raise _Stopped
+        if stop.is_set():
+            raise JobCancelled("the prediction was stopped")
+        check_cancelled(cancel, "the prediction")
 
     def work() -> None:
         try:
@@ -155,10 +159,6 @@ def run_prediction(
         thread.join()
         raise
     error = result.get("error")
-    if isinstance(error, _Stopped):
-        yield LogEvent("prediction cancelled", "warning")
-        yield FinishedEvent(str(Path(segmenter.source).parent), done[0], total, cancelled=True)
-        return None
     if error is not None:
         raise error
     logits: torch.Tensor = result["logits"]

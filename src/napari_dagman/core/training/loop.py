@@ -187,6 +187,69 @@ def run_training(
         dist.close()
 
 
+class _Saver:
+    """When and what the loop writes: the resumable state and 'last' weights, 'best', snapshots (main process)."""
+
+    def __init__(
+        self,
+        task: TrainingTask,
+        run: RunFolder,
+        optimizer: torch.optim.Optimizer,
+        dist: DistContext,
+        tracker: dict[str, Any],
+        start: int,
+    ) -> None:
+        self.task, self.run, self.optimizer, self.dist, self.tracker = task, run, optimizer, dist, tracker
+        self.saved_step = start
+
+    def save(self, step: int, kind: str) -> list[CheckpointEvent]:
+        """The resumable state and the weights; 'best' (by running loss, without validation) and snapshots."""
+        events: list[CheckpointEvent] = []
+        if not self.dist.is_main:
+            return events
+        task, run, tracker = self.task, self.run, self.tracker
+        save_resume(run.file(RESUME_FILE), task, self.optimizer, step, tracker)
+        save_weights(run.file(MODEL_FILE), task, step)
+        events.append(CheckpointEvent(step, str(run.file(MODEL_FILE)), "last"))
+        if not task.validates and tracker["running_loss"] < tracker["best_loss"]:
+            tracker.update(best_loss=tracker["running_loss"], best_step=step)
+            save_weights(run.file(BEST_FILE), task, step)
+            events.append(CheckpointEvent(step, str(run.file(BEST_FILE)), "best"))
+        if kind == "snapshot":
+            path = run.file(SNAPSHOT_DIR) / f"step_{step:06d}.safetensors"
+            save_weights(path, task, step)
+            events.append(CheckpointEvent(step, str(path), "snapshot"))
+        self.saved_step = step
+        return events
+
+    def validation(self, step: int, device: torch.device) -> list[Event]:
+        """Validate; a better score saves 'best'."""
+        task, run, tracker = self.task, self.run, self.tracker
+        events, score = task.validate(step, device, tracker)
+        record = task.validation_record(tracker)
+        if self.dist.is_main and record is not None:
+            run.append_metrics({**record, "time": time.time()})
+        if self.dist.is_main and math.isfinite(score) and score > tracker["best_score"]:
+            tracker.update(best_score=score, best_step=step)
+            save_weights(run.file(BEST_FILE), task, step)
+            events.append(CheckpointEvent(step, str(run.file(BEST_FILE)), "best"))
+        return events
+
+
+def metrics_record(event: StepEvent) -> dict[str, Any]:
+    """The metrics.jsonl line of a step."""
+    return {
+        "step": event.step,
+        "kind": "train",
+        "loss": event.loss,
+        **event.terms,
+        "lr": event.lr,
+        "seconds": event.seconds_per_step,
+        **event.extras,
+        "time": time.time(),
+    }
+
+
 def _steps(
     task: TrainingTask,
     run: RunFolder,
@@ -204,39 +267,7 @@ def _steps(
     steps_per_epoch = task.steps_per_epoch(dist.world_size)
     checkpoint_every = int(config.checkpoint_every or 0)
     step = start
-    saved_step = start
-
-    def save(kind: str) -> list[CheckpointEvent]:
-        """The resumable state and the weights; 'best' (by running loss) and snapshots when due."""
-        nonlocal saved_step
-        events: list[CheckpointEvent] = []
-        if not dist.is_main:
-            return events
-        save_resume(run.file(RESUME_FILE), task, optimizer, step, tracker)
-        save_weights(run.file(MODEL_FILE), task, step)
-        events.append(CheckpointEvent(step, str(run.file(MODEL_FILE)), "last"))
-        if not task.validates and tracker["running_loss"] < tracker["best_loss"]:
-            tracker.update(best_loss=tracker["running_loss"], best_step=step)
-            save_weights(run.file(BEST_FILE), task, step)
-            events.append(CheckpointEvent(step, str(run.file(BEST_FILE)), "best"))
-        if kind == "snapshot":
-            path = run.file(SNAPSHOT_DIR) / f"step_{step:06d}.safetensors"
-            save_weights(path, task, step)
-            events.append(CheckpointEvent(step, str(path), "snapshot"))
-        saved_step = step
-        return events
-
-    def validation() -> list[Event]:
-        events, score = task.validate(step, device, tracker)
-        record = task.validation_record(tracker)
-        if dist.is_main and record is not None:
-            run.append_metrics({**record, "time": time.time()})
-        if dist.is_main and math.isfinite(score) and score > tracker["best_score"]:
-            tracker.update(best_score=score, best_step=step)
-            save_weights(run.file(BEST_FILE), task, step)
-            events.append(CheckpointEvent(step, str(run.file(BEST_FILE)), "best"))
-        return events
-
+    saver = _Saver(task, run, optimizer, dist, tracker, start)
     cancelled = False
     try:
         while step < total:
@@ -260,20 +291,7 @@ def _steps(
             tracker["running_loss"] = loss if not math.isfinite(running) else 0.9 * running + 0.1 * loss
             for warning in result.warnings:
                 yield LogEvent(warning, "warning")
-            if dist.is_main and (step % config.log_every == 0 or step == total):
-                run.append_metrics(
-                    {
-                        "step": step,
-                        "kind": "train",
-                        "loss": loss,
-                        **result.terms,
-                        "lr": lr,
-                        "seconds": seconds,
-                        **extras,
-                        "time": time.time(),
-                    }
-                )
-            yield StepEvent(
+            event = StepEvent(
                 step=step,
                 total_steps=total,
                 loss=loss,
@@ -284,23 +302,26 @@ def _steps(
                 extras=extras,
                 epoch=step / steps_per_epoch,
             )
+            if dist.is_main and (step % config.log_every == 0 or step == total):
+                run.append_metrics(metrics_record(event))
+            yield event
             yield from task.events_after_step(step, result)
             if task.validates and task.validation_due(step):
-                yield from validation()
+                yield from saver.validation(step, device)
             if checkpoint_every and step % checkpoint_every == 0:
-                yield from save("snapshot")
+                yield from saver.save(step, "snapshot")
             elif step % config.save_every == 0 or step == total:
-                yield from save("last")
+                yield from saver.save(step, "last")
     except GeneratorExit:
         # the consumer closed us (GUI cancel, Ctrl-C in the CLI): keep the progress, then stop
-        if step > saved_step:
-            save("last")
+        if step > saver.saved_step:
+            saver.save(step, "last")
         if dist.is_main:
             run.finish_run_info("cancelled", step, **task.finish_info(tracker))
         raise
 
-    if step > saved_step:
-        yield from save("last")
+    if step > saver.saved_step:
+        yield from saver.save(step, "last")
     if dist.is_main and not run.file(BEST_FILE).is_file():  # stopped before the first validation
         save_weights(run.file(BEST_FILE), task, step)
     if dist.is_main:

@@ -1,0 +1,140 @@
+"""The prediction job that the CLI (``napari-dagman predict``) and the results dock share.
+
+`predict_job` checks everything it can before the (possibly minutes long) sliding window: the run, the reference
+label map and its grid. It then segments, evaluates against the reference (per-organ volumes, Dice, HD95, where
+each organ is largest and where prediction and reference disagree most) and builds the disagreement map.
+`write_prediction` writes the label map (with its organ names) and, with a reference, the metrics as JSON and CSV.
+Both follow the cancel contract of `core.events`: a cancel raises `JobCancelled`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Generator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from napari_dagman.core.config import PredictConfig
+from napari_dagman.core.errors import DagmanInputError
+from napari_dagman.core.events import CancelToken, ProgressEvent, check_cancelled
+from napari_dagman.core.segmentation.labels import align_labels, check_label_volume, label_names_of
+from napari_dagman.core.segmentation.metrics import disagreement_map, evaluate, results_summary
+from napari_dagman.core.segmentation.model import Segmenter, load_segmenter
+from napari_dagman.core.segmentation.prediction import run_prediction
+from napari_dagman.core.volume import Volume
+
+
+@dataclass
+class SegmentationResults:
+    """A prediction, its reference (on the prediction's grid), the per-organ table and the disagreement map."""
+
+    prediction: Volume
+    reference: Volume | None
+    table: pd.DataFrame
+    names: dict[int, str]
+    disagreement: np.ndarray | None = None
+    seconds: float = math.nan
+    info: dict[str, Any] = field(default_factory=dict)  # checkpoint, step, roi, overlap of the prediction
+
+
+def reference_on_grid(image: Volume, reference: Volume, *, resample: bool) -> Volume:
+    """A reference label map checked (integer ids) and on ``image``'s grid (resampled only when asked)."""
+    return align_labels(
+        image,
+        check_label_volume(reference, "reference label map"),
+        resample=resample,
+        image_name=str(image.metadata.get("name", "image")),
+        labels_name=str(reference.metadata.get("name", "reference")),
+    )
+
+
+def evaluation_job(
+    prediction: Volume,
+    reference: Volume | None,
+    *,
+    names: dict[int, str] | None = None,
+    hd95: bool = True,
+    resample_reference: bool = False,
+    cancel: CancelToken | None = None,
+) -> Generator[Any, None, SegmentationResults]:
+    """Per-organ table and disagreement map of a prediction (against a reference, if any)."""
+    names = {int(k): str(v) for k, v in (names or label_names_of(prediction)).items()}
+    yield ProgressEvent(0, 1, "metrics")
+    if reference is not None:
+        reference = reference_on_grid(prediction, reference, resample=resample_reference)
+    check_cancelled(cancel, "the evaluation")
+    table = evaluate(prediction, reference, names, hd95=hd95)
+    disagreement = (
+        disagreement_map(prediction.array, reference.array, list(names)) if reference is not None else None
+    )
+    yield ProgressEvent(1, 1, "metrics")
+    return SegmentationResults(prediction, reference, table, names, disagreement)
+
+
+def predict_job(
+    config: PredictConfig,
+    image: Volume,
+    reference: Volume | None = None,
+    *,
+    segmenter: Segmenter | None = None,
+    cancel: CancelToken | None = None,
+) -> Generator[Any, None, SegmentationResults]:
+    """Segment ``image`` with the run of ``config.checkpoint`` and evaluate it; returns `SegmentationResults`."""
+    import torch
+
+    config.validate()
+    if not config.checkpoint and segmenter is None:
+        raise DagmanInputError("no fine-tuned run chosen: pick a fine-tuning run folder (--checkpoint)")
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    # what can be wrong is found before the inference: the run, and the reference and its grid
+    segmenter = segmenter or load_segmenter(config.checkpoint, weights=config.weights, device=config.device)
+    if reference is not None:
+        reference = reference_on_grid(image, reference, resample=config.resample_reference)
+    labels = yield from run_prediction(
+        image,
+        segmenter,
+        roi=config.roi,
+        overlap=config.overlap,
+        sw_batch_size=config.sw_batch_size,
+        cancel=cancel,
+    )
+    results = yield from evaluation_job(
+        labels, reference, names=labels.metadata["label_names"], hd95=config.hd95, cancel=cancel
+    )
+    results.info = {
+        "checkpoint": segmenter.source,
+        "checkpoint_step": segmenter.step,
+        "roi": config.roi or segmenter.roi,
+        "overlap": config.overlap,
+    }
+    return results
+
+
+def write_prediction(
+    results: SegmentationResults,
+    out: str | Path,
+    *,
+    metrics: str | Path | None = None,
+    extra: dict[str, Any] | None = None,
+) -> list[str]:
+    """Write the label map (and its organ names) to ``out``; with a reference or ``metrics``, the per-organ
+    results as ``<out>.metrics.json`` (or ``metrics``) and ``.csv``. Returns the paths written."""
+    from napari_dagman.core.io import atomic_write_text, stem_of, write_volume
+
+    out = Path(out)
+    written = write_volume(results.prediction, out, label_names=results.names)
+    if results.reference is not None or metrics is not None:
+        metrics_path = Path(metrics) if metrics else out.with_name(stem_of(out) + ".metrics.json")
+        summary = results_summary(results.table)
+        summary.update(results.info, **(extra or {}))
+        atomic_write_text(metrics_path, json.dumps(summary, indent=2) + "\n")
+        csv_path = metrics_path.with_suffix(".csv")
+        atomic_write_text(csv_path, results.table.to_csv(index=False))
+        written += [str(metrics_path), str(csv_path)]
+    return written
