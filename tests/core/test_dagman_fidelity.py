@@ -335,7 +335,7 @@ def test_a_collapsed_teacher_raises_one_warning_event(shared_data, tmp_path, mon
     def collapsed_method(config, arch=None):
         method = build_method(config, arch)
         with torch.no_grad():  # every prototype the same direction: each output uniform
-            for net in (method.student_network, method.teacher):
+            for net in (method.student, method.teacher):
                 for head in (net.global_head, net.patch_head):
                     head.last_layer.parametrizations.weight.original1.fill_(1.0)
         return method

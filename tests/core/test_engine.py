@@ -215,7 +215,8 @@ def test_bad_inputs_write_nothing(shared_data, tmp_path):
         consume(run_pretraining(cfg))
     assert not out.exists()
 
-    air = Volume(np.full((40, 40, 40), -1000, np.int16), (4.0, 4.0, 4.0))
+    air_hu = np.random.default_rng(0).integers(-1024, -900, (40, 40, 40)).astype(np.int16)  # air with noise
+    air = Volume(air_hu, (4.0, 4.0, 4.0))
     with pytest.raises(DagmanInputError, match="no voxel above -175 HU"):
         consume(run_pretraining(small_config(shared_data, out, images=[]), volumes=[air]))
     nan = Volume(np.zeros((40, 40, 40), np.float32), (4.0, 4.0, 4.0))

@@ -35,9 +35,14 @@ def views(dims: int = 3, roi: int = 32, batch: int = 2, seed: int = 0) -> torch.
     return torch.rand(2 * batch, 1, *(roi,) * dims, generator=g)
 
 
-@pytest.mark.parametrize("method", list(REGISTRY))
+# the methods that read two masked views of one ROI; MiM, MIRAM and CASS read other inputs (regions twice the
+# ROI, high-resolution targets, a CNN's view) and have their own step tests in test_seed_methods.py
+TWO_VIEW_MASKED = ["dagman", "attmask", "smit", "simmim"]
+
+
+@pytest.mark.parametrize("method", TWO_VIEW_MASKED)
 @pytest.mark.parametrize("dims", [2, 3])
-def test_every_registered_method_runs_a_step_with_finite_losses(method, dims):
+def test_every_two_view_masked_method_runs_a_step_with_finite_losses(method, dims):
     roi = 64 if dims == 2 else 32
     m = make(method, dims=dims, roi=roi)
     out = m.forward_step(views(dims, roi), step=3, generator=torch.Generator().manual_seed(0))

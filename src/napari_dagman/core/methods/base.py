@@ -29,6 +29,7 @@ from torch import nn
 
 from napari_dagman.core.config import ConfigBase, PretrainConfig, option
 from napari_dagman.core.errors import DagmanInputError
+from napari_dagman.core.events import Picture
 from napari_dagman.core.masking import attention_to_cells, get_strategy, make_mask, strategy_names
 from napari_dagman.core.methods.losses import masked_l1
 from napari_dagman.core.models.architecture import Architecture
@@ -156,6 +157,17 @@ class PublishedEncoder:
         }
 
 
+@dataclass(frozen=True)
+class InputSpec:
+    """What a method reads per sample: ``views`` crops (2 = a pair for cross-view losses), each ``scale`` x the
+    ROI a side (MiM reads a region twice the ROI), and with ``high_res`` > 1 also the same regions on a grid that
+    many times finer (MIRAM's high-resolution target, passed to `forward_step` as ``high_res``)."""
+
+    views: int = 2
+    scale: int = 1
+    high_res: int = 1
+
+
 @dataclass
 class StepOutput:
     """One training step's loss and what the GUI previews.
@@ -175,6 +187,8 @@ class StepOutput:
     unseen: torch.Tensor | None = None
     #: messages for the user (e.g. a collapse alarm), each said once by the method
     warnings: list[str] = field(default_factory=list)
+    #: the method's own pictures of the first sample (masks per level, reconstructions) for the live preview
+    pictures: list[Picture] = field(default_factory=list)
 
 
 def unwrap(module: nn.Module) -> nn.Module:
@@ -196,6 +210,18 @@ class SSLMethod(nn.Module):
     preferred_encoder: ClassVar[str] = "student"
     #: DDP must look for parameters without gradient (e.g. modules a method does not train).
     find_unused_parameters: bool = False
+    #: what one sample is (see `input_spec`)
+    inputs: ClassVar[InputSpec] = InputSpec()
+
+    @classmethod
+    def input_spec(cls, options: MethodOptions) -> InputSpec:
+        """What the method reads per sample, for these options (the task prepares and samples accordingly)."""
+        return cls.inputs
+
+    @classmethod
+    def capabilities_for(cls, options: MethodOptions) -> Capabilities:
+        """The capabilities with these options (a method whose options change what it trains overrides this)."""
+        return cls.capabilities
 
     def __init__(self, config: PretrainConfig, options: MethodOptions, arch: Architecture) -> None:
         super().__init__()
@@ -219,8 +245,11 @@ class SSLMethod(nn.Module):
         """The encoders this method offers downstream, preferred one included (`preferred_encoder`)."""
 
     @abstractmethod
-    def forward_step(self, views: torch.Tensor, step: int, generator: torch.Generator) -> StepOutput:
-        """Views (2B, C, *roi): the B first-views then the B second-views of the same crops."""
+    def forward_step(
+        self, views: torch.Tensor, step: int, generator: torch.Generator, high_res: torch.Tensor | None = None
+    ) -> StepOutput:
+        """Views (V*B, C, *crop): the B first views, then (V = 2) the B second views of the same samples;
+        ``high_res`` holds the same crops on a finer grid when `input_spec` asks for them."""
 
     def after_backward(self, step: int) -> None:
         """Called between backward and the optimiser step (e.g. freeze a layer's gradient)."""

@@ -128,3 +128,61 @@ class DistillationLoss(nn.Module):
             g, p = g / world, p / world
         self.center_global.mul_(self.center_momentum).add_(g, alpha=1 - self.center_momentum)
         self.center_patch.mul_(self.center_momentum).add_(p, alpha=1 - self.center_momentum)
+
+
+def patchify(x: torch.Tensor, cell: int) -> torch.Tensor:
+    """(N, 1, *grid*cell) -> (N, cells, cell**dims): the voxels of each cell, cells in raster order."""
+    n, dims = x.shape[0], x.ndim - 2
+    grid = [s // cell for s in x.shape[2:]]
+    if dims == 3:
+        gz, gy, gx = grid
+        p = x.reshape(n, gz, cell, gy, cell, gx, cell).permute(0, 1, 3, 5, 2, 4, 6)
+    else:
+        gy, gx = grid
+        p = x.reshape(n, gy, cell, gx, cell).permute(0, 1, 3, 2, 4)
+    return p.reshape(n, math.prod(grid), cell**dims)
+
+
+def masked_cell_mse(
+    target: torch.Tensor,
+    prediction: torch.Tensor,
+    cell_mask: torch.Tensor,
+    cell: int,
+    *,
+    normalise: bool = True,
+) -> torch.Tensor:
+    """MAE's loss on hidden cells: MSE per voxel, averaged per cell, then over the hidden cells only.
+
+    With ``normalise`` (MAE's ``norm_pix_loss``) each target cell is standardised by its own mean and variance,
+    so the loss is about structure, not about the cell's brightness. ``cell_mask`` is (N, *cells), True = hidden.
+    """
+    t = patchify(target.float(), cell)
+    p = patchify(prediction.float(), cell)
+    if normalise:
+        mean = t.mean(dim=-1, keepdim=True)
+        var = t.var(dim=-1, keepdim=True)
+        t = (t - mean) / (var + 1e-6).sqrt()
+    per_cell = ((p - t) ** 2).mean(dim=-1)
+    m = cell_mask.reshape(per_cell.shape).to(per_cell.dtype)
+    return (per_cell * m).sum() / m.sum().clamp_min(1.0)
+
+
+def denormalise_cells(prediction: torch.Tensor, target: torch.Tensor, cell: int) -> torch.Tensor:
+    """A norm-pix prediction put back into intensities: each cell scaled by the target cell's std and mean
+    (how MAE shows its reconstructions). Both (N, 1, *grid*cell); returns the same shape."""
+    n, dims = prediction.shape[0], prediction.ndim - 2
+    t = patchify(target.float(), cell)
+    p = patchify(prediction.float(), cell) * (t.var(dim=-1, keepdim=True) + 1e-6).sqrt() + t.mean(dim=-1, keepdim=True)
+    grid = [s // cell for s in prediction.shape[2:]]
+    if dims == 3:
+        gz, gy, gx = grid
+        out = p.reshape(n, gz, gy, gx, cell, cell, cell).permute(0, 1, 4, 2, 5, 3, 6)
+    else:
+        gy, gx = grid
+        out = p.reshape(n, gy, gx, cell, cell).permute(0, 1, 3, 2, 4)
+    return out.reshape(prediction.shape)
+
+
+def alignment_loss(child: torch.Tensor, parent: torch.Tensor) -> torch.Tensor:
+    """BYOL's normalised MSE, 2 - 2 cos(child, parent), averaged; the caller detaches the parent side."""
+    return (2.0 - 2.0 * F.cosine_similarity(child.float(), parent.float(), dim=-1)).mean()

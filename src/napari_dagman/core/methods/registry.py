@@ -53,7 +53,8 @@ class MethodSpec:
 
     @property
     def capabilities(self) -> Any:
-        return self.load().capabilities
+        """The capabilities of this preset (with its default options)."""
+        return self.load().capabilities_for(self.make_options())
 
 
 REGISTRY: dict[str, MethodSpec] = {}
@@ -136,5 +137,42 @@ register(
         class_name="SimMIM",
         defaults={"mask_strategy": "random", "mask_ratio": 0.6},
         paper="Xie et al.: SimMIM: A Simple Framework for Masked Image Modeling, CVPR 2022",
+    )
+)
+register(
+    MethodSpec(
+        name="mim",
+        title="MiM (mask in mask)",
+        summary="Masked reconstruction of one region at three levels (coarse octants, middle sub-volumes, fine "
+        "patches), aligned across levels; on the same Swin.",
+        module="napari_dagman.core.methods.mim",
+        class_name="MiM",
+        paper="Zhuang et al.: MiM: Mask in Mask Self-Supervised Pre-Training for 3D Medical Image Analysis, "
+        "IEEE TMI 2025 (arXiv 2404.15580)",
+    )
+)
+register(
+    MethodSpec(
+        name="miram",
+        title="MIRAM (multi-scale reconstruction)",
+        summary="Random masks; one decoder reconstructs the hidden cells at the input scale, a second one at twice "
+        "the resolution from interpolated decoder tokens; on the same Swin.",
+        module="napari_dagman.core.methods.miram",
+        class_name="MIRAM",
+        defaults={"mask_strategy": "random", "mask_ratio": 0.75},
+        paper="Vo et al.: MIRAM: Masked Image Reconstruction Across Multiple Scales for Breast Lesion Risk "
+        "Prediction (arXiv 2503.07157)",
+    )
+)
+register(
+    MethodSpec(
+        name="cass",
+        title="CASS (CNN + transformer)",
+        summary="A ResNet and the Swin see the same crop and are taught to agree (2 - 2 cos of their projected "
+        "outputs); both trained, no teacher.",
+        module="napari_dagman.core.methods.cass",
+        class_name="CASS",
+        paper="Singh et al.: CASS: Cross Architectural Self-Supervision for Medical Image Analysis (arXiv "
+        "2206.04170)",
     )
 )

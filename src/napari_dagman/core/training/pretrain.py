@@ -17,10 +17,10 @@ from torch import nn
 
 from napari_dagman.core.checkpoint import RunFolder, architecture_from_metadata
 from napari_dagman.core.config import PretrainConfig
-from napari_dagman.core.data import PreparedVolume, ViewSampler, prepare_volume
+from napari_dagman.core.data import PreparedVolume, ViewSampler, prepare_volume, refine_volume
 from napari_dagman.core.errors import CheckpointError, DagmanInputError
 from napari_dagman.core.events import CancelToken, FinishedEvent, PreviewEvent
-from napari_dagman.core.methods.base import SSLMethod, StepOutput
+from napari_dagman.core.methods.base import InputSpec, SSLMethod, StepOutput
 from napari_dagman.core.methods.registry import get_method
 from napari_dagman.core.models.architecture import Architecture, architecture_for
 from napari_dagman.core.models.encoder import set_fused_window_attention
@@ -85,14 +85,15 @@ def load_inputs(config: PretrainConfig, volumes: Sequence[Volume] | None) -> lis
     return out
 
 
-def prepare_inputs(config: PretrainConfig, volumes: Sequence[Volume]) -> list[PreparedVolume]:
+def prepare_inputs(config: PretrainConfig, volumes: Sequence[Volume], scale: int = 1) -> list[PreparedVolume]:
+    """Model-ready volumes, each padded so that one crop of ``scale`` x the ROI fits."""
     prepared = []
     for i, volume in enumerate(volumes):
         name = str(volume.metadata.get("name") or f"volume {i}")
         prepared.append(
             prepare_volume(
                 volume,
-                roi=config.roi,
+                roi=config.roi * scale,
                 dims=config.dims,
                 spacing=config.spacing,
                 hu_range=(config.hu_min, config.hu_max),
@@ -116,6 +117,8 @@ class PretrainTask(TrainingTask):
         self.prepared: list[PreparedVolume] = []
         self.sampler: ViewSampler | None = None
         self.probes: torch.Tensor | None = None
+        self.spec = InputSpec()
+        self.high_res: list[PreparedVolume] | None = None
         self.rank, self.world_size = 0, 1
         self._views: torch.Tensor | None = None
         self._crops: list[Any] = []
@@ -132,7 +135,14 @@ class PretrainTask(TrainingTask):
             if not config.images and not self.volumes:
                 config = config.replace(images=saved.images)
         raw = load_inputs(config, self.volumes)
-        self.prepared = prepare_inputs(config, raw)
+        self.spec = get_method(config.method).load().input_spec(config.method_options())
+        self.prepared = prepare_inputs(config, raw, self.spec.scale)
+        if self.spec.high_res > 1:
+            hu = (config.hu_min, config.hu_max)
+            self.high_res = [
+                refine_volume(p, v, self.spec.high_res, dims=config.dims, hu_range=hu)
+                for p, v in zip(self.prepared, raw, strict=True)
+            ]
         self.config = resolve_config(config, len(self.prepared))
         self.arch = build_architecture(self.config)
         self.total_steps = int(self.config.steps or 1)
@@ -148,14 +158,18 @@ class PretrainTask(TrainingTask):
         self.method = build_method(config, self.arch).to(device)
         set_fused_window_attention(self.method, config.fused_attention)
         self.find_unused_parameters = self.method.find_unused_parameters
+        spec = self.spec
         self.sampler = ViewSampler(
             self.prepared,
-            roi=config.roi,
+            roi=config.roi * spec.scale,
             dims=config.dims,
             batch_size=config.batch_size,
             seed=config.seed,
             rank=self.rank,
             world_size=self.world_size,
+            views=spec.views,
+            high_res=self.high_res,
+            high_res_factor=spec.high_res,
         )
 
     # --- modules ---------------------------------------------------------------------------------------------
@@ -185,7 +199,7 @@ class PretrainTask(TrainingTask):
         return {
             "encoders": {e.name: e.to_dict() for e in method.published_encoders()},
             "preferred_encoder": method.preferred_encoder,
-            "capabilities": method.capabilities.to_dict(),
+            "capabilities": type(method).capabilities_for(method.options).to_dict(),
         }
 
     def weights_metadata(self) -> dict[str, Any]:
@@ -222,7 +236,7 @@ class PretrainTask(TrainingTask):
         return max(1, -(-len(self.prepared) // (self.config.batch_size * world_size)))
 
     def samples(self) -> int:
-        return 2 * self.config.batch_size
+        return self.spec.views * self.config.batch_size
 
     # --- steps -----------------------------------------------------------------------------------------------------
     def step(self, step: int, generator: torch.Generator, device: torch.device) -> StepResult:
@@ -230,7 +244,11 @@ class PretrainTask(TrainingTask):
         views = torch.from_numpy(views_np).to(device, non_blocking=True)
         self._views, self._crops = views, crops
         self.method.train()
-        out = self.method.forward_step(views, step, generator)
+        if self.spec.high_res > 1:
+            high_res = torch.from_numpy(self.sampler.high_res_views(crops)).to(device, non_blocking=True)
+            out = self.method.forward_step(views, step, generator, high_res=high_res)
+        else:
+            out = self.method.forward_step(views, step, generator)
         return StepResult(out.loss, out.terms, dict(out.extras), list(out.warnings), out)
 
     def after_backward(self, step: int) -> None:
@@ -298,6 +316,7 @@ def preview_event(
         attention_translate=att_translate,
         volume_name=pv.name,
         volume_index=crop.volume,
+        pictures=list(out.pictures),
     )
 
 
@@ -327,7 +346,7 @@ def describe_method(name: str) -> dict[str, Any]:
         "title": spec.title,
         "summary": spec.summary,
         "paper": spec.paper,
-        "capabilities": cls.capabilities.to_dict(),
+        "capabilities": spec.capabilities.to_dict(),
         "preferred_encoder": cls.preferred_encoder,
         "options": spec.default_options(),
     }

@@ -44,6 +44,8 @@ class TrainingTask(ABC):
     job: ClassVar[str] = "train"
     #: parameters without gradient are looked for by DDP (a module a loss does not reach)
     find_unused_parameters: bool = False
+    #: the arithmetic of the steps, fp32 or bf16 (resolved and set by the loop before the first step)
+    precision: str = "fp32"
 
     def __init__(self, config: Any) -> None:
         self.config = config
