@@ -51,3 +51,16 @@ def tiny_run_2d(tmp_path_factory, shared_data) -> Path:
     )
     consume(run_pretraining(config))
     return out
+
+
+@pytest.fixture(scope="session")
+def ft_run(tmp_path_factory, shared_data, tiny_run) -> Path:
+    """A 2-step fine-tuning run initialised from the tiny DAGMaN run."""
+    from tests.helpers import ft_config
+
+    from napari_dagman.core.segmentation import run_finetuning
+    from napari_dagman.core.training import consume
+
+    out = tmp_path_factory.mktemp("finetune") / "seg"
+    consume(run_finetuning(ft_config(shared_data, out, init=str(tiny_run), steps=2, val_every=2)))
+    return out

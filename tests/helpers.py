@@ -9,14 +9,25 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 
 def write_dicom_series(
-    folder: Path, array: np.ndarray, *, uid: str, description: str, spacing=(0.8, 0.8, 2.5), prefix: str = "s"
+    folder: Path,
+    array: np.ndarray,
+    *,
+    uid: str,
+    description: str,
+    spacing=(0.8, 0.8, 2.5),
+    prefix: str = "s",
+    tilt_mm: float = 0.0,
 ) -> list[Path]:
-    """Write ``array`` (z, y, x int16 HU) as a DICOM CT series with SimpleITK (one file per slice)."""
+    """Write ``array`` (z, y, x int16 HU) as a DICOM CT series with SimpleITK (one file per slice).
+
+    ``tilt_mm`` shifts each slice's position by that much along y per slice, as a tilted gantry does.
+    """
     import SimpleITK as sitk
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -27,7 +38,8 @@ def write_dicom_series(
     files = []
     for k in range(array.shape[0]):
         sl = image[:, :, k]
-        position = "\\".join(str(v) for v in image.TransformIndexToPhysicalPoint((0, 0, k)))
+        x, y, z = image.TransformIndexToPhysicalPoint((0, 0, k))
+        position = "\\".join(str(v) for v in (x, y + k * tilt_mm, z))
         tags = {
             "0008|0060": "CT",
             "0020|000e": uid,
@@ -93,3 +105,29 @@ def file_size_limit(nbytes: int) -> Iterator[None]:
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
         signal.signal(signal.SIGXFSZ, previous)
+
+
+#: Organs of the small fine-tuning runs: liver, spleen, kidneys, colon.
+ORGANS = [5, 1, 2, 3, 20]
+
+
+def ft_config(shared_data: Path, out: Path, **changes: Any):
+    """A fast fine-tuning job on the real CT: tiny model, 6 mm, ROI 64, one crop per step."""
+    from napari_dagman.core.config import FinetuneConfig
+
+    base = {
+        "images": [str(shared_data / "example_ct.nii.gz")],
+        "segmentations": [str(shared_data / "example_seg_fast_force_split.nii.gz")],
+        "out": str(out),
+        "organs": ORGANS,
+        "roi": 64,
+        "spacing": 6.0,
+        "steps": 3,
+        "batch_size": 1,
+        "val_every": 3,
+        "val_fraction": 0.25,
+        "val_position": 0.75,
+        "device": "cpu",
+    }
+    base.update(changes)
+    return FinetuneConfig(**base)

@@ -44,6 +44,10 @@ def read_layers(path: PathOrPaths) -> list[LayerData]:
     layers: list[LayerData] = []
     for p in paths:
         for volume in read_volumes(p):
+            for note in volume.metadata.get("notes", []):  # e.g. a DICOM series interpolated onto even slices
+                from napari.utils.notifications import show_warning
+
+                show_warning(note)
             if is_label_map(volume):
                 layers.append(labels_layer_data(volume))
             else:

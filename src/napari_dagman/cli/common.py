@@ -9,7 +9,7 @@ import sys
 import threading
 from collections.abc import Callable, Generator, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from napari_dagman.core.errors import DagmanError
 from napari_dagman.core.events import (
@@ -21,6 +21,19 @@ from napari_dagman.core.events import (
     ProgressEvent,
     StepEvent,
 )
+
+if TYPE_CHECKING:
+    from napari_dagman.core.volume import Volume
+
+
+def read_input(path: str) -> Volume:
+    """Read one volume for a subcommand; what the reader had to say (slices interpolated) is printed as warnings."""
+    from napari_dagman.core.io import read_volume
+
+    volume = read_volume(path)
+    for note in volume.metadata.get("notes", []):
+        say(f"warning: {note}", err=True)
+    return volume
 
 
 def is_main_process() -> bool:

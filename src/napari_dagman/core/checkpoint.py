@@ -12,14 +12,19 @@ A run folder holds::
 
 Every file is written to a temporary name in the same folder and renamed into place, so a crash or a cancel
 never leaves a half-written checkpoint. Loading uses `safetensors` (no pickle), checks that the file is a
-napari-dagman checkpoint and that its architecture matches what is asked for.
+napari-dagman checkpoint and that its architecture matches what is asked for. While a job writes a run folder
+it holds the folder's lock (`RunLock`), so a second job on the same folder is refused with one line naming the
+first; the kernel frees the lock of a killed process, whose leftovers the next job cleans up.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
+import re
+import socket
 import sys
 import time
 from pathlib import Path
@@ -30,8 +35,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from napari_dagman.core.errors import CheckpointError
-from napari_dagman.core.io import atomic_write, atomic_write_text
+from napari_dagman.core.errors import CheckpointError, DagmanInputError
+from napari_dagman.core.io import atomic_write, atomic_write_text, remove_temporaries
 from napari_dagman.core.models.architecture import Architecture
 
 CONFIG_FILE = "config.json"
@@ -41,6 +46,7 @@ RESUME_FILE = "resume.safetensors"
 METRICS_FILE = "metrics.jsonl"
 RUN_FILE = "run.json"
 SNAPSHOT_DIR = "checkpoints"
+LOCK_FILE = ".lock"
 FORMAT = "napari-dagman/1"
 
 
@@ -51,7 +57,11 @@ def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta
     meta = {"format": FORMAT, **{k: str(v) for k, v in metadata.items()}}
 
     def write(tmp: Path) -> None:
-        save_file(flat, str(tmp), metadata=meta)
+        try:
+            save_file(flat, str(tmp), metadata=meta)
+        except SafetensorError as err:  # its I/O errors (a full disk) are not OSErrors
+            found = re.search(r"os error (\d+)", str(err))
+            raise CheckpointError(os.strerror(int(found.group(1))) if found else str(err)) from None
 
     def verify(tmp: Path) -> None:
         # header and size: a short write (disk full) leaves a file whose data ends before the header says
@@ -113,19 +123,60 @@ def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch
 def load_optimizer_state(
     optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta_json: str
 ) -> None:
-    meta = json.loads(meta_json)
-    state: dict[int, dict[str, Any]] = {}
-    for key, value in tensors.items():
-        if key.startswith("optim."):
-            _, idx, name = key.split(".", 2)
-            state.setdefault(int(idx), {})[name] = value
-    for key, value in meta["scalars"].items():
-        idx, name = key.split(".", 1)
-        state.setdefault(int(idx), {})[name] = value
+    """Restore an optimiser state saved by `optimizer_tensors`, checked against the optimiser's parameters.
+
+    torch accepts state tensors of any shape or type and fails only at the next step; an edited or foreign state
+    is refused here instead, before the run starts.
+    """
+    params = [p for group in optimizer.param_groups for p in group["params"]]
     try:
-        optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
-    except (ValueError, KeyError) as err:
+        meta = json.loads(meta_json)
+        groups, scalars = meta["param_groups"], meta["scalars"]
+        state: dict[int, dict[str, Any]] = {}
+        for key, value in tensors.items():
+            if key.startswith("optim."):
+                _, idx, name = key.split(".", 2)
+                state.setdefault(int(idx), {})[name] = value
+        for key, value in scalars.items():
+            idx, name = key.split(".", 1)
+            state.setdefault(int(idx), {})[name] = value
+        _check_groups(groups, optimizer.param_groups)
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as err:
+        raise CheckpointError(f"the optimiser state is unreadable ({err})") from None
+    for idx, entry in state.items():
+        if not 0 <= idx < len(params):
+            raise CheckpointError(f"the optimiser state names parameter {idx}; the model has {len(params)}")
+        for name, value in entry.items():
+            if torch.is_tensor(value) and value.ndim and (
+                value.shape != params[idx].shape or value.dtype != params[idx].dtype
+            ):
+                raise CheckpointError(
+                    f"the optimiser state '{name}' of parameter {idx} is {value.dtype} {tuple(value.shape)}; the "
+                    f"parameter is {params[idx].dtype} {tuple(params[idx].shape)}"
+                )
+    try:
+        optimizer.load_state_dict({"state": state, "param_groups": groups})
+    except (ValueError, KeyError, TypeError, RuntimeError) as err:
         raise CheckpointError(f"optimiser state does not fit this model ({err})") from None
+
+
+def _check_groups(saved: Any, own: list[dict[str, Any]]) -> None:
+    """Saved parameter groups: as many as the optimiser's, with finite numbers where it has numbers."""
+    if not isinstance(saved, list) or len(saved) != len(own):
+        raise ValueError(f"{len(own)} parameter groups expected")
+    for group, reference in zip(saved, own, strict=True):
+        for key, value in reference.items():
+            if key == "params" or key not in group or isinstance(value, bool):
+                continue
+            if not isinstance(value, int | float | tuple):
+                continue
+            numbers = group[key] if isinstance(value, tuple) else [group[key]]
+            if not isinstance(numbers, list | tuple):
+                raise ValueError(f"'{key}' is {numbers!r}, not {len(value)} numbers")
+            if isinstance(value, tuple) and len(numbers) != len(value):
+                raise ValueError(f"'{key}' has {len(numbers)} values, not {len(value)}")
+            if not all(isinstance(v, int | float) and not isinstance(v, bool) and np.isfinite(v) for v in numbers):
+                raise ValueError(f"'{key}' is {group[key]!r}, not a finite number")
 
 
 # --- compatibility ----------------------------------------------------------------------------------------
@@ -151,9 +202,51 @@ def check_state_fits(module: torch.nn.Module, state: dict[str, torch.Tensor], wh
 
 def architecture_from_metadata(metadata: dict[str, str], source: str) -> Architecture:
     try:
-        return Architecture.from_dict(json.loads(metadata["architecture"]))
+        data = json.loads(metadata["architecture"])
     except (KeyError, json.JSONDecodeError, TypeError):
         raise CheckpointError(f"{source} carries no architecture description") from None
+    return checked_architecture(data, source)
+
+
+def checked_architecture(data: Any, source: str) -> Architecture:
+    """`Architecture.from_dict` that says in one line what is wrong with a hand-edited description."""
+    if not isinstance(data, dict):
+        raise CheckpointError(f"the architecture description in {source} is not a JSON object")
+    try:
+        return Architecture.from_dict(data)
+    except (TypeError, ValueError, AttributeError, KeyError, OverflowError) as err:
+        if isinstance(err, DagmanInputError):
+            raise
+        raise CheckpointError(f"the architecture description in {source} is broken ({err})") from None
+
+
+#: The settings of a run that jobs feeding its encoder read: checked when a run is loaded.
+RUN_INPUT_KEYS = ("roi", "spacing", "hu_min", "hu_max", "dims", "mask_cell", "attention_stage")
+
+
+def checked_run_inputs(config: dict[str, Any], source: str) -> dict[str, Any]:
+    """Refuse a run config whose ROI, spacing or HU window a new pretraining config would refuse (a config.json
+    edited by hand: ``"roi": "abc"`` or ``0``); returns ``config``."""
+    from napari_dagman.core.config import PretrainConfig
+
+    values = {k: config[k] for k in RUN_INPUT_KEYS if k in config}
+    try:
+        PretrainConfig.from_dict(values)
+    except DagmanInputError as err:
+        raise CheckpointError(f"{source} is broken: {err}") from None
+    return config
+
+
+def metadata_step(metadata: dict[str, str], source: str) -> int:
+    """The step a weights file was saved at, from its metadata (0 when not recorded)."""
+    raw = metadata.get("step", "0")
+    try:
+        step = int(raw)
+    except (TypeError, ValueError):
+        raise CheckpointError(f"{source} has an unreadable step ({raw!r})") from None
+    if step < 0:
+        raise CheckpointError(f"{source} has a negative step ({step})")
+    return step
 
 
 # --- run folder -----------------------------------------------------------------------------------------------
@@ -183,14 +276,16 @@ class RunFolder:
             raise CheckpointError(f"{self.path} is not a napari-dagman run folder (no {CONFIG_FILE})")
         try:
             data = json.loads(path.read_text())
-        except json.JSONDecodeError as err:
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise CheckpointError(f"{path} is not valid JSON ({err})") from None
+        except OSError as err:
+            raise CheckpointError(f"cannot read {path}: {err.strerror or err}") from None
         if not isinstance(data, dict) or "architecture" not in data:
             raise CheckpointError(f"{path} is not a napari-dagman run config (no architecture)")
         return data
 
     def architecture(self) -> Architecture:
-        return Architecture.from_dict(self.config_dict()["architecture"])
+        return checked_architecture(self.config_dict()["architecture"], str(self.file(CONFIG_FILE)))
 
     def write_config(self, data: dict[str, Any]) -> None:
         atomic_write_text(self.file(CONFIG_FILE), json.dumps(data, indent=2, sort_keys=True) + "\n")
@@ -204,8 +299,11 @@ class RunFolder:
 
     # metrics ---------------------------------------------------------------------------------------------
     def append_metrics(self, record: dict[str, Any]) -> None:
-        with open(self.file(METRICS_FILE), "a") as fh:
-            fh.write(json.dumps(record) + "\n")
+        try:
+            with open(self.file(METRICS_FILE), "a") as fh:
+                fh.write(json.dumps(record) + "\n")
+        except OSError as err:  # a full disk: one line, like every other write
+            raise DagmanInputError(f"cannot write {self.file(METRICS_FILE)}: {err.strerror or err}") from None
 
     def read_metrics(self) -> list[dict[str, Any]]:
         path = self.file(METRICS_FILE)
@@ -231,8 +329,33 @@ class RunFolder:
         atomic_write_text(self.file(RUN_FILE), json.dumps(info, indent=2, sort_keys=True, default=str) + "\n")
 
     def read_run_info(self) -> dict[str, Any]:
-        path = self.file(RUN_FILE)
-        return json.loads(path.read_text()) if path.is_file() else {}
+        """run.json as a dict; empty when missing or unreadable (a record, never a reason to refuse a run)."""
+        try:
+            info = json.loads(self.file(RUN_FILE).read_text())
+        except (OSError, ValueError):
+            return {}
+        return info if isinstance(info, dict) else {}
+
+    def recover(self) -> list[str]:
+        """Clean up after a job that was killed here; call it holding the lock. Returns what to tell the user.
+
+        A killed job leaves temporary files of unfinished writes (removed) and a run.json that still says
+        "running" (marked as interrupted, with the step its last save reached).
+        """
+        notes = []
+        removed = remove_temporaries(self.path) + remove_temporaries(self.file(SNAPSHOT_DIR))
+        if removed:
+            notes.append(f"removed {len(removed)} unfinished file(s) a stopped job left in {self.path}")
+        info = self.read_run_info()
+        if info.get("status") == "running":
+            saved = saved_step(self.file(RESUME_FILE))
+            info["status"] = "interrupted: the job ended without recording how (killed, or the machine stopped)"
+            info.setdefault("interruptions", []).append({"noticed": timestamp(), "saved_step": saved})
+            with contextlib.suppress(DagmanInputError):
+                self.write_run_info(info)
+            where = f"its last save is step {saved}" if saved is not None else "it saved no checkpoint"
+            notes.append(f"the previous job in {self.path} was interrupted without finishing; {where}")
+        return notes
 
     def begin_run_info(
         self,
@@ -277,7 +400,107 @@ class RunFolder:
         info.update(status=status, finished=timestamp(), **extra)
         if step is not None:
             info["steps_done"] = step
-        self.write_run_info(info)
+        # on a full disk this write fails too: the run then stays "running", and the next start marks it
+        with contextlib.suppress(DagmanInputError):
+            self.write_run_info(info)
+
+
+def saved_step(path: Path) -> int | None:
+    """The step a checkpoint was saved at (from its metadata only), or None when it is missing or unreadable."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            return int((fh.metadata() or {})["step"])
+    except (SafetensorError, OSError, ValueError, KeyError):
+        return None
+
+
+class RunLock:
+    """The exclusive right to write a run folder, held while a job runs (a lock file, ``.lock``, in the folder).
+
+    An OS lock (``flock``) on the file, not the file's existence, is the lock: the kernel releases it when the
+    holder dies, however it dies, so the lock of a killed job is simply taken over. The holder writes who it is
+    (process id, host, start, command) into the file, for the refusal of a second job to name it.
+    """
+
+    def __init__(self, folder: str | os.PathLike) -> None:
+        self.path = Path(folder) / LOCK_FILE
+        self._fd: int | None = None
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def acquire(self, command: str | None = None) -> None:
+        """Take the lock or raise `DagmanInputError` naming the job that holds it."""
+        if self._fd is not None:
+            return
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                _lock(fd)
+            except BlockingIOError:
+                holder = _read_holder(fd)
+                os.close(fd)
+                raise DagmanInputError(
+                    f"{self.path.parent} is in use by another job ({holder}); wait for it to end or choose "
+                    "another --out"
+                ) from None
+            except OSError:  # the file system cannot lock (some network mounts): run without the lock
+                os.close(fd)
+                return
+            # the holder before us may have removed the file between our open and our lock: lock the one there
+            try:
+                if os.fstat(fd).st_ino == os.stat(self.path).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
+            os.close(fd)
+        holder = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "started": timestamp(),
+            "command": command or " ".join(sys.argv),
+        }
+        os.ftruncate(fd, 0)
+        os.write(fd, json.dumps(holder).encode())
+        self._fd = fd
+
+    def release(self) -> None:
+        """Remove the lock file and let go (in this order: a job waiting on the old file then tries again)."""
+        if self._fd is None:
+            return
+        with contextlib.suppress(OSError):
+            self.path.unlink()
+        os.close(self._fd)
+        self._fd = None
+
+
+def _lock(fd: int) -> None:
+    """A non-blocking exclusive lock on an open file; BlockingIOError when another process holds it."""
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        import msvcrt
+
+        try:
+            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+        except OSError as err:
+            raise BlockingIOError(str(err)) from None
+        return
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+def _read_holder(fd: int) -> str:
+    """Who holds a lock, in words, from what it wrote into the lock file."""
+    try:
+        os.lseek(fd, 0, os.SEEK_SET)
+        holder = json.loads(os.read(fd, 65536) or b"{}")
+        where = f"process {holder['pid']} on {holder['host']}, started {holder['started']}"
+        return f"{where}: {holder['command']}" if holder.get("command") else where
+    except (OSError, ValueError, KeyError, TypeError):
+        return "a process that is starting"
 
 
 def environment_info() -> dict[str, Any]:
@@ -400,6 +623,7 @@ def load_pretrained_encoder(
     if path.is_dir():
         run = RunFolder(path)
         config = run.config_dict()
+        config_path = run.file(CONFIG_FILE)
         if config.get("job", "pretrain") != "pretrain":
             raise CheckpointError(f"{path} is a {config.get('job')} run, not a pretraining run")
         file = run.weights_path(weights)
@@ -410,20 +634,22 @@ def load_pretrained_encoder(
             if path.parent.name != SNAPSHOT_DIR
             else path.parent.parent / CONFIG_FILE
         )
-        config = {}
+        config, config_path = {}, sibling
         if sibling.is_file():
             try:
                 config = json.loads(sibling.read_text())
-            except (json.JSONDecodeError, OSError) as err:
+            except (json.JSONDecodeError, UnicodeDecodeError, OSError) as err:
                 raise CheckpointError(f"{sibling} beside {path.name} is not readable JSON ({err})") from None
             if not isinstance(config, dict):
                 raise CheckpointError(f"{sibling} beside {path.name} is not a run config")
     tensors, meta = load_tensors(file)
+    step = metadata_step(meta, file.name)
     if meta.get("job", "pretrain") != "pretrain":
         raise CheckpointError(f"{file.name} holds {meta.get('job')} weights, not a pretrained encoder")
     arch = architecture_from_metadata(meta, file.name)
+    checked_run_inputs(config, str(config_path))
     if config and "architecture" in config:
-        diff = Architecture.from_dict(config["architecture"]).differences(arch)
+        diff = checked_architecture(config["architecture"], str(config_path)).differences(arch)
         if diff:
             raise CheckpointError(f"{file.name} does not match its run's config.json: {'; '.join(diff)}")
     config = config or {"method": meta.get("method")}
@@ -444,10 +670,6 @@ def load_pretrained_encoder(
     check_state_fits(encoder, state, file.name)
     encoder.load_state_dict(state)
     encoder.eval().to(device)
-    try:
-        step = int(meta.get("step", 0))
-    except ValueError:
-        raise CheckpointError(f"{file.name} has an unreadable step ({meta.get('step')!r})") from None
     return PretrainedEncoder(
         encoder,
         arch,

@@ -8,6 +8,7 @@ uninterrupted run and in one resumed at ``k`` (exact resume), and different on e
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -57,6 +58,7 @@ def model_volume(
     source_hash = array_hash(volume.array)
     if spacing is not None:
         target = (spacing,) * 3 if dims == 3 else (volume.spacing[0], spacing, spacing)
+        check_extent(volume, target, name)
         volume = resample_to_spacing(volume, target, is_label=False)
     return PreparedVolume(
         array=normalize_hu(volume.array, hu_range),
@@ -65,7 +67,36 @@ def model_volume(
         direction=volume.direction.copy(),
         name=name,
         source_hash=source_hash,
+        notes=[str(n) for n in volume.metadata.get("notes", [])],
     )
+
+
+def check_informative(volume: Volume, name: str) -> None:
+    """Refuse an empty or constant image for training: every voxel alike holds nothing to learn."""
+    arr = volume.array
+    if arr.size == 0:
+        raise DagmanInputError(f"{name} holds no voxels")
+    low, high = np.min(arr), np.max(arr)
+    if low == high:
+        raise DagmanInputError(
+            f"{name}: every voxel has the value {float(low):g}; a constant image holds nothing to learn"
+        )
+
+
+def check_extent(volume: Volume, target: tuple[float, float, float], name: str) -> None:
+    """Refuse an image smaller than one voxel of the model's grid along an axis it is resampled on.
+
+    What a voxel size read wrongly (1e-4 mm instead of 1 mm) gives: the whole scan would become one voxel.
+    """
+    extent = np.asarray(volume.shape) * np.asarray(volume.spacing)
+    resampled = ~np.isclose(np.asarray(target), np.asarray(volume.spacing))
+    if np.any(resampled & (extent < np.asarray(target))):
+        sizes = " x ".join(f"{e:.3g}" for e in extent)
+        voxel = " x ".join(f"{s:.3g}" for s in volume.spacing)
+        raise DagmanInputError(
+            f"{name} spans only {sizes} mm (voxels of {voxel} mm), less than one {max(target):g} mm voxel of the "
+            "model: is the voxel size in its header right?"
+        )
 
 
 def prepare_volume(
@@ -79,10 +110,11 @@ def prepare_volume(
 ) -> PreparedVolume:
     """`model_volume`, then crop to the body and pad so that one ``roi`` crop fits (training input).
 
-    Raises `DagmanInputError` for NaNs and for volumes with nothing above ``hu_range[0]`` (all air).
+    Raises `DagmanInputError` for NaNs, constant volumes and volumes with nothing above ``hu_range[0]`` (all air).
     """
+    check_informative(volume, name or str(volume.metadata.get("name", "volume")))
     pv = model_volume(volume, dims=dims, spacing=spacing, hu_range=hu_range, name=name)
-    name, notes = pv.name, []
+    name, notes = pv.name, list(pv.notes)
     image = pv.array[None]  # MONAI wants channel first
 
     # crop to the body: voxels above the lower HU bound (air and the table padding are dropped)
@@ -122,6 +154,60 @@ def prepare_volume(
     )
 
 
+def refine_volume(
+    pv: PreparedVolume, source: Volume, factor: int, *, dims: int, hu_range: tuple[float, float]
+) -> PreparedVolume:
+    """The physical box of ``pv`` on a grid ``factor`` times finer (in-plane only in 2D), from ``source``.
+
+    Voxel i of ``pv`` is split into ``factor`` sub-voxels per axis, so a crop starting at i starts at
+    ``factor * i`` here (MIRAM's high-resolution target of the same region). Where the source is coarser than
+    the new grid the values are interpolated; outside it, air.
+    """
+    from napari_dagman.core.io import resample_like
+
+    f = np.array((factor,) * 3 if dims == 3 else (1, factor, factor), dtype=float)
+    spacing = np.asarray(pv.spacing) / f
+    # sub-voxel j of voxel i is centred at i + (j + 1/2) / f - 1/2: the first one sits (1/f - 1)/2 before i
+    origin = np.asarray(pv.origin) + (((1.0 / f) - 1.0) / 2.0 * np.asarray(pv.spacing)) @ pv.direction.T
+    shape = tuple(int(n * k) for n, k in zip(pv.array.shape, f, strict=True))
+    grid = Volume(np.zeros(shape, np.uint8), tuple(spacing), tuple(origin), pv.direction.copy())
+    air = min(float(hu_range[0]) - 1.0, -1024.0)
+    hu = resample_like(source, grid, is_label=False, default=air).array
+    return PreparedVolume(
+        array=np.ascontiguousarray(normalize_hu(hu, hu_range), dtype=np.float32),
+        spacing=tuple(float(s) for s in spacing),
+        origin=tuple(float(o) for o in origin),
+        direction=pv.direction.copy(),
+        name=pv.name,
+        source_hash=pv.source_hash,
+    )
+
+
+def crop_around(
+    pv: PreparedVolume, center: Sequence[float] | None, side: int, dims: int
+) -> tuple[np.ndarray, tuple[int, int, int]]:
+    """The ``side`` crop of a model volume around a physical point (default: the body's centre), clamped inside
+    the volume (padded with air when the volume is smaller): (crop (z, y, x); 2D: (1, y, x), start index)."""
+    shape = pv.array.shape
+    need = (1, side, side) if dims == 2 else (side,) * 3
+    pad = [(0, max(0, n - s)) for s, n in zip(shape, need, strict=True)]
+    array = np.pad(pv.array, pad) if any(p[1] for p in pad) else pv.array
+    if center is None:
+        body = np.argwhere(pv.array > 0)
+        index = body.mean(axis=0) if len(body) else np.asarray(shape) / 2
+    else:
+        offset = np.asarray(center, float) - np.asarray(pv.origin)
+        index = (offset @ np.linalg.inv(pv.direction).T) / np.asarray(pv.spacing)
+    start = []
+    for axis, (size, c) in enumerate(zip(array.shape, index, strict=True)):
+        if dims == 2 and axis == 0:
+            start.append(int(np.clip(round(c), 0, size - 1)))
+        else:
+            start.append(int(np.clip(round(c - side / 2), 0, max(0, size - side))))
+    region = tuple(slice(s, s + n) for s, n in zip(start, need, strict=True))
+    return np.ascontiguousarray(array[region]), tuple(start)  # type: ignore[return-value]
+
+
 @dataclass
 class Crop:
     """Where a view was cut: volume index, start index (z, y, x) in the prepared array, 2D slice or None."""
@@ -132,7 +218,13 @@ class Crop:
 
 
 class ViewSampler:
-    """Draws ``batch`` pairs of overlapping views per step (SMIT: two crops inside one larger region)."""
+    """Draws ``batch`` samples per step: pairs of overlapping views (SMIT: two crops inside one larger region),
+    or single crops (``views=1``) for methods without a cross-view loss.
+
+    ``roi`` is the crop side in voxels (a method reading a larger region asks for a larger one). With
+    ``high_res`` volumes (the same grids refined by ``high_res_factor``), `high_res_views` cuts the matching
+    finer crops of the same physical regions (MIRAM's high-resolution target).
+    """
 
     def __init__(
         self,
@@ -145,12 +237,19 @@ class ViewSampler:
         rank: int = 0,
         world_size: int = 1,
         region_scale: float = 1.25,
+        views: int = 2,
+        high_res: list[PreparedVolume] | None = None,
+        high_res_factor: int = 1,
     ) -> None:
         if not volumes:
             raise DagmanInputError("no volumes to train on")
+        if views not in (1, 2):
+            raise DagmanInputError(f"a sample has one or two views, not {views}")
         self.volumes, self.roi, self.dims = volumes, roi, dims
         self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
         self.region = int(math.ceil(roi * region_scale))
+        self.views = views
+        self.high_res, self.high_res_factor = high_res, high_res_factor
 
     def volume_for(self, sample: int) -> int:
         """Volume of the ``sample``-th draw: a fresh permutation of the volumes every pass (epoch)."""
@@ -184,17 +283,33 @@ class ViewSampler:
         return arr[z, y : y + self.roi, x : x + self.roi]
 
     def sample(self, step: int) -> tuple[np.ndarray, list[Crop]]:
-        """Views (2B, 1, *roi) float32 - first views then second views - and their crops."""
+        """Views (V*B, 1, *roi) float32 - the B first views, then the B second views - and their crops."""
         rng = np.random.default_rng([self.seed, step, self.rank])
         first, second, crops_a, crops_b = [], [], [], []
+        size = (self.roi,) * self.dims
         for j in range(self.batch_size):
             sample = (step * self.world_size + self.rank) * self.batch_size + j
             v = self.volume_for(sample)
             a, b = self.pair(rng, self.volumes[v].array.shape)
             first.append(self.cut(v, a))
-            second.append(self.cut(v, b))
-            size = (self.roi,) * self.dims
             crops_a.append(Crop(v, a, size))
-            crops_b.append(Crop(v, b, size))
+            if self.views == 2:
+                second.append(self.cut(v, b))
+                crops_b.append(Crop(v, b, size))
         views = np.stack(first + second)[:, None]
         return np.ascontiguousarray(views, dtype=np.float32), crops_a + crops_b
+
+    def high_res_views(self, crops: list[Crop]) -> np.ndarray:
+        """The crops of the same regions on the refined volumes: (N, 1, *(roi x factor))."""
+        if self.high_res is None:
+            raise DagmanInputError("this sampler has no high-resolution volumes")
+        f, out = self.high_res_factor, []
+        for crop in crops:
+            arr = self.high_res[crop.volume].array
+            z, y, x = crop.start
+            side = self.roi * f
+            if self.dims == 3:
+                out.append(arr[z * f : z * f + side, y * f : y * f + side, x * f : x * f + side])
+            else:  # 2D: refined in-plane only, the slice is the same
+                out.append(arr[z, y * f : y * f + side, x * f : x * f + side])
+        return np.ascontiguousarray(np.stack(out)[:, None], dtype=np.float32)

@@ -76,6 +76,23 @@ class StepEvent:
 
 
 @dataclass
+class Picture:
+    """A method's own picture of a crop: a level's mask, a reconstruction, an error map.
+
+    ``array`` is (z, y, x) (a 2D model's slice has a leading axis of 1) on a grid of ``factor`` crop voxels per
+    element along z, y, x (1 = the crop's own grid, 2 = twice coarser, 0.5 = twice finer); ``kind`` is
+    ``image`` (continuous values) or ``labels`` (integer classes, 0 = nothing); ``names`` names the label values.
+    """
+
+    name: str
+    array: np.ndarray
+    factor: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    kind: str = "image"
+    description: str = ""
+    names: dict[int, str] = field(default_factory=dict)
+
+
+@dataclass
 class PreviewEvent:
     """What the model saw and chose at a step, for one view, placed in physical (napari world) space.
 
@@ -98,6 +115,8 @@ class PreviewEvent:
     attention_translate: list[float] = field(default_factory=list)
     volume_name: str = ""
     volume_index: int = 0
+    #: the method's own pictures (see `Picture`), each placed with ``image_scale``/``image_translate`` x factor
+    pictures: list[Picture] = field(default_factory=list)
 
 
 @dataclass

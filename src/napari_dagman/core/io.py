@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -20,6 +21,14 @@ import numpy as np
 import SimpleITK as sitk
 
 from napari_dagman.core.errors import DagmanError, DagmanInputError
+from napari_dagman.core.headers import (
+    check_metaimage,
+    check_nifti,
+    even_slices,
+    nifti_complete,
+    nifti_non_finite,
+    slice_geometry,
+)
 from napari_dagman.core.volume import Volume
 
 #: File name endings that SimpleITK reads as 3D volumes here.
@@ -28,6 +37,10 @@ VOLUME_SUFFIXES: tuple[str, ...] = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd", 
 WRITE_SUFFIXES: tuple[str, ...] = (".nii.gz", ".nii", ".mha", ".nrrd")
 #: Largest number of distinct values an integer volume may hold to be treated as a label map.
 MAX_LABEL_VALUES = 1024
+#: What to do with a DICOM series whose slices are unevenly spaced when the caller does not say: "refuse"
+#: (default) or "resample" (interpolate onto even slices, with a note). Read from this environment variable.
+UNEVEN_SLICES_ENV = "NAPARI_DAGMAN_UNEVEN_SLICES"
+UNEVEN_SLICES_CHOICES = ("refuse", "resample")
 
 _DICOM_TAGS = {
     "0008|103e": "series_description",
@@ -187,22 +200,78 @@ def list_dicom_series(folder: str | os.PathLike) -> list[DicomSeries]:
     return series
 
 
-def _read_series(series: DicomSeries, folder: Path) -> Volume:
+def _read_series(series: DicomSeries, folder: Path, uneven_slices: str) -> Volume:
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(list(series.files))
+    reader.MetaDataDictionaryArrayUpdateOn()  # every slice's position, without reading the files again
     try:
-        image = reader.Execute()
+        with quiet_itk():  # its warning about uneven slices is replaced by our check below
+            image = reader.Execute()
     except RuntimeError as err:
         raise DagmanInputError(
             f"cannot read DICOM series '{series.name}' in {folder}: {_first_line(err)}"
         ) from None
+    notes: list[str] = []
+    image = _even_series(image, reader, f"'{series.name}' in {folder}", uneven_slices, notes)
     try:
         tags = _dicom_tags(series.files[0])
     except RuntimeError:
         tags = {}
     meta: dict[str, Any] = {"source_path": str(folder), "name": series.description or folder.name, **tags}
     meta["series_uid"] = series.uid
+    if notes:
+        meta["notes"] = notes
     return from_sitk(image, meta)
+
+
+def _even_series(
+    image: sitk.Image, reader: sitk.ImageSeriesReader, name: str, policy: str, notes: list[str]
+) -> sitk.Image:
+    """The series as read when its slices are evenly spaced; else refused, or interpolated onto even slices.
+
+    ITK stacks the slices at their average distance, which puts every slice after a gap in the wrong place.
+    """
+    count = image.GetSize()[2] if image.GetDimension() == 3 else 0
+    try:
+        positions = [[float(v) for v in reader.GetMetaData(k, "0020|0032").split("\\")] for k in range(count)]
+        cosines = [float(v) for v in reader.GetMetaData(0, "0020|0037").split("\\")]
+    except (RuntimeError, ValueError):
+        return image  # no positions (a secondary capture): nothing to check
+    if count < 2 or len(cosines) != 6 or any(len(p) != 3 for p in positions):
+        return image
+    normal = np.cross(cosines[:3], cosines[3:])
+    if not np.all(np.isfinite(normal)) or np.linalg.norm(normal) < 0.5:
+        raise DagmanInputError(f"DICOM series {name}: its slice orientation (ImageOrientationPatient) is broken")
+    geometry = slice_geometry(positions, normal, name=name)
+    if geometry.uneven is None:
+        return image
+    if policy != "resample":
+        raise DagmanInputError(
+            f"DICOM series {name} has unevenly spaced slices: {geometry.uneven}; set {UNEVEN_SLICES_ENV}=resample "
+            "to interpolate it onto even slices"
+        )
+    array = even_slices(sitk.GetArrayFromImage(image), geometry.distances, geometry.spacing)
+    even = sitk.GetImageFromArray(array)
+    even.SetOrigin(image.GetOrigin())
+    even.SetDirection(image.GetDirection())
+    even.SetSpacing((*image.GetSpacing()[:2], geometry.spacing))
+    notes.append(
+        f"DICOM series {name} has unevenly spaced slices ({geometry.uneven}); interpolated onto "
+        f"{array.shape[0]} slices {geometry.spacing:.2f} mm apart"
+    )
+    return even
+
+
+@contextlib.contextmanager
+def quiet_itk():
+    """ITK's own warnings off during a read: they reach the terminal as multi-line C++ traces, and every case
+    they warn about (uneven slices, odd headers) is checked here and said in one line."""
+    shown = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)
+    try:
+        yield
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(shown)
 
 
 def _first_line(err: BaseException) -> str:
@@ -211,47 +280,101 @@ def _first_line(err: BaseException) -> str:
     return lines[-1] if lines else type(err).__name__
 
 
-def read_volumes(path: str | os.PathLike) -> list[Volume]:
+def read_volumes(path: str | os.PathLike, *, uneven_slices: str | None = None) -> list[Volume]:
     """Read a file, or every DICOM series in a folder, as LPS-oriented volumes.
+
+    ``uneven_slices`` says what to do with a DICOM series whose slices are not evenly spaced (a missing or
+    unreadable file): "refuse" or "resample" (interpolate onto even slices; the volume's ``metadata["notes"]``
+    says so); default: ``$NAPARI_DAGMAN_UNEVEN_SLICES``, else refuse.
 
     Raises
     ------
     DagmanInputError
-        When the path does not exist, is not a readable 3D single-channel volume, or is a folder without
-        DICOM series.
+        When the path does not exist, is not a readable 3D single-channel volume, is a folder without DICOM
+        series, or its header or slices give a geometry that cannot be trusted (voxel size 0 or NaN, a sheared
+        grid, uneven DICOM slices) or its data are cut short.
     """
     path = Path(path)
     if not path.exists():
         raise DagmanInputError(f"{path} does not exist")
     if path.is_dir():
+        policy = uneven_slices or os.environ.get(UNEVEN_SLICES_ENV) or "refuse"
+        if policy not in UNEVEN_SLICES_CHOICES:
+            raise DagmanInputError(
+                f"{UNEVEN_SLICES_ENV} must be one of {', '.join(UNEVEN_SLICES_CHOICES)}, got '{policy}'"
+            )
         series = list_dicom_series(path)
         if not series:
             raise DagmanInputError(f"no DICOM series found in folder {path}")
-        return [_read_series(s, path) for s in series]
+        return [_read_series(s, path, policy) for s in series]
     if path.stat().st_size == 0:
         raise DagmanInputError(f"{path.name} is an empty file")
+    suffix = suffix_of(path)
+    # checked before ITK reads the data: it would read wrong geometry or zeros without a word
+    header = check_nifti(path) if suffix in (".nii", ".nii.gz") else None
+    if suffix in (".mha", ".mhd"):
+        check_metaimage(path)
     try:
-        image = sitk.ReadImage(str(path))
+        with quiet_itk():
+            image = _itk_read(path)
     except RuntimeError as err:
         if "Unable to determine ImageIO reader" in str(err):
             raise DagmanInputError(
                 f"cannot read {path.name}: not an image file (NIfTI, NRRD, MHA/MHD or DICOM) despite its name"
             ) from None
-        raise DagmanInputError(
-            f"cannot read {path.name}: broken or truncated file ({_first_line(err)})"
-        ) from None
-    if suffix_of(path) in (".nii", ".nii.gz"):
-        _check_nifti_complete(path)
+        reason = _first_line(err)
+        if "No such file or directory" in reason:  # ITK's stale errno: the file is there, its data are not
+            reason = "its data cannot be read"
+        raise DagmanInputError(f"cannot read {path.name}: broken or truncated file ({reason})") from None
+    if header is not None:
+        image = _restore_non_finite(image, path, header)
     meta: dict[str, Any] = {"source_path": str(path), "name": stem_of(path)}
-    if suffix_of(path) == ".dcm" or looks_like_dicom(path):
+    if suffix == ".dcm" or looks_like_dicom(path):
         with contextlib.suppress(RuntimeError):
             meta.update(_dicom_tags(str(path)))
-    volume = from_sitk(image, meta)
+    try:
+        volume = from_sitk(image, meta)
+    except DagmanInputError as err:
+        raise DagmanInputError(f"{path.name}: {err}") from None
     if is_label_map(volume):
         names = read_label_names(path)
         if names is not None:
             volume.metadata["label_names"] = names
     return [volume]
+
+
+def _itk_read(path: Path) -> sitk.Image:
+    """``sitk.ReadImage``, except that a ``.nii.gz`` beside a ``.nii`` of the same name is read, not its twin.
+
+    niftilib looks for the uncompressed name first: asked for ``ct.nii.gz`` it reads ``ct.nii`` when that exists,
+    without a word. The file is then read through a link of another name in a folder of its own.
+    """
+    twin = path.with_name(stem_of(path) + ".nii")
+    if suffix_of(path) != ".nii.gz" or not twin.exists():
+        return sitk.ReadImage(str(path))
+    with tempfile.TemporaryDirectory(prefix="dagman-read-") as folder:
+        link = Path(folder) / "volume.nii.gz"
+        try:
+            link.symlink_to(path.resolve())
+        except OSError:
+            raise DagmanInputError(
+                f"{path.name} lies beside {twin.name}, which ITK would read in its place; rename one of them"
+            ) from None
+        return sitk.ReadImage(str(link))
+
+
+def _restore_non_finite(image: sitk.Image, path: Path, header: Any) -> sitk.Image:
+    """Put back the NaN/infinite voxels of a float NIfTI file, which ITK reads as 0 (so the NaN check sees them)."""
+    indices, values = nifti_non_finite(path, header)
+    if not indices.size:
+        return image
+    array = sitk.GetArrayFromImage(image)
+    if indices.max() >= array.size:
+        return image
+    array.reshape(-1)[indices] = values.astype(array.dtype)
+    restored = sitk.GetImageFromArray(array, isVector=image.GetNumberOfComponentsPerPixel() > 1)
+    restored.CopyInformation(image)
+    return restored
 
 
 def expand_inputs(paths: Iterable[str | os.PathLike]) -> list[str]:
@@ -271,42 +394,9 @@ def expand_inputs(paths: Iterable[str | os.PathLike]) -> list[str]:
     return out
 
 
-def _check_nifti_complete(path: Path) -> None:
-    """Refuse truncated NIfTI files, which ITK reads without complaint (the missing voxels become 0)."""
-    if not _nifti_complete(path):
-        raise DagmanInputError(
-            f"{path.name} is truncated or corrupt: its data end before the header says they do"
-        )
-
-
-def _nifti_complete(path: Path) -> bool:
-    """Whether a NIfTI file holds all the data its header announces.
-
-    The expected size is the header's data offset plus voxels x bytes per voxel; for ``.nii.gz`` it is compared
-    with the gzip trailer (uncompressed size modulo 2**32), which a cut file does not have.
-    """
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(str(path))
-    try:
-        reader.ReadImageInformation()
-        ndim = int(reader.GetMetaData("dim[0]"))
-        voxels = int(np.prod([int(reader.GetMetaData(f"dim[{i}]")) for i in range(1, ndim + 1)]))
-        expected = (
-            int(float(reader.GetMetaData("vox_offset"))) + voxels * int(reader.GetMetaData("bitpix")) // 8
-        )
-    except (RuntimeError, ValueError):
-        return True  # not enough header information to check; SimpleITK has read what it could
-    if suffix_of(path) == ".nii.gz":
-        with open(path, "rb") as fh:
-            fh.seek(-4, os.SEEK_END)
-            stored = int.from_bytes(fh.read(4), "little")
-        return stored == expected % 2**32
-    return path.stat().st_size >= expected
-
-
-def read_volume(path: str | os.PathLike) -> Volume:
+def read_volume(path: str | os.PathLike, *, uneven_slices: str | None = None) -> Volume:
     """Read exactly one volume; a folder holding several DICOM series is an error (name the series)."""
-    volumes = read_volumes(path)
+    volumes = read_volumes(path, uneven_slices=uneven_slices)
     if len(volumes) > 1:
         names = ", ".join(repr(v.metadata.get("name")) for v in volumes)
         raise DagmanInputError(
@@ -390,6 +480,59 @@ def atomic_write(
             with contextlib.suppress(OSError):  # gone with its folder: nothing more to clean
                 tmp.unlink()
     return path
+
+
+#: The name `atomic_write` gives its temporary file: hidden, the target's stem, mkstemp's 8 random characters,
+#: ".tmp" and the target's ending. What a killed process leaves behind; nothing else is named like this.
+_TEMPORARY = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp(\.[A-Za-z0-9.]+)?")
+
+
+def is_temporary(name: str) -> bool:
+    """True for the name of a temporary file of `atomic_write` (a leftover when its process was killed)."""
+    return _TEMPORARY.fullmatch(name) is not None
+
+
+def remove_temporaries(folder: str | os.PathLike) -> list[str]:
+    """Delete the leftovers of killed writes in ``folder`` (only safe while no other process writes there)."""
+    removed = []
+    with contextlib.suppress(OSError):
+        for entry in Path(folder).iterdir():
+            if is_temporary(entry.name) and entry.is_file():
+                with contextlib.suppress(OSError):
+                    entry.unlink()
+                    removed.append(entry.name)
+    return removed
+
+
+def check_output_folder(path: str | os.PathLike, what: str = "output folder") -> None:
+    """Refuse, before any work is spent, an output folder that cannot be written.
+
+    It must not be a file nor lie under one, and the folder (or, when it does not exist yet, the nearest folder
+    above it, where it will be created) must accept a new file: that is tried, not guessed from permissions
+    (root, ACLs and read-only mounts make guesses wrong). Nothing is left behind.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise DagmanInputError(f"the {what} {path} is a file, not a folder")
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise DagmanInputError(f"cannot create the {what} {path}: {existing} is a file")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".dagman-write-check.", dir=existing)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise DagmanInputError(f"cannot write to the {what} {path}: {_os_reason(err, existing)}") from None
+
+
+def check_output_file(path: str | os.PathLike, what: str = "output file") -> None:
+    """Refuse, before any work is spent, a file that cannot be written (a folder by that name, no permission)."""
+    path = Path(path)
+    if path.is_dir():
+        raise DagmanInputError(f"the {what} {path} is a folder")
+    check_output_folder(path.parent, f"folder of the {what}")
 
 
 def _os_reason(err: OSError, folder: Path) -> str:
@@ -479,17 +622,31 @@ def _verify_volume(path: Path, size: tuple[int, ...]) -> None:
         raise DagmanInputError(f"the written file does not read back ({_first_line(err)})") from None
     if tuple(reader.GetSize()) != tuple(size):
         raise DagmanInputError(f"the written file has size {reader.GetSize()}, not {size}")
-    if suffix_of(path) in (".nii", ".nii.gz") and not _nifti_complete(path):
+    if suffix_of(path) in (".nii", ".nii.gz") and not nifti_complete(path):
         raise DagmanInputError("the written file is incomplete (is the disk full?)")
 
 
 # --- resampling -------------------------------------------------------------------------------------------
-def resample_like(volume: Volume, reference: Volume, *, is_label: bool, default: float = 0.0) -> Volume:
-    """Resample ``volume`` onto the grid of ``reference`` in physical space (nearest for labels)."""
+def padding_value(volume: Volume, *, is_label: bool) -> float:
+    """What fills the part of a resampled grid outside the volume: background (0) for labels, and for images
+    the volume's own minimum (air, or the scanner's outside-the-field value, in a CT), never water (0 HU)."""
+    if is_label or volume.array.size == 0:
+        return 0.0
+    return float(np.min(volume.array))
+
+
+def resample_like(
+    volume: Volume, reference: Volume, *, is_label: bool, default: float | None = None
+) -> Volume:
+    """Resample ``volume`` onto the grid of ``reference`` in physical space (nearest for labels).
+
+    Outside ``volume`` the grid gets ``default``, by default `padding_value` (the image's minimum, 0 for labels).
+    """
     moving = to_sitk(volume, restore_orientation=False)
     ref = to_sitk(reference.with_array(np.zeros(reference.shape, np.uint8)), restore_orientation=False)
     interp = sitk.sitkNearestNeighbor if is_label else sitk.sitkLinear
-    out = sitk.Resample(moving, ref, sitk.Transform(), interp, default, moving.GetPixelID())
+    fill = padding_value(volume, is_label=is_label) if default is None else float(default)
+    out = sitk.Resample(moving, ref, sitk.Transform(), interp, fill, moving.GetPixelID())
     meta = dict(volume.metadata)
     return Volume(
         sitk.GetArrayFromImage(out), reference.spacing, reference.origin, reference.direction.copy(), meta
@@ -497,7 +654,12 @@ def resample_like(volume: Volume, reference: Volume, *, is_label: bool, default:
 
 
 def resample_to_spacing(volume: Volume, spacing: tuple[float, float, float], *, is_label: bool) -> Volume:
-    """Resample to a new voxel spacing (z, y, x mm) covering the same physical extent."""
+    """Resample to a new voxel spacing (z, y, x mm) covering the same physical extent.
+
+    Every new voxel centre lies within the old voxels' edges, but ITK counts a centre exactly on the last edge as
+    outside and would give it the fill value (a one-voxel slab of 0 HU on a 3 -> 2 mm CT); the nearest voxel
+    is taken there instead.
+    """
     spacing = tuple(float(s) for s in spacing)
     if np.allclose(spacing, volume.spacing):
         return volume
@@ -518,8 +680,9 @@ def resample_to_spacing(volume: Volume, spacing: tuple[float, float, float], *, 
         tuple(origin),
         tuple(new_sp),
         image.GetDirection(),
-        0.0,
+        padding_value(volume, is_label=is_label),
         image.GetPixelID(),
+        True,  # useNearestNeighborExtrapolator: the edge voxels, not a fill value, at the edges
     )
     return Volume(
         sitk.GetArrayFromImage(out),

@@ -138,57 +138,70 @@ TOTALSEG_V2: dict[int, str] = {i + 1: name for i, name in enumerate(TOTALSEG_V2_
 
 # Hand-picked colours (RGB 0-255) for the organs users look at most, chosen to be told apart on a grey CT;
 # matched by the start of the organ name, so "kidney_left" and "kidney_right" share the kidney hue family.
+#: Curated organ colours (RGB 0-255), matched by name prefix. Chosen to tell apart the organs that meet in one
+#: picture (a Labels layer, the organ-clusters scatter): the older anatomical palette had liver, stomach,
+#: kidney, colon, small bowel, bladder and the muscles in near-identical salmon and peach. A hint of anatomy is
+#: kept (liver brick red, vessels red and blue, bones ivory); the left one of a pair is a lighter (for a light
+#: colour, darker) shade of the right one (see `organ_colour`).
 _ORGAN_COLOURS: dict[str, tuple[int, int, int]] = {
-    "liver": (221, 130, 101),
-    "spleen": (157, 108, 162),
-    "kidney_right": (185, 102, 83),
-    "kidney_left": (230, 220, 70),
-    "kidney": (185, 102, 83),
-    "gallbladder": (139, 150, 98),
-    "stomach": (216, 132, 105),
-    "pancreas": (249, 180, 111),
-    "aorta": (224, 97, 76),
-    "inferior_vena_cava": (0, 151, 206),
-    "portal_vein": (0, 112, 165),
-    "urinary_bladder": (222, 154, 132),
-    "bladder": (222, 154, 132),
-    "colon": (204, 168, 143),
-    "small_bowel": (205, 167, 142),
-    "duodenum": (255, 253, 229),
-    "esophagus": (211, 171, 143),
-    "heart": (206, 110, 84),
-    "lung": (197, 165, 145),
-    "trachea": (182, 228, 255),
-    "vertebra": (241, 214, 145),
-    "spine": (241, 214, 145),
-    "sacrum": (241, 214, 145),
-    "rib": (253, 232, 158),
-    "costal_cartilages": (255, 237, 180),
-    "femur": (255, 255, 207),
-    "hip": (252, 220, 160),
-    "muscle": (192, 104, 88),
-    "gluteus": (188, 95, 76),
-    "autochthon": (183, 105, 92),
-    "iliopsoas": (196, 121, 79),
-    "fat": (230, 220, 150),
-    "body": (177, 122, 101),
+    "liver": (178, 34, 34),
+    "spleen": (148, 103, 189),
+    "kidney": (255, 170, 0),
+    "gallbladder": (44, 160, 44),
+    "stomach": (227, 119, 194),
+    "pancreas": (255, 127, 14),
+    "aorta": (240, 20, 90),
+    "inferior_vena_cava": (31, 119, 180),
+    "portal_vein": (90, 60, 220),
+    "urinary_bladder": (220, 200, 40),
+    "bladder": (220, 200, 40),
+    "colon": (140, 86, 75),
+    "small_bowel": (255, 152, 150),
+    "duodenum": (196, 156, 148),
+    "esophagus": (247, 182, 210),
+    "heart": (200, 30, 90),
+    "lung": (158, 218, 229),
+    "trachea": (174, 199, 232),
+    "vertebra": (240, 230, 140),
+    "spine": (240, 230, 140),
+    "sacrum": (205, 205, 120),
+    "rib": (255, 240, 200),
+    "costal_cartilages": (200, 240, 220),
+    "femur": (255, 250, 200),
+    "hip": (230, 200, 150),
+    "muscle": (160, 70, 70),
+    "gluteus": (120, 200, 110),
+    "gluteus_medius": (170, 220, 60),
+    "gluteus_minimus": (60, 110, 60),
+    "autochthon": (0, 128, 128),
+    "iliopsoas": (200, 90, 30),
+    "fat": (250, 240, 160),
+    "body": (200, 150, 120),
     "nodule": (255, 60, 60),
     "lung_vessels": (200, 60, 60),
-    "spinal_cord": (244, 214, 49),
-    "adrenal_gland": (244, 186, 150),
-    "prostate": (230, 158, 140),
+    "spinal_cord": (255, 255, 0),
+    "adrenal_gland": (255, 200, 120),
+    "prostate": (190, 120, 160),
 }
 
 
 def organ_colour(name: str) -> tuple[float, float, float, float]:
-    """RGBA in 0..1 for an organ name: a curated colour when known, else a stable colour from its name."""
+    """RGBA in 0..1 for an organ name: a curated colour when known, else a stable colour from its name.
+
+    A name ending in "_left" gets a lighter shade of its pair's colour (a darker one for a light colour), so
+    left and right organs are told apart and still read as a pair.
+    """
     key = name.lower()
     best = ""
     for prefix in _ORGAN_COLOURS:
         if key.startswith(prefix) and len(prefix) > len(best):
             best = prefix
     if best:
-        r, g, b = _ORGAN_COLOURS[best]
+        rgb = np.array(_ORGAN_COLOURS[best], dtype=float)
+        if key.endswith("_left"):
+            light = float(rgb @ (0.299, 0.587, 0.114)) > 190
+            rgb = rgb * 0.7 if light else rgb + 0.4 * (255.0 - rgb)
+        r, g, b = (float(v) for v in rgb)
     else:
         digest = hashlib.sha256(key.encode()).digest()
         # bright, saturated colours: keep each channel in 60..255

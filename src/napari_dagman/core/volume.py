@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from napari_dagman.core.errors import DagmanInputError
+from napari_dagman.core.headers import skew_degrees
 
 Triple = tuple[float, float, float]
 
@@ -55,6 +56,7 @@ class Volume:
         if any(s <= 0 or not np.isfinite(s) for s in self.spacing):
             raise DagmanInputError(f"spacing must be positive and finite, got {self.spacing}")
         self.direction = np.asarray(self.direction, dtype=float).reshape(3, 3)
+        check_direction(self.direction)
 
     # --- geometry -------------------------------------------------------------------------------------
     @property
@@ -75,6 +77,16 @@ class Volume:
         """Fractional voxel index (z, y, x) of physical points, shape (..., 3)."""
         p = np.asarray(point, dtype=float) - np.asarray(self.origin)
         return (p @ np.linalg.inv(self.direction).T) / np.asarray(self.spacing)
+
+    def contains(self, point: Sequence[float]) -> bool:
+        """True when the physical point (z, y, x mm) lies inside the voxels of the volume (edges included)."""
+        index = self.physical_to_index(point)
+        return bool(np.all(index >= -0.5) and np.all(index <= np.asarray(self.shape) - 0.5))
+
+    def describe_extent(self) -> str:
+        """The physical box of the volume in words, e.g. ``z -804.5..-766.5, y ... mm`` (LPS)."""
+        lo, hi = self.physical_extent()
+        return ", ".join(f"{axis} {a:.1f}..{b:.1f}" for axis, a, b in zip("zyx", lo, hi, strict=True)) + " mm"
 
     def physical_extent(self) -> tuple[np.ndarray, np.ndarray]:
         """(min, max) physical corner of the voxel *edges* (not centres), z-y-x mm."""
@@ -156,6 +168,23 @@ class Volume:
         return cls(data, spacing, origin, direction, meta)
 
 
+def check_direction(direction: np.ndarray) -> None:
+    """Refuse direction cosines that are not finite or not orthogonal (a sheared voxel grid).
+
+    Every writer and viewer would force such a grid orthogonal, turning the volume by the shear angle.
+    """
+    if not np.all(np.isfinite(direction)):
+        raise DagmanInputError("the direction cosines of the voxel grid are not finite")
+    angle = skew_degrees(direction)
+    if angle is not None:
+        raise DagmanInputError(
+            f"the voxel grid is sheared (its axes are {angle:.1f} degrees from a right angle); resample it onto an "
+            "orthogonal grid first"
+        )
+    if not np.allclose(np.linalg.norm(direction, axis=0), 1.0, atol=1e-3):
+        raise DagmanInputError("the direction cosines of the voxel grid are not unit vectors")
+
+
 def check_finite(volume: Volume, what: str = "image") -> None:
     """Raise a clear error when a float volume holds NaN or infinite values."""
     if np.issubdtype(volume.array.dtype, np.floating) and not np.isfinite(volume.array).all():
@@ -164,16 +193,17 @@ def check_finite(volume: Volume, what: str = "image") -> None:
 
 
 def grid_placement(
-    origin: Sequence[float], spacing: Sequence[float], factor: Sequence[int] | int
+    origin: Sequence[float], spacing: Sequence[float], factor: Sequence[float] | float
 ) -> tuple[list[float], list[float]]:
-    """(scale, translate) of a coarse grid whose cell ``i`` covers voxels ``[i*f, (i+1)*f)`` of a fine grid.
+    """(scale, translate) of a grid whose cell ``i`` covers voxels ``[i*f, (i+1)*f)`` of a reference grid.
 
-    ``origin`` and ``spacing`` are those of the fine grid (centre of voxel 0, z-y-x mm); the coarse cell
-    centre sits at fine index ``i*f + (f-1)/2``. Used to overlay token-resolution maps (attention, masks)
-    on a CT in napari without upsampling them.
+    ``origin`` and ``spacing`` are those of the reference grid (centre of voxel 0, z-y-x mm); the cell centre
+    sits at reference index ``i*f + (f-1)/2``. ``f`` > 1 is a coarser grid (token-resolution maps, masks),
+    ``f`` < 1 a finer one (a reconstruction at twice the resolution: f = 0.5). Used to overlay such maps on a
+    CT in napari without resampling them.
     """
     n = len(spacing)
-    f = [int(factor)] * n if isinstance(factor, int | np.integer) else [int(v) for v in factor]
+    f = [float(factor)] * n if isinstance(factor, int | float | np.number) else [float(v) for v in factor]
     scale = [float(s) * k for s, k in zip(spacing, f, strict=True)]
     translate = [float(o) + float(s) * (k - 1) / 2.0 for o, s, k in zip(origin, spacing, f, strict=True)]
     return scale, translate

@@ -21,6 +21,12 @@ from napari_dagman.core.errors import DagmanInputError
 
 C = TypeVar("C", bound="ConfigBase")
 
+#: What a run folder's config.json holds beside the options (the record of the run, not settings): a config
+#: file may be a run's config.json, so these keys are skipped, not refused as unknown options.
+RUN_RECORD_KEYS: frozenset[str] = frozenset(
+    {"architecture", "job", "encoders", "preferred_encoder", "capabilities", "classes", "init_report", "split"}
+)
+
 
 def option(
     default: Any,
@@ -59,15 +65,32 @@ def field_choices(f: dataclasses.Field) -> tuple[Any, ...] | None:
     return None if choices is None else tuple(choices)
 
 
+#: Names other tools give to our options: a key close to one of these is pointed to our name.
+OPTION_ALIASES: dict[str, str] = {
+    "learning_rate": "lr",
+    "min_learning_rate": "min_lr",
+    "num_steps": "steps",
+    "max_steps": "steps",
+    "crop_size": "roi",
+    "roi_size": "roi",
+    "voxel_size": "spacing",
+    "warmup": "warmup_steps",
+    "num_epochs": "epochs",
+    "amp": "precision",
+}
+
+
 def unknown_options_message(kind: str, unknown: typing.Iterable[str], valid: typing.Iterable[str]) -> str:
     """One line naming unknown keys and, for each, the closest valid name (a typo like ``lerning_rate``)."""
     import difflib
 
     valid = sorted(valid)
+    names = {name: name for name in valid}
+    names.update({alias: name for alias, name in OPTION_ALIASES.items() if name in names})
     parts = []
     for key in unknown:
-        close = difflib.get_close_matches(str(key), valid, n=1, cutoff=0.6)
-        parts.append(f"'{key}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
+        close = difflib.get_close_matches(str(key), list(names), n=1, cutoff=0.6)
+        parts.append(f"'{key}'" + (f" (did you mean '{names[close[0]]}'?)" if close else ""))
     return f"unknown {kind} option(s): {', '.join(parts)}"
 
 
@@ -143,9 +166,15 @@ class ConfigBase:
             raise DagmanInputError(f"config file {path} does not exist") from None
         except json.JSONDecodeError as err:
             raise DagmanInputError(f"config file {path} is not valid JSON: {err}") from None
+        except (OSError, UnicodeDecodeError) as err:
+            raise DagmanInputError(f"cannot read config file {path}: {getattr(err, 'strerror', None) or err}") from None
         if not isinstance(data, dict):
             raise DagmanInputError(f"config file {path} must hold a JSON object")
-        return cls.from_dict(data, strict=strict)
+        data = {k: v for k, v in data.items() if k not in RUN_RECORD_KEYS}
+        try:
+            return cls.from_dict(data, strict=strict)
+        except DagmanInputError as err:
+            raise DagmanInputError(f"config file {path}: {err}") from None
 
     def replace(self: C, **changes: Any) -> C:
         config = dataclasses.replace(self, **changes)
@@ -269,6 +298,12 @@ class RunOptions(ConfigBase):
         minimum=0,
         group="run",
     )
+    tensorboard: bool = option(
+        False,
+        "also write TensorBoard event files into the run folder: loss terms, lr, momentum, probe head diversity, "
+        "attention and mask previews (needs the tensorboard package)",
+        group="run",
+    )
 
 
 @dataclass
@@ -280,10 +315,11 @@ class OptimiserOptions(ConfigBase):
         None,
         "peak learning rate (default: 1e-4 x batch size when pretraining, SMIT's rule; 1e-4 when fine-tuning)",
         minimum=0.0,
+        maximum=1.0,  # AdamW steps are about lr in size; far above 1 torch overflows float32 and crashes
         group="optimisation",
     )
     min_lr: float = option(
-        1e-6, "learning rate at the end of the cosine schedule", minimum=0.0, group="optimisation"
+        1e-6, "learning rate at the end of the cosine schedule", minimum=0.0, maximum=1.0, group="optimisation"
     )
     weight_decay: float | None = option(
         None,
@@ -301,10 +337,24 @@ class OptimiserOptions(ConfigBase):
     grad_clip: float = option(
         3.0, "clip the gradient norm to this (0 = off)", minimum=0.0, group="optimisation"
     )
-    amp: bool = option(True, "bf16 autocast on CUDA (ignored on CPU)", group="optimisation")
+    precision: str = option(
+        "auto",
+        "arithmetic of the forward and backward passes: auto = bf16 autocast where the device computes bf16 "
+        "natively (a CUDA GPU with bf16, a CPU with AVX-512 BF16 or AMX), fp32 elsewhere; fp32; or bf16. Weights "
+        "and optimiser state stay fp32; run.json records the choice",
+        choices=("auto", "fp32", "bf16"),
+        group="optimisation",
+    )
+    compile: bool = option(
+        False,
+        "torch.compile the networks: minutes of compilation before the first step, then faster steps on some "
+        "machines (see docs/pretraining.md); falls back to eager when compilation fails",
+        group="optimisation",
+    )
     fused_attention: bool = option(
         True,
-        "window attention via scaled_dot_product_attention (about 2x faster attention; equal to MONAI's "
-        "explicit softmax up to rounding)",
+        "fast Swin stages: window layouts and shifted-window masks cached per shape, one gather per block, "
+        "the fused attention kernel where no gradient is needed (same weights and mathematics as MONAI's "
+        "forward, equal up to rounding)",
         group="optimisation",
     )

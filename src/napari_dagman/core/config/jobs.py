@@ -227,11 +227,30 @@ class AttentionConfig(ConfigBase):
         0.2, "input dropout of the noisy-teacher preview", minimum=0.0, maximum=0.9, group="masks"
     )
     seed: int = option(0, "seed of the random, block and noisy-teacher previews", group="masks")
+    subtoken: int = option(
+        1,
+        "maps finer than one token by shifted-window inference: 2 = half a token, 4 = a quarter (k^3 passes "
+        "in 3D, k^2 in 2D)",
+        choices=(1, 2, 4),
+        group="maps",
+    )
+    smooth: bool = option(
+        False, "also write every map interpolated (linear) onto the CT's voxel grid", group="output"
+    )
+    labels: str | None = option(
+        None, "label map of the CT: each head's attention per organ (attention_by_organ.csv)", group="organs"
+    )
+    compare: str | None = option(
+        None,
+        "a second pretraining run of the same architecture: the same maps, masks and head diversity for both, "
+        "and the difference of their mean maps",
+        group="compare",
+    )
     on_input_grid: bool = option(
-        False, "also write the maps resampled onto the input's voxel grid", group="output"
+        False, "also write the mean map resampled onto the input's voxel grid", group="output"
     )
     device: str = option("auto", DEVICE_HELP, group="run")
-    batch_size: int = option(2, "windows per forward pass", minimum=1, group="run")
+    batch_size: int = option(4, "windows per forward pass", minimum=1, group="run")
 
     def validate(self) -> None:
         super().validate()
@@ -453,10 +472,15 @@ class FinetuneConfig(OptimiserOptions, RunOptions):
         None,
         "crop side in voxels, a multiple of 32 and at least 64 (default: the run's ROI, at least 64; else 96)",
         minimum=64,
+        maximum=1024,
         group="data",
     )
     spacing: float | None = option(
-        None, "isotropic spacing in mm (default: the run's; 2.0 from scratch)", minimum=0.05, group="data"
+        None,
+        "isotropic spacing in mm (default: the run's; 2.0 from scratch)",
+        minimum=0.05,
+        maximum=50.0,
+        group="data",
     )
     hu_min: float | None = option(
         None, "model input: HU mapped to 0 (default: the run's; -175 from scratch)", group="data"
@@ -551,6 +575,7 @@ class PredictConfig(ConfigBase):
         None,
         "sliding-window side in voxels, a multiple of 32 (default: the training ROI)",
         minimum=32,
+        maximum=1024,
         group="inference",
     )
     overlap: float = option(0.5, "sliding-window overlap", minimum=0.0, maximum=0.95, group="inference")
@@ -570,3 +595,34 @@ class PredictConfig(ConfigBase):
         super().validate()
         if self.roi is not None and self.roi % 32:
             raise DagmanInputError(f"roi must be a multiple of 32, got {self.roi}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The demo
+# ---------------------------------------------------------------------------------------------------------
+@dataclass
+class DemoConfig(ConfigBase):
+    """Every capability in one headless run on the phantom (or the user's CT), with a report."""
+
+    kind: ClassVar[str] = "demo"
+
+    image: str | None = option(
+        None, "a CT file or DICOM folder instead of the built-in phantom", group="data"
+    )
+    labels: str | None = option(None, "the CT's label map (organ metrics, fine-tuning)", group="data")
+    out: str | None = option(None, "report folder", cli=False, group="run")
+    quick: bool = option(False, "minutes instead of a quarter of an hour: fewer steps, smaller crops, PCA", group="run")
+    method: str = option("dagman", "self-supervised method to pretrain", choices=_method_names, group="run")
+    steps: int | None = option(
+        None, "pretraining steps (default 300; 30 with --quick)", minimum=1, group="run"
+    )
+    finetune_steps: int | None = option(
+        None, "fine-tuning steps (default 150; 10 with --quick)", minimum=1, group="run"
+    )
+    device: str = option("auto", DEVICE_HELP, group="run")
+    seed: int = option(0, "random seed of every stage", group="run")
+
+    def validate(self) -> None:
+        super().validate()
+        if self.labels and not self.image:
+            raise DagmanInputError("--labels goes with --image (the phantom has its own)")

@@ -38,7 +38,15 @@ from napari_dagman.core.embeddings.features import (
     stage_feature_map,
 )
 from napari_dagman.core.embeddings.job import analyse, run_embedding
-from napari_dagman.core.embeddings.metrics import Quality, metrics_summary, quality_metrics, slab_splits
+from napari_dagman.core.embeddings.metrics import (
+    METRIC_EXPLANATIONS,
+    Quality,
+    metric_rows,
+    metrics_reading,
+    metrics_summary,
+    quality_metrics,
+    slab_splits,
+)
 from napari_dagman.core.embeddings.patches import (
     SAMPLING_NAMES,
     PatchEmbeddings,
@@ -85,6 +93,9 @@ __all__ = [
     "grid_starts",
     "load_encoder",
     "metrics_summary",
+    "metric_rows",
+    "metrics_reading",
+    "METRIC_EXPLANATIONS",
     "organ_centred_starts",
     "patch_organs",
     "pool_patches",

@@ -104,15 +104,16 @@ def stage_feature_map(
     return acc / np.maximum(count, 1), factor  # type: ignore[return-value]
 
 
-def random_init_encoder(arch: Any, seed: int) -> Any:
-    """An untrained `SwinEncoder` of ``arch``, initialised from ``seed`` (the random-init control)."""
+def random_init_encoder(arch: Any, seed: int, kind: type | None = None) -> Any:
+    """An untrained encoder of ``arch`` (a `SwinEncoder`, or ``kind``: the class of the run's published encoder,
+    e.g. CASS's CNN), initialised from ``seed`` (the random-init control)."""
     import torch
 
     from napari_dagman.core.models.encoder import SwinEncoder
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return SwinEncoder(arch).eval()
+        return (kind or SwinEncoder)(arch).eval()
 
 
 def load_encoder(config: EmbedConfig) -> PretrainedEncoder:
@@ -208,7 +209,7 @@ def _patch_features(
         encoder = (
             pretrained.encoder
             if config.features == "encoder"
-            else random_init_encoder(pretrained.arch, config.seed)
+            else random_init_encoder(pretrained.encoder.arch, config.seed, type(pretrained.encoder))
         )
         result = yield from stage_feature_map(
             encoder,

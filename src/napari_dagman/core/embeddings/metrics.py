@@ -116,6 +116,7 @@ def quality_metrics(
     z = np.asarray(centres_z, float)[keep]
     fold, splits = slab_splits(z, slabs, gap)
     pred = np.full(len(y), -1, np.int64)
+    linear = np.full(len(y), -1, np.int64)
     baseline = np.full(len(y), -1, np.int64)
     unseen = 0
     for test, train in splits:
@@ -126,6 +127,7 @@ def quality_metrics(
         )
         model.fit(x[train], y[train])
         pred[test] = model.predict(x[test])
+        linear[test] = linear_probe(x[train], y[train], x[test], seed)
         values, freq = np.unique(y[train], return_counts=True)
         baseline[test] = values[np.argmax(freq)]
         unseen += int((~np.isin(y[test], y[train])).sum())
@@ -139,9 +141,21 @@ def quality_metrics(
         metrics["knn_balanced_accuracy"] = float(balanced_accuracy_score(y[scored], pred[scored]))
         metrics["knn_majority_baseline"] = float(np.mean(baseline[scored] == y[scored]))
         metrics["knn_unseen_organ"] = unseen
+        metrics["linear_accuracy"] = float(np.mean(linear[scored] == y[scored]))
+        metrics["linear_balanced_accuracy"] = float(balanced_accuracy_score(y[scored], linear[scored]))
     else:
         metrics["note"] = "no slab had training patches outside its gap: use more slabs or a smaller gap"
     return Quality(metrics, keep, slab, prediction)
+
+
+def linear_probe(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, seed: int) -> np.ndarray:
+    """Organ predicted by a logistic regression on frozen features (the linear probe of SSL evaluations)."""
+    from sklearn.linear_model import LogisticRegression
+
+    if len(np.unique(y_train)) < 2:  # one organ in training: that organ is the only answer
+        return np.full(len(x_test), y_train[0], np.int64)
+    model = LogisticRegression(max_iter=2000, C=1.0, random_state=seed)
+    return model.fit(x_train, y_train).predict(x_test).astype(np.int64)
 
 
 def metrics_summary(metrics: dict[str, Any]) -> str:
@@ -164,4 +178,77 @@ def metrics_summary(metrics: dict[str, Any]) -> str:
             f"majority baseline {metrics['knn_majority_baseline']:.3f} "
             f"({metrics['knn_scored']} scored, {metrics['knn_unseen_organ']} of an organ absent from training)"
         )
+    if "linear_accuracy" in metrics:
+        lines.append(
+            f"linear probe (logistic regression, same slabs): accuracy {metrics['linear_accuracy']:.3f}, "
+            f"balanced {metrics['linear_balanced_accuracy']:.3f}"
+        )
     return "\n".join(lines)
+
+
+#: What each figure of `quality_metrics` means, for a reader who is not a machine-learning specialist.
+METRIC_EXPLANATIONS: dict[str, str] = {
+    "evaluated_patches": "patches scored: mostly one organ (purity at least the threshold), of organs with "
+    "enough such patches",
+    "nmi": "normalised mutual information between k-means clusters and the organs: 0 = the clusters say nothing "
+    "about the organ, 1 = each cluster is one organ",
+    "ari": "adjusted Rand index of the k-means clusters against the organs: 0 = no better than chance, "
+    "1 = the same grouping",
+    "silhouette": "how well the organs separate in feature space: near 1 = each organ a tight group apart from "
+    "the others, 0 = overlapping, below 0 = mixed",
+    "knn_accuracy": "share of held-out patches whose nearest patches (from other axial slabs) vote for their "
+    "own organ",
+    "knn_balanced_accuracy": "the same, averaged per organ so that large organs do not dominate",
+    "knn_majority_baseline": "what always answering the most common organ would score: the bar to beat",
+    "knn_scored": "held-out patches the k-NN vote scored",
+    "knn_unseen_organ": "held-out patches of an organ absent from their training slabs (they cannot be right)",
+    "linear_accuracy": "share of held-out patches a logistic regression on the frozen features (trained on the "
+    "other slabs) puts in their own organ: the linear probe of self-supervised evaluations",
+    "linear_balanced_accuracy": "the linear probe's accuracy averaged per organ",
+}
+_METRIC_TITLES = {
+    "evaluated_patches": "patches scored",
+    "nmi": "NMI (clusters vs organs)",
+    "ari": "ARI (clusters vs organs)",
+    "silhouette": "silhouette (organs)",
+    "knn_accuracy": "k-NN accuracy",
+    "knn_balanced_accuracy": "k-NN balanced accuracy",
+    "knn_majority_baseline": "majority baseline",
+    "knn_scored": "k-NN patches scored",
+    "knn_unseen_organ": "organ absent from training",
+    "linear_accuracy": "linear probe accuracy",
+    "linear_balanced_accuracy": "linear probe balanced accuracy",
+}
+
+
+def metric_rows(metrics: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """(title, value, explanation) of each figure present, in reading order (the dock's details, tooltips)."""
+    rows = []
+    for key, title in _METRIC_TITLES.items():
+        if key not in metrics:
+            continue
+        value = metrics[key]
+        text = f"{value:.3f}" if isinstance(value, float) else str(value)
+        rows.append((title, text, METRIC_EXPLANATIONS[key]))
+    return rows
+
+
+def metrics_reading(metrics: dict[str, Any]) -> str:
+    """One plain sentence on how well the organs separate, from the balanced k-NN accuracy against chance
+    (else the clusters' NMI); the figures themselves are in `metric_rows`."""
+    organs = metrics.get("organs", {})
+    if "note" in metrics and "nmi" not in metrics:
+        return f"Not enough organ patches to score ({metrics['evaluated_patches']} patches of {len(organs)} organs)."
+    if "knn_balanced_accuracy" in metrics:
+        score, chance = metrics["knn_balanced_accuracy"], 1.0 / max(1, len(organs))
+        lift = (score - chance) / (1.0 - chance) if chance < 1 else 0.0
+        how = (
+            "well" if lift >= 0.6 else "moderately" if lift >= 0.3 else "weakly" if lift >= 0.1 else "hardly"
+        )
+        return (
+            f"Organs separate {how}: {score:.0%} of held-out patches are placed with their own organ "
+            f"(average over {len(organs)} organs; chance {chance:.0%})."
+        )
+    nmi = metrics.get("nmi", 0.0)
+    how = "closely" if nmi >= 0.6 else "partly" if nmi >= 0.3 else "hardly"
+    return f"The clusters follow the organs {how} (NMI {nmi:.2f} over {len(organs)} organs)."

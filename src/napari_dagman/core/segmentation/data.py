@@ -52,10 +52,11 @@ def prepare_case(
     name: str | None = None,
 ) -> Case:
     """Check a pair and bring it to model space (the same resampling and HU scaling as pretraining)."""
-    from napari_dagman.core.data import model_volume
+    from napari_dagman.core.data import check_informative, model_volume
     from napari_dagman.core.io import resample_to_spacing
 
     name = name or str(image.metadata.get("name", "image"))
+    check_informative(image, name)
     labels_name = str(labels.metadata.get("name", f"labels of {name}"))
     labels = check_label_volume(labels, f"label map '{labels_name}'")
     labels = align_labels(image, labels, resample=resample_labels, image_name=name, labels_name=labels_name)
@@ -138,6 +139,57 @@ def slab_ranges(
             "each side; lower --val-fraction or --val-gap-mm"
         )
     return train, val
+
+
+def slab_organs(
+    labels: np.ndarray,
+    z_spacing: float,
+    model_z_spacing: float,
+    organs: Sequence[int],
+    *,
+    fraction: float,
+    position: float,
+    gap_mm: float,
+) -> list[int]:
+    """The organs of ``organs`` that a slab split would validate on, read on the label map's own grid.
+
+    The slab is placed as `split_cases` places it on the model grid (``model_z_spacing`` mm per slice), then
+    mapped back to the label map's slices (``z_spacing`` mm); a cheap check before a run starts, exact up to a
+    slice. Raises `DagmanInputError` when the slab and its gaps leave nothing to train on.
+    """
+    depth = max(1, int(round(labels.shape[0] * z_spacing / model_z_spacing)))
+    gap = int(math.ceil(gap_mm / model_z_spacing - 1e-9))
+    _, (z0, z1) = slab_ranges(depth, fraction, position, gap)
+    lo = int(math.floor(z0 * model_z_spacing / z_spacing))
+    hi = int(math.ceil(z1 * model_z_spacing / z_spacing))
+    present = set(present_ids(labels[lo : max(hi, lo + 1)]))
+    return [int(i) for i in organs if int(i) in present]
+
+
+def best_slab_position(
+    labels: np.ndarray,
+    z_spacing: float,
+    model_z_spacing: float,
+    organs: Sequence[int],
+    *,
+    position: float,
+    step: float = 0.05,
+    **slab: float,
+) -> tuple[float, list[int]]:
+    """The slab position (0..1, in ``step``s) whose slab validates the most of ``organs``, the nearest to
+    ``position`` among equals, and the organs it validates; ``slab`` holds `slab_organs`'s fraction and gap."""
+    best: tuple[int, float, float, list[int]] | None = None
+    for candidate in np.round(np.arange(0.0, 1.0 + step / 2, step), 4):
+        try:
+            held = slab_organs(labels, z_spacing, model_z_spacing, organs, position=float(candidate), **slab)
+        except DagmanInputError:
+            continue
+        key = (-len(held), abs(float(candidate) - position))
+        if best is None or key < (best[0], best[1]):
+            best = (key[0], key[1], float(candidate), held)
+    if best is None:
+        return position, []
+    return best[2], best[3]
 
 
 def split_cases(cases: Sequence[Case], config: FinetuneConfig) -> Split:

@@ -25,14 +25,17 @@ from napari_dagman.core.checkpoint import (
     RunFolder,
     architecture_from_metadata,
     check_state_fits,
+    checked_architecture,
+    checked_run_inputs,
     load_tensors,
+    metadata_step,
     strip_prefix,
 )
 from napari_dagman.core.config import FinetuneConfig
 from napari_dagman.core.errors import CheckpointError, DagmanInputError
 from napari_dagman.core.models.architecture import DEEPEST_STRIDE, Architecture, architecture_for
-from napari_dagman.core.models.encoder import set_fused_window_attention
 from napari_dagman.core.segmentation.labels import LabelMap
+from napari_dagman.core.segmentation.pipeline import use_monai_fused_attention
 
 #: Where the Swin encoder sits in a pretraining checkpoint (after ``student.`` / ``teacher.``) ...
 RUN_ENCODER_PREFIX = "encoder.swin."
@@ -255,7 +258,8 @@ def run_input_defaults(init: str | None) -> dict[str, Any]:
                 f"{folder} is a {job} run, not a pretraining run; --init takes the folder of "
                 "`napari-dagman pretrain`"
             )
-        arch = Architecture.from_dict(config["architecture"])
+        arch = checked_architecture(config["architecture"], str(run.file(CONFIG_FILE)))
+        checked_run_inputs(config, str(run.file(CONFIG_FILE)))
     else:  # a lone .safetensors file: its metadata carries the architecture
         _, meta = load_tensors(path)
         arch = architecture_from_metadata(meta, path.name)
@@ -375,14 +379,22 @@ def load_segmenter(
             f"{file.name} holds {meta.get('job', 'unknown')} weights, not a segmentation model"
         )
     arch = architecture_from_metadata(meta, file.name)
-    label_map = LabelMap.from_dict(json.loads(meta.get("classes", "{}")))
-    spec = json.loads(meta.get("input", "{}"))
+    step = metadata_step(meta, file.name)
+    try:
+        label_map = LabelMap.from_dict(json.loads(meta.get("classes", "{}")))
+        spec = json.loads(meta.get("input", "{}"))
+    except (json.JSONDecodeError, TypeError):
+        raise CheckpointError(f"{file.name} has unreadable metadata (classes or input)") from None
+    if not isinstance(spec, dict):
+        raise CheckpointError(f"{file.name} has unreadable metadata (input)")
+    checked_run_inputs(spec, f"the input settings of {file.name}")
     net = SegmentationNet(arch, label_map.num_classes)
     state = strip_prefix(tensors, "model")
     check_state_fits(net, state, file.name)
     net.load_state_dict(state)
     net.eval().to(device)
-    set_fused_window_attention(net, fused_attention)
+    # MONAI's fused kernel, not ours: the one a bundle of this run computes with (core.segmentation.pipeline)
+    use_monai_fused_attention(net, fused_attention)
     return Segmenter(
         net=net,
         label_map=label_map,
@@ -390,6 +402,6 @@ def load_segmenter(
         hu_range=(float(spec.get("hu_min", SCRATCH_HU[0])), float(spec.get("hu_max", SCRATCH_HU[1]))),
         roi=int(spec.get("roi", SCRATCH_DEFAULTS["roi"])),
         source=str(file),
-        step=int(meta.get("step", 0)),
+        step=step,
         device=device,
     )

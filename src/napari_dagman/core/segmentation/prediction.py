@@ -1,6 +1,7 @@
 """Prediction with a fine-tuned network: MONAI's sliding-window inference (Gaussian blending) at the run's
 spacing; class probabilities are resampled back onto the input grid before the arg-max, so the labels keep the
-input's geometry.
+input's geometry. The resampling and intensity steps are MONAI transforms shared with the run's MONAI Bundle
+(`core.segmentation.pipeline`), so both give the same labels.
 """
 
 from __future__ import annotations
@@ -50,7 +51,9 @@ def sliding_window_logits(
     ``on_window(n)`` is called after every batch of windows with the number of windows in it (progress and
     cancellation: raising in it stops the inference).
     """
-    from monai.inferers import sliding_window_inference
+    from napari_dagman.core.segmentation.pipeline import instantiate, sliding_window
+
+    inferer = instantiate({**sliding_window(roi_size, overlap, sw_batch_size), "sw_device": device, "device": "cpu"})
 
     def predictor(x: torch.Tensor) -> torch.Tensor:
         with torch.autocast(device.type, dtype=torch.bfloat16) if amp else contextlib.nullcontext():
@@ -61,16 +64,7 @@ def sliding_window_logits(
 
     x = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None, None]
     with torch.no_grad():
-        logits = sliding_window_inference(
-            x,
-            roi_size,
-            sw_batch_size,
-            predictor,
-            overlap=overlap,
-            mode="gaussian",
-            sw_device=device,
-            device="cpu",
-        )
+        logits = inferer(x, predictor)
     return torch.as_tensor(logits)[0]
 
 
@@ -100,8 +94,7 @@ def run_prediction(
     with ``metadata["label_names"]`` and the input's source orientation (a NIfTI written from it overlays the
     input file). A cancel raises `JobCancelled` after the current batch of windows.
     """
-    from napari_dagman.core.data import model_volume
-    from napari_dagman.core.io import resample_like
+    from napari_dagman.core.segmentation.pipeline import IMAGE_KEY, classes_on_input_grid, to_model_space
 
     t_start = time.perf_counter()
     roi = int(roi or segmenter.roi)
@@ -109,11 +102,11 @@ def run_prediction(
         raise DagmanInputError(f"roi must be a multiple of {DEEPEST_STRIDE}, got {roi}")
     name = name or str(image.metadata.get("name", "image"))
     arch = segmenter.arch
-    pv = model_volume(
-        image, dims=arch.dims, spacing=segmenter.spacing, hu_range=segmenter.hu_range, name=name
-    )
+    # the MONAI transforms a bundle of this run runs too (core.segmentation.pipeline)
+    data, preprocessing = to_model_space(image, segmenter.spacing, arch.dims, segmenter.hu_range)
+    model_image = data[IMAGE_KEY]
     roi_size = roi_size_for(arch.dims, roi)
-    total = window_count(pv.array.shape, roi_size, overlap)
+    total = window_count(model_image.shape[1:], roi_size, overlap)
     done = [0]
     updates: queue.SimpleQueue[int] = queue.SimpleQueue()
     stop = threading.Event()
@@ -130,7 +123,7 @@ def run_prediction(
         try:
             result["logits"] = sliding_window_logits(
                 segmenter.net,
-                pv.array,
+                model_image[0].numpy(),
                 roi_size=roi_size,
                 overlap=overlap,
                 device=segmenter.device,
@@ -162,26 +155,10 @@ def run_prediction(
     if error is not None:
         raise error
     logits: torch.Tensor = result["logits"]
-    probs = torch.softmax(logits, dim=0).numpy()
-    del logits
     yield ProgressEvent(total, total, "resampling to the input grid")
-    model_grid = Volume(np.zeros(pv.array.shape, np.uint8), pv.spacing, pv.origin, pv.direction)
-    if model_grid.same_grid(image):
-        classes = probs.argmax(0)
-    else:
-        # resample class probabilities (linear), not the arg-max: smooth borders on a finer input grid
-        best = np.full(image.shape, -1.0, dtype=np.float32)
-        classes = np.zeros(image.shape, dtype=np.int64)
-        for c in range(probs.shape[0]):
-            p = resample_like(
-                model_grid.with_array(probs[c].astype(np.float32)),
-                image,
-                is_label=False,
-                default=1.0 if c == 0 else 0.0,
-            ).array
-            better = p > best
-            classes[better] = c
-            best = np.where(better, p, best)
+    # class probabilities (linear), not the arg-max, go back onto the input grid: smooth borders on a finer grid
+    classes = classes_on_input_grid(data, logits, preprocessing)
+    del logits
     ids = segmenter.label_map.to_labels(classes)
     labels = image.with_array(
         ids,
@@ -198,7 +175,7 @@ def run_prediction(
         total,
         total,
         paths={"weights": segmenter.source},
-        summary={"seconds": seconds, "windows": total, "model_spacing": list(pv.spacing)},
+        summary={"seconds": seconds, "windows": total, "model_spacing": model_image.pixdim.tolist()},
     )
     return labels
 

@@ -124,7 +124,6 @@ class FinetuneTask(TrainingTask):
         self.roi_size: tuple[int, int, int] = (0, 0, 0)
         self.net: nn.Module | None = None
         self.loss_fn: Any = None
-        self.use_amp = False
 
     # --- before anything is written ---------------------------------------------------------------------------
     def prepare(self, run: RunFolder, resume: bool) -> None:
@@ -222,7 +221,6 @@ class FinetuneTask(TrainingTask):
         self.net = net.to(device)
         set_fused_window_attention(self.net, config.fused_attention)
         self.loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
-        self.use_amp = config.amp and device.type == "cuda"
 
     # --- modules and records ------------------------------------------------------------------------------------
     def trained_modules(self) -> dict[str, nn.Module]:
@@ -302,7 +300,7 @@ class FinetuneTask(TrainingTask):
             overlap=self.config.overlap,
             num_classes=self.label_map.num_classes,
             device=device,
-            amp=self.use_amp,
+            amp=self.precision == "bf16",  # validation in the arithmetic the loop trains in
         )
         dice = {name: float(s) for name, s in zip(self.label_map.names, scores, strict=True)}
         finite = [v for v in dice.values() if math.isfinite(v)]
