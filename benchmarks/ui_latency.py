@@ -16,7 +16,12 @@ phase, samples the lateness of a 10 ms Qt timer (how late each tick fires; 0 = o
 * ``process-nice``: the same at a lower priority (nice 10);
 * ``explorer-thread`` / ``explorer-process``: the attention dock computing whole-volume maps again and again.
 
-Lateness is reported as p50 / p99 / max in ms, training as steps per second after the first step. The machine's
+* ``process-nice-nopreview``: the child at nice 10 with the live previews off (what the previews cost);
+
+Lateness is reported as p50 / p99 / max in ms, training as steps per second after the first step and as a
+fraction of the headless phase's. Where the time goes: the CPU time of the napari process (all its threads,
+including the software OpenGL renderer's under Xvfb) and of the training process, each per second of the
+phase, and the milliseconds the dock spent in its event handler per step and per preview. The machine's
 load average is printed with each phase: on a shared machine, other people's jobs show up in every figure.
 Results go to stdout as a table and to ``--json`` (default: benchmarks/results/ui_latency.json).
 """
@@ -42,6 +47,7 @@ ALL_PHASES = (
     "thread-1",
     "process",
     "process-nice",
+    "process-nice-nopreview",
     "explorer-thread",
     "explorer-process",
 )
@@ -114,13 +120,29 @@ def steps_per_second(times: list[float]) -> float | None:
 
 
 def spin(seconds: float, until: Any = None) -> None:
-    """Run the Qt event loop for ``seconds`` (or until ``until()`` is true)."""
-    from qtpy.QtWidgets import QApplication
+    """Run the Qt event loop for ``seconds`` (or until ``until()`` is true), as napari's own loop runs.
 
+    A real event loop sleeps in the OS until an event is due. The first version polled ``processEvents()``
+    every 2 ms instead: 500 wake-ups a second of napari's main thread, each of which preempts the training
+    process (nice 10 yields at once), so it measured the benchmark's own polling as much as napari.
+    """
+    from qtpy.QtCore import QEventLoop, QTimer
+
+    loop = QEventLoop()
     end = time.monotonic() + seconds
-    while time.monotonic() < end and not (until is not None and until()):
-        QApplication.processEvents()
-        time.sleep(0.002)
+    checker = QTimer()
+    checker.setInterval(50)
+
+    def check() -> None:
+        if time.monotonic() >= end or (until is not None and until()):
+            loop.quit()
+
+    checker.timeout.connect(check)
+    if until is not None:  # a 50 ms check only when there is something to check
+        checker.start()
+    QTimer.singleShot(max(0, int(seconds * 1000)), loop.quit)
+    loop.exec()
+    checker.stop()
 
 
 def median_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -137,6 +159,38 @@ def load() -> float:
     return round(os.getloadavg()[0], 2)
 
 
+def cpu_seconds(pid: int | None = None) -> float:
+    """User + system CPU seconds of a process so far (all its threads); this one by default."""
+    import psutil
+
+    try:
+        times = psutil.Process(pid).cpu_times()
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return float("nan")
+    return times.user + times.system
+
+
+class CpuMeter:
+    """CPU seconds per wall second of this process (and of a child, once its pid is known) over a phase."""
+
+    def __init__(self) -> None:
+        self.t0 = time.perf_counter()
+        self.own0 = cpu_seconds()
+        self.child: int | None = None
+        self.child0 = 0.0
+        self.child_t0 = 0.0
+
+    def watch(self, pid: int) -> None:
+        self.child, self.child0, self.child_t0 = pid, cpu_seconds(pid), time.perf_counter()
+
+    def read(self) -> dict[str, float]:
+        now = time.perf_counter()
+        out = {"gui_cpu_per_s": round((cpu_seconds() - self.own0) / (now - self.t0), 3)}
+        if self.child is not None:
+            out["training_cpu_per_s"] = round((cpu_seconds(self.child) - self.child0) / (now - self.child_t0), 3)
+        return out
+
+
 # --- the headless baseline (child process, no Qt) -------------------------------------------------------------
 def _headless(config_dict: dict[str, Any], seconds: float, out: Any) -> None:
     from napari_dagman.core.config import PretrainConfig
@@ -148,12 +202,23 @@ def _headless(config_dict: dict[str, Any], seconds: float, out: Any) -> None:
     token = CancelToken()
     times: list[float] = []
     start = time.perf_counter()
+    cpu0 = 0.0
     for event in run_pretraining(PretrainConfig.from_dict(config_dict), [ct], cancel=token):
         if isinstance(event, StepEvent):
             times.append(time.perf_counter())
+            if len(times) == 1:
+                cpu0 = cpu_seconds()
         if time.perf_counter() - start > seconds:
             token.cancel()
-    out.put({"steps": len(times), "steps_per_s": steps_per_second(times), "first_step_s": times[0] - start})
+    cpu = (cpu_seconds() - cpu0) / (times[-1] - times[0]) if len(times) > 1 else None
+    out.put(
+        {
+            "steps": len(times),
+            "steps_per_s": steps_per_second(times),
+            "first_step_s": times[0] - start,
+            "training_cpu_per_s": None if cpu is None else round(cpu, 3),
+        }
+    )
 
 
 def headless_phase(config: dict[str, Any], seconds: float) -> dict[str, Any]:
@@ -177,18 +242,28 @@ def training_phase(
     in_process: bool,
     nice: int,
     threads: int | None,
+    previews: bool = True,
 ) -> dict[str, Any]:
     import torch
 
-    from napari_dagman.core.events import StepEvent
+    from napari_dagman.core.events import PreviewEvent, StepEvent
 
     times: list[float] = []
+    handler_ms: dict[str, list[float]] = {"step": [], "preview": []}
     original = widget._on_event
+    meter = CpuMeter()
 
     def record(event: Any) -> None:
         if isinstance(event, StepEvent):
             times.append(time.perf_counter())
+            job = widget._runner.process_job
+            if len(times) == 1 and job is not None and job.process is not None:
+                meter.watch(job.process.pid)  # from the first step on: training, not start-up
+        t0 = time.perf_counter()
         original(event)
+        kind = "step" if isinstance(event, StepEvent) else "preview" if isinstance(event, PreviewEvent) else None
+        if kind:
+            handler_ms[kind].append(1000.0 * (time.perf_counter() - t0))
 
     widget._runner.on_event = record
     widget.in_process.value = in_process
@@ -196,6 +271,9 @@ def training_phase(
     widget.run_name.value = (
         f"bench-{'process' if in_process else 'thread'}-{nice}-{threads}-{time.time():.0f}"
     )
+    preview_every = widget.preview_every.value
+    if not previews:
+        widget.preview_every.value = 0
     torch_threads = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
@@ -206,14 +284,19 @@ def training_phase(
         raise RuntimeError("the dock refused to start")
     spin(seconds)
     stats = probe.stop()
+    cpu = meter.read()
     widget.cancel()
     cancel_t = time.perf_counter()
     widget._runner.wait(300)
     stopped = time.perf_counter() - cancel_t
     widget._runner.on_event = original
+    widget.preview_every.value = preview_every
     torch.set_num_threads(torch_threads)
     return {
         **stats,
+        **cpu,
+        "handler_ms_per_step": round(float(np.mean(handler_ms["step"])), 2) if handler_ms["step"] else None,
+        "handler_ms_per_preview": round(float(np.mean(handler_ms["preview"])), 1) if handler_ms["preview"] else None,
         "steps": len(times),
         "steps_per_s": steps_per_second(times),
         "first_step_s": round(times[0] - t0, 1) if times else None,
@@ -311,20 +394,22 @@ def main(argv: list[str] | None = None) -> int:
             print(f"--- {phase} #{repeat + 1} ({args.seconds:.0f} s) load {load()}", flush=True)
             if phase == "idle":
                 before = load()
+                meter = CpuMeter()
                 probe.start()
                 spin(args.seconds)
-                out = {**probe.stop(), "load_before": before, "load_after": load()}
+                out = {**probe.stop(), **meter.read(), "load_before": before, "load_after": load()}
             elif phase == "headless":
                 out = headless_phase(config | {"out": str(Path(runs) / f"headless-{repeat}")}, args.seconds)
-            elif phase in ("thread", "thread-1", "process", "process-nice"):
+            elif phase in ("thread", "thread-1", "process", "process-nice", "process-nice-nopreview"):
                 out = training_phase(
                     viewer,
                     pretrain,
                     probe,
                     args.seconds,
                     in_process=phase.startswith("process"),
-                    nice=10 if phase == "process-nice" else 0,
+                    nice=10 if phase.startswith("process-nice") else 0,
                     threads=1 if phase == "thread-1" else None,
+                    previews=not phase.endswith("nopreview"),
                 )
                 last_run = out.get("run") or last_run
             else:
@@ -340,12 +425,21 @@ def main(argv: list[str] | None = None) -> int:
     results["phases"] = {phase: median_of(rs) for phase, rs in runs_by_phase.items() if rs}
 
     print(f"\nmedian of {args.repeat} run(s) per phase; load = 1-min load average before -> after")
-    print("phase              p50 ms   p99 ms   max ms   steps/s   load")
+    headless = (results["phases"].get("headless") or {}).get("steps_per_s")
+    for r in results["phases"].values():
+        if headless and r.get("steps_per_s"):
+            r["of_headless"] = round(r["steps_per_s"] / headless, 3)
+    print(
+        "phase                    p50 ms   p99 ms   max ms   steps/s  x headless  GUI cpu/s  train cpu/s  "
+        "ms/step  ms/preview   load"
+    )
     for phase, r in results["phases"].items():
         sps = r.get("steps_per_s")
         print(
-            f"{phase:17s} {r.get('p50_ms', '-'):>7} {r.get('p99_ms', '-'):>8} {r.get('max_ms', '-'):>8} "
-            f"{(f'{sps:.3f}' if sps else '-'):>9}   {r.get('load_before')}->{r.get('load_after')}"
+            f"{phase:23s} {r.get('p50_ms', '-'):>7} {r.get('p99_ms', '-'):>8} {r.get('max_ms', '-'):>8} "
+            f"{(f'{sps:.3f}' if sps else '-'):>9} {r.get('of_headless', '-'):>11} {r.get('gui_cpu_per_s', '-'):>10} "
+            f"{r.get('training_cpu_per_s', '-'):>12} {r.get('handler_ms_per_step') or '-':>8} "
+            f"{r.get('handler_ms_per_preview') or '-':>11}   {r.get('load_before')}->{r.get('load_after')}"
         )
     path = Path(args.json)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from monai.networks.nets.swin_unetr import SwinTransformer, WindowAttention
+from monai.networks.nets.swin_unetr import BasicLayer, SwinTransformer, WindowAttention
 from torch import nn
 
 from napari_dagman.core.models.architecture import Architecture
@@ -173,7 +173,8 @@ class SwinEncoder(nn.Module):
         outs = [swin.proj_out(x0, True)]
         x = x0
         for layers in (swin.layers1, swin.layers2, swin.layers3, swin.layers4):
-            x = layers[0](x.contiguous())
+            # no .contiguous(): the fast stages return channels-last views that the next stage reads as they are
+            x = layers[0](x)
             outs.append(swin.proj_out(x, True))
         return outs
 
@@ -192,7 +193,7 @@ class SwinEncoder(nn.Module):
         stages = self.stages(self.embed(x, token_mask, noise_std, generator))
         feat = stages[self.arch.attention_stage]
         grid = tuple(feat.shape[2:])
-        tokens = feat.flatten(2).transpose(1, 2)  # (B, N, C)
+        tokens = feat.movedim(1, -1).reshape(feat.shape[0], -1, feat.shape[1])  # (B, N, C); a view if channels-last
         if class_attention:
             global_token, attention = self.class_attention(tokens, attention_ignore)
         else:  # methods that do not train the class attention skip it (no unused-gradient bookkeeping)
@@ -204,49 +205,20 @@ class SwinEncoder(nn.Module):
         return tuple(-(-s // self.arch.patch_size) for s in spatial)
 
 
-def _fused_window_attention(
-    self: WindowAttention, x: torch.Tensor, mask: torch.Tensor | None
-) -> torch.Tensor:
-    """MONAI's window attention computed by `scaled_dot_product_attention`, with or without gradients.
-
-    Same parameters and the same mathematics as ``WindowAttention.forward`` (relative position bias plus the
-    shifted-window mask, added to the logits); only the kernel differs, so results agree to rounding.
-    The windows of one image are kept as a separate axis so the bias and mask broadcast instead of being copied.
-    """
-    b, n, c = x.shape
-    heads = self.num_heads
-    qkv = self.qkv(x).reshape(b, n, 3, heads, c // heads).permute(2, 0, 3, 1, 4)
-    q, k, v = qkv.unbind(0)  # (b, heads, n, d)
-    index = self.relative_position_index[:n, :n].reshape(-1)
-    bias = self.relative_position_bias_table[index].reshape(n, n, heads).permute(2, 0, 1)  # (heads, n, n)
-    windows = mask.shape[0] if mask is not None else 1
-    shape = (b // windows, windows, heads, n, c // heads)
-    q, k, v = q.reshape(shape), k.reshape(shape), v.reshape(shape)
-    bias = bias.unsqueeze(0)  # (1, heads, n, n)
-    if mask is not None:
-        bias = bias + mask.unsqueeze(1)  # (windows, heads, n, n)
-    out = F.scaled_dot_product_attention(
-        q,
-        k,
-        v,
-        attn_mask=bias.unsqueeze(0).to(q.dtype),
-        dropout_p=self.attn_drop.p if self.training else 0.0,
-        scale=self.scale,
-    )
-    out = out.reshape(b, heads, n, c // heads).transpose(1, 2).reshape(b, n, c)
-    return self.proj_drop(self.proj(out))
-
-
 def set_fused_window_attention(module: nn.Module, enabled: bool) -> None:
-    """Switch every MONAI window attention inside ``module`` to the fused kernel (or back).
+    """Run every MONAI Swin stage and window attention inside ``module`` through `window_attention` (or back).
 
-    MONAI's own fused path only runs without gradients; this one also trains. It is about twice as fast as the
-    explicit softmax on CPU for 4x4x4 windows, and not bit-identical to it (rounding), so it is a setting.
+    The fast path (cached window layouts and masks, one gather per direction, the fused kernel without
+    gradients) uses the same parameters and mathematics as MONAI's forward and trains too; it is not
+    bit-identical to it (rounding), so it is a setting. Switching it off restores MONAI's own forward exactly.
     """
+    from napari_dagman.core.models.window_attention import fused_window_attention, swin_stage
+
     for sub in module.modules():
-        if isinstance(sub, WindowAttention):
+        if isinstance(sub, WindowAttention | BasicLayer):
             if enabled:
-                sub.forward = types.MethodType(_fused_window_attention, sub)
+                fast = fused_window_attention if isinstance(sub, WindowAttention) else swin_stage
+                sub.forward = types.MethodType(fast, sub)
             elif "forward" in sub.__dict__:
                 del sub.forward
 
@@ -286,3 +258,8 @@ def cell_stage_token_mask(cell_mask: torch.Tensor, cell: int, stride: int, dims:
     """Cell mask -> (B, N) mask on the tokens of a stage of ``stride`` voxels (hidden when >= half is)."""
     voxels = upsample_mask(cell_mask, cell, dims)
     return (pool_mask(voxels, stride, dims) >= 0.5).flatten(1)
+
+
+def build_swin_encoder(arch: Architecture, _: dict | None = None) -> SwinEncoder:
+    """The published ``swin`` kind (see `core.models.published`): the run's Swin encoder, untrained."""
+    return SwinEncoder(arch)

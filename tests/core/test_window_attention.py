@@ -1,0 +1,107 @@
+"""The fast Swin stages and decoder layout against MONAI's own forward: same results (forward, input and
+parameter gradients), on grids that need padding and shifted-window masks, layouts built once per shape."""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+from monai.networks.nets.swin_unetr import BasicLayer, PatchMerging, WindowAttention, compute_mask
+from monai.networks.utils import pixelshuffle
+
+from napari_dagman.core.models import window_attention as wa
+from napari_dagman.core.models.heads import PixelShuffleDecoder, ReconstructionDecoder
+
+
+def make_layer(dims: int, window: int, channels: int = 12, depth: int = 2) -> BasicLayer:
+    torch.manual_seed(0)
+    layer = BasicLayer(
+        dim=channels,
+        depth=depth,
+        num_heads=3,
+        window_size=(window,) * dims,
+        drop_path=[0.0] * depth,
+        qkv_bias=True,
+        downsample=PatchMerging,
+    )
+    with torch.no_grad():  # a non-zero bias table, so that a lost bias cannot pass
+        for module in layer.modules():
+            if isinstance(module, WindowAttention):
+                module.relative_position_bias_table.normal_(0.0, 1.0)
+    return layer
+
+
+def forward_and_grads(layer: BasicLayer, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    x = x.detach().requires_grad_(True)
+    out = layer(x)
+    weights = torch.linspace(-1.0, 1.0, out.numel()).view(out.shape)
+    (out * weights).sum().backward()
+    grads = [x.grad, *(p.grad.clone() for p in layer.parameters())]
+    layer.zero_grad(set_to_none=True)
+    return out.detach(), grads
+
+
+@pytest.mark.parametrize(
+    ("dims", "grid", "window"),
+    [
+        (3, (8, 8, 8), 4),  # windows fit, shifted masks
+        (3, (6, 10, 5), 4),  # padding on every side, then shifted: MONAI pads before it rolls
+        (3, (4, 4, 4), 4),  # one window: no shift at all
+        (2, (12, 9), 7),  # 2D, padding
+    ],
+)
+def test_fast_stage_matches_monai_forward_and_gradients(dims, grid, window):
+    layer = make_layer(dims, window)
+    x = torch.randn(2, 12, *grid)
+    reference, ref_grads = forward_and_grads(layer, x)
+    layer.forward = types.MethodType(wa.swin_stage, layer)
+    fast, fast_grads = forward_and_grads(layer, x)
+    torch.testing.assert_close(fast, reference, atol=1e-5, rtol=1e-5)
+    for a, b in zip(fast_grads, ref_grads, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    assert fast_grads[1:] and all(float(g.abs().sum()) > 0 for g in fast_grads)
+    # the next stage reads the output without a copy: a channels-first view of a channels-last tensor
+    assert fast.movedim(1, -1).is_contiguous()
+
+
+def test_fused_kernel_without_gradients_matches_the_explicit_softmax():
+    """Inference / EMA teacher (no gradients) uses the fused kernel; training the explicit softmax."""
+    layer = make_layer(3, 4).eval()
+    layer.forward = types.MethodType(wa.swin_stage, layer)
+    x = torch.randn(2, 12, 8, 8, 8)
+    with torch.no_grad():
+        fused = layer(x)
+    explicit = layer(x)  # parameters require grad: the explicit path
+    torch.testing.assert_close(fused, explicit.detach(), atol=1e-5, rtol=1e-5)
+
+
+def test_window_layout_is_built_once_per_shape_and_inverts():
+    wa.window_layout.cache_clear()
+    a = wa.window_layout((6, 10, 5), (4, 4, 4), (2, 2, 2), "cpu")
+    assert wa.window_layout((6, 10, 5), (4, 4, 4), (2, 2, 2), "cpu") is a  # cached, not rebuilt
+    assert wa.window_layout.cache_info().hits == 1
+    torch.testing.assert_close(a.mask, compute_mask([8, 12, 8], (4, 4, 4), (2, 2, 2), torch.device("cpu")))
+    assert a.mask_as(torch.bfloat16) is a.mask_as(torch.bfloat16)  # converted once
+    tokens = torch.arange(2 * 300 * 3, dtype=torch.float32).view(2, 300, 3)
+    windows = wa.to_windows(tokens, a)
+    assert windows.shape == (2, 8 * 12 * 8, 3)
+    assert bool((windows[:, a.pad_slots] == 0).all())  # padding slots are zero, as after MONAI's F.pad
+    torch.testing.assert_close(wa.from_windows(windows, a), tokens)
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_pixel_shuffle_decoder_matches_monai_convolution_and_shuffle(dims):
+    torch.manual_seed(0)
+    decoder = PixelShuffleDecoder(16, 4, dims, out_channels=2)
+    x = torch.randn(2, 16, *([3] * dims), requires_grad=True)
+    reference = pixelshuffle(decoder.conv(x), dims, 4)
+    fast = decoder(x)
+    torch.testing.assert_close(fast, reference, atol=1e-5, rtol=1e-5)
+    (g_ref,) = torch.autograd.grad(reference.square().sum(), decoder.conv.weight)
+    (g_fast,) = torch.autograd.grad(fast.square().sum(), decoder.conv.weight)
+    torch.testing.assert_close(g_fast, g_ref, atol=1e-4, rtol=1e-4)
+    hidden = ReconstructionDecoder(16, 8, 4, dims)
+    recon, features = hidden(x)
+    torch.testing.assert_close(features, hidden.hidden(x), atol=1e-5, rtol=1e-5)
+    assert recon.shape == (2, 1, *([12] * dims))
