@@ -1,55 +1,75 @@
 """Attention & mask explorer dock: what a pretrained encoder attends to, and which cells each strategy would mask.
 
-A thin face over `core.attention`: the maps are the semantic class attention of the run's teacher (or student),
-per head and averaged, in *relative attention* (1 = as much as a uniform map), placed on the CT at the token
-size; the masks are those the training code's own generators draw for the crop around a point. Heavy work runs
-in the background (`JobRunner`): a thread for a crop (the loaded network is reused, so the mask-ratio slider
-answers quickly), a child process for the whole volume (sliding window), which keeps napari responsive.
+A thin face over `core.attention`. The maps are the semantic class attention of the run's teacher (or student),
+per head and averaged, in *relative attention* (x uniform: 1 = what every token would get if all were equal),
+placed on the CT at the token (or sub-token) size; the masks are those the training code's own generators draw for
+the crop around a point. The dock shows them as small multiples that follow the viewer's slice (`attention_figure`),
+each head and each strategy's mask once, over the CT; a click on a tile shows it as the napari layer
+(`attention_layers`). With a label map it gives each head's attention per organ (`attention_organs`); with a second
+run, both runs side by side and the difference of their mean maps.
+
+Heavy work runs in the background (`JobRunner`): a thread for a crop (the loaded network is reused, so the mask
+controls answer quickly), a child process for the whole volume (sliding window), which keeps napari responsive.
 """
 
 from __future__ import annotations
 
+from dataclasses import fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from magicgui.widgets import (
-    CheckBox,
-    ComboBox,
-    Container,
-    FileEdit,
-    FloatSlider,
-    FloatSpinBox,
-    Label,
-    SpinBox,
-)
-from qtpy.QtCore import QTimer
-from qtpy.QtWidgets import (
-    QFileDialog,
-    QHBoxLayout,
-    QLabel,
-    QPushButton,
-    QSizePolicy,
-    QVBoxLayout,
-    QWidget,
-)
+from magicgui.widgets import FileEdit
+from qtpy.QtCore import QTimer, QUrl
+from qtpy.QtWidgets import QFileDialog, QHBoxLayout, QLabel, QPushButton, QVBoxLayout
 from superqt import QCollapsible
 
 from napari_dagman._widgets._common import (
-    OUTPUT_KEY,
-    DeviceComboBox,
     JobDock,
     JobRunner,
-    cells_on_voxels,
-    is_output_layer,
+    jump_to,
     last_run,
-    layer_combo,
-    notify_error,
+    layer_label_names,
     notify_info,
     notify_warning,
+    path_text,
+    slice_axis,
     stop_jobs_with,
-    upsert_layer,
     volume_from_layer,
+)
+from napari_dagman._widgets._forms import compact_form
+from napari_dagman._widgets.attention_controls import (
+    HELP_FILE,
+    READ_DIFFERENCE,
+    READ_DIVERSITY,
+    READ_HEADS,
+    READ_MASKS,
+    READ_PICTURES,
+    diversity_lines,
+    explorer_controls,
+    model_lines,
+)
+from napari_dagman._widgets.attention_figure import DiversityFigure, TileFigure
+from napari_dagman._widgets.attention_layers import (
+    DIFFERENCE_LAYER,
+    DROPPED_LAYER,
+    HEADS_LAYER,
+    MASK_LAYER,
+    MEAN_LAYER,
+    PICTURE_LAYER,
+    ExplorerLayers,
+)
+from napari_dagman._widgets.attention_organs import OrganPanel, organ_job
+from napari_dagman._widgets.attention_tiles import (
+    DROPPED,
+    SliceView,
+    auto_contrast,
+    difference_limit,
+    difference_row,
+    head_row,
+    mask_row,
+    run_label,
+    volume_grid,
 )
 from napari_dagman.core.errors import DagmanError, DagmanInputError
 
@@ -58,217 +78,132 @@ if TYPE_CHECKING:
     from napari_dagman.core.attention import AttentionResult
     from napari_dagman.core.volume import Volume
 
-#: Layer names (one each; a new computation updates them in place).
-MEAN_LAYER = "attention: mean"
-HEADS_LAYER = "attention: heads"
-HEAD_LAYER = "attention: head {}"
-MASK_LAYER = "mask: {}"
-DROPPED_LAYER = "noisy teacher: cells it did not see"
-SCOPE_CHOICES = [
-    ("crop around the cursor", "crop"),
-    ("displayed slice (2D model)", "slice"),
-    ("whole volume (sliding window)", "volume"),
+__all__ = [
+    "DIFFERENCE_LAYER",
+    "DROPPED_LAYER",
+    "HEADS_LAYER",
+    "MASK_LAYER",
+    "MEAN_LAYER",
+    "PICTURE_LAYER",
+    "AttentionWidget",
 ]
-#: A colour per mask strategy (hidden cells), distinct on a grey CT.
-MASK_COLOURS = {
-    "random": "#9e9e9e",
-    "block": "#4fc3f7",
-    "attention-high": "#ff5252",
-    "attention-low": "#7c4dff",
-    "attention-hint": "#ffb300",
-    "noisy-teacher": "#00e676",
-}
-DROPPED_COLOUR = "#ffffff"
-
-
-class DiversityFigure(QWidget):
-    """Head-diversity figures of the shown maps: head x head correlation and per-head entropy."""
-
-    def __init__(self, parent: QWidget | None = None) -> None:
-        super().__init__(parent)
-        from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
-        from matplotlib.figure import Figure
-
-        self.figure = Figure(figsize=(4, 1.9))
-        self.figure.patch.set_facecolor("#262930")
-        self.canvas = FigureCanvasQTAgg(self.figure)
-        self.canvas.setMinimumHeight(150)
-        self.canvas.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Fixed)
-        layout = QVBoxLayout(self)
-        layout.setContentsMargins(0, 0, 0, 0)
-        layout.addWidget(self.canvas)
-
-    def show_diversity(self, diversity: dict[str, Any]) -> None:
-        fig = self.figure
-        fig.clear()
-        similarity = np.asarray(diversity.get("similarity", []), dtype=float)
-        entropy = np.asarray(diversity.get("entropy", []), dtype=float)
-        left, right = fig.subplots(1, 2, gridspec_kw={"width_ratios": (1, 1.3)})
-        for ax in (left, right):
-            ax.set_facecolor("#262930")
-            ax.tick_params(colors="#d0d0d0", labelsize=7)
-            for spine in ax.spines.values():
-                spine.set_color("#8f9294")
-        if similarity.size:
-            image = left.imshow(similarity, vmin=-1.0, vmax=1.0, cmap="RdBu_r")
-            left.set_xticks(range(len(similarity)))
-            left.set_yticks(range(len(similarity)))
-            cbar = fig.colorbar(image, ax=left, fraction=0.046, pad=0.04)
-            cbar.ax.tick_params(colors="#d0d0d0", labelsize=6)
-        left.set_title("correlation", color="#e0e0e0", fontsize=8)
-        left.set_xlabel("head", color="#d0d0d0", fontsize=7)
-        if entropy.size:
-            right.bar(range(len(entropy)), entropy, color="#f0a030")
-            right.set_ylim(0, 1.05)
-            right.set_xticks(range(len(entropy)))
-        right.set_title("entropy (1 = uniform)", color="#e0e0e0", fontsize=8)
-        right.set_xlabel("head", color="#d0d0d0", fontsize=7)
-        fig.tight_layout(pad=0.4, w_pad=1.0)
-        self.canvas.draw_idle()
 
 
 class AttentionWidget(JobDock):
     """Per-head class attention and the mask of every strategy, for an Image layer and a pretraining run."""
+
+    run_kind = "attention computation"
+    cancelling_text = "cancelling after the current batch of windows..."
 
     def __init__(self, napari_viewer: napari.viewer.Viewer) -> None:
         super().__init__(napari_viewer, settings_group="attention", description="DAGMaN attention")
         self._export_runner = JobRunner(
             lambda _event: None, on_done=self._on_exported, description="DAGMaN attention export"
         )
+        self._organ_runner = JobRunner(
+            lambda _event: None, on_done=self._on_organs, description="DAGMaN attention per organ"
+        )
         self.result: AttentionResult | None = None
+        self.compared: AttentionResult | None = None  # the second run, when two are compared
+        self.layers = ExplorerLayers(napari_viewer)
         self._image_volume: Volume | None = None
         self._image_layer: Any = None
         self._encoder: Any = None  # (key, PretrainedEncoder) reused by crop computations in a thread
         self._encoder_key: tuple = ()
         self._cursor_seen = False
+        self._masks_only = False
         self._pending_masks = False
-        self._grid_was_enabled: bool | None = None
+        self._run_names = ("", "")
+        self._watched: Any = None  # the CT layer whose window the tiles follow
         #: whole-volume maps in a child process (True) or a thread (the child's nice value: ``process_nice``)
         self.volume_in_process = True
         self._build()
-        stop_jobs_with(self, self._runner, self._export_runner, timeout=30.0)
+        stop_jobs_with(self, self._export_runner, self._organ_runner, timeout=30.0)
+        # bound methods: napari holds them weakly, so a closed dock is not called
         napari_viewer.cursor.events.position.connect(self._on_cursor)
+        napari_viewer.dims.events.point.connect(self._on_dims)
+        napari_viewer.dims.events.ndisplay.connect(self._on_ndisplay)
+        callbacks, callback = napari_viewer.mouse_drag_callbacks, self._on_canvas_click
+        callbacks.append(callback)
+        self.destroyed.connect(lambda *_: callback in callbacks and callbacks.remove(callback))
         last = last_run()
         if last and Path(last).is_dir():
             self.run.value = last
 
     # --- form -----------------------------------------------------------------------------------------------
     def _build(self) -> None:
-        import napari
+        controls = explorer_controls(self._viewer, self._settings)
+        for field in fields(controls):  # the names scripts and tests use: dock.image, dock.scope, ...
+            setattr(self, field.name, getattr(controls, field.name))
+        self._layout_dock()
+        self._connect()
 
-        s = self._settings
-        self.image = layer_combo(
-            self._viewer,
-            napari.layers.Image,
-            "image",
-            tooltip="the CT to look at (HU); it is resampled to the run's spacing as in training",
-            where=lambda layer: not is_output_layer(layer),
+    def _layout_dock(self) -> None:
+        o = self.options
+        inputs = compact_form(
+            [self.image, self.run, self.compare, self.organs, self.which, self.weights, o["device"]]
         )
-        self.run = FileEdit(
-            label="run folder", mode="d", tooltip="a pretraining run folder (config.json + weights)"
+        maps = compact_form(
+            [self.scope, self.overlap, self.subtoken, self.smooth, self.colormap, self.fixed_scale]
         )
-        self.which = ComboBox(
-            label="network",
-            choices=[("teacher (auto)", "auto"), ("teacher", "teacher"), ("student", "student")],
-            tooltip="whose attention: DAGMaN's masks are chosen by the teacher's; SimMIM has only a student",
+        masks = compact_form(
+            [self.ratio, self.noise_rate, self.seed, self.show_mask, self.contour, self.follow]
         )
-        self.weights = ComboBox(label="weights", choices=["last", "best"], tooltip="last or best checkpoint")
-        self.device = DeviceComboBox(value=s.get("device", "auto"))
-        self.scope = ComboBox(
-            label="where",
-            choices=SCOPE_CHOICES,
-            value="crop",
-            tooltip="a ROI crop around the last cursor position (or the view centre), the displayed axial slice "
-            "(2D models), or every sliding window of the volume",
-        )
-        self.overlap = FloatSpinBox(
-            label="window overlap", min=0.0, max=0.9, step=0.05, value=0.25, tooltip="sliding-window overlap"
-        )
-        self.view = ComboBox(
-            label="heads",
-            choices=[("slider", "slider"), ("grid", "grid")],
-            tooltip="one layer with a head slider, or each head in its own tile (napari grid mode)",
-        )
-        self.colormap = ComboBox(
-            label="colormap", choices=["inferno", "turbo"], value=s.get("colormap", "inferno")
-        )
-        self._maps_form = Container(
-            widgets=[
-                self.image,
-                self.run,
-                self.which,
-                self.weights,
-                self.device,
-                self.scope,
-                self.overlap,
-                self.view,
-                self.colormap,
-            ],
-            labels=True,
-        )
-        self._maps_form.margins = (0, 0, 0, 0)
-
-        self.ratio = FloatSlider(
-            label="mask ratio",
-            min=0.05,
-            max=0.95,
-            step=0.05,
-            value=0.6,
-            tracking=False,
-            tooltip="fraction of mask cells hidden; the masks are redrawn when the slider is released",
-        )
-        self.noise_rate = FloatSpinBox(
-            label="teacher noise",
-            min=0.0,
-            max=0.9,
-            step=0.05,
-            value=0.2,
-            tooltip="input dropout of the noisy teacher",
-        )
-        self.seed = SpinBox(
-            label="seed", min=0, max=2**31 - 1, value=0, tooltip="seed of the random and block masks"
-        )
-        self.show_mask = ComboBox(label="show", choices=["all", *MASK_COLOURS], value="noisy-teacher")
-        self.contour = CheckBox(label="outlines only", value=False, tooltip="draw the masks as contours")
-        self._mask_form = Container(
-            widgets=[self.ratio, self.noise_rate, self.seed, self.show_mask, self.contour], labels=True
-        )
-        self._mask_form.margins = (0, 0, 0, 0)
-
-        self.on_image_grid = CheckBox(
-            label="on the CT grid",
-            value=True,
-            tooltip="resample the exported maps and masks onto the CT's voxels",
-        )
-        self._model_label = Label(value="")
-        self._model_label.native.setWordWrap(True)
-
+        view3d = compact_form([self.rendering, self.threshold])
+        self._forms += [inputs, maps, masks]
         layout = QVBoxLayout(self)
         layout.setContentsMargins(4, 4, 4, 4)
-        layout.addWidget(self._maps_form.native)
+        for title, form in (("Image and runs", inputs), ("Maps", maps)):
+            box = QCollapsible(title, self)
+            box.addWidget(form.native)
+            box.expand(animate=False)
+            layout.addWidget(box)
         buttons = QHBoxLayout()
         self.compute_button = QPushButton("Compute")
-        self.compute_button.setToolTip("compute the attention maps and the masks (Cancel while it runs)")
+        self.compute_button.setToolTip("compute the maps and the masks (Cancel while it runs)")
         self.last_run_button = QPushButton("Last run")
         self.last_run_button.setToolTip("use the run most recently trained from the pretraining dock")
-        buttons.addWidget(self.compute_button)
-        buttons.addWidget(self.last_run_button)
+        self.help = QLabel(
+            f'<a href="{QUrl.fromLocalFile(str(HELP_FILE)).toString()}">Help: reading the maps</a>'
+        )
+        self.help.setOpenExternalLinks(True)
+        self.help.setToolTip(f"what the maps, masks and figures mean: {HELP_FILE.name} in the project's docs")
+        for widget in (self.compute_button, self.last_run_button, self.help):
+            buttons.addWidget(widget)
         layout.addLayout(buttons)
+        self._toggle = (self.compute_button, "Compute")
+        self._start_buttons.append(self.last_run_button)
+        self.model_line = QLabel("")
+        self.model_line.setWordWrap(True)
+        layout.addWidget(self.model_line)
 
-        masks = QCollapsible("Masks of the crop", self)
-        masks.addWidget(self._mask_form.native)
-        masks.expand(animate=False)
-        layout.addWidget(masks)
-
-        diversity = QCollapsible("Head diversity", self)
-        self.diversity_text = QLabel("")
-        self.diversity_text.setWordWrap(True)
+        self.heads_reading, self.masks_reading = QLabel(READ_HEADS), QLabel(READ_MASKS)
+        self.contrast_line = QLabel("")
+        self.heads_figure = TileFigure(empty_text="Compute to see each head's attention on this slice")
+        self.masks_figure = TileFigure(empty_text="Compute to see every strategy's mask on this slice")
+        self.diversity_text, self.diversity_reading = QLabel(""), QLabel(READ_DIVERSITY)
         self.diversity_figure = DiversityFigure()
-        diversity.addWidget(self.diversity_text)
-        diversity.addWidget(self.diversity_figure)
-        diversity.expand(animate=False)
-        layout.addWidget(diversity)
-
+        self.organ_panel = OrganPanel()
+        self.three_d_button = QPushButton("3D view")
+        self.three_d_button.setToolTip(
+            "switch napari between its 2D and 3D views (the maps use the rendering above)"
+        )
+        sections = [
+            ("Heads on this slice", [self.heads_reading, self.contrast_line, self.heads_figure]),
+            ("Masks on this slice", [masks.native, self.masks_reading, self.masks_figure]),
+            ("Attention per organ", [self.organ_panel]),
+            ("Head diversity", [self.diversity_reading, self.diversity_text, self.diversity_figure]),
+            ("3D view", [view3d.native, self.three_d_button]),
+        ]
+        for title, widgets in sections:
+            box = QCollapsible(title, self)
+            for widget in widgets:
+                if isinstance(widget, QLabel):
+                    widget.setWordWrap(True)
+                box.addWidget(widget)
+            if title != "3D view":
+                box.expand(animate=False)
+            layout.addWidget(box)
         export_row = QHBoxLayout()
         self.export_button = QPushButton("Export NIfTI...")
         self.export_button.setEnabled(False)
@@ -276,26 +211,34 @@ class AttentionWidget(JobDock):
         export_row.addWidget(self.export_button)
         export_row.addWidget(self.on_image_grid.native)
         layout.addLayout(export_row)
-        layout.addWidget(self._model_label.native)
-        self.status = QLabel("choose an image layer and a run folder, then Compute")
-        self.status.setWordWrap(True)
+        self.status.setText("choose an image layer and a run folder, then Compute")
         layout.addWidget(self.status)
         layout.addStretch(1)
+        self.make_scrollable()
 
+    def _connect(self) -> None:
         self._mask_timer = QTimer(self)
         self._mask_timer.setSingleShot(True)
         self._mask_timer.setInterval(150)
         self._mask_timer.timeout.connect(self.update_masks)
-
-        self.compute_button.clicked.connect(self.compute_or_cancel)
+        self._slice_timer = QTimer(self)
+        self._slice_timer.setSingleShot(True)
+        self._slice_timer.setInterval(0)
+        self._slice_timer.timeout.connect(self.redraw_slice)
+        self.compute_button.clicked.connect(self.start_or_cancel)
         self.last_run_button.clicked.connect(self.use_last_run)
         self.export_button.clicked.connect(self._ask_export)
+        self.three_d_button.clicked.connect(self.toggle_3d)
         for control in (self.ratio, self.noise_rate, self.seed):
             control.changed.connect(lambda *_: self._mask_timer.start())
         self.show_mask.changed.connect(self._apply_mask_visibility)
         self.contour.changed.connect(self._apply_mask_visibility)
-        self.view.changed.connect(lambda *_: self._show_maps())
-        self.colormap.changed.connect(lambda *_: self._show_maps())
+        for control in (self.colormap, self.smooth, self.fixed_scale, self.rendering, self.threshold):
+            control.changed.connect(lambda *_: self._restyle())
+        self.organs.changed.connect(lambda *_: self._compute_organs())
+        self.heads_figure.clicked.connect(self.show_tile)
+        self.masks_figure.clicked.connect(self.show_tile)
+        self.organ_panel.organ_clicked.connect(lambda organ, _name: self.go_to_organ(organ))
 
     # --- inputs ---------------------------------------------------------------------------------------------
     def set_run(self, path: str) -> None:
@@ -311,20 +254,37 @@ class AttentionWidget(JobDock):
             return
         self.set_run(last)
 
-    def _run_folder(self) -> str:
-        """The chosen run folder, checked cheaply here so that a wrong folder is reported at once."""
-        from napari_dagman.core.checkpoint import RunFolder
+    @staticmethod
+    def _run_folder(edit: FileEdit, required: bool = True) -> str | None:
+        """A chosen run folder, checked cheaply here so that a wrong folder is reported at once."""
+        from napari_dagman._widgets._common import checked_run
 
-        path = self.run.line_edit.value.strip()
+        path = path_text(edit)
         if not path:
-            raise DagmanInputError("choose a run folder (a pretraining run), or train one first")
-        config = RunFolder(path).config_dict()  # raises a one-line CheckpointError for other folders
-        if config.get("job", "pretrain") != "pretrain":
-            raise DagmanInputError(f"{path} is a {config.get('job')} run, not a pretraining run")
+            if required:
+                raise DagmanInputError("choose a run folder (a pretraining run), or train one first")
+            return None
+        checked_run(path, "pretrain")  # raises a one-line error for other folders and other kinds of run
         return path
+
+    def _labels_volume(self) -> Volume | None:
+        from napari_dagman._widgets._jobs import picklable_volume
+
+        layer = self.organs.value
+        if layer is None:
+            return None
+        volume = volume_from_layer(layer, "labels")
+        volume.metadata["label_names"] = layer_label_names(layer)
+        return picklable_volume(volume)
 
     def _on_cursor(self, _event: Any = None) -> None:
         self._cursor_seen = True
+
+    def _on_dims(self, _event: Any = None) -> None:
+        self._slice_timer.start()  # a slider drag sends many events: one redraw for the last of them
+
+    def _on_ndisplay(self, _event: Any = None) -> None:
+        self._restyle()
 
     def crop_center(self) -> np.ndarray:
         """World point for the crop: the last cursor position in the displayed plane, the current slice."""
@@ -348,75 +308,111 @@ class AttentionWidget(JobDock):
         return volume.index_to_physical(index), z
 
     # --- compute --------------------------------------------------------------------------------------------
-    def compute_or_cancel(self) -> None:
-        if self._runner.running:
-            self._runner.cancel()
-            self.status.setText("cancelling...")
-        else:
-            self.compute()
+    def start(self) -> bool:
+        return self.compute()
 
     def compute(self, image: Any = None) -> bool:
         """Compute maps (for the chosen scope) and masks; ``image`` overrides the layer picker. True if started."""
         return self._start(maps=True, image=image)
 
     def update_masks(self) -> bool:
-        """Redraw only the masks of the crop (ratio, noise or seed changed)."""
+        """Redraw the masks of the crop (ratio, noise or seed changed); a crop's maps come with them."""
         if self.result is None:
             return False
         if self._runner.running:
             self._pending_masks = True  # redraw when the running job ends
             return False
-        return self._start(maps=False, image=self._image_layer)
+        return self._start(maps=self.result.scope == "crop", image=self._image_layer)
 
-    def _start(self, *, maps: bool, image: Any) -> bool:
+    def move_crop(self, world: Any) -> bool:
+        """Centre the crop on a world point (a click on the CT) and redraw its masks."""
+        if self.result is None or self._runner.running:
+            return False
+        return self._start(
+            maps=self.result.scope == "crop", image=self._image_layer, point=np.asarray(world)[-3:]
+        )
+
+    def _on_canvas_click(self, viewer: Any, event: Any) -> Any:
+        """A click (not a drag) on the canvas in pan/zoom mode moves the crop there, when asked to."""
+        active = viewer.layers.selection.active
+        if not self.follow.value or self.result is None or viewer.dims.ndisplay != 2:
+            return
+        if active is not None and getattr(active, "mode", "pan_zoom") != "pan_zoom":
+            return
+        start = np.asarray(event.pos, dtype=float)
+        yield
+        while event.type == "mouse_move":
+            if np.abs(np.asarray(event.pos, dtype=float) - start).max() > 4:
+                return  # a drag pans the view
+            yield
+        self.move_crop(event.position)
+
+    def _start(self, *, maps: bool, image: Any, point: np.ndarray | None = None) -> bool:
         from napari_dagman._widgets._jobs import picklable_volume
-        from napari_dagman.core.attention import attention_job
-        from napari_dagman.core.config import AttentionConfig
+        from napari_dagman.core.attention.job import attention_job, compare_job
 
-        if self._runner.running:
-            notify_warning("the explorer is busy; cancel it first")
+        if self._busy():
             return False
         try:
             layer = image if image is not None else self.image.value
             volume = volume_from_layer(layer, "image")
-            run = self._run_folder()
-            scope = self.scope.value
-            physical, z = self._physical(layer, volume, self.crop_center())
-            config = AttentionConfig(
-                checkpoint=run,
-                which=self.which.value,
-                weights=self.weights.value,
-                scope=scope,
-                maps=maps,
-                center=[float(c) for c in physical],
-                slice_index=int(z),
-                overlap=float(self.overlap.value),
-                ratio=float(self.ratio.value),
-                noise_rate=float(self.noise_rate.value),
-                seed=int(self.seed.value),
-                device=str(self.device.value),
-            )
-            config.validate()
+            run = self._run_folder(self.run)
+            second = self._run_folder(self.compare, required=False)
+            labels = self._labels_volume() if maps else None
+            physical, z = self._physical(layer, volume, self.crop_center() if point is None else point)
+            config = self._config(run, second, maps, physical, z)
         except DagmanError as err:
-            notify_error(err)
-            return False
+            return self.refuse(err)
         self._settings.set("device", str(self.device.value))
         self._settings.set("colormap", self.colormap.value)
+        self._settings.set("smooth", bool(self.smooth.value))
         self._image_layer, self._image_volume = layer, volume
-        self._pending_masks = False
-        if maps and scope == "volume" and self.volume_in_process:
+        self._run_names = (run, second or "")
+        self._masks_only, self._pending_masks = not maps, False
+        status = "computing maps..." if maps else "drawing masks..."
+        if second is not None:  # both runs loaded fresh and checked comparable before any work
+            in_process = maps and config.scope == "volume" and self.volume_in_process
+            self._launch(
+                compare_job,
+                config,
+                picklable_volume(volume),
+                labels=labels,
+                in_process=in_process,
+                status=status,
+            )
+        elif maps and config.scope == "volume" and self.volume_in_process:
             # minutes of CPU on a real CT: a child process keeps napari responsive (benchmarks/ui_latency.py)
-            self._runner.start_in_process(
-                attention_job, config, picklable_volume(volume), keep_encoder=False, nice=self.process_nice
+            self._launch(
+                attention_job,
+                config,
+                picklable_volume(volume),
+                labels=labels,
+                keep_encoder=False,
+                in_process=True,
+                status=status,
             )
         else:
             key = (run, self.which.value, self.weights.value, str(self.device.value))
             encoder = self._encoder[1] if self._encoder and self._encoder[0] == key else None
             self._encoder_key = key
-            self._runner.start(lambda token: attention_job(config, volume, encoder=encoder, cancel=token))
-        self.compute_button.setText("Cancel")
-        self.status.setText("computing maps..." if maps else "drawing masks...")
+            self._launch(attention_job, config, volume, labels=labels, encoder=encoder, status=status)
         return True
+
+    def _config(self, run: str, second: str | None, maps: bool, physical: np.ndarray, z: int) -> Any:
+        from napari_dagman.core.config import AttentionConfig
+
+        values = self.options.values()
+        values.update(
+            checkpoint=run,
+            compare=second,
+            maps=maps,
+            center=[float(c) for c in physical],
+            slice_index=int(z),
+            device=str(values["device"]),
+        )
+        config = AttentionConfig.from_dict(values)
+        config.validate()
+        return config
 
     # --- results --------------------------------------------------------------------------------------------
     def _on_event(self, event: Any) -> None:
@@ -427,163 +423,230 @@ class AttentionWidget(JobDock):
         elif isinstance(event, LogEvent):
             (notify_warning if event.level == "warning" else notify_info)(event.message)
 
-    def _on_done(self, result: AttentionResult) -> None:
-        if result.encoder is not None:
-            self._encoder = (self._encoder_key, result.encoder)
-            result.encoder = None
-        keep_maps = result.maps is None and self.result is not None
-        if keep_maps:  # a mask-only update keeps the maps (and their figures) on screen
-            result.maps, result.diversity, result.scope = (
-                self.result.maps,
-                self.result.diversity,
-                self.result.scope,
-            )
-        self.result = result
-        if not keep_maps:
-            self._show_maps()
-            self._show_diversity()
-        self._show_masks()
-        m = result.model
-        self._model_label.value = (
-            f"{m.get('method')} · {m.get('which')} · step {m.get('step')} · {m.get('dims')}D, ROI {m.get('roi')}"
-            + (
-                ""
-                if m.get("trains_class_attention", True)
-                else " · class attention NOT trained by this method"
-            )
-        )
-        self.export_button.setEnabled(True)
-        self.status.setText("maps and masks updated" if not keep_maps else "masks updated")
+    def _on_done(self, result: Any) -> None:
+        from napari_dagman.core.attention.job import Comparison
 
-    def _on_error(self, err: BaseException) -> None:
-        self.status.setText(f"failed: {err}")
+        if result is None:
+            return
+        if isinstance(result, Comparison):
+            first, second, difference = result.first, result.second, result.difference
+        else:
+            first, second, difference = result, None, None
+            if first.encoder is not None:
+                self._encoder = (self._encoder_key, first.encoder)
+                first.encoder = None
+        if self._masks_only:  # a mask-only update keeps the maps (and their figures) on screen
+            self._keep_maps(first, self.result)
+            self._keep_maps(second, self.compared)
+            difference = self.layers.difference
+        self.result, self.compared = first, second
+        self.layers.results = [first, second]
+        self.layers.difference = difference
+        self._show_result()
+        self.export_button.setEnabled(True)
+        self.status.setText("masks updated" if self._masks_only else "maps and masks updated")
+
+    @staticmethod
+    def _keep_maps(new: AttentionResult | None, old: AttentionResult | None) -> None:
+        if new is not None and old is not None and new.maps is None:
+            new.maps, new.diversity, new.scope, new.organs = old.maps, old.diversity, old.scope, old.organs
 
     def _on_stopped(self) -> None:
-        self.compute_button.setText("Compute")
+        super()._on_stopped()
         if self._pending_masks:
             self._pending_masks = False
             self._mask_timer.start()
 
-    def _output(
-        self, name: str, data: np.ndarray, layer_type: str, create: dict[str, Any], **kwargs: Any
-    ) -> Any:
-        """Upsert an output layer; style it only when it is created so the user's tweaks survive updates."""
-        if name not in self._viewer.layers:
-            kwargs.update(create)
-            kwargs["metadata"] = {OUTPUT_KEY: "attention-explorer"}
-        return upsert_layer(self._viewer, name, data, layer_type, **kwargs)
-
-    def _remove(self, name: str) -> None:
-        if name in self._viewer.layers:
-            self._viewer.layers.remove(name)
-
-    def _show_maps(self) -> None:
-        """Mean map, and the heads on a slider or in grid tiles, at the token size over the CT."""
-        if self.result is None or self.result.maps is None:
-            return
-        maps = self.result.maps
-        heads = np.asarray(maps.maps, dtype=np.float32)
-        # one contrast for every head and the mean, so that they compare; relative attention 1 = uniform
-        top = max(2.0, float(np.percentile(heads, 99.5)))
-        style = {"blending": "additive", "opacity": 0.7}
-        common = {"colormap": self.colormap.value, "contrast_limits": (0.0, top)}
-        self._output(
-            MEAN_LAYER,
-            maps.mean.astype(np.float32),
-            "image",
-            style,
-            scale=maps.scale,
-            translate=maps.translate,
-            **common,
-        )
-        n = heads.shape[0]
-        if self.view.value == "slider":
-            for h in range(n):
-                self._remove(HEAD_LAYER.format(h))
-            self._output(
-                HEADS_LAYER,
-                heads,
-                "image",
-                {**style, "visible": False},
-                scale=[1.0, *maps.scale],
-                translate=[0.0, *maps.translate],
-                **common,
-            )
-            if self._grid_was_enabled is not None:
-                self._grid().enabled = self._grid_was_enabled
-                self._grid_was_enabled = None
-        else:
-            self._remove(HEADS_LAYER)
-            for h in range(n):
-                self._output(
-                    HEAD_LAYER.format(h),
-                    heads[h],
-                    "image",
-                    style,
-                    scale=maps.scale,
-                    translate=maps.translate,
-                    **common,
-                )
-            if self._grid_was_enabled is None:
-                self._grid_was_enabled = bool(self._grid().enabled)
-            self._grid().enabled = True
-
-    def _grid(self) -> Any:
-        # napari 0.9 moved the grid to viewer.canvas.grid (viewer.grid is deprecated there)
-        canvas = getattr(self._viewer, "canvas", None)
-        return canvas.grid if canvas is not None and hasattr(canvas, "grid") else self._viewer.grid
-
-    def _show_masks(self) -> None:
-        preview = self.result.preview if self.result is not None else None
-        if preview is None:
-            return
-        for strategy, mask in preview.masks.items():
-            colour = MASK_COLOURS.get(strategy, "#ffffff")
-            # on the crop's voxels (not one pixel per cell): napari draws Labels outlines in data pixels
-            self._output(
-                MASK_LAYER.format(strategy),
-                cells_on_voxels(mask.astype(np.uint8), preview.mask_scale, preview.image_scale),
-                "labels",
-                {"colormap": {1: colour, None: "transparent"}, "opacity": 0.5},
-                scale=preview.image_scale,
-                translate=preview.image_translate,
-            )
-        self._output(
-            DROPPED_LAYER,
-            cells_on_voxels(preview.teacher_dropped.astype(np.uint8), preview.mask_scale, preview.image_scale),
-            "labels",
-            {"colormap": {1: DROPPED_COLOUR, None: "transparent"}, "opacity": 0.35},
-            scale=preview.image_scale,
-            translate=preview.image_translate,
-        )
+    def _show_result(self) -> None:
+        """Layers, small multiples, organ table, diversity and the model line of the current result(s)."""
+        result, second = self.result, self.compared
+        maps = [r.maps for r in (result, second) if r is not None]
+        self.layers.style.contrast = auto_contrast(maps, fixed=bool(self.fixed_scale.value))
+        self.layers.style.difference_limit = difference_limit(self.layers.difference)
+        if result.maps is not None and not self._masks_only:  # 3D: the top tenth of the mean map shows
+            threshold, self.layers.style.top = np.percentile(result.maps.mean, (90.0, 99.9))
+            with self.threshold.changed.blocked():
+                self.threshold.value = round(float(threshold), 2)
+        self._sync_style()
+        self.layers.prune()
+        for (
+            key
+        ) in self.layers.tile_keys():  # the first run's layers now, the second's when their tile is clicked
+            if key[0] == "difference" or key[1] == 0:
+                self.layers.layer(key)
         self._apply_mask_visibility()
+        self._refresh_figures()
+        self.organ_panel.set_table(result.organs)
+        if result.organs is None and result.maps is not None and self.organs.value is not None:
+            self._compute_organs()
+        self.model_line.setText(model_lines(self._shown_runs()))
+        self._show_diversity()
+        self._watch_ct()
 
-    def _apply_mask_visibility(self, *_: Any) -> None:
-        preview = self.result.preview if self.result is not None else None
-        if preview is None:
+    def _labels(self) -> tuple[str, str]:
+        """Short names of the two runs in titles: method and folder."""
+        pairs = zip((self.result, self.compared), self._run_names, strict=True)
+        return tuple(run_label(r, Path(n).name) if r is not None else "" for r, n in pairs)  # type: ignore[return-value]
+
+    def _refresh_figures(self) -> None:
+        """Lay the tiles out for the current results and draw them on the viewer's slice."""
+        if self.result is None or self._image_volume is None:
             return
-        chosen = self.show_mask.value
-        for strategy in preview.masks:
-            name = MASK_LAYER.format(strategy)
-            if name in self._viewer.layers:
-                layer = self._viewer.layers[name]
-                layer.visible = chosen in ("all", strategy)
-                layer.contour = 1 if self.contour.value else 0
-        if DROPPED_LAYER in self._viewer.layers:  # shown with the mask the dropped cells belong to
-            layer = self._viewer.layers[DROPPED_LAYER]
-            layer.visible = chosen in ("all", "noisy-teacher")
-            layer.contour = 1 if self.contour.value else 0
+        ct = volume_grid(self._image_volume)
+        labels = self._labels()
+        results = [r for r in (self.result, self.compared) if r is not None]
+        heads = [head_row(r, ct, i, labels[i]) for i, r in enumerate(results)]
+        heads.append(difference_row(self.layers.difference, ct, labels))
+        masks = [mask_row(r, i, labels[i]) for i, r in enumerate(results)]
+        view = self.slice_view()
+        style = self.layers.style
+        for figure in (self.heads_figure, self.masks_figure):
+            figure.colormap, figure.smooth = style.colormap, style.smooth
+            if self._image_layer is not None:
+                figure.ct_limits = tuple(self._image_layer.contrast_limits)
+        self.heads_figure.set_rows(
+            [r for r in heads if r is not None],
+            ct,
+            view,
+            contrast=style.contrast,
+            difference_limit=style.difference_limit,
+        )
+        self.masks_figure.set_rows([r for r in masks if r is not None], ct, view)
+        self.contrast_line.setText(style.contrast.text() if style.contrast else "")
+        reading = READ_HEADS if self.result.maps is not None else READ_PICTURES
+        self.heads_reading.setText(reading + (READ_DIFFERENCE if self.layers.difference is not None else ""))
+
+    def slice_view(self) -> SliceView:
+        """The viewer's slice axis (of the CT's three) and its world position."""
+        axis = slice_axis(self._viewer)
+        return SliceView(axis, float(np.asarray(self._viewer.dims.point)[-3 + axis]))
+
+    def redraw_slice(self) -> None:
+        """Cut the small multiples at the viewer's slice (the viewer's dims changed)."""
+        if self.result is None:
+            return
+        view = self.slice_view()
+        self.heads_figure.set_slice(view)
+        self.masks_figure.set_slice(view)
+
+    def _watch_ct(self) -> None:
+        """The tiles' grey window follows the CT layer's contrast limits."""
+        layer = self._image_layer
+        if layer is not None and self._watched is not layer:
+            layer.events.contrast_limits.connect(self._on_ct_limits)
+            self._watched = layer
+
+    def _on_ct_limits(self, _event: Any = None) -> None:
+        if self._image_layer is not None:
+            for figure in (self.heads_figure, self.masks_figure):
+                figure.set_ct_limits(tuple(self._image_layer.contrast_limits))
+
+    def _shown_runs(self) -> list[tuple[str, AttentionResult]]:
+        """(label, result) of the run and of the run it is compared with."""
+        pairs = zip(self._labels(), (self.result, self.compared), strict=True)
+        return [(label, result) for label, result in pairs if result is not None]
 
     def _show_diversity(self) -> None:
-        d = self.result.diversity if self.result is not None else {}
-        if not d:
+        text, figures = diversity_lines(self._shown_runs())
+        self.diversity_text.setText(text)
+        self.diversity_figure.show_diversity(figures)
+
+    # --- tiles -> layers ------------------------------------------------------------------------------------
+    def show_tile(self, key: tuple, *, quiet: bool = False) -> Any:
+        """Show a tile's head, mean, mask or picture as the napari layer (alone among its kind)."""
+        layer = self.layers.show(key, contour=bool(self.contour.value))
+        if layer is None:
+            if not quiet:
+                notify_warning("nothing to show for this tile")
+            return None
+        for figure in (self.heads_figure, self.masks_figure):
+            if key in figure.tile_keys():
+                figure.select(key)
+        if key[0] in ("mask", "dropped") and key[1] == 0:
+            with self.show_mask.changed.blocked():
+                self.show_mask.value = key[2] if key[0] == "mask" else DROPPED
+        self.status.setText(f"showing '{layer.name}'")
+        return layer
+
+    def _apply_mask_visibility(self, *_: Any) -> None:
+        """Show the mask chosen in 'show' alone (the first one there is when the method has not that one)."""
+        chosen = self.show_mask.value
+        if self.result is None:
             return
-        self.diversity_text.setText(
-            f"diversity {d['diversity']:.3f} (1 − mean pairwise correlation of the {d['heads']} heads' maps; "
-            "0 = all alike, 1 = unrelated) · "
-            f"mean entropy {d['entropy_mean']:.3f} ± {d['entropy_std']:.3f} (1 = uniform) · {d['tokens']} tokens"
-        )
-        self.diversity_figure.show_diversity(d)
+        if chosen == "none":
+            for layer in self.layers.mask_layers():
+                layer.visible = False
+            return
+        key = ("dropped", 0) if chosen == DROPPED else ("mask", 0, chosen)
+        shown = [k for k in self.layers.tile_keys() if k[0] in ("mask", "dropped", "picture") and k[1] == 0]
+        if shown:
+            self.show_tile(key if key in shown else shown[0], quiet=True)
+
+    # --- style and 3D ---------------------------------------------------------------------------------------
+    def _sync_style(self) -> None:
+        style = self.layers.style
+        style.colormap, style.smooth = self.colormap.value, bool(self.smooth.value)
+        style.rendering, style.threshold = self.rendering.value, float(self.threshold.value)
+
+    def _restyle(self) -> None:
+        """Colour map, scale, smooth or raw grid, 3D rendering: the layers and the tiles, without recomputing."""
+        self._sync_style()
+        maps = [r.maps for r in (self.result, self.compared) if r is not None]
+        self.layers.style.contrast = auto_contrast(maps, fixed=bool(self.fixed_scale.value))
+        self.layers.restyle()
+        style = self.layers.style
+        for figure in (self.heads_figure, self.masks_figure):
+            figure.set_style(colormap=style.colormap, smooth=style.smooth, contrast=style.contrast)
+        self.contrast_line.setText(style.contrast.text() if style.contrast else "")
+
+    def toggle_3d(self) -> None:
+        """napari's 2D <-> 3D view; the maps switch to the 3D rendering above the threshold."""
+        self._viewer.dims.ndisplay = 2 if self._viewer.dims.ndisplay == 3 else 3
+
+    # --- organs ---------------------------------------------------------------------------------------------
+    def _compute_organs(self) -> bool:
+        """Each head's attention per organ of the chosen label map, for the maps shown (in the background)."""
+        if self.result is None or self._organ_runner.running:
+            return False
+        if self.organs.value is None:
+            self.organ_panel.set_table(None)
+            return False
+        if self.result.maps is None:
+            notify_warning(
+                "no attention maps to measure per organ (this method does not train the class attention)"
+            )
+            return False
+        try:
+            labels = self._labels_volume()
+        except DagmanError as err:
+            return self.refuse(err)
+        maps, names = self.result.maps, labels.metadata.get("label_names") or {}
+        self._organ_runner.start(lambda token: organ_job(maps, labels, names, cancel=token))
+        self.status.setText("attention per organ...")
+        return True
+
+    def _on_organs(self, table: Any) -> None:
+        if self.result is not None:
+            self.result.organs = table
+        self.organ_panel.set_table(table)
+        self.status.setText("attention per organ updated")
+
+    def go_to_organ(self, organ: int) -> bool:
+        """Move the viewer to an organ of the label map: its largest slice, the camera on its centre there."""
+        from napari_dagman.core.segmentation import organ_focus
+
+        layer = self.organs.value
+        if layer is None or layer not in self._viewer.layers:
+            notify_warning("choose the organs' label map to go to an organ")
+            return False
+        index = organ_focus(np.asarray(layer.data), int(organ), slice_axis(self._viewer))
+        if index is None:
+            notify_warning(f"label {organ} is not in '{layer.name}'")
+            return False
+        jump_to(self._viewer, layer.data_to_world(index))
+        layer.selected_label = int(organ)
+        self.status.setText(f"organ {organ}: its largest slice, {index[slice_axis(self._viewer)]}")
+        return True
 
     # --- export ---------------------------------------------------------------------------------------------
     def _ask_export(self) -> None:

@@ -5,14 +5,20 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from napari_dagman.cli.common import drive_result, say
+from napari_dagman.cli.common import drive_result, read_input, say
 from napari_dagman.core.config import AttentionConfig
+
+if TYPE_CHECKING:
+    from napari_dagman.core.volume import Volume
 
 EXAMPLES = """examples:
   napari-dagman attention ct.nii.gz --checkpoint runs/dagman --out attention/
   napari-dagman attention dicom_folder/ --checkpoint runs/dagman --out att/ --which student --on-input-grid
   napari-dagman attention ct.nii.gz --checkpoint runs/dagman --out att/ --center -20 -150 30 --ratio 0.6
+  napari-dagman attention ct.nii.gz --checkpoint runs/dagman --out att/ --subtoken 2 --smooth --labels seg.nii.gz
+  napari-dagman attention ct.nii.gz --checkpoint runs/dagman --compare runs/attmask --out att_vs/
 """
 
 
@@ -39,24 +45,59 @@ def add_parser(sub: argparse._SubParsersAction, argv: Sequence[str] = ()) -> Non
 
 
 def run(args: argparse.Namespace) -> int:
-    from napari_dagman.core.attention import attention_job, write_attention
-    from napari_dagman.core.io import read_volume, resample_like, write_volume
+    from napari_dagman.core.attention.job import attention_job, compare_job, write_attention
+    from napari_dagman.core.io import check_output_folder, resample_like, write_volume
 
     config = AttentionConfig.from_args(args, config_file=args.config_file, checkpoint=args.checkpoint)
-    volume = read_volume(args.image)
-    result = drive_result(attention_job(config, volume), desc="attention", quiet=args.quiet)
     out = Path(args.out)
-    written = write_attention(result, volume, out, figure=True)
+    check_output_folder(out)  # before the run is loaded and the maps computed, not after
+    volume = read_input(args.image)
+    check_center(volume, config.center)
+    labels = read_input(config.labels) if config.labels else None
+    if config.compare:  # two runs: the same CT, crop and seed; the second in out/compare, the difference beside
+        comparison = drive_result(compare_job(config, volume, labels=labels), desc="attention", quiet=args.quiet)
+        result = comparison.first
+        written = write_attention(comparison.second, volume, out / "compare", figure=True)
+        if comparison.difference is not None:
+            written += write_volume(comparison.difference.volumes()["mean"], out / "attention_difference_mean.nii.gz")
+        report_two(comparison)
+    else:
+        result = drive_result(attention_job(config, volume, labels=labels), desc="attention", quiet=args.quiet)
+        written = []
+    written += write_attention(result, volume, out, figure=True)
     if config.on_input_grid and result.maps is not None:
         mean = resample_like(result.maps.volumes()["mean"], volume, is_label=False)
         written += write_volume(mean, out / "attention_mean_on_input.nii.gz")
-    if not result.model.get("trains_class_attention", True):
-        say(f"warning: {result.model.get('method')} does not train the class attention", err=True)
-    d, crop = result.diversity, result.preview.diversity
-    say(
-        f"head diversity (1 - mean pairwise correlation of the heads' maps; 0 = alike, 1 = unrelated): "
-        f"{result.scope} {d['diversity']:.4f}, crop {crop['diversity']:.4f}; "
-        f"mean head entropy (1 = uniform) {crop['entropy_mean']:.4f}"
-    )
+    if result.model.get("trains_class_attention", True):
+        d, crop = result.diversity, result.preview.diversity
+        say(
+            f"head diversity (1 - mean pairwise correlation of the heads' maps; 0 = alike, 1 = unrelated): "
+            f"{result.scope} {d['diversity']:.4f}, crop {crop['diversity']:.4f}; "
+            f"mean head entropy (1 = uniform) {crop['entropy_mean']:.4f}"
+        )
     say(f"wrote {len(written)} files to {out}")
     return 0
+
+
+def report_two(comparison) -> None:
+    """One line per run: method, head diversity of the maps shown, and the run's last probe figure."""
+    for label, result in (("first", comparison.first), ("second", comparison.second)):
+        m, probe = result.model, result.model.get("probe", {})
+        shown = f"{result.diversity['diversity']:.3f}" if m.get("trains_class_attention", True) else "n/a"
+        logged = probe.get("probe_teacher_head_diversity", probe.get("probe_student_head_diversity"))
+        say(
+            f"{label}: {m.get('method')} step {m.get('step')}: head diversity of these maps {shown}"
+            + (f"; on its probe crops at step {probe.get('step')}: {logged:.3f}" if logged is not None else "")
+        )
+
+
+def check_center(volume: Volume, center: Sequence[float]) -> None:
+    """Refuse a ``--center`` outside the image: its crop would be moved inside without a word."""
+    from napari_dagman.core.errors import DagmanInputError
+
+    if center and not volume.contains(center):
+        shown = " ".join(f"{c:g}" for c in center)
+        raise DagmanInputError(
+            f"--center {shown} (z y x, mm) lies outside the image, which spans {volume.describe_extent()} "
+            "(physical LPS millimetres, as napari shows them)"
+        )

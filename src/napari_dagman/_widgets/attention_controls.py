@@ -1,0 +1,250 @@
+"""The explorer's controls (each with its tooltip) and its plain words: a one-line reading per figure, the model
+line and the head-diversity line of one run or two.
+
+The options the attention job takes (network, weights, device, where, overlap, map grid, mask ratio, teacher
+noise, seed) come from `AttentionConfig` through `ConfigForm`, so their limits and help are those of the CLI.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from magicgui.widgets import CheckBox, ComboBox, FileEdit, FloatSlider, FloatSpinBox
+
+from napari_dagman._widgets._common import (
+    DeviceComboBox,
+    Settings,
+    is_output_layer,
+    layer_combo,
+    layer_picker,
+)
+from napari_dagman._widgets._forms import ConfigForm
+from napari_dagman._widgets.attention_layers import RENDERINGS
+from napari_dagman._widgets.attention_tiles import DROPPED, MASK_COLOURS
+
+if TYPE_CHECKING:
+    import napari
+    from napari_dagman.core.attention import AttentionResult
+
+SCOPE_CHOICES = [
+    ("crop around the cursor", "crop"),
+    ("displayed slice (2D model)", "slice"),
+    ("whole volume (sliding window)", "volume"),
+]
+SUBTOKEN_TEXT = {1: "token (raw grid)", 2: "1/2 token", 4: "1/4 token"}
+SHOW_CHOICES = [*MASK_COLOURS, DROPPED, "none"]
+HELP_FILE = Path(__file__).resolve().parents[3] / "docs" / "attention.md"
+READ_HEADS = (
+    "Each tile: the CT on the slice napari shows, one head's attention over it. Colour = x uniform: 1 is what every "
+    "token would get if all were equal; bright = the head looks here more, dark = less. One colour scale for all "
+    "tiles. Click a tile to show that head as the napari layer."
+)
+READ_PICTURES = (
+    "This method does not train the class attention, so there is no attention to show. The tiles show what the "
+    "method itself makes of the crop (e.g. MiM's masks per level, MIRAM's reconstructions); click one to show it "
+    "as the napari layer."
+)
+READ_DIFFERENCE = " Difference: red where the first run looks more than the second, blue where less."
+READ_MASKS = (
+    "Each tile: the cells one strategy would hide from the student for this crop and seed, exactly as training "
+    "draws them. random and block ignore the image; attention-high hides what the teacher looks at most, "
+    "attention-low the least, attention-hint shows a few of the most looked-at again; noisy teacher is "
+    "attention-high with some cells dropped from the teacher's input (white: the cells it did not see)."
+)
+READ_DIVERSITY = (
+    "Head diversity: 0 = every head looks at the same places (collapsed heads), 1 = the heads' maps are unrelated. "
+    "DAGMaN's claim is that its noisy teacher keeps it higher. Entropy: 1 = a head spreads its attention evenly, "
+    "0 = on one token."
+)
+OPTION_FIELDS = ("which", "weights", "device", "scope", "overlap", "subtoken", "ratio", "noise_rate", "seed")
+
+
+@dataclass
+class ExplorerControls:
+    """Every control of the explorer dock; the dock exposes each as an attribute of the same name."""
+
+    options: ConfigForm  # the attention job's options, as `AttentionConfig` fields
+    image: ComboBox
+    run: FileEdit
+    compare: FileEdit
+    organs: ComboBox
+    which: ComboBox
+    weights: ComboBox
+    device: ComboBox
+    scope: ComboBox
+    overlap: Any
+    subtoken: ComboBox
+    smooth: CheckBox
+    colormap: ComboBox
+    fixed_scale: CheckBox
+    ratio: FloatSlider
+    noise_rate: Any
+    seed: Any
+    show_mask: ComboBox
+    contour: CheckBox
+    follow: CheckBox
+    rendering: ComboBox
+    threshold: FloatSpinBox
+    on_image_grid: CheckBox
+
+
+def explorer_controls(viewer: napari.viewer.Viewer, settings: Settings) -> ExplorerControls:
+    """The explorer's controls, with their tooltips, starting from the remembered device, colour map and smooth."""
+    import napari
+    from napari_dagman.core.config import AttentionConfig
+
+    ready = {
+        "which": ComboBox(
+            label="network",
+            choices=[("teacher (auto)", "auto"), ("teacher", "teacher"), ("student", "student")],
+            tooltip="whose attention: DAGMaN's masks are chosen by the teacher's; SimMIM has only a student",
+        ),
+        "weights": ComboBox(label="weights", choices=["last", "best"], tooltip="last or best checkpoint"),
+        "scope": ComboBox(
+            label="where",
+            choices=SCOPE_CHOICES,
+            value="crop",
+            tooltip="a ROI crop around the cursor (or the view centre), the displayed axial slice (2D models), "
+            "or every sliding window of the volume",
+        ),
+        "ratio": FloatSlider(
+            label="mask ratio",
+            min=0.05,
+            max=0.95,
+            step=0.05,
+            value=0.6,
+            tracking=False,
+            tooltip="fraction of mask cells hidden; the masks are redrawn when it is released",
+        ),
+        "device": DeviceComboBox(value=settings.get("device", "auto")),
+    }
+    options = ConfigForm(
+        AttentionConfig,
+        OPTION_FIELDS,
+        widgets=ready,
+        labels={"overlap": "window overlap", "subtoken": "map grid", "noise_rate": "teacher noise"},
+        steps={"overlap": 0.05, "noise_rate": 0.05},
+        choice_text={"subtoken": SUBTOKEN_TEXT},
+    )
+    options["subtoken"].tooltip = (
+        "maps finer than one token by shifted-window inference (whole volume and displayed slice; a crop is one "
+        "window, on the token grid)"
+    )
+    return ExplorerControls(
+        options=options,
+        **{name: options[name] for name in OPTION_FIELDS},
+        image=layer_combo(
+            viewer,
+            napari.layers.Image,
+            "image",
+            where=lambda layer: not is_output_layer(layer),
+            tooltip="the CT to look at (HU); it is resampled to the run's spacing as in training",
+        ),
+        run=FileEdit(
+            label="run folder", mode="d", tooltip="a pretraining run folder (config.json + weights)"
+        ),
+        compare=FileEdit(
+            label="compare with",
+            mode="d",
+            tooltip="optional: a second pretraining run of the same architecture, shown beside the first with "
+            "the difference of their mean maps",
+        ),
+        organs=layer_picker(
+            viewer,
+            "labels",
+            "organs",
+            tooltip="optional: a label map of the CT; gives each head's attention per organ (table and bars)",
+        ),
+        smooth=CheckBox(
+            label="smooth",
+            value=bool(settings.get("smooth", False)),
+            tooltip="interpolate the maps linearly onto the CT (untick: the raw grid, one value per token or cell)",
+        ),
+        colormap=ComboBox(
+            label="colormap",
+            choices=["inferno", "turbo", "viridis"],
+            value=settings.get("colormap", "inferno"),
+            tooltip="colour map of the attention",
+        ),
+        fixed_scale=CheckBox(
+            label="fixed scale 0-2",
+            value=False,
+            tooltip="one fixed colour scale (0 to 2 x uniform) to compare sessions; untick: percentiles 1-99 "
+            "of the maps shown",
+        ),
+        show_mask=ComboBox(
+            label="show",
+            choices=SHOW_CHOICES,
+            value="noisy-teacher",
+            tooltip="the mask layer shown in napari (or click its tile)",
+        ),
+        contour=CheckBox(label="outlines only", value=False, tooltip="draw the mask layers as contours"),
+        follow=CheckBox(
+            label="click moves the crop",
+            value=True,
+            tooltip="a click on the CT (pan/zoom mode) moves the crop there and redraws its masks (and its "
+            "maps, for a crop)",
+        ),
+        rendering=ComboBox(
+            label="3D rendering",
+            choices=list(RENDERINGS),
+            tooltip="how the maps are drawn in napari's 3D view: a surface where they cross the threshold, or "
+            "the maximum along each ray of what is above it",
+        ),
+        threshold=FloatSpinBox(
+            label="3D threshold",
+            min=0.0,
+            max=100.0,
+            step=0.05,
+            value=1.2,
+            tooltip="x uniform: in 3D only what is above it shows (set to the 90th percentile of the mean map "
+            "after each computation)",
+        ),
+        on_image_grid=CheckBox(
+            label="on the CT grid",
+            value=True,
+            tooltip="resample the exported maps and masks onto the CT's voxels",
+        ),
+    )
+
+
+# --- plain words ----------------------------------------------------------------------------------------------------
+def model_lines(runs: Sequence[tuple[str, AttentionResult]]) -> str:
+    """One line per run: method, network, step, model, the maps' grid, and whether the method has attention."""
+    lines = []
+    for label, result in runs:
+        m = result.model
+        text = f"{label} · {m.get('which')} · step {m.get('step')} · {m.get('dims')}D, ROI {m.get('roi')}"
+        if result.maps is not None and result.maps.metadata.get("attention_grid"):
+            text += f" · maps on cells of {result.maps.metadata['attention_grid']}"
+        if not m.get("trains_class_attention", True):
+            text += (
+                f" · {m.get('method')} does not train the class attention: there is no attention to show; the "
+                "tiles show the method's own pictures"
+            )
+        lines.append(text)
+    return "\n".join(lines)
+
+
+def diversity_lines(
+    runs: Sequence[tuple[str, AttentionResult]],
+) -> tuple[str, list[tuple[str, dict[str, Any]]]]:
+    """One line per run (diversity of the maps shown, the run's last probe figure, mean entropy) and the figures of
+    the runs that have attention."""
+    lines, figures = [], []
+    for label, result in runs:
+        m, probe = result.model, result.model.get("probe", {})
+        if not m.get("trains_class_attention", True):
+            lines.append(f"{label}: no class attention, no head diversity")
+            continue
+        d = result.diversity
+        logged = probe.get(f"probe_{m.get('which')}_head_diversity")
+        text = f"{label}: diversity of these maps {d['diversity']:.3f} over {d['heads']} heads"
+        if logged is not None:
+            text += f"; on its probe crops at step {probe.get('step')}: {logged:.3f}"
+        lines.append(text + f"; mean entropy {d['entropy_mean']:.3f}")
+        figures.append((label, d))
+    return "\n".join(lines), figures
