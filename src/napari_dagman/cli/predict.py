@@ -6,7 +6,7 @@ import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
-from napari_dagman.cli.common import drive_result, say
+from napari_dagman.cli.common import drive_result, read_input, say
 from napari_dagman.core.config import PredictConfig
 
 EXAMPLES = """examples:
@@ -14,6 +14,8 @@ EXAMPLES = """examples:
   napari-dagman predict ct.nii.gz --checkpoint runs/seg --out ct_seg.nii.gz --reference seg.nii.gz
       # also prints per-organ Dice and HD95 and writes ct_seg.metrics.json and ct_seg.metrics.csv
   napari-dagman predict dicom_folder/ --checkpoint runs/seg/model.safetensors --out seg.nrrd --overlap 0.75
+  napari-dagman predict dicom_folder/ --checkpoint runs/seg --out seg.dcm
+      # a DICOM Segmentation over the series (needs napari-dagman[dicom])
 """
 
 
@@ -30,7 +32,11 @@ def add_parser(sub: argparse._SubParsersAction, argv: Sequence[str] = ()) -> Non
     )
     p.add_argument("image", help="image file or DICOM series folder")
     p.add_argument("--checkpoint", required=True, help="fine-tuning run folder (or one of its .safetensors)")
-    p.add_argument("--out", required=True, help="label map to write (.nii.gz, .nii, .mha, .nrrd)")
+    p.add_argument(
+        "--out",
+        required=True,
+        help="label map to write (.nii.gz, .nii, .mha, .nrrd), or .dcm: a DICOM SEG over a DICOM series input",
+    )
     p.add_argument("--reference", help="reference label map on the image's grid: report per-organ metrics")
     p.add_argument("--metrics", help="metrics JSON to write (default: <out>.metrics.json with --reference)")
     p.add_argument("--config", dest="config_file", help="JSON config file; flags given here override it")
@@ -41,23 +47,36 @@ def add_parser(sub: argparse._SubParsersAction, argv: Sequence[str] = ()) -> Non
 
 def run(args: argparse.Namespace) -> int:
     from napari_dagman.core.errors import DagmanInputError
-    from napari_dagman.core.io import WRITE_SUFFIXES, read_volume, stem_of, suffix_of
+    from napari_dagman.core.io import WRITE_SUFFIXES, check_output_file, stem_of, suffix_of
     from napari_dagman.core.segmentation import format_table
     from napari_dagman.core.segmentation.jobs import predict_job, write_prediction
 
     out = Path(args.out)
-    if suffix_of(out) not in WRITE_SUFFIXES:
-        raise DagmanInputError(f"cannot write '{out.name}': use one of {', '.join(WRITE_SUFFIXES)}")
+    dicom_seg = suffix_of(out) == ".dcm"
+    if not dicom_seg and suffix_of(out) not in WRITE_SUFFIXES:
+        raise DagmanInputError(
+            f"cannot write '{out.name}': use one of {', '.join(WRITE_SUFFIXES)}, or .dcm for a DICOM SEG"
+        )
     config = PredictConfig.from_args(args, config_file=args.config_file, checkpoint=args.checkpoint)
-    image = read_volume(args.image)
+    # the outputs are checked before minutes of inference, not after
+    check_output_file(out)
+    if args.metrics:
+        check_output_file(args.metrics, "metrics file")
+    image = read_input(args.image)
     image.metadata.setdefault("name", stem_of(args.image))
-    reference = read_volume(args.reference) if args.reference else None
+    if dicom_seg:  # a DICOM series input and highdicom, before the inference
+        from napari_dagman.core.segmentation.dicom_seg import check_dicom_source
+
+        for note in check_dicom_source(image):
+            say(f"warning: {note}", err=True)
+    reference = read_input(args.reference) if args.reference else None
     results = drive_result(predict_job(config, image, reference), desc="predict", quiet=args.quiet)
     written = write_prediction(
         results,
         out,
         metrics=args.metrics,
         extra={"image": str(args.image), "reference": str(args.reference) if args.reference else None},
+        image=image,
     )
     say(format_table(results.table))
     say(f"wrote {', '.join(written)}")

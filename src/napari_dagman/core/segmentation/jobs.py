@@ -22,7 +22,13 @@ import pandas as pd
 from napari_dagman.core.config import PredictConfig
 from napari_dagman.core.errors import DagmanInputError
 from napari_dagman.core.events import CancelToken, ProgressEvent, check_cancelled
-from napari_dagman.core.segmentation.labels import align_labels, check_label_volume, label_names_of
+from napari_dagman.core.segmentation.labels import (
+    LabelMap,
+    align_labels,
+    check_label_volume,
+    label_names_of,
+    present_ids,
+)
 from napari_dagman.core.segmentation.metrics import disagreement_map, evaluate, results_summary
 from napari_dagman.core.segmentation.model import Segmenter, load_segmenter
 from napari_dagman.core.segmentation.prediction import run_prediction
@@ -51,6 +57,18 @@ def reference_on_grid(image: Volume, reference: Volume, *, resample: bool) -> Vo
         image_name=str(image.metadata.get("name", "image")),
         labels_name=str(reference.metadata.get("name", "reference")),
     )
+
+
+def check_reference_ids(reference: Volume, label_map: LabelMap) -> None:
+    """Refuse a reference that holds none of the organs the run segments: every score would be empty (a label
+    map of another labelling, or of another image)."""
+    present = present_ids(reference.array)
+    if not set(present) & set(label_map.ids):
+        shown = ", ".join(map(str, present[:12])) + (", ..." if len(present) > 12 else "")
+        raise DagmanInputError(
+            f"the reference label map holds none of the organs the run segments ({label_map.describe()}); it "
+            f"holds {'ids ' + shown if present else 'only background'}"
+        )
 
 
 def evaluation_job(
@@ -96,6 +114,7 @@ def predict_job(
     segmenter = segmenter or load_segmenter(config.checkpoint, weights=config.weights, device=config.device)
     if reference is not None:
         reference = reference_on_grid(image, reference, resample=config.resample_reference)
+        check_reference_ids(reference, segmenter.label_map)
     labels = yield from run_prediction(
         image,
         segmenter,
@@ -122,13 +141,24 @@ def write_prediction(
     *,
     metrics: str | Path | None = None,
     extra: dict[str, Any] | None = None,
+    image: Volume | None = None,
 ) -> list[str]:
     """Write the label map (and its organ names) to ``out``; with a reference or ``metrics``, the per-organ
-    results as ``<out>.metrics.json`` (or ``metrics``) and ``.csv``. Returns the paths written."""
-    from napari_dagman.core.io import atomic_write_text, stem_of, write_volume
+    results as ``<out>.metrics.json`` (or ``metrics``) and ``.csv``. Returns the paths written.
+
+    ``out`` ending in ``.dcm`` writes a DICOM SEG over ``image``, the DICOM series segmented
+    (`core.segmentation.dicom_seg`)."""
+    from napari_dagman.core.io import atomic_write_text, stem_of, suffix_of, write_volume
 
     out = Path(out)
-    written = write_volume(results.prediction, out, label_names=results.names)
+    if suffix_of(out) == ".dcm":
+        from napari_dagman.core.segmentation.dicom_seg import write_dicom_seg
+
+        if image is None:
+            raise DagmanInputError("a DICOM SEG is written over the DICOM series it segments: pass the image")
+        written = write_dicom_seg(results.prediction, image, out, names=results.names)
+    else:
+        written = write_volume(results.prediction, out, label_names=results.names)
     if results.reference is not None or metrics is not None:
         metrics_path = Path(metrics) if metrics else out.with_name(stem_of(out) + ".metrics.json")
         summary = results_summary(results.table)

@@ -1,0 +1,124 @@
+"""DICOM SEG: ``predict --out seg.dcm`` over the real DICOM series, read back with highdicom and pydicom."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from napari_dagman.cli import main
+from napari_dagman.core.io import list_dicom_series
+from napari_dagman.core.segmentation.dicom_seg import INSTALL_HINT, segment_coding
+
+hd = pytest.importorskip("highdicom")
+pydicom = pytest.importorskip("pydicom")
+
+SCT_LIVER, SCT_KIDNEY, SCT_LEFT, SCT_RIGHT = "10200004", "64033007", "7771000", "24028007"
+
+
+@pytest.fixture(scope="module")
+def predictions(ft_run, shared_data, tmp_path_factory):
+    """The same prediction of the DICOM series as NIfTI and as DICOM SEG, both through the CLI."""
+    out = tmp_path_factory.mktemp("dicom_seg")
+    series = shared_data / "example_ct_dicom"
+    for name in ("seg.nii.gz", "seg.dcm"):
+        argv = ["predict", str(series), "--checkpoint", str(ft_run), "--out", str(out / name), "--quiet"]
+        assert main(argv) == 0
+    return series, out / "seg.nii.gz", out / "seg.dcm"
+
+
+def test_the_seg_references_the_series_and_holds_the_niftis_voxels(predictions):
+    series, nifti_path, seg_path = predictions
+    files = list(list_dicom_series(series)[0].files)
+    sources = [pydicom.dcmread(f, stop_before_pixels=True) for f in files]
+    # the shared series is de-identified: its instance UIDs live only in the files' meta headers
+    instance_uids = [ds.file_meta.MediaStorageSOPInstanceUID for ds in sources]
+
+    seg = hd.seg.segread(seg_path)
+    assert seg.SOPClassUID == "1.2.840.10008.5.1.4.1.1.66.4"  # Segmentation Storage
+    assert seg.Modality == "SEG" and seg.SegmentationType == "BINARY"
+    referenced = seg.get_source_image_uids()
+    assert sorted(uid for _, _, uid in referenced) == sorted(instance_uids)
+    assert len({series_uid for _, series_uid, _ in referenced}) == 1
+    assert seg.FrameOfReferenceUID == sources[0].FrameOfReferenceUID
+
+    # NIfTI prediction, read independently: SimpleITK finds each source slice in it by its position
+    nifti = sitk.ReadImage(str(nifti_path))
+    labels = sitk.GetArrayFromImage(nifti)
+    assert np.allclose(nifti.GetDirection(), np.eye(3).ravel())  # the axial LPS series, rows = y, columns = x
+    slices = [
+        nifti.TransformPhysicalPointToIndex([float(v) for v in ds.ImagePositionPatient]) for ds in sources
+    ]
+    assert all(i == 0 and j == 0 for i, j, _ in slices)
+    names = {int(d.SegmentNumber): str(d.SegmentLabel) for d in seg.SegmentSequence}
+    assert list(names.values()) == [
+        "spleen",
+        "kidney_right",
+        "kidney_left",
+        "liver",
+        "colon",
+    ]  # organ id order
+    ids = {"spleen": 1, "kidney_right": 2, "kidney_left": 3, "liver": 5, "colon": 20}
+    pixels = seg.get_pixels_by_source_instance(
+        source_sop_instance_uids=instance_uids, segment_numbers=list(names)
+    )
+    assert pixels.shape == (len(sources), 512, 512, len(names))
+    present = 0
+    for n, (_, _, k) in enumerate(slices):
+        for s, name in enumerate(names.values()):
+            expected = labels[k] == ids[name]
+            np.testing.assert_array_equal(
+                pixels[n, :, :, s].astype(bool), expected, err_msg=f"{name}, slice {n}"
+            )
+            present += int(expected.sum())
+    assert present > 0  # the model labelled something: the comparison is not of empty maps
+
+
+def test_segments_carry_snomed_codes_laterality_and_the_algorithm(predictions):
+    seg = hd.seg.segread(predictions[2])
+    by_label = {str(d.SegmentLabel): d for d in seg.SegmentSequence}
+    liver = by_label["liver"]
+    assert liver.SegmentedPropertyTypeCodeSequence[0].CodeValue == SCT_LIVER
+    assert liver.SegmentAlgorithmType == "AUTOMATIC"
+    assert liver.SegmentAlgorithmName.startswith("napari-dagman")
+    kidney = by_label["kidney_left"].SegmentedPropertyTypeCodeSequence[0]
+    assert (
+        kidney.CodeValue == SCT_KIDNEY
+        and kidney.SegmentedPropertyTypeModifierCodeSequence[0].CodeValue == SCT_LEFT
+    )
+
+
+def test_organ_names_map_to_snomed_ct_or_a_generic_tissue_code():
+    assert segment_coding("liver").type.value == SCT_LIVER and segment_coding("liver").modifier is None
+    right = segment_coding("kidney_right")
+    assert right.type.value == SCT_KIDNEY and right.modifier.value == SCT_RIGHT
+    artery = segment_coding("subclavian_artery_right")  # a concept that names the side itself
+    assert artery.type.meaning == "Right Subclavian Artery" and artery.modifier is None
+    assert segment_coding("vertebrae_L1").type.meaning == "L1 vertebra"
+    assert (
+        segment_coding("rib_left_7").type.meaning == "Rib"
+        and segment_coding("rib_left_7").modifier.value == SCT_LEFT
+    )
+    generic = segment_coding("gluteus_maximus_left")
+    assert generic.generic and generic.type.meaning == "Tissue"
+
+
+def test_a_seg_needs_a_dicom_series_and_highdicom_one_line_each(
+    ft_run, shared_data, tmp_path, capsys, monkeypatch
+):
+    out = tmp_path / "seg.dcm"
+    nifti = str(shared_data / "example_ct_sm.nii.gz")
+    assert main(["predict", nifti, "--checkpoint", str(ft_run), "--out", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "DICOM series" in err and not out.exists()
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "highdicom" else real(name, *a)
+    )
+    series = str(shared_data / "example_ct_dicom")
+    assert main(["predict", series, "--checkpoint", str(ft_run), "--out", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith(INSTALL_HINT) and len(err.splitlines()) == 1
