@@ -14,7 +14,9 @@ from collections.abc import Sequence
 from napari_dagman import __version__
 
 #: Subcommand modules, in the order ``--help`` lists them.
-SUBCOMMANDS: tuple[str, ...] = ("pretrain", "finetune", "predict", "attention", "embed", "methods", "view")
+SUBCOMMANDS: tuple[str, ...] = (
+    "demo", "pretrain", "finetune", "predict", "attention", "embed", "export", "methods", "view"
+)
 
 EXIT_USER_ERROR = 2
 

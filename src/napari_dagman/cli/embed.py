@@ -7,7 +7,7 @@ from collections.abc import Generator, Sequence
 from pathlib import Path
 from typing import Any
 
-from napari_dagman.cli.common import drive, say
+from napari_dagman.cli.common import drive, read_input, say
 from napari_dagman.core.config import EmbedConfig
 
 EXAMPLES = """examples:
@@ -46,12 +46,14 @@ def _job(config: EmbedConfig, colour_by: str | None) -> Generator[Any, None, Non
     """Read, embed, write: the whole command as one event generator (driven with a progress bar)."""
     from napari_dagman.core.embeddings import require_parquet, run_embedding, write_results
     from napari_dagman.core.events import FinishedEvent
-    from napari_dagman.core.io import read_volume
+    from napari_dagman.core.io import check_output_folder
+    from napari_dagman.core.report_figures import write_scatter_png
 
     if config.table_format == "parquet":
         require_parquet()
-    volume = read_volume(config.image)  # type: ignore[arg-type]
-    labels = read_volume(config.labels) if config.labels else None
+    check_output_folder(config.out)  # type: ignore[arg-type]
+    volume = read_input(config.image)  # type: ignore[arg-type]
+    labels = read_input(config.labels) if config.labels else None
     result = yield from run_embedding(config, volume, labels)
     paths = write_results(result, config.out)  # type: ignore[arg-type]
     by = colour_by or ("organ" if "organ" in result.table.columns else "cluster")
@@ -66,28 +68,6 @@ def _job(config: EmbedConfig, colour_by: str | None) -> Generator[Any, None, Non
         paths=paths,
         summary={"metrics": result.metrics, "patches": len(result.table)},
     )
-
-
-def write_scatter_png(table: Any, method: str, by: str, path: Path) -> str:
-    """The projection coloured by organ or cluster, with a legend, as a PNG (no screen needed)."""
-    from matplotlib.figure import Figure
-
-    from napari_dagman.core.embeddings import colour_groups
-
-    x, y = table[f"{method}_0"].to_numpy(), table[f"{method}_1"].to_numpy()
-    groups = colour_groups(table, by)
-    fig = Figure(figsize=(8, 6), layout="constrained")
-    ax = fig.add_subplot(111)
-    for name, rgba, rows in groups:
-        ax.plot(x[rows], y[rows], "o", ms=2.5, mew=0, color=rgba, label=f"{name} ({len(rows)})")
-    ax.set_xlabel(f"{method.upper()} 1")
-    ax.set_ylabel(f"{method.upper()} 2")
-    ax.set_title(f"{len(table)} patches coloured by {by}")
-    ax.legend(
-        fontsize=6, markerscale=2, loc="center left", bbox_to_anchor=(1.0, 0.5), ncols=1 + len(groups) // 30
-    )
-    fig.savefig(path, dpi=150)
-    return str(path)
 
 
 def run(args: argparse.Namespace) -> int:
