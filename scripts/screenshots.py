@@ -9,9 +9,10 @@ short tiny pretraining from the pretraining dock (live loss curve, attention and
 whole-volume attention computation and the mask previews in the explorer. Then, on the real CT of
 ``../shared/data`` (``$DAGMAN_SHARED_DATA``) with its label map, it makes a 3-step tiny pretraining run (core
 API, as the tests' ``tiny_run``), fine-tunes from it in the fine-tuning dock (curves), predicts in the results
-dock (prediction layer, table, click-through to the liver), and computes a UMAP of the run's patch embeddings
-in the organ-clusters dock. It writes ``docs/images/{window_dock,pretrain_dock,attention_explorer,
-finetune_dock,organ_clusters}.png`` (each under 400 kB); ``--docks`` makes a subset.
+dock, which opens as a tab of the fine-tuning dock (prediction layer, table, click-through to the liver), and
+computes a UMAP of the run's patch embeddings in the organ-clusters dock. It writes ``docs/images/{window_dock,
+pretrain_dock,attention_explorer,finetune_dock,results_dock,organ_clusters}.png`` (each under 400 kB);
+``--docks`` makes a subset. The docks are opened from the plugin's manifest, as napari's Plugins menu does.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 MAX_BYTES = 400_000
-DOCKS = ("window", "pretrain", "attention", "finetune", "clusters")
+DOCKS = ("window", "pretrain", "attention", "finetune", "results", "clusters", "explorer")
 #: Organs of the fine-tuning picture (TotalSegmentator ids): liver, spleen, kidneys, colon, urinary bladder.
 FINETUNE_ORGANS = [5, 1, 2, 3, 20, 21]
 
@@ -80,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     data_dir = Path(args.data)
     docks = set(args.docks)
-    if {"finetune", "clusters"} & docks and not (data_dir / "example_ct.nii.gz").is_file():
+    if {"finetune", "results", "clusters", "explorer"} & docks and not (data_dir / "example_ct.nii.gz").is_file():
         print(f"real CT not found in {data_dir} (--data or DAGMAN_SHARED_DATA)", file=sys.stderr)
         return 2
     os.environ.setdefault("NAPARI_DAGMAN_SETTINGS", tempfile.mktemp(suffix=".ini"))
@@ -92,8 +93,10 @@ def main(argv: list[str] | None = None) -> int:
     viewer = napari.Viewer(title="napari-dagman", show=True)
     viewer.window._qt_window.resize(1600, 1000)
     steps = [phantom_shots] if {"window", "pretrain", "attention"} & docks else []
-    if {"finetune", "clusters"} & docks:
+    if {"finetune", "results", "clusters"} & docks:
         steps.append(real_ct_shots)
+    if "explorer" in docks:  # the attention explorer's own pictures (docs/attention.md): explorer_shots below
+        steps.append(explorer_shots)
     for shots in steps:
         if shots(viewer, out, runs, args) != 0:
             return 1
@@ -140,7 +143,7 @@ def phantom_shots(viewer, out: Path, runs: Path, args: argparse.Namespace) -> in
     pretrain.device.value = "cpu"
     pretrain.runs_folder.value = str(runs)
     pretrain.run_name.value = "dagman-phantom"
-    pretrain._sections["Run"].collapse(animate=False)
+    fold(pretrain, keep=("Data", "Method"))
     if not pretrain.start():
         return 1
     # shoot while it runs (Cancel/Pause buttons, progress, curve), late enough for a curve and a preview
@@ -149,6 +152,8 @@ def phantom_shots(viewer, out: Path, runs: Path, args: argparse.Namespace) -> in
         until=lambda: len(pretrain.plot.series("loss")[0]) >= max(2, args.steps - 4) or not pretrain.running,
     )
     if "pretrain" in args.docks:
+        # the dock scrolls: show its buttons and curve
+        pretrain._scroll.ensureWidgetVisible(pretrain.loss_plot)
         save(viewer, out / "pretrain_dock.png")
     spin(3600, until=lambda: not pretrain.running)
     if pretrain.last_finished is None:
@@ -215,11 +220,20 @@ def real_ct_shots(viewer, out: Path, runs: Path, args: argparse.Namespace) -> in
     viewer.open(data_dir / "example_seg_fast_force_split.nii.gz", plugin="napari-dagman")
     ct, seg = viewer.layers[-2], viewer.layers[-1]
     viewer.reset_view()
-    if "finetune" in args.docks and finetune_shot(viewer, out, runs, ct, seg, run, args.finetune_steps):
+    if {"finetune", "results"} & set(args.docks) and finetune_shot(viewer, out, runs, ct, seg, run, args):
         return 1
     if "clusters" in args.docks and clusters_shot(viewer, out, ct, seg, run):
         return 1
     return 0
+
+
+def fold(dock, keep=()) -> None:
+    """Fold a dock's form sections except ``keep`` (by title), so its buttons and curves show."""
+    from superqt import QCollapsible
+
+    for section in dock.findChildren(QCollapsible):
+        if section.text() not in keep and not section.text().startswith("more "):
+            section.collapse(animate=False)
 
 
 def fit_window(viewer) -> None:
@@ -239,51 +253,45 @@ def dock_of(widget):
     return widget
 
 
-def finetune_shot(viewer, out: Path, runs: Path, ct, seg, run: Path, steps: int) -> int:
-    """A short fine-tune from the tiny run in the fine-tuning dock, then Predict & inspect results."""
-    from qtpy.QtCore import Qt
-    from superqt import QCollapsible
-
-    from napari_dagman._widgets.finetune import FinetuneWidget
-    from napari_dagman._widgets.results import SegmentationResultsWidget
-
-    finetune = FinetuneWidget(viewer)
-    for section in finetune.findChildren(QCollapsible):  # fold the form (but the organs) so the curves show
-        if section.text() != "Data":
-            section.collapse(animate=False)
-    viewer.window.add_dock_widget(finetune, name="Fine-tuning", area="right")
-    finetune.image.value, finetune.labels.value = ct, seg
+def finetune_shot(viewer, out: Path, runs: Path, ct, seg, run: Path, args: argparse.Namespace) -> int:
+    """A short fine-tune from the tiny run in the fine-tuning dock, then Predict & inspect results (a tab)."""
+    finetune = viewer.window.add_plugin_dock_widget("napari-dagman", "Fine-tuning")[1]
+    fold(finetune, keep=("Data",))
+    # the dock started from the open CT and its label map
+    assert (finetune.image.value, finetune.labels.value) == (ct, seg), "the dock did not preselect the layers"
     finetune.organs.value = FINETUNE_ORGANS
     finetune.init_run.value = str(run)
-    finetune.steps.value, finetune.batch_size.value, finetune.lr.value = steps, 1, "3e-3"
+    finetune.steps.value, finetune.batch_size.value, finetune.lr.value = args.finetune_steps, 1, "3e-3"
     finetune.roi.value, finetune.spacing.value = 64, 6.0  # one 64^3 crop at 6 mm holds the whole CT
     finetune.val_fraction.value, finetune.val_position.value, finetune.val_every.value = 0.25, 0.75, 2
     finetune.device.value = "cpu"
     finetune.runs_folder.value, finetune.run_name.value = str(runs), "finetune-ct"
     finetune.in_process.value = False  # a thread: no child interpreter to start (same dock, same curves)
-    if not finetune.start():
+    # the slab holds 5 of the 6 organs (the bladder is in the pelvis): the first Start says so; start anyway
+    if not finetune.start() and not finetune.start():
+        print(f"fine-tuning did not start: {finetune.status.text()}", file=sys.stderr)
         return 1
     spin(3600, until=lambda: not finetune.running)
     if finetune.last_finished is None:
         print(f"the fine-tuning run did not finish: {finetune.status.text()}", file=sys.stderr)
         return 1
+    fit_window(viewer)
+    finetune._scroll.ensureWidgetVisible(finetune.dice_plot)
+    if "finetune" in args.docks:
+        save(viewer, out / "finetune_dock.png")
 
-    results = finetune.open_results()  # what "Predict & inspect results" does
-    if results is None:  # the plugin is not installed: dock it directly
-        results = SegmentationResultsWidget(viewer)
-        viewer.window.add_dock_widget(results, name="Segmentation results", area="right")
-        results.set_run(finetune.last_finished.run_dir, image=ct, reference=seg)
+    results = finetune.open_results()  # what "Predict & inspect results" does: a tab next to fine-tuning
     results.device.value = "cpu"
     if not results.predict() or not results.wait(600) or results.results is None:
         print(f"the prediction failed: {results.status.text()}", file=sys.stderr)
         return 1
-    # the two docks side by side
-    viewer.window._qt_window.splitDockWidget(dock_of(finetune), dock_of(results), Qt.Orientation.Horizontal)
     fit_window(viewer)
-    viewer.layers[f"{results.prediction_layer.name} vs reference"].visible = False  # the prediction itself
     organs = [results.table.item(row, 0).text() for row in range(results.table.rowCount())]
+    results.table.selectRow(organs.index("liver"))
     results.go_to_organ(organs.index("liver"))  # a click on the table's liver row
-    save(viewer, out / "finetune_dock.png")
+    results._scroll.ensureWidgetVisible(results.table)
+    if "results" in args.docks:
+        save(viewer, out / "results_dock.png")
     for widget in (results, finetune):
         viewer.window.remove_dock_widget(dock_of(widget))
     for layer in [layer for layer in viewer.layers if layer not in (ct, seg)]:
@@ -295,15 +303,14 @@ def clusters_shot(viewer, out: Path, ct, seg, run: Path) -> int:
     """UMAP of the tiny run's patch embeddings of the real CT, coloured by organ, a liver patch picked."""
     import numpy as np
 
-    from napari_dagman._widgets.clusters import ClustersWidget
-
     seg.visible, seg.contour, seg.opacity = True, 0, 0.5
-    clusters = ClustersWidget(viewer)
-    viewer.window.add_dock_widget(clusters, name="Organ clusters", area="right")
-    clusters.image.value, clusters.labels.value = ct, seg
+    clusters = viewer.window.add_plugin_dock_widget("napari-dagman", "Organ clusters")[1]
+    assert (clusters.image.value, clusters.labels.value) == (ct, seg), "the dock did not preselect the layers"
     clusters.run.value = str(run)
     clusters.method.value = "umap"
-    clusters.patch.value, clusters.stride.value, clusters.sampling.value = 8, 8, "both"
+    # the default organ-scale patches (48 mm, stride 24 mm, organ patches too); the tiny run's stage 2 tokens
+    # (32 mm) are smaller than a patch
+    clusters.form["stage"].value = 2
     clusters.device.value = "cpu"
     print("embedding and UMAP (the first UMAP compiles for up to a minute) ...", flush=True)
     clusters.compute()
@@ -314,9 +321,91 @@ def clusters_shot(viewer, out: Path, ct, seg, run: Path) -> int:
     fit_window(viewer)
     table = clusters.result.table
     clusters.pick(int(np.argmax(table["purity"].to_numpy() * (table["organ_id"].to_numpy() == 5))))
+    fold(clusters)
+    clusters._scroll.ensureWidgetVisible(clusters.scatter)
     save(viewer, out / "organ_clusters.png")
     viewer.window.remove_dock_widget(dock_of(clusters))
     return 0
+
+
+# --- the attention explorer on the real CT (docs/attention.md, README) ---------------------------------------------
+def explorer_shots(viewer, out: Path, runs: Path, args: argparse.Namespace) -> int:
+    """Small multiples (heads and masks), attention per organ and two runs compared, in the attention explorer on
+    the real CT after two short tiny runs (DAGMaN and AttMask, ROI 64 at 3 mm: a crop of 4 x 4 x 4 tokens).
+
+    After 3 steps an EMA teacher is still its initialisation, so the two runs get different seeds: their maps
+    differ, as finished runs' do. Writes ``docs/images/attention_{small_multiples,organs,compare}.png``.
+    """
+    import numpy as np
+
+    from napari_dagman.core.config import PretrainConfig
+    from napari_dagman.core.segmentation import organ_focus
+    from napari_dagman.core.training import consume, run_pretraining
+
+    data_dir = Path(args.data)
+    made = {}
+    for seed, method in enumerate(("dagman", "attmask")):
+        made[method] = runs / f"explorer-{method}"
+        print(f"pretraining {made[method]} (tiny, ROI 64, 3 steps) ...", flush=True)
+        config = PretrainConfig(images=[str(data_dir / "example_ct.nii.gz")], out=str(made[method]), method=method,
+                                preset="tiny", roi=64, spacing=3.0, steps=3, batch_size=1, preview_every=0, seed=seed)
+        consume(run_pretraining(config))
+    viewer.layers.clear()
+    viewer.open(data_dir / "example_ct.nii.gz", plugin="napari-dagman")
+    viewer.open(data_dir / "example_seg_fast_force_split.nii.gz", plugin="napari-dagman")
+    ct, seg = viewer.layers[-2], viewer.layers[-1]
+    seg.visible = False
+    explorer = viewer.window.add_plugin_dock_widget("napari-dagman", "Attention & mask explorer")[1]
+    explorer.image.value, explorer.organs.value = ct, seg
+    explorer.set_run(str(made["dagman"]))
+    explorer.device.value, explorer.scope.value, explorer.smooth.value = "cpu", "crop", False
+    fit_window(viewer)
+    # the crop: the body's middle on the liver's largest slice (liver, stomach, spleen, kidneys in one crop)
+    z_liver = organ_focus(np.asarray(seg.data), 5, 0)[0]
+    viewer.dims.set_point(0, ct.data_to_world((z_liver, 0, 0))[0])
+    viewer.camera.center = ct.data_to_world((z_liver, ct.data.shape[1] * 0.45, ct.data.shape[2] / 2))[1:]
+    if not explorer.compute() or not explorer.wait(1800) or explorer.result is None:
+        print(f"the explorer failed: {explorer.status.text()}", file=sys.stderr)
+        return 1
+    spin(60, until=lambda: not explorer._organ_runner.running)
+    explorer.show_tile(("head", 0, 1))  # a click on the tile of head 1
+    explorer.show_tile(("mask", 0, "noisy-teacher"))
+    explorer.contour.value = True
+    open_sections(explorer, ("Heads on this slice", "Masks on this slice"))
+    explorer._scroll.ensureWidgetVisible(explorer.masks_figure)
+    save(viewer, out / "attention_small_multiples.png")
+
+    open_sections(explorer, ("Attention per organ",))
+    panel = explorer.organ_panel
+    liver = next(r for r in range(panel.table.rowCount()) if panel.organ_of_row(r)[1] == "liver")
+    panel.table.selectRow(liver)
+    explorer.go_to_organ(5)  # what a click on the liver's row does
+    seg.visible, seg.contour = True, 2
+    explorer._scroll.ensureWidgetVisible(panel.canvas)
+    save(viewer, out / "attention_organs.png")
+
+    seg.visible = False
+    explorer.compare.value = str(made["attmask"])
+    if not explorer.compute() or not explorer.wait(1800) or explorer.compared is None:
+        print(f"the comparison failed: {explorer.status.text()}", file=sys.stderr)
+        return 1
+    explorer.show_tile(("difference",))
+    open_sections(explorer, ("Heads on this slice", "Head diversity"))
+    explorer._scroll.ensureWidgetVisible(explorer.diversity_text)
+    save(viewer, out / "attention_compare.png")
+    viewer.window.remove_dock_widget(dock_of(explorer))
+    return 0
+
+
+def open_sections(dock, titles) -> None:
+    """Only the sections ``titles`` of a dock open (the others folded), then let the layout settle."""
+    from superqt import QCollapsible
+
+    fold(dock, keep=titles)
+    for section in dock.findChildren(QCollapsible):
+        if section.text() in titles:
+            section.expand(animate=False)
+    spin(0.5)
 
 
 if __name__ == "__main__":  # the pretraining child process re-imports this module: keep the guard

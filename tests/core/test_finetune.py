@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
+from tests.helpers import ORGANS, ft_config
 
 from napari_dagman.core.checkpoint import load_tensors, save_tensors
-from napari_dagman.core.config import FinetuneConfig
 from napari_dagman.core.errors import CheckpointError, DagmanInputError
 from napari_dagman.core.events import (
     CancelToken,
@@ -47,36 +47,6 @@ from napari_dagman.core.segmentation import (
 )
 from napari_dagman.core.training import consume
 from napari_dagman.core.volume import Volume
-
-ORGANS = [5, 1, 2, 3, 20]  # liver, spleen, kidneys, colon
-
-
-def ft_config(shared_data: Path, out: Path, **changes) -> FinetuneConfig:
-    """A fast fine-tuning job: tiny model, 6 mm, ROI 64, one crop per step."""
-    base = {
-        "images": [str(shared_data / "example_ct.nii.gz")],
-        "segmentations": [str(shared_data / "example_seg_fast_force_split.nii.gz")],
-        "out": str(out),
-        "organs": ORGANS,
-        "roi": 64,
-        "spacing": 6.0,
-        "steps": 3,
-        "batch_size": 1,
-        "val_every": 3,
-        "val_fraction": 0.25,
-        "val_position": 0.75,
-        "device": "cpu",
-    }
-    base.update(changes)
-    return FinetuneConfig(**base)
-
-
-@pytest.fixture(scope="module")
-def ft_run(tmp_path_factory, shared_data, tiny_run) -> Path:
-    """A 2-step fine-tuning run initialised from the tiny DAGMaN run."""
-    out = tmp_path_factory.mktemp("finetune") / "seg"
-    consume(run_finetuning(ft_config(shared_data, out, init=str(tiny_run), steps=2, val_every=2)))
-    return out
 
 
 # --- encoder transfer -------------------------------------------------------------------------------------------

@@ -52,7 +52,8 @@ def make_dock(make_napari_viewer, ct_pair, run):
     dock.image.value, dock.labels.value = image_layer, labels_layer
     dock.run.value = str(run)
     dock.method.value = "pca"  # real UMAP lives in one core test (numba compiles for 15-60 s)
-    dock.patch.value, dock.stride.value = 8, 4
+    # millimetres: at the run's 4 mm, 8 and 4 voxels; the lattice only, for a known count of patches
+    dock.patch_mm.value, dock.stride_mm.value, dock.sampling.value = 32.0, 16.0, "grid"
     return viewer, dock
 
 
@@ -88,7 +89,18 @@ def test_compute_gives_points_with_features_and_a_scatter(dock):
     assert np.allclose(points.scale, image.scale) and np.allclose(points.translate, image.translate)
     assert ((points.data >= 0) & (points.data < np.array(image.data.shape))).all()
     assert len(dock.scatter.xy) == len(table) and len(dock.scatter.drawn) == len(table)
-    assert "NMI" in dock.metrics.text() and "k-NN" in dock.metrics.text()
+    # a plain reading on one line; the figures one click away, each with its explanation
+    assert dock.metrics.text().startswith(("Organs separate", "The clusters follow", "Not enough"))
+    assert "\n" not in dock.metrics.text()
+    figures = dock._figures_layout
+    titles = [
+        figures.itemAt(r, figures.ItemRole.LabelRole).widget().text() for r in range(figures.rowCount())
+    ]
+    assert "NMI (clusters vs organs)" in titles and "k-NN balanced accuracy" in titles
+    nmi = figures.itemAt(titles.index("NMI (clusters vs organs)"), figures.ItemRole.FieldRole).widget()
+    assert "mutual information" in nmi.toolTip() and float(nmi.text()) == pytest.approx(
+        dock.result.metrics["nmi"], abs=1e-3
+    )
     # organ colours match the Labels layer's colours
     liver = np.flatnonzero(table["organ"].to_numpy() == "liver")[0]
     organs = viewer.layers["organs"]
@@ -147,6 +159,8 @@ def test_lasso_selects_the_right_patches(dock):
     assert np.array_equal(mask, selection_mask(dock.result.embeddings, expected))
     centre = np.round(dock.result.embeddings.centres_index()[expected[0]]).astype(int)
     assert mask[tuple(centre)] == 1
+    # the viewer moved to the slice that holds most of the selection: what lit up is on screen
+    assert shown_slice(viewer) == int(np.argmax(mask.sum(axis=(1, 2))))
     # the rectangle tool, dragged corner to corner, selects the same patches
     dock.select(np.zeros(0, np.int64))
     dock.scatter.tool.value = "rectangle"
@@ -163,6 +177,28 @@ def test_lasso_selects_the_right_patches(dock):
     assert kept.name == "cluster selection 1" and np.array_equal(kept.data, mask)
     assert np.allclose(kept.scale, viewer.layers["ct"].scale)
     assert kept.metadata["label_names"] == {1: "cluster selection 1"}
+
+
+def shown_slice(viewer) -> int:
+    image = viewer.layers["ct"]
+    return int(round((viewer.dims.point[0] - image.translate[0]) / image.scale[0]))
+
+
+def test_a_selection_away_from_the_slice_on_screen_moves_the_viewer_to_it(dock):
+    viewer, dock = dock
+    image = viewer.layers["ct"]
+    centres = np.round(dock.result.embeddings.centres_index())
+    viewer.dims.set_point(0, image.data_to_world((0, 0, 0))[0])  # the first slice on screen
+    top = np.flatnonzero(centres[:, 0] == centres[:, 0].max())  # patches at the other end of the volume
+    dock.select(top)
+    mask = viewer.layers[SELECTION_LAYER].data
+    assert not mask[0].any() and mask[shown_slice(viewer)].any()
+    assert shown_slice(viewer) == int(np.argmax(mask.sum(axis=(1, 2))))
+    # the camera is centred on the selection in that slice
+    rows, cols = np.nonzero(mask[shown_slice(viewer)])
+    centre = np.asarray(image.translate[1:]) + np.asarray(image.scale[1:]) * (rows.mean(), cols.mean())
+    assert np.allclose(viewer.camera.center[-2:], centre, atol=1e-6)
+    assert "most of them on slice" in dock.status.text()
 
 
 def test_viewer_selections_highlight_the_plot(dock):
@@ -217,16 +253,16 @@ def test_bad_inputs_are_one_line_notifications(
     assert "not on the image grid" in errors()[-1] and "\n" not in errors()[-1]
     assert dock.result is None
 
-    # a run folder without an encoder
+    # a folder that is no run: refused at once, no job started
     dock.labels.value = organs
     (tmp_path / "not_a_run").mkdir()
     dock.run.value = str(tmp_path / "not_a_run")
-    dock.compute()
-    dock.runner.wait(60)
-    assert "cannot use" in errors()[-1] and "as an encoder" in errors()[-1]
+    assert not dock.compute() and not dock.runner.running
+    assert "not a napari-dagman run folder" in errors()[-1]
+    assert dock.status.text().startswith("not started:")
 
     # a volume smaller than one patch
-    tiny = viewer.add_image(np.zeros((6, 6, 6), np.float32), scale=(3, 3, 3), name="tiny")
+    tiny = viewer.add_image(np.arange(216, dtype=np.float32).reshape(6, 6, 6), scale=(3, 3, 3), name="tiny")
     dock.image.value, dock.labels.value = tiny, None
     dock.run.value = str(tiny_run)
     dock.compute()

@@ -125,13 +125,14 @@ def test_dock_bad_input_gives_one_line_notifications(
     assert dock.start() and dock.wait(120)
     assert "spleen (1) occur in none of the label maps" in notifications[-1][1]
 
-    # a fine-tuning run given where a pretraining run is expected
+    # a fine-tuning run given where a pretraining run is expected: refused at Start, nothing started
     dock.labels.value = seg
     dock.refresh_organs()
     dock.organs.value = [5]
     dock.init_run.value = str(ft_run)
-    assert dock.start() and dock.wait(120)
+    assert not dock.start() and not dock.running
     assert "is a finetune run, not a pretraining run" in notifications[-1][1]
+    assert dock.status.text().startswith("not started:")
     assert not list(tmp_path.glob("finetune-*/model.safetensors"))  # nothing was trained
 
 
@@ -187,14 +188,14 @@ def test_click_through_moves_dims_and_camera_to_the_organ(make_napari_viewer, sh
     organs = [dock.table.item(r, 0).text() for r in range(dock.table.rowCount())]
     row = organs.index("liver")
 
-    # axial view: the slider goes to the slice where the liver is largest in the prediction, camera on its centre
-    pz = int(np.argmax((predicted == 5).sum(axis=(1, 2))))
+    # axial view: the slider goes to the slice where the liver is largest in the reference (a false-positive
+    # blob of the prediction must not stand for the organ), camera on its centre
     assert dock.go_to_organ(row)
     scale, translate = np.asarray(ref.scale), np.asarray(ref.translate)
-    assert viewer.dims.point[0] == pytest.approx(translate[0] + scale[0] * pz)
-    yx = np.argwhere(predicted[pz] == 5).mean(axis=0)
+    assert viewer.dims.point[0] == pytest.approx(translate[0] + scale[0] * z)
+    yx = np.argwhere(reference[z] == 5).mean(axis=0)
     np.testing.assert_allclose(viewer.camera.center[1:], translate[1:] + scale[1:] * np.round(yx), atol=1e-6)
-    assert pred.selected_label == 5 and dock.current_row == row
+    assert pred.selected_label == 5 and dock.current_row == row and "of the reference" in dock.status.text()
 
     # next / previous organ walk the table
     assert dock.step_organ(1) and dock.current_row == (row + 1) % len(organs)
@@ -207,14 +208,14 @@ def test_click_through_moves_dims_and_camera_to_the_organ(make_napari_viewer, sh
     # sagittal view: the slider now runs along x (physical scale kept)
     viewer.dims.order = (2, 0, 1)
     assert dock.go_to_organ(row)
-    px = int(np.argmax((predicted == 5).sum(axis=(0, 1))))
+    px = int(np.argmax((reference == 5).sum(axis=(0, 1))))
     assert viewer.dims.point[2] == pytest.approx(translate[2] + scale[2] * px)
 
     # 3D view: the camera centres on the organ
     viewer.dims.order = (0, 1, 2)
     viewer.dims.ndisplay = 3
     assert dock.go_to_organ(row)
-    assert viewer.camera.center[0] == pytest.approx(translate[0] + scale[0] * pz)
+    assert viewer.camera.center[0] == pytest.approx(translate[0] + scale[0] * z)
 
     # the prediction / reference / both toggle (contours in a 2D view)
     viewer.dims.ndisplay = 2

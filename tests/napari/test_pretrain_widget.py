@@ -51,8 +51,8 @@ class Toy(SimMIM):
 
 
 TOY = MethodSpec(
-    name="toy",
-    title="Toy (test)",
+    name="dock-toy",
+    title="Toy (dock test)",
     summary="SimMIM with a scaled loss, registered by a test file.",
     module=__name__,
     class_name="Toy",
@@ -127,10 +127,12 @@ def test_methods_listed_are_the_registry(make_napari_viewer, phantom, tmp_path):
         assert dock._method_summary.value.startswith(spec.summary)
         # the method's own options form, rebuilt with this preset's values
         assert dock.method_form.config_class is spec.options_class()
-        assert dock.method_form["mask_ratio"].value == pytest.approx(spec.defaults["mask_ratio"])
         assert dock.method_form.values() == spec.default_options()
+        if "mask_ratio" in spec.defaults:
+            assert dock.method_form["mask_ratio"].value == pytest.approx(spec.defaults["mask_ratio"])
         # teacher options only for a method with a teacher (its options class has them; no name is tested)
-        assert ("teacher_noise" in dock.method_form) is spec.capabilities.has_teacher
+        if "teacher_noise" in dock.method_form:
+            assert spec.capabilities.has_teacher
     # tooltips come from the config's help texts
     assert "multiple of 32" in dock.roi.tooltip
 
@@ -186,6 +188,11 @@ def test_tiny_run_finishes_writes_run_folder_and_updates_previews_in_place(
         assert (run / name).is_file(), name
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 3
     assert json.loads((run / "run.json").read_text())["status"] == "completed"
+    # the start, stage by stage (the child process, imports, preparing, the first step), with its time
+    stages = [name for name, _ in dock.stages]
+    assert stages[:2] == ["starting the background process", "importing torch and MONAI"]
+    assert stages[-1] == "first step" and dock.first_step_s > 0
+    assert any(message.startswith("first step after") for message in dock.messages)
     # the loss curve has every step, with each loss term
     assert dock.plot.series("loss")[0] == [1.0, 2.0, 3.0]
     terms = next(event for _, event in seen if isinstance(event, StepEvent)).terms
@@ -247,6 +254,11 @@ def test_pause_holds_the_run_and_cancel_stops_within_a_step(make_napari_viewer, 
     pretrained = load_pretrained_encoder(run)
     assert pretrained.step == finished.steps_done and pretrained.which == "teacher"
     assert (run / "resume.safetensors").is_file()
+    # a cancelled run is offered to go on (Resume), not to be explored
+    _, actions = dock._finish_report(finished)
+    assert [text for text, _ in actions] == ["Resume", "Open folder"]
+    actions[0][1]()
+    assert dock.resume_from.line_edit.value == str(run)
 
 
 def test_closing_the_dock_stops_the_run(make_napari_viewer, phantom, tmp_path):
@@ -334,7 +346,7 @@ def test_a_method_registered_at_run_time_trains_from_the_dock(make_napari_viewer
             make_napari_viewer, phantom, tmp_path, length=2, preview_every=1, run_name="toy"
         )
         dock.method.reset_choices()
-        dock.method.value = "toy"
+        dock.method.value = TOY.name
         assert dock.method_form.config_class is ToyOptions
         assert dock.method_form["toy_weight"].value == 0.5 and dock.method_form["mask_ratio"].value == 0.5
         assert "teacher_noise" not in dock.method_form
@@ -344,9 +356,28 @@ def test_a_method_registered_at_run_time_trains_from_the_dock(make_napari_viewer
         assert wait_until(lambda: not dock.running, 240), "the toy run did not finish"
         assert dock.last_finished is not None and not dock.last_finished.cancelled, dock.status.text()
         saved = json.loads((tmp_path / "runs" / "toy" / "config.json").read_text())
-        assert saved["method"] == "toy" and saved["toy"]["toy_weight"] == 2.0
+        assert saved["method"] == TOY.name and saved[TOY.name]["toy_weight"] == 2.0
         # previews follow the capabilities: no attention, no teacher
         assert PREVIEW_MASK in viewer.layers
         assert PREVIEW_ATTENTION not in viewer.layers and PREVIEW_UNSEEN not in viewer.layers
     finally:
-        REGISTRY.pop("toy", None)
+        REGISTRY.pop(TOY.name, None)
+
+
+def test_mims_own_pictures_are_previewed(make_napari_viewer, phantom, tmp_path):
+    from napari_dagman._widgets.pretrain import PREVIEW_PICTURE
+
+    viewer, dock = make_dock(make_napari_viewer, phantom, tmp_path, length=1, preview_every=1, run_name="mim")
+    dock.method.value = "mim"
+    dock.method_form["samples_mid"].value, dock.method_form["samples_fine"].value = 1, 1
+    seen = record_events(dock)
+    assert dock.start()
+    assert wait_until(lambda: not dock.running, 300), "the MiM step did not finish"
+    preview = next(event for _, event in seen if isinstance(event, PreviewEvent))
+    levels = viewer.layers[PREVIEW_PICTURE.format("levels")]
+    assert levels.data.shape == (64, 64, 64)  # MiM reads a region twice the ROI
+    assert set(np.unique(levels.data)) <= {0, 1, 2, 3} and (levels.data == 3).any()
+    assert tuple(levels.translate) == pytest.approx(tuple(preview.image_translate))
+    recon = viewer.layers[PREVIEW_PICTURE.format("reconstruction (coarse level)")]
+    assert tuple(recon.scale) == pytest.approx((8.0, 8.0, 8.0))  # the coarse level is half the resolution
+    assert PREVIEW_ATTENTION not in viewer.layers  # MiM trains no class attention: none is shown

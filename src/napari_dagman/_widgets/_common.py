@@ -1,25 +1,36 @@
-"""Pieces every dock shares: device list, layer pickers, a live curve plot, a job runner and a dock that owns
-one, layer helpers.
+"""Pieces every dock shares: device list, layer pickers that start from what is open, layer helpers, and
+`JobDock`, the base of every dock that runs a job (one cancel contract, a scrolling body, tabs for docks that
+belong together, bad input as one line in the dock's own words).
 
 Thin on purpose: no science here. Heavy libraries (torch) are imported inside functions so napari starts fast.
+The job runner lives in `_runner`, the notifications in `_notify`; both are re-exported here.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import time
-import traceback
-from collections import deque
 from collections.abc import Callable, Generator, Sequence
-from functools import partial
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 from magicgui.widgets import ComboBox, Select
-from qtpy.QtCore import QEvent, QObject, QSettings
-from qtpy.QtWidgets import QLabel, QWidget
+from qtpy.QtCore import QEvent, QSettings, QSize, Qt
+from qtpy.QtWidgets import (
+    QDockWidget,
+    QFrame,
+    QLabel,
+    QMainWindow,
+    QScrollArea,
+    QSizePolicy,
+    QVBoxLayout,
+    QWidget,
+)
 
+from napari_dagman._widgets._notify import notify_error, notify_info, notify_warning
+from napari_dagman._widgets._runner import JobRunner, stop_jobs_with
 from napari_dagman._widgets._subprocess import DEFAULT_NICE
 from napari_dagman.core.errors import DagmanError, DagmanInputError
 
@@ -27,33 +38,14 @@ if TYPE_CHECKING:
     import napari
     from napari_dagman.core.volume import Volume
 
-
-# --- notifications --------------------------------------------------------------------------------------------
-def notify_error(err: BaseException | str) -> None:
-    """One-line error notification: the message of a user error, the type and message of anything else."""
-    from napari.utils.notifications import show_error
-
-    if isinstance(err, str):
-        show_error(err)
-    elif isinstance(err, DagmanError):
-        show_error(str(err))
-    else:
-        # a bug, not a user error: keep the notification short, the traceback goes to the console
-        traceback.print_exception(type(err), err, err.__traceback__)
-        show_error(f"Unexpected error ({type(err).__name__}): {err}")
-
-
-def notify_info(message: str, actions: Sequence[tuple[str, Callable[..., Any]]] = ()) -> None:
-    """An info notification; ``actions`` are (button text, callback) pairs shown on the notification."""
-    from napari.utils.notifications import Notification, NotificationSeverity, notification_manager
-
-    notification_manager.dispatch(Notification(message, severity=NotificationSeverity.INFO, actions=actions))
-
-
-def notify_warning(message: str) -> None:
-    from napari.utils.notifications import show_warning
-
-    show_warning(message)
+__all__ = [
+    "OUTPUT_KEY", "DeviceComboBox", "JobDock", "JobRunner", "Settings", "cells_on_voxels", "checked_run",
+    "dock_widget_of", "is_output_layer",
+    "jump_to", "label_names_from_features", "last_run", "layer_combo", "layer_label_names", "layer_picker",
+    "layer_select", "notify_error", "notify_info", "notify_warning", "path_text", "preselect",
+    "remember_last_run", "run_json", "scroll_body", "set_enabled", "slice_axis", "stop_jobs_with", "upsert_layer",
+    "volume_from_layer",
+]  # fmt: skip
 
 
 # --- settings ---------------------------------------------------------------------------------------------------
@@ -132,9 +124,43 @@ def _layer_choices(
     return choices
 
 
-def _follow_layers(viewer: napari.viewer.Viewer, widget: Any) -> None:
-    for event in (viewer.layers.events.inserted, viewer.layers.events.removed, viewer.layers.events.moved):
+def _is_empty(widget: Any) -> bool:
+    value = widget.value
+    return value is None or (isinstance(value, list | tuple) and not value)
+
+
+def preselect(viewer: napari.viewer.Viewer, widget: Any, candidates: Sequence[Any]) -> None:
+    """Choose a layer for an empty picker: the active layer when it is a candidate, else the only candidate.
+
+    A picker the user has set is left alone; several candidates and none active leave the choice to the user;
+    a layer a dock drew (a preview, a prediction) is never chosen for the user.
+    """
+    candidates = [layer for layer in candidates if not is_output_layer(layer)]
+    if not candidates or not _is_empty(widget):
+        return
+    active = viewer.layers.selection.active
+    chosen = active if active in candidates else (candidates[0] if len(candidates) == 1 else None)
+    if chosen is not None:
+        widget.value = [chosen] if isinstance(widget, Select) else chosen
+
+
+def _follow_layers(
+    viewer: napari.viewer.Viewer, widget: Any, choices: Callable[[Any], list], choose: bool = True
+) -> None:
+    """Keep a picker's choices in step with the layer list; with ``choose``, it starts from the active or only
+    layer (`preselect`) and a layer opened while it is empty is chosen (not one a dock drew)."""
+
+    def on_inserted(event: Any) -> None:
+        widget.reset_choices()
+        layer = event.value
+        if choose and _is_empty(widget) and layer in choices() and not is_output_layer(layer):
+            widget.value = [layer] if isinstance(widget, Select) else layer
+
+    viewer.layers.events.inserted.connect(on_inserted)
+    for event in (viewer.layers.events.removed, viewer.layers.events.moved):
         event.connect(widget.reset_choices)
+    if choose:
+        preselect(viewer, widget, choices())
 
 
 def layer_combo(
@@ -145,15 +171,20 @@ def layer_combo(
     nullable: bool = False,
     tooltip: str = "",
     where: Callable[[Any], bool] | None = None,
+    choose: bool = True,
 ) -> ComboBox:
     """A ComboBox of the viewer's layers of one type that follows layers being added, removed or moved.
 
-    ``where`` filters further (e.g. ``lambda layer: not is_output_layer(layer)``).
+    ``where`` filters further (e.g. ``lambda layer: not is_output_layer(layer)``); ``choose`` starts it from the
+    active or only layer (see `preselect`; False leaves an optional picker empty until the user chooses).
     """
-    combo = ComboBox(
-        label=label, choices=_layer_choices(viewer, layer_type, where), nullable=nullable, tooltip=tooltip
-    )
-    _follow_layers(viewer, combo)
+    choices = _layer_choices(viewer, layer_type, where)
+    combo = ComboBox(label=label, choices=choices, nullable=nullable, tooltip=tooltip)
+    active = viewer.layers.selection.active
+    # magicgui starts on the first layer: the active one is the likelier choice
+    if choose and not nullable and active in choices():
+        combo.value = active
+    _follow_layers(viewer, combo, choices, choose)
     return combo
 
 
@@ -164,9 +195,11 @@ def layer_picker(
     *,
     tooltip: str = "",
     inputs_only: bool = True,
+    choose: bool = True,
 ) -> ComboBox:
     """A `layer_combo` of the viewer's Image (``kind="image"``) or Labels layers; a labels picker may be left
-    empty. ``inputs_only`` leaves out the layers the docks drew (previews, maps, predictions)."""
+    empty. ``inputs_only`` leaves out the layers the docks drew (previews, maps, predictions); ``choose`` starts
+    it from the active or only layer."""
     import napari
 
     return layer_combo(
@@ -176,6 +209,7 @@ def layer_picker(
         nullable=kind != "image",
         tooltip=tooltip,
         where=(lambda layer: not is_output_layer(layer)) if inputs_only else None,
+        choose=choose,
     )
 
 
@@ -188,8 +222,9 @@ def layer_select(
     where: Callable[[Any], bool] | None = None,
 ) -> Select:
     """Like `layer_combo`, for choosing several layers at once (a list with multi-selection)."""
-    select = Select(label=label, choices=_layer_choices(viewer, layer_type, where), tooltip=tooltip)
-    _follow_layers(viewer, select)
+    choices = _layer_choices(viewer, layer_type, where)
+    select = Select(label=label, choices=choices, tooltip=tooltip)
+    _follow_layers(viewer, select, choices)
     return select
 
 
@@ -222,7 +257,19 @@ def volume_from_layer(layer: Any, kind: str = "image") -> Volume:
         meta_names = label_names_from_features(getattr(layer, "features", None))
         if meta_names:
             meta["label_names"] = meta_names
-    return Volume.from_layer_data(data, scale=layer.scale, translate=layer.translate, metadata=meta)
+    volume = Volume.from_layer_data(data, scale=layer.scale, translate=layer.translate, metadata=meta)
+    if kind == "image":
+        warn_if_label_map(volume, f"'{layer.name}'")
+    return volume
+
+
+def warn_if_label_map(volume: Volume, what: str) -> None:
+    """A warning notification when an image looks like a label map (used as a CT it teaches nothing)."""
+    from napari_dagman._widgets._jobs import label_map_warning
+
+    message = label_map_warning(volume, what)
+    if message:
+        notify_warning(message)
 
 
 def label_names_from_features(features: Any) -> dict[int, str]:
@@ -308,6 +355,14 @@ def cells_on_voxels(
     return np.kron(mask, np.ones(factors, dtype=mask.dtype))
 
 
+def slice_axis(viewer: napari.viewer.Viewer) -> int:
+    """The volume axis (of the last three) the viewer slices through: 0 = axial; 0 in a 3D view."""
+    dims = viewer.dims
+    offset = dims.ndim - 3
+    hidden = [a - offset for a in dims.not_displayed if a >= offset]
+    return hidden[-1] if hidden else 0
+
+
 def jump_to(
     viewer: napari.viewer.Viewer, world_point: Any, *, zoom: float | None = None, center_camera: bool = True
 ) -> None:
@@ -328,266 +383,97 @@ def jump_to(
         viewer.camera.zoom = zoom
 
 
-# --- running a core job in the background -------------------------------------------------------------------------
-class JobRunner:
-    """Runs a core job generator in the background; its events arrive in the main thread.
+# --- layout ----------------------------------------------------------------------------------------------------
+class VerticalScrollArea(QScrollArea):
+    """Scrolls vertically only: as wide as its content needs, as tall as it is given (a dock's body)."""
 
-    ``start(factory)`` calls ``factory(cancel_token)`` in a worker thread and iterates the generator it
-    returns. ``start_in_process(target, *args)`` runs ``target(*args, cancel=token)`` in a child process
-    instead (see `_subprocess`): the choice for long CPU/GPU work such as pretraining, because a thread
-    competes with the GUI for the GIL and the cores. Either way, ``cancel()`` sets the token, so the job stops
-    at its next step boundary and finishes cleanly (pretraining saves a checkpoint first); ``pause()`` holds
-    it between steps. Progress shows in napari's activity dock. Errors arrive once, as a one-line
-    notification, and through ``on_error``. Quitting napari stops a running job cleanly (it is cancelled and
-    waited for); a dock makes closing itself do the same with `stop_jobs_with`. ``viewer`` is accepted and
-    not used (napari's task-status API is private): callers of the first version keep working.
-    """
+    def __init__(self, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.setWidgetResizable(True)
+        self.setFrameShape(QFrame.Shape.NoFrame)
+        self.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
 
-    def __init__(
-        self,
-        on_event: Callable[[Any], None],
-        *,
-        on_done: Callable[[Any], None] | None = None,
-        on_error: Callable[[BaseException], None] | None = None,
-        on_stopped: Callable[[], None] | None = None,
-        description: str = "napari-dagman",
-        viewer: napari.viewer.Viewer | None = None,
-    ) -> None:
-        self.on_event, self.on_done, self.on_error, self.on_stopped = on_event, on_done, on_error, on_stopped
-        self.description = description
-        self.worker = None
-        self.token = None
-        self.process_job: Any = None
-        self._progress = None
-        self._quit_hooked = False
-        self.events_seen = 0
-        self.last_error: BaseException | None = None
-        self._delivery: deque[tuple[Callable[..., None], tuple[Any, ...]]] = deque()
-        self._delivering = False
-
-    @property
-    def running(self) -> bool:
-        """True from `start` until the job has finished and its last event was delivered."""
-        return self.worker is not None
-
-    def start(self, factory: Callable[[Any], Generator[Any, None, Any]]) -> None:
-        from superqt.utils import GeneratorWorker
-
-        from napari_dagman.core.events import CancelToken
-
-        if self.running:
-            raise DagmanInputError("a job is already running; cancel it first")
-        self.token = CancelToken()
-        token = self.token
-
-        def work() -> Generator[Any, None, Any]:
-            result = yield from factory(token)
-            return result
-
-        # superqt's worker (not napari's notifying one): errors are reported once, as one line, by us
-        worker = GeneratorWorker(work)
-        worker.yielded.connect(partial(self._deliver, self._on_yield))
-        worker.returned.connect(partial(self._deliver, self._on_returned))
-        worker.errored.connect(partial(self._deliver, self._on_errored))
-        worker.finished.connect(partial(self._deliver, self._on_finished))
-        self.worker = worker
-        self.events_seen = 0
-        self.last_error = None
-        self._hook_shutdown()
-        worker.start()
-
-    def start_in_process(
-        self, target: Callable[..., Generator[Any, None, Any]], *args: Any, **kwargs: Any
-    ) -> None:
-        """Run ``target(*args, cancel=token, **kwargs)`` in a child process (a module-level generator function).
-
-        Arguments are pickled into the child; ``nice`` and ``grace_s`` are passed to `ChildProcessJob`.
-        """
-        from napari_dagman._widgets._subprocess import ChildProcessJob
-
-        if self.running:
-            raise DagmanInputError("a job is already running; cancel it first")
-        job = ChildProcessJob(target, *args, **kwargs)
-        self.process_job = job
-        self.start(job.events)
-
-    def cancel(self) -> None:
-        """Ask the job to stop at its next step (it saves what it has, then finishes)."""
-        if self.token is not None:
-            self.token.cancel()
-        if self.process_job is not None:
-            self.process_job.cancel()  # at once, not at the relay's next poll; also un-pauses the child
-        if self.worker is not None and getattr(self.worker, "is_paused", False):
-            self.worker.resume()
-
-    def pause(self) -> None:
-        """Hold the job at its next step boundary (a child process waits; a thread sleeps)."""
-        if not self.running:
-            return
-        if self.process_job is not None:
-            self.process_job.pause()
-        else:
-            self.worker.pause()
-
-    def resume(self) -> None:
-        if self.process_job is not None:
-            self.process_job.resume()
-        elif self.worker is not None:
-            self.worker.resume()
-
-    @property
-    def paused(self) -> bool:
-        if self.process_job is not None:
-            return self.process_job.paused
-        return bool(self.worker is not None and self.worker.is_paused)
-
-    def wait(self, timeout: float = 30.0) -> bool:
-        """Process Qt events until the job ends (tests and shutdown); True when it ended in time."""
-        from qtpy.QtWidgets import QApplication
-
-        end = time.monotonic() + timeout
-        while self.worker is not None and time.monotonic() < end:
-            QApplication.processEvents()
-            self._drain()  # called from inside a delivered callback, the outer loop cannot run them
-            time.sleep(0.01)
-        QApplication.processEvents()
-        self._drain()
-        return self.worker is None
-
-    def stop(self, timeout: float = 60.0) -> bool:
-        """Cancel and wait up to ``timeout`` s for a clean end; a child process still running is then killed.
-
-        For closing a dock or napari. Returns True when the job ended by itself (its checkpoint saved).
-        """
-        if self.worker is None:
-            return True
-        self.cancel()
-        if self.wait(timeout):
-            return True
-        if self.process_job is not None:
-            self.process_job.terminate()  # the relay then sees the child gone and finishes
-            return self.wait(10.0) and False
-        return False
-
-    def detach(self) -> None:
-        """Stop delivering events (the dock that drew them is gone); the job itself is not touched."""
-        self.on_event = lambda _event: None
-        self.on_done = self.on_error = self.on_stopped = None
-
-    def _hook_shutdown(self) -> None:
-        from qtpy.QtWidgets import QApplication
-
-        app = QApplication.instance()
-        if app is not None and not self._quit_hooked:
-            app.aboutToQuit.connect(self.stop)  # napari quitting: let the job save and end first
-            self._quit_hooked = True
-
-    # main-thread slots -------------------------------------------------------------------------------------------
-    def _deliver(self, slot: Callable[..., None], *args: Any) -> None:
-        """Run the worker's signals one at a time, in the order it sent them.
-
-        Drawing an event can re-enter Qt's event loop (napari's activity-dock progress bar does on its first
-        update); a later event delivered there would be drawn before the one in hand (the loss curve got step 2
-        before step 1). Signals that arrive meanwhile wait in a queue that the outermost delivery empties.
-        """
-        self._delivery.append((slot, args))
-        if not self._delivering:
-            self._drain()
-
-    def _drain(self) -> None:
-        outer, self._delivering = self._delivering, True
-        try:
-            while self._delivery:
-                slot, args = self._delivery.popleft()
-                try:
-                    slot(*args)
-                except Exception as err:  # a failing callback must not hold back the ones queued after it
-                    notify_error(err)
-        finally:
-            self._delivering = outer
-
-    def _on_yield(self, event: Any) -> None:
-        self.events_seen += 1
-        self._update_progress(event)
-        try:
-            self.on_event(event)
-        except Exception as err:  # a drawing problem must not kill the job silently
-            notify_error(err)
-
-    def _update_progress(self, event: Any) -> None:
-        from napari_dagman.core.events import ProgressEvent, StepEvent
-
-        if isinstance(event, StepEvent):
-            done, total = event.step, event.total_steps
-        elif isinstance(event, ProgressEvent):
-            done, total = event.done, event.total
-        else:
-            return
-        try:
-            from napari.utils import progress
-        except ImportError:  # pragma: no cover
-            return
-        if self._progress is None or self._progress.total != total:
-            if self._progress is not None:
-                self._progress.close()
-            self._progress = progress(total=total, desc=self.description)
-        if isinstance(event, StepEvent) and np.isfinite(event.loss):
-            self._progress.set_description(f"{self.description} (loss {event.loss:.4g})")
-        self._progress.n = done
-        self._progress.refresh()
-
-    def _on_returned(self, value: Any) -> None:
-        if self.on_done is not None:
-            self.on_done(value)
-
-    def _on_errored(self, err: BaseException) -> None:
-        from napari_dagman.core.events import JobCancelled
-
-        if isinstance(err, JobCancelled):  # the user asked for it: not an error
-            return
-        self.last_error = err
-        notify_error(err)
-        if self.on_error is not None:
-            self.on_error(err)
-
-    def _on_finished(self) -> None:
-        if self._progress is not None:
-            self._progress.close()
-            self._progress = None
-        self.worker = None
-        self.process_job = None
-        if self.on_stopped is not None:
-            self.on_stopped()
-
-
-def _abandon(runners: tuple[JobRunner, ...], *_: Any) -> None:
-    for runner in runners:
-        runner.detach()
-        runner.cancel()
-
-
-class _JobGuard(QObject):
-    """Stops a dock's jobs when the dock is closed (napari unparents its widget) or the widget is deleted."""
-
-    def __init__(self, widget: QWidget, runners: tuple[JobRunner, ...], timeout: float) -> None:
-        super().__init__(widget)
-        self._runners, self._timeout = runners, timeout
+    def setWidget(self, widget: QWidget) -> None:  # noqa: N802 (Qt's name)
+        super().setWidget(widget)
         widget.installEventFilter(self)
-        # napari deletes the docks with its window: cancel (the job saves and ends by itself), draw nothing more
-        widget.destroyed.connect(partial(_abandon, runners))
 
-    def eventFilter(self, obj: QObject, event: QEvent) -> bool:  # noqa: N802 (Qt's name)
-        if event.type() == QEvent.Type.ParentChange and obj.parent() is None:
-            for runner in self._runners:
-                if runner.running:
-                    runner.stop(self._timeout)
-        return False
+    def eventFilter(self, obj: Any, event: QEvent) -> bool:  # noqa: N802 (Qt's name)
+        # the content's needs changed (a longer status line, a rebuilt form): the dock follows its width
+        if obj is self.widget() and event.type() == QEvent.Type.LayoutRequest:
+            self.updateGeometry()
+        return super().eventFilter(obj, event)
+
+    def _width(self, content: int) -> int:
+        return content + self.verticalScrollBar().sizeHint().width() + 2 * self.frameWidth()
+
+    def minimumSizeHint(self) -> QSize:  # noqa: N802 (Qt's name)
+        hint = super().minimumSizeHint()
+        if self.widget() is not None:
+            hint.setWidth(self._width(self.widget().minimumSizeHint().width()))
+        return hint
+
+    def sizeHint(self) -> QSize:  # noqa: N802 (Qt's name)
+        hint = super().sizeHint()
+        if self.widget() is not None:
+            hint.setWidth(self._width(self.widget().sizeHint().width()))
+        return hint
 
 
-def stop_jobs_with(widget: QWidget, *runners: JobRunner, timeout: float = 60.0) -> None:
-    """Tie ``runners`` to a dock ``widget``: closing the dock stops them cleanly (cancel, wait up to
-    ``timeout`` s, then end a child process); deleting the widget (napari's window closed) cancels them."""
-    _JobGuard(widget, tuple(runners), timeout)
+def scroll_body(widget: QWidget) -> VerticalScrollArea | None:
+    """Move ``widget``'s layout (and the widgets it holds) into a vertical scroll area that becomes its only
+    child; returns the scroll area (None when the widget has no layout yet).
+
+    Qt supports taking a laid-out widget's layout for another widget; references to the layout and its widgets
+    stay valid (a magicgui Container keeps adding to its layout).
+    """
+    layout = widget.layout()
+    if layout is None:
+        return None
+    body = QWidget()
+    body.setLayout(layout)  # Qt moves the layout, and the widgets it holds, to the body
+    scroll = VerticalScrollArea()
+    scroll.setWidget(body)
+    outer = QVBoxLayout(widget)
+    outer.setContentsMargins(0, 0, 0, 0)
+    outer.addWidget(scroll)
+    # napari adds a stretch below docks that do not ask for height: this one fills its dock instead
+    widget.setSizePolicy(QSizePolicy.Policy.Preferred, QSizePolicy.Policy.Expanding)
+    return scroll
+
+
+# --- run folders ------------------------------------------------------------------------------------------------
+#: How the docks name the kinds of run (a run folder's config.json "job").
+JOB_NAMES = {"pretrain": "pretraining", "finetune": "fine-tuning"}
+
+
+def run_json(path: str) -> dict[str, Any]:
+    """A run folder's config.json read as plain JSON, {} when there is none or it is unreadable.
+
+    For showing what a run implies (its spacing, its ROI) as soon as it is chosen: unlike `checked_run` it
+    imports no torch, so choosing a folder (or opening a dock with the last run) stays instant.
+    """
+    import json
+    from pathlib import Path
+
+    if not path:
+        return {}
+    try:
+        config = json.loads((Path(path) / "config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return config if isinstance(config, dict) else {}
+
+
+def checked_run(path: str, job: str | None = None) -> dict[str, Any]:
+    """The config of a run folder a dock was given, or a one-line refusal at Start (not a run folder, or a run
+    of another kind), before a job is started that would fail on it later."""
+    from napari_dagman.core.checkpoint import RunFolder
+
+    config = RunFolder(path).config_dict()
+    kind = str(config.get("job", "pretrain"))
+    if job is not None and kind != job:
+        raise DagmanInputError(f"{path} is a {kind} run, not a {JOB_NAMES.get(job, job)} run")
+    return config
 
 
 # --- docks ------------------------------------------------------------------------------------------------------
@@ -621,6 +507,8 @@ class JobDock(QWidget):
     run_kind: ClassVar[str] = "job"
     #: The status line while a cancel is under way.
     cancelling_text: ClassVar[str] = "cancelling: finishing the current step..."
+    #: Docks of the same group open as tabs of one another (e.g. fine-tuning and its results); "" = none.
+    tab_group: ClassVar[str] = ""
 
     def __init__(self, napari_viewer: napari.viewer.Viewer, *, settings_group: str, description: str) -> None:
         super().__init__()
@@ -633,7 +521,10 @@ class JobDock(QWidget):
             on_stopped=self._on_stopped,
             description=description,
             viewer=napari_viewer,
+            describe=self.user_text,
         )
+        self._scroll: QScrollArea | None = None
+        self._tabbed = False
         #: Unix nice value of a job run in a child process (0 = same priority as napari); see docs/pretraining.md
         self.process_nice = DEFAULT_NICE
         self._forms: list[Any] = []
@@ -644,6 +535,73 @@ class JobDock(QWidget):
         self.status = QLabel("idle")
         self.status.setWordWrap(True)
         stop_jobs_with(self, self._runner)  # closing the dock stops its job cleanly (a run saves first)
+
+    # --- layout: a scrolling body, tabs with the docks of the same group ---------------------------------------------
+    def make_scrollable(self) -> None:
+        """Put the dock's content (its layout) in a scroll area, once.
+
+        A dock taller than the screen made napari's window grow past it (buttons and plots out of reach); in a
+        scroll area the dock takes the height it is given. Docks call this at the end of their layout; for one
+        that does not, it happens when Qt polishes the widget, before it is first shown.
+        """
+        if self._scroll is None:
+            self._scroll = scroll_body(self)
+
+    def event(self, event: QEvent) -> bool:
+        if event.type() == QEvent.Type.Polish:
+            self.make_scrollable()
+        return super().event(event)
+
+    def showEvent(self, event: Any) -> None:  # noqa: N802 (Qt's name)
+        super().showEvent(event)
+        if self.tab_group and not self._tabbed:
+            self._tabbed = True
+            self._tab_with_group()
+
+    def _tab_with_group(self) -> None:
+        """Join the tabs of an open dock of the same group, and come to the front."""
+        mine = dock_widget_of(self)
+        window = mine.parentWidget() if mine is not None else None
+        if not isinstance(window, QMainWindow):
+            return
+        for other in window.findChildren(QDockWidget):
+            inner = other.widget()
+            if (
+                other is not mine
+                and isinstance(inner, JobDock)
+                and inner.tab_group == self.tab_group
+                and not other.isFloating()
+                and other.isVisible()
+            ):
+                window.tabifyDockWidget(other, mine)
+                mine.show()
+                mine.raise_()
+                return
+
+    # --- messages ----------------------------------------------------------------------------------------------
+    def user_text(self, text: str) -> str:
+        """A core message in the dock's words: a command-line flag (``--val-position``) becomes the label of the
+        dock's field ('slab position'); flags the dock has no field for stay as they are."""
+        form = getattr(self, "form", None)
+        if form is None or not hasattr(form, "widgets"):
+            return text
+
+        def label(match: re.Match) -> str:
+            widget = form.widgets.get(match.group(1).replace("-", "_"))
+            return f"'{widget.label}'" if widget is not None and widget.label else match.group(0)
+
+        return re.sub(r"--([a-z][a-z0-9-]*)", label, text)
+
+    def refuse(self, err: BaseException | str) -> bool:
+        """Bad input at Start: one notification line, the reason on the status line (no stale text); False."""
+        if isinstance(err, str | DagmanError):
+            text = self.user_text(str(err))
+            notify_error(text)
+        else:
+            notify_error(err)  # a bug: type and message, the traceback on the console
+            text = f"{type(err).__name__}: {err}"
+        self.status.setText(f"not started: {text.splitlines()[0] if text else ''}")
+        return False
 
     def _expose(self, form: Any, names: Sequence[str]) -> None:
         """Make some of a form's widgets attributes of the dock (the names scripts and tests use)."""
@@ -744,6 +702,14 @@ class JobDock(QWidget):
             self.status.setText("cancelled")
         self._set_running(False)
         self._cancel_requested_at = None
+
+
+def dock_widget_of(widget: QWidget) -> QDockWidget | None:
+    """The QDockWidget that holds ``widget`` (None when it is not docked)."""
+    parent = widget.parentWidget()
+    while parent is not None and not isinstance(parent, QDockWidget):
+        parent = parent.parentWidget()
+    return parent
 
 
 def set_enabled(button: Any, enabled: bool) -> None:

@@ -71,7 +71,7 @@ class FieldSpec:
 
 
 def auto_meaning(help_text: str) -> str:
-    """ "auto: <what the job uses>" from a help text's "(default: X)", "default X" or "omit to X"; else "auto"."""
+    """The text "auto: <what the job uses>" from a help text's "(default: X)", "default X" or "omit to X"."""
     found = re.search(r"default:?\s+([^)]*)", help_text) or re.search(r"omit to ([^;)]*)", help_text)
     return f"{AUTO}: {found.group(1).strip().rstrip(';,.')}" if found else AUTO
 
@@ -265,8 +265,9 @@ class NumberEdit(LineEdit):
     def _on_value_change(self, value: Any = None) -> None:
         text = str(value or "").strip()
         if not text or (self.optional and text.lower() == AUTO):
-            self.last_text = text
-            self.changed.emit(None)
+            if self.optional:  # auto; an empty required field has no value to report yet
+                self.last_text = text
+                self.changed.emit(None)
             return
         number = parse_number(text, self.kind)
         if number is not None and self.in_range(number):

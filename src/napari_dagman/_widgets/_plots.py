@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 from magicgui.widgets import ComboBox
-from qtpy.QtCore import QTimer
+from qtpy.QtCore import Qt, QTimer
 from qtpy.QtWidgets import QHBoxLayout, QLabel, QSizePolicy, QVBoxLayout, QWidget
 
 #: Above this many points the scatter draws a density map of all and a random subset in colour.
@@ -22,8 +22,19 @@ HIGHLIGHT = "#ffff00"
 
 
 # --- a live curve plot ------------------------------------------------------------------------------------------
+#: Colours of a plot's series, in the order they first appear (the primary series has its own).
+SERIES_COLOURS = (
+    "#4fc3f7", "#ffb74d", "#81c784", "#e57373", "#ba68c8", "#fff176", "#4db6ac", "#f06292", "#a1887f", "#90a4ae",
+)  # fmt: skip
+PRIMARY_COLOUR = "#f5f5f5"
+
+
 class LossPlot(QWidget):
     """Curves that grow while a job runs (loss terms, validation Dice), redrawn at most once per ``interval_ms``.
+
+    Each series keeps its colour for the plot's life (a cleared plot, a resumed run: the same term, the same
+    colour); the ``primary`` series (the total loss, the mean Dice) is drawn thicker, light, above the others,
+    so its terms never hide it. The step axis has whole-number ticks.
 
     Drawing happens in the GUI thread, so it is kept cheap (measured ~15 ms per redraw on a 2-core CPU): one
     persistent line per series whose data are replaced, the layout recomputed only when the legend or the
@@ -38,6 +49,7 @@ class LossPlot(QWidget):
         log_y: bool = False,
         parent: QWidget | None = None,
         interval_ms: int = 1000,
+        primary: str | None = None,
     ) -> None:
         super().__init__(parent)
         from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
@@ -56,6 +68,8 @@ class LossPlot(QWidget):
         self._title, self._ylabel, self._log_y = title, ylabel, log_y
         self._series: dict[str, tuple[list[float], list[float]]] = {}
         self._lines: dict[str, Any] = {}
+        self.primary = primary
+        self._colours: dict[str, str] = {} if primary is None else {primary: PRIMARY_COLOUR}
         self._dirty = False
         self._layout_dirty = True
         self._timer = QTimer(self)
@@ -73,6 +87,9 @@ class LossPlot(QWidget):
         ax.set_title(self._title, color="#e0e0e0", fontsize=9)
         ax.set_xlabel("step", color="#d0d0d0", fontsize=8)
         ax.set_ylabel(self._ylabel, color="#d0d0d0", fontsize=8)
+        from matplotlib.ticker import MaxNLocator
+
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers (no tick at 1.5)
         if self._log_y:
             from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
@@ -92,6 +109,13 @@ class LossPlot(QWidget):
 
     def series(self, name: str) -> tuple[list[float], list[float]]:
         return self._series.get(name, ([], []))
+
+    def colour(self, name: str) -> str:
+        """The colour of a series: the same for the plot's life, whatever was cleared or drawn since."""
+        if name not in self._colours:
+            taken = sum(1 for key in self._colours if key != self.primary)
+            self._colours[name] = SERIES_COLOURS[taken % len(SERIES_COLOURS)]
+        return self._colours[name]
 
     def clear(self) -> None:
         self._series.clear()
@@ -119,7 +143,15 @@ class LossPlot(QWidget):
         for name, (xs, ys) in self._series.items():
             line = self._lines.get(name)
             if line is None:
-                (line,) = ax.plot(xs, ys, label=name, linewidth=1.2)
+                primary = name == self.primary
+                (line,) = ax.plot(
+                    xs,
+                    ys,
+                    label=name,
+                    color=self.colour(name),
+                    linewidth=2.0 if primary else 1.1,
+                    zorder=3 if primary else 2,
+                )
                 self._lines[name] = line
                 added = True
             else:
@@ -180,6 +212,10 @@ class ScatterPlot(QWidget):
         self.tool = ComboBox(label="select with", choices=["lasso", "rectangle"], value="lasso")
         self.info = QLabel("")
         self.info.setWordWrap(True)
+        # the legend sits below the plot, in the dock's own font: it never covers points and stays readable
+        self.legend = QLabel("")
+        self.legend.setWordWrap(True)
+        self.legend.setTextFormat(Qt.TextFormat.RichText)
         layout = QVBoxLayout(self)
         layout.setContentsMargins(0, 0, 0, 0)
         row = QHBoxLayout()
@@ -187,11 +223,13 @@ class ScatterPlot(QWidget):
         row.addWidget(self.tool.native)
         layout.addLayout(row)
         layout.addWidget(self.canvas)
+        layout.addWidget(self.legend)
         layout.addWidget(self.info)
 
         self.on_pick: list[Callable[[int], None]] = []
         self.on_select: list[Callable[[np.ndarray], None]] = []
         self.xy = np.zeros((0, 2))
+        self.groups: list[tuple[str, tuple[float, ...], np.ndarray]] = []
         self.drawn = np.zeros(0, np.int64)
         self.highlighted = np.zeros(0, np.int64)
         self._press: tuple[float, float] | None = None  # pixels of the button press
@@ -199,7 +237,7 @@ class ScatterPlot(QWidget):
         self._moved = False
         self._background: Any = None  # the last full render, without the overlays
         self._overlays: list[Any] = []
-        self._highlight = self._picked = self._drag = self._legend = None
+        self._highlight = self._picked = self._drag = None
         self.canvas.mpl_connect("button_press_event", self._on_press)
         self.canvas.mpl_connect("motion_notify_event", self._on_motion)
         self.canvas.mpl_connect("button_release_event", self._on_release)
@@ -254,33 +292,11 @@ class ScatterPlot(QWidget):
             self.info.setText(f"{n:,} patches")
         self.drawn = np.flatnonzero(drawn)
         size = 3.0 if len(self.drawn) < 3000 else 2.0
-        for k, (name, rgba, rows) in enumerate(groups):
+        for _name, rgba, rows in groups:
             rows = rows[drawn[rows]]
-            ax.plot(
-                self.xy[rows, 0],
-                self.xy[rows, 1],
-                "o",
-                ms=size,
-                mew=0,
-                color=rgba,
-                linestyle="none",
-                label=f"{name} ({len(rows)})" if k < max_legend else "_nolegend_",
-            )
-        self._legend = None
-        if groups:
-            more = len(groups) - max_legend
-            self._legend = legend = ax.legend(
-                fontsize=6,
-                markerscale=1.5,
-                facecolor=_BACKGROUND,
-                edgecolor="#8f9294",
-                labelcolor="#d0d0d0",
-                loc="upper right",
-                title=f"+{more} more" if more > 0 else None,
-                title_fontsize=6,
-                framealpha=0.7,
-            )
-            legend.set_draggable(True, use_blit=True)
+            ax.plot(self.xy[rows, 0], self.xy[rows, 1], "o", ms=size, mew=0, color=rgba, linestyle="none")
+        self.groups = list(groups)
+        self.legend.setText(legend_html(groups, max_legend))
         if n:
             pad = 0.03 * np.ptp(self.xy, axis=0) + 1e-9
             ax.set_xlim(self.xy[:, 0].min() - pad[0], self.xy[:, 0].max() + pad[0])
@@ -332,10 +348,7 @@ class ScatterPlot(QWidget):
     # mouse: click = pick, drag = lasso or rectangle -----------------------------------------------------------
     def _on_press(self, event: Any) -> None:
         busy = bool(getattr(self.toolbar, "mode", ""))  # pan or zoom active: the mouse is theirs
-        on_legend = self._legend is not None and self._legend.contains(event)[0]  # dragging the legend
-        ok = (
-            event.button == 1 and event.inaxes is self.axes and not (busy or on_legend or event.xdata is None)
-        )
+        ok = event.button == 1 and event.inaxes is self.axes and not (busy or event.xdata is None)
         self._press = (event.x, event.y) if ok else None
         self._path = [(event.xdata, event.ydata)] if ok else []
         self._moved = False
@@ -403,12 +416,48 @@ class ScatterPlot(QWidget):
         return np.flatnonzero((x >= xa) & (x <= xb) & (y >= ya) & (y <= yb))
 
     def save_png(self, path: str | Path) -> None:
-        """The plot as shown, rings included, as a PNG."""
+        """The plot as shown, rings included, with its legend to the right of the points, as a PNG."""
+        from matplotlib.lines import Line2D
+
+        handles = [
+            Line2D([], [], marker="o", linestyle="none", color=rgba, label=f"{name} ({len(rows)})")
+            for name, rgba, rows in self.groups
+        ]
+        legend = (
+            self.axes.legend(
+                handles=handles,
+                loc="upper left",
+                bbox_to_anchor=(1.02, 1.0),
+                fontsize=8,
+                frameon=False,
+                labelcolor="#d0d0d0",
+                ncol=1 + len(handles) // 24,
+            )  # fmt: skip
+            if handles
+            else None
+        )
         for artist in self._overlays:
             artist.set_animated(False)  # savefig leaves animated artists out
         try:
-            self.figure.savefig(path, dpi=150, facecolor=self.figure.get_facecolor())
+            self.figure.savefig(path, dpi=150, facecolor=self.figure.get_facecolor(), bbox_inches="tight")
         finally:
+            if legend is not None:
+                legend.remove()
             for artist in self._overlays:
                 artist.set_animated(True)
             self.canvas.draw_idle()
+
+
+def legend_html(groups: list[tuple[str, tuple[float, ...], np.ndarray]], shown: int = 12) -> str:
+    """A legend as rich text: a disc of each group's colour, its name and size; the rest counted, by name."""
+
+    def disc(rgba: tuple[float, ...]) -> str:
+        r, g, b = (int(round(255 * c)) for c in rgba[:3])
+        return f"<span style='color:#{r:02x}{g:02x}{b:02x}; font-size:large'>&#9679;</span>"
+
+    parts = [f"{disc(rgba)}&nbsp;{name}&nbsp;({len(rows)})" for name, rgba, rows in groups[:shown]]
+    rest = groups[shown:]
+    if rest:
+        names = ", ".join(name for name, _, _ in rest)
+        parts.append(f"<span style='color:#d0d0d0'>+{len(rest)} more: {names}</span>")
+    return " &nbsp; ".join(parts)

@@ -2,9 +2,11 @@
 
 `TrainingDock` owns the part of a training dock that does not depend on what is trained: the "Run" widgets
 (device, runs folder, run name, resume from, child process) and the values it remembers, the collapsible form
-sections, the Start/Cancel and Pause/Resume buttons, the training-loss curve, the events every training job
-yields (steps, log lines, checkpoints, the final `FinishedEvent`) and the notification at the end. A dock adds its
-own form, config and job and answers the hooks below. No science here: the jobs are `core` generators.
+sections, the Start/Cancel and Pause/Resume buttons, the training-loss curve (with a resumed run's whole
+history, read from its metrics.jsonl), the stages of a run's start (importing, reading, preparing, first step,
+with a clock), the events every training job yields (steps, log lines, checkpoints, the final `FinishedEvent`)
+and the notification at the end. A dock adds its own form, config and job and answers the hooks below. No
+science here: the jobs are `core` generators.
 """
 
 from __future__ import annotations
@@ -17,11 +19,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from magicgui.widgets import CheckBox, FileEdit, LineEdit
+from qtpy.QtCore import QTimer
 from qtpy.QtWidgets import QBoxLayout, QHBoxLayout, QPushButton, QWidget
 
 from napari_dagman._widgets._common import (
     DeviceComboBox,
     JobDock,
+    checked_run,
     notify_error,
     notify_info,
     notify_warning,
@@ -33,7 +37,7 @@ from napari_dagman.core.errors import DagmanError, DagmanInputError
 
 if TYPE_CHECKING:
     import napari
-    from napari_dagman.core.events import FinishedEvent, StepEvent
+    from napari_dagman.core.events import FinishedEvent, ProgressEvent, StepEvent
 
 DEFAULT_RUNS_FOLDER = str(Path.home() / "napari-dagman-runs")
 
@@ -54,6 +58,8 @@ class TrainingDock(JobDock):
     cancelling_text: ClassVar[str] = "cancelling: finishing the current step and saving a checkpoint..."
     #: The command recorded in the run's run.json.
     command: ClassVar[str] = "napari-dagman"
+    #: The kind of run the dock makes (a run folder's config.json "job"): a resumed folder must be one.
+    job: ClassVar[str] = ""
     #: Fields of the dock's config form (``form``) remembered between sessions, stored when a run starts.
     remembered_fields: ClassVar[tuple[str, ...]] = ()
 
@@ -74,6 +80,17 @@ class TrainingDock(JobDock):
         self.last_finished: FinishedEvent | None = None
         #: The log lines of the current run, in order.
         self.messages: list[str] = []
+        #: (stage, seconds since Start) of the current run's start; "first step" is the last one.
+        self.stages: list[tuple[str, float]] = []
+        #: Seconds from Start to the first finished step of the current run (None until then).
+        self.first_step_s: float | None = None
+        self._started_at = 0.0
+        self._run_first_step = 0
+        self._start_line = ""  # what the run is (the job's first info line), shown above the stage
+        self._history: tuple[str, bool] | None = None  # (run folder, resumed?) until the first step is drawn
+        self._clock = QTimer(self)
+        self._clock.setInterval(1000)
+        self._clock.timeout.connect(self._show_stage)
 
     # --- form pieces ------------------------------------------------------------------------------------------
     def _make_run_widgets(self, *, run_name_tip: str, resume_tip: str, in_process_tip: str) -> None:
@@ -116,7 +133,7 @@ class TrainingDock(JobDock):
         layout.addLayout(buttons)
         self._toggle = (self.start_button, "Start")
         layout.addWidget(self.status)
-        self.loss_plot = LossPlot("training loss", loss_label, log_y=True)
+        self.loss_plot = LossPlot("training loss", loss_label, log_y=True, primary="loss")
         layout.addWidget(self.loss_plot)
         self.start_button.clicked.connect(self.start_or_cancel)
         self.pause_button.clicked.connect(self.toggle_pause)
@@ -129,6 +146,10 @@ class TrainingDock(JobDock):
     def _job(self) -> Callable[..., Generator[Any, None, Any]]:
         """The module-level job generator (a child process must be able to import it)."""
         raise NotImplementedError
+
+    def _ready(self, config: Any, data: Any, resume: bool) -> bool:
+        """Last checks before a run starts (raise `DagmanError`, or say why and return False)."""
+        return True
 
     def _prepare_run(self, data: Any) -> None:
         """Reset what the dock draws of a run, just before one starts."""
@@ -172,15 +193,35 @@ class TrainingDock(JobDock):
 
     # --- building the job -------------------------------------------------------------------------------------
     def _run_folder(self, prefix: str) -> tuple[str, bool]:
-        """(run folder, resume?): the resume-from folder, else a new folder "<prefix>-<date>" (or the run name)."""
+        """(run folder, resume?): the resume-from folder, else a new folder "<prefix>-<date>" (or the run name).
+
+        What the training loop would refuse after the job's slow start (a folder that is no run of this kind,
+        nothing to resume, a new run over an old one, a folder that cannot be written) is refused here, at Start.
+        """
+        from napari_dagman.core.io import check_output_folder
+
         resume = path_text(self.resume_from)
         if resume:
+            checked_run(resume, self.job or None)
+            from napari_dagman.core.checkpoint import RESUME_FILE
+
+            if not (Path(resume) / RESUME_FILE).is_file():
+                raise DagmanInputError(f"nothing to resume in {resume}: it holds no resumable checkpoint")
             return resume, True
         parent = path_text(self.runs_folder)
         if not parent:
             raise DagmanInputError("choose a runs folder for the new run")
         name = self.run_name.value.strip() or f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}"
-        return str(Path(parent).expanduser() / name), False
+        out = Path(parent).expanduser() / name
+        check_output_folder(out, "run folder")
+        if out.is_dir():
+            from napari_dagman.core.checkpoint import RunFolder
+
+            if RunFolder(out).has_checkpoint():
+                raise DagmanInputError(
+                    f"{out} already holds a run: choose another run name, or continue it with 'resume from'"
+                )
+        return str(out), False
 
     # --- start / cancel / pause ---------------------------------------------------------------------------------
     def start(self) -> bool:
@@ -189,25 +230,33 @@ class TrainingDock(JobDock):
             return False
         try:
             config, data, resume = self.build_job()
+            if not self._ready(config, data, resume):
+                return False
         except DagmanError as err:
-            notify_error(err)
-            return False
+            return self.refuse(err)
         self._remember()
         self._checkpoints.clear()
         self.last_finished = None
         self.messages.clear()
         self.loss_plot.clear()
         self._prepare_run(data)
+        self._start_line = self._starting_text(config)
+        self.stages = [("starting the background process" if self.in_process.value else "starting", 0.0)]
+        self.first_step_s = None
+        self._history = (str(config.out), bool(resume))
+        self._started_at = time.monotonic()
         self._launch(
             self._job(),
             config,
             data,
             in_process=bool(self.in_process.value),
-            status=self._starting_text(config),
+            status=self._start_line,
             resume=resume,
             command=self.command,
             **self._job_options(config),
         )
+        self._show_stage()
+        self._clock.start()
         return True
 
     def _job_options(self, config: Any) -> dict[str, Any]:
@@ -235,31 +284,100 @@ class TrainingDock(JobDock):
         super()._set_running(running)
         self.pause_button.setEnabled(running)
         self.pause_button.setText("Pause")
+        if not running:
+            self._clock.stop()
 
     # --- events from the job (main thread) -----------------------------------------------------------------------
     def _on_event(self, event: Any) -> None:
-        from napari_dagman.core.events import CheckpointEvent, LogEvent, StepEvent
+        from napari_dagman.core.events import CheckpointEvent, LogEvent, ProgressEvent, StepEvent
 
         if isinstance(event, StepEvent):
             self._on_step(event)
         elif isinstance(event, CheckpointEvent):
             self._checkpoints[event.kind] = event.path
         elif isinstance(event, LogEvent):
-            self.messages.append(event.message)
+            message = self.user_text(event.message)
+            self.messages.append(message)
             if event.level == "warning":
-                notify_warning(event.message)
+                notify_warning(message)
+            elif self.first_step_s is None:
+                self._start_line = message  # what is being started, above the stage and its clock
+                # a training job says what it starts once its data and model are ready: the first step is next
+                if not self.stages or self.stages[-1][0] != "first step":
+                    self.stages.append(("first step", time.monotonic() - self._started_at))
+                self._show_stage()
             elif self._cancel_requested_at is None:
-                self.status.setText(event.message)
+                self.status.setText(message)
+        elif isinstance(event, ProgressEvent) and self.first_step_s is None:
+            self._on_stage(event)
         else:
             self._on_job_event(event)
 
+    # --- the start of a run: stages and a clock -------------------------------------------------------------------
+    def _on_stage(self, event: ProgressEvent) -> None:
+        self.stages.append((event.stage, time.monotonic() - self._started_at))
+        self._show_stage()
+
+    def _show_stage(self) -> None:
+        """The status line until the first step: what starts, the stage it is at, and the seconds so far."""
+        if not self.running or self.first_step_s is not None:
+            self._clock.stop()
+            return
+        if self._cancel_requested_at is not None:
+            return
+        stage = self.stages[-1][0] if self.stages else "starting"
+        elapsed = time.monotonic() - self._started_at
+        self.status.setText(f"{self._start_line}\n{stage}... ({elapsed:.0f} s)")
+
+    def startup_text(self) -> str:
+        """How long the start took, stage by stage ("first step after 41 s (importing torch and MONAI 9 s, ...)")."""
+        if self.first_step_s is None:
+            return ""
+        marks = [*self.stages, ("", self.first_step_s)]
+        parts = [
+            f"{name} {end - begin:.0f} s" for (name, begin), (_, end) in zip(marks, marks[1:], strict=False)
+        ]
+        return f"first step after {self.first_step_s:.0f} s ({', '.join(parts)})"
+
+    # --- steps and the curves -------------------------------------------------------------------------------------
     def _on_step(self, event: StepEvent) -> None:
+        if self.first_step_s is None:
+            self.first_step_s = time.monotonic() - self._started_at
+            self._run_first_step = event.step
+            self._clock.stop()
+            self.messages.append(self.startup_text())
+            self.status.setToolTip(self.startup_text())
+        if self._history is not None:
+            run_dir, resumed = self._history
+            self._history = None
+            if resumed:
+                self._draw_history(run_dir, event)
         self.loss_plot.add_point("loss", event.step, event.loss)
         for name, value in event.terms.items():
             self.loss_plot.add_point(name, event.step, value)
         text = self._step_text(event)
+        if event.step - self._run_first_step < 3:  # the start's figures, while they are news
+            text += f"\n{self.startup_text()}"
         if self._cancel_requested_at is None:
             self.status.setText(text)
+
+    def _draw_history(self, run_dir: str, first: StepEvent) -> None:
+        """The steps a resumed run made before, from its metrics.jsonl: the curves show the run's whole history."""
+        from napari_dagman.core.checkpoint import RunFolder
+
+        for record in RunFolder(run_dir).read_metrics():
+            step = int(record.get("step", 0))
+            if step >= first.step:
+                continue
+            if record.get("kind", "train") == "train":
+                for name in ("loss", *first.terms):
+                    if isinstance(record.get(name), int | float):
+                        self.loss_plot.add_point(name, step, float(record[name]))
+            else:
+                self._on_history_record(record)
+
+    def _on_history_record(self, record: dict[str, Any]) -> None:
+        """A metrics.jsonl line of a resumed run's past that is not a training step (e.g. a validation)."""
 
     def _on_done(self, finished: Any) -> None:
         from napari_dagman.core.events import FinishedEvent
@@ -273,8 +391,11 @@ class TrainingDock(JobDock):
 
     def _on_error(self, err: BaseException) -> None:
         # the notification is already out (JobRunner); the dock keeps the reason and goes back to idle
+        self._clock.stop()
         last = self._checkpoints.get("last")
-        self.status.setText(f"failed: {err}" + (f"\nlast good checkpoint: {last}" if last else ""))
+        self.status.setText(
+            f"failed: {self.user_text(str(err))}" + (f"\nlast good checkpoint: {last}" if last else "")
+        )
 
     # --- after the run ------------------------------------------------------------------------------------------
     def _finished_run(self, run_dir: str | None) -> str | None:

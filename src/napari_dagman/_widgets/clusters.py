@@ -7,7 +7,8 @@ the job in the background and draws. It follows the docks' one cancel contract (
 Links:
 
 * plot -> viewer: a click on a point moves the sliders and the camera to its patch and marks it; a lasso or a
-  rectangle lights its patches up in the CT (a Labels layer that "Selection -> labels" keeps as a new layer);
+  rectangle lights its patches up in the CT (a Labels layer that "Selection -> labels" keeps as a new layer)
+  and moves the viewer to the slice that holds most of them;
 * viewer -> plot: points selected in the Points layer, or a click on an organ in the Labels layer (pan/zoom
   mode), are ringed in the plot.
 """
@@ -20,21 +21,26 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from magicgui.widgets import ComboBox, FileEdit, PushButton
-from qtpy.QtWidgets import QFileDialog, QHBoxLayout, QLabel, QVBoxLayout
+from magicgui.widgets import ComboBox, FileEdit, FloatSpinBox, PushButton
+from qtpy.QtWidgets import QFileDialog, QFormLayout, QHBoxLayout, QLabel, QVBoxLayout, QWidget
+from superqt import QCollapsible
 
 from napari_dagman._widgets._common import (
     OUTPUT_KEY,
     DeviceComboBox,
     JobDock,
+    checked_run,
     jump_to,
     layer_label_names,
     layer_picker,
     notify_error,
+    path_text,
+    run_json,
+    slice_axis,
     upsert_layer,
     volume_from_layer,
 )
-from napari_dagman._widgets._forms import ConfigForm, add_sections, with_widgets
+from napari_dagman._widgets._forms import ConfigForm, add_sections, with_widgets, wrapped_label
 from napari_dagman._widgets._plots import HIGHLIGHT, ScatterPlot
 from napari_dagman.core.config import EmbedConfig
 from napari_dagman.core.errors import DagmanError, DagmanInputError
@@ -52,30 +58,37 @@ SELECTION_LAYER = "organ clusters: selection"
 PICKED_LAYER = "organ clusters: picked"
 _HIGHLIGHT = HIGHLIGHT
 
-#: The fields of `EmbedConfig` the dock shows (the image and the labels are layers).
+#: The fields of `EmbedConfig` the dock shows (the image and the labels are layers; patch, stride and sampling are
+#: the dock's own widgets: millimetres, and an "auto" sampling).
 FIELDS: tuple[str, ...] = (
     "checkpoint", "which", "weights", "features", "resample_labels",
     "method", "fast", "n_neighbors", "min_dist", "perplexity",
-    "stage", "pooling", "patch", "stride", "sampling", "per_organ", "overlap", "hist_bins",
+    "stage", "pooling", "per_organ", "overlap", "hist_bins",
     "clustering", "clusters", "min_cluster_size",
     "min_purity", "min_patches", "knn", "distance", "slabs", "gap_mm",
     "seed", "device", "batch_size", "cache", "cache_dir", "table_format",
 )  # fmt: skip
 #: Shown when a section is open; the rest of each section is folded under "more ... options".
 PRIMARY_FIELDS = frozenset(
-    {"checkpoint", "method", "fast", "features", "stage", "pooling", "patch", "stride", "sampling", "clustering",
-     "clusters", "seed", "device"}
+    {"checkpoint", "method", "fast", "features", "stage", "pooling", "clustering", "clusters", "seed", "device"}
 )  # fmt: skip
 #: Form widgets that are also attributes of the dock (the names scripts and tests use).
-EXPOSED: tuple[str, ...] = ("method", "patch", "stride", "sampling", "clusters")
+EXPOSED: tuple[str, ...] = ("method", "clusters")
 #: How the form's fields are labelled in this dock (the field name otherwise).
 LABELS = {
     "method": "projection",
     "fast": "fast (not reproducible)",
-    "patch": "patch (voxels)",
-    "stride": "stride (voxels)",
     "clusters": "clusters (0 = organs)",
 }
+#: Organ-scale patches: a 48 mm cube holds a kidney's width, a slab of liver, a loop of bowel.
+PATCH_MM, STRIDE_MM = 48.0, 24.0
+#: The sampling choices: "auto" places patches inside the organs too whenever a label map is given.
+SAMPLINGS = (
+    ("auto: grid + inside the organs with a label map", "auto"),
+    ("grid", "grid"),
+    ("organs", "organs"),
+    ("grid + organs", "both"),
+)
 SECTION_TITLES = {
     "general": "Input",
     "data": "Input",
@@ -124,6 +137,7 @@ class ClustersWidget(JobDock):
             labels=LABELS,
         )
         self._expose(self.form, EXPOSED)
+        self._make_patch_widgets()
         self.compute_button = PushButton(text="Compute")
         self.cancel_button = PushButton(text="Cancel", enabled=False)
         self.compute_button.changed.connect(lambda _=None: self.compute())
@@ -133,6 +147,12 @@ class ClustersWidget(JobDock):
         self.status.setText("Choose a CT, a run folder and (optionally) its organ labels")
         self.metrics = QLabel("")
         self.metrics.setWordWrap(True)
+        self.metrics.setToolTip("how well the organs separate; the figures are under 'figures'")
+        self.figures = QCollapsible("figures")
+        self._figures_body = QWidget()
+        self._figures_layout = QFormLayout(self._figures_body)
+        self.figures.addWidget(self._figures_body)
+        self.figures.hide()
         self.colour_by = ComboBox(label="colour by", choices=["organ", "cluster"], value="organ")
         self.colour_by.changed.connect(self.recolour)
         self.scatter = ScatterPlot(self)
@@ -140,11 +160,62 @@ class ClustersWidget(JobDock):
         self.scatter.on_select.append(self.select)
         self._lay_out()
 
+    def _make_patch_widgets(self) -> None:
+        """Patch side and stride in millimetres (converted to the run's voxels at Start), and the sampling."""
+        tip = "side of the cube each point describes, in mm (at the run's spacing it becomes whole voxels)"
+        self.patch_mm = FloatSpinBox(
+            label="patch (mm)", value=PATCH_MM, min=2.0, max=500.0, step=4.0, tooltip=tip
+        )
+        self.stride_mm = FloatSpinBox(
+            label="stride (mm)",
+            value=STRIDE_MM,
+            min=1.0,
+            max=500.0,
+            step=4.0,
+            tooltip="distance between grid patches in mm (less than the patch: they overlap)",
+        )
+        self.sampling = ComboBox(
+            label="sampling",
+            choices=SAMPLINGS,
+            value="auto",
+            tooltip="auto = grid + organs when a label map is chosen (every organ gets patches, however small), "
+            "grid without one. grid = every patch of the lattice; organs = patches centred inside each organ",
+        )
+        self.patch_hint = wrapped_label()
+        for widget in (self.patch_mm, self.stride_mm, self.run):
+            widget.changed.connect(self._show_patch_voxels)
+        self._show_patch_voxels()
+
+    def _run_spacing(self) -> float | None:
+        """The chosen run's model spacing (mm), None when it keeps the image's or the run is not readable."""
+        spacing = run_json(path_text(self.run)).get("spacing")
+        return float(spacing) if isinstance(spacing, int | float) and spacing > 0 else None
+
+    def patch_voxels(self) -> tuple[int, int]:
+        """Patch side and stride in voxels of the run's grid (the image's own spacing when the run keeps it)."""
+        spacing = self._run_spacing()
+        if spacing is None:
+            layer = self.image.value
+            spacing = float(np.min(layer.scale[-3:])) if layer is not None else 1.0
+        return (
+            max(1, int(round(self.patch_mm.value / spacing))),
+            max(1, int(round(self.stride_mm.value / spacing))),
+        )
+
+    def _show_patch_voxels(self, _value: Any = None) -> None:
+        spacing = self._run_spacing()
+        patch, stride = self.patch_voxels()
+        where = f"the run's {spacing:g} mm" if spacing else "the image's spacing"
+        self.patch_hint.value = f"= {patch} voxels, stride {stride} voxels at {where}"
+
     def _lay_out(self) -> None:
         layout = QVBoxLayout(self)
         sections = with_widgets(
             self.form.sections(SECTION_TITLES, primary=PRIMARY_FIELDS, expanded=("general", "projection")),
-            before={"Input": [self.image, self.labels]},
+            before={
+                "Input": [self.image, self.labels],
+                "Features and patches": [self.patch_mm, self.stride_mm, self.patch_hint, self.sampling],
+            },
         )
         self._forms.extend(add_sections(layout, sections, self))
         buttons = QHBoxLayout()
@@ -153,6 +224,7 @@ class ClustersWidget(JobDock):
         layout.addLayout(buttons)
         layout.addWidget(self.status)
         layout.addWidget(self.metrics)
+        layout.addWidget(self.figures)
         colour_row = QHBoxLayout()
         colour_row.addWidget(QLabel("colour by"))
         colour_row.addWidget(self.colour_by.native)
@@ -170,11 +242,23 @@ class ClustersWidget(JobDock):
             button.changed.connect(lambda _=None, act=action: act())
             exports.addWidget(button.native)
         layout.addLayout(exports)
+        self.make_scrollable()
 
     # settings -> config ---------------------------------------------------------------------------------------
     def config(self) -> EmbedConfig:
-        """The `EmbedConfig` the form describes (validated: bad values raise `DagmanInputError`)."""
-        return EmbedConfig.from_dict(self.form.values())
+        """The `EmbedConfig` the form describes (validated: bad values raise `DagmanInputError`).
+
+        Patch and stride go from mm to the run's voxels; "auto" sampling places patches inside the organs too
+        when a label map is chosen (a lattice alone gave 174 background patches of 180), the lattice only
+        without one.
+        """
+        patch, stride = self.patch_voxels()
+        sampling = self.sampling.value
+        if sampling == "auto":
+            sampling = "both" if self.labels.value is not None else "grid"
+        return EmbedConfig.from_dict(
+            {**self.form.values(), "patch": patch, "stride": stride, "sampling": sampling}
+        )
 
     # running ----------------------------------------------------------------------------------------------------
     def start(self) -> bool:
@@ -196,10 +280,10 @@ class ClustersWidget(JobDock):
                 labels.metadata["label_names"] = layer_label_names(labels_layer)
             if config.checkpoint is None:
                 raise DagmanInputError("choose a run folder: its encoder describes the patches")
+            if Path(config.checkpoint).is_dir():  # a folder that is no pretraining run: said now
+                checked_run(config.checkpoint, "pretrain")
         except DagmanError as err:
-            self.status.setText(str(err))
-            notify_error(err)
-            return False
+            return self.refuse(err)
         self._settings.set("run", config.checkpoint)
         self._settings.set("device", config.device)
         self.volume = volume
@@ -224,8 +308,6 @@ class ClustersWidget(JobDock):
     # showing a result ---------------------------------------------------------------------------------------------
     def show_result(self, result: EmbeddingResult, image_layer: Any, labels_layer: Any = None) -> None:
         """Points at the patch centres (features = the table), the scatter, the metrics; links set up."""
-        from napari_dagman.core.embeddings import metrics_summary
-
         emb = result.embeddings
         self.result, self.image_layer = result, image_layer
         if self.volume is None or self.volume.shape != tuple(image_layer.data.shape):
@@ -254,9 +336,10 @@ class ClustersWidget(JobDock):
                 "points",
                 **self.placement,
                 features=result.table,
-                size=0.6 * step_mm / voxel_mm,
+                # small and translucent: the anatomy under the points stays readable
+                size=0.4 * step_mm / voxel_mm,
                 border_width=0,
-                opacity=0.8,
+                opacity=0.55,
                 metadata={OUTPUT_KEY: True, "embedding_key": emb.key},
             )
             if SELECTION_LAYER in self._viewer.layers:
@@ -267,12 +350,29 @@ class ClustersWidget(JobDock):
         if "organ" not in result.table.columns:
             self.colour_by.value = "cluster"
         self.recolour()
-        metrics = result.metrics
-        self.metrics.setText(metrics_summary(metrics) if metrics else "no label map: no organ metrics")
+        self._show_metrics(result.metrics)
         self.status.setText(
             f"{len(emb)} patches of {' x '.join(f'{p:g}' for p in emb.patch_mm)} mm; click a point to go to "
             "its patch, drag to select"
         )
+
+    def _show_metrics(self, metrics: dict[str, Any] | None) -> None:
+        """A plain reading on one line; the figures, each explained in its tooltip, one click away."""
+        from napari_dagman.core.embeddings import metric_rows, metrics_reading
+
+        while self._figures_layout.rowCount():
+            self._figures_layout.removeRow(0)
+        if not metrics:
+            self.metrics.setText("no label map: no organ metrics")
+            self.figures.hide()
+            return
+        self.metrics.setText(metrics_reading(metrics))
+        for title, value, explanation in metric_rows(metrics):
+            name, figure = QLabel(title), QLabel(value)
+            for label in (name, figure):
+                label.setToolTip(explanation)
+            self._figures_layout.addRow(name, figure)
+        self.figures.show()
 
     @contextlib.contextmanager
     def _keep_active_layer(self) -> Iterator[None]:
@@ -397,11 +497,12 @@ class ClustersWidget(JobDock):
         if self.result is None or self.image_layer is None:
             return
         self.selected = np.unique(np.asarray(ids, np.int64))
+        mask = selection_mask(self.result.embeddings, self.selected)
         with self._keep_active_layer():
             upsert_layer(
                 self._viewer,
                 SELECTION_LAYER,
-                selection_mask(self.result.embeddings, self.selected),
+                mask,
                 "labels",
                 **self.placement,
                 opacity=0.4,
@@ -412,6 +513,23 @@ class ClustersWidget(JobDock):
             self.points_layer.selected_data = set(self.selected.tolist())
         self.scatter.set_highlight(self.selected)
         self.status.setText(f"{len(self.selected)} patches selected")
+        if len(self.selected):
+            self._show_selection(mask)
+
+    def _show_selection(self, mask: np.ndarray) -> None:
+        """Move the viewer to the slice holding most of the selection, centred on it there (the lit patches
+        may lie on slices other than the one on screen)."""
+        axis = slice_axis(self._viewer)
+        others = tuple(a for a in range(3) if a != axis)
+        area = mask.sum(axis=others)
+        if not area.any():
+            return
+        index = int(np.argmax(area))
+        in_slice = np.argwhere(np.take(mask, index, axis=axis))
+        point = np.insert(in_slice.mean(axis=0), axis, index)
+        world = np.asarray(self.placement["translate"]) + np.asarray(self.placement["scale"]) * point
+        jump_to(self._viewer, world)
+        self.status.setText(f"{len(self.selected)} patches selected; most of them on slice {index}")
 
     # exports --------------------------------------------------------------------------------------------------------
     def keep_selection(self) -> Any:

@@ -3,8 +3,10 @@
 `FinetuneWidget`: an image layer and a labels layer (or files), the organs to segment (named), the pretraining
 run whose encoder starts the model (or from scratch), the fine-tuning options (`_forms.ConfigForm`: the main ones
 shown, the rest folded) and the device; `core.segmentation.run_finetuning` runs in a child process (or a thread)
-and the dock draws the training loss and the validation Dice per organ as they come. Its results (prediction,
-table, click-through) are the results dock's (`results.py`).
+and the dock draws the training loss and the validation Dice per organ as they come. Before a run starts, the
+pretraining run is checked and the validation slab is checked to hold the chosen organs (a better slab position
+is offered). Its results (prediction, table, click-through) are the results dock's (`results.py`), which opens
+as a tab of this one.
 
 torch and MONAI are imported inside functions, so napari starts fast.
 """
@@ -14,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable, Generator
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 from magicgui.widgets import CheckBox, ComboBox, FileEdit, Select
 from qtpy.QtWidgets import QPushButton, QVBoxLayout
 
@@ -22,10 +25,13 @@ from napari_dagman._widgets._common import (
     layer_label_names,
     layer_picker,
     notify_error,
+    notify_warning,
     path_text,
+    run_json,
     volume_from_layer,
 )
-from napari_dagman._widgets._forms import ConfigForm, with_widgets
+from napari_dagman._widgets._forms import ConfigForm, placeholder, with_widgets
+from napari_dagman._widgets._jobs import finetune_job
 from napari_dagman._widgets._plots import LossPlot
 from napari_dagman._widgets._training import Actions, TrainingDock
 from napari_dagman._widgets.results import RESULTS_WIDGET
@@ -34,14 +40,16 @@ from napari_dagman.core.errors import DagmanError, DagmanInputError
 
 if TYPE_CHECKING:
     import napari
-    from napari_dagman.core.events import CancelToken, FinishedEvent, StepEvent
-    from napari_dagman.core.volume import Volume
+    from napari_dagman.core.events import FinishedEvent, StepEvent
+
+__all__ = ["FinetuneWidget", "finetune_job"]
 
 #: The fields of `FinetuneConfig` the dock shows, by section (data, model, optimisation, validation, run).
 FIELDS: tuple[str, ...] = (
     "roi", "spacing", "hu_min", "hu_max", "resample_labels", "background_ratio", "augment",
     "init", "init_encoder", "preset", "init_weights", "dims", "drop_path",
-    "steps", "batch_size", "lr", "min_lr", "weight_decay", "warmup_steps", "grad_clip", "amp", "fused_attention",
+    "steps", "batch_size", "lr", "min_lr", "weight_decay", "warmup_steps", "grad_clip", "precision", "compile",
+    "fused_attention",
     "val_split", "val_fraction", "val_position", "val_gap_mm", "val_every", "val_cases", "overlap",
     "device", "seed", "threads", "log_every", "save_every", "checkpoint_every",
 )  # fmt: skip
@@ -88,33 +96,22 @@ SECTION_TITLES = {
 RESUMABLE_FIELDS: tuple[str, ...] = ("steps", "lr", "val_every", "device")
 
 
-def finetune_job(
-    config: FinetuneConfig,
-    pairs: list[tuple[Volume, Volume]] | None = None,
-    *,
-    resume: bool = False,
-    cancel: CancelToken | None = None,
-    command: str = "napari-dagman fine-tuning dock",
-) -> Generator[Any, None, Any]:
-    """`core.segmentation.run_finetuning` on layer pairs or on the files of ``config`` (module level: a child
-    process imports it)."""
-    from napari_dagman.core.segmentation import run_finetuning
-
-    result = yield from run_finetuning(config, pairs or None, resume=resume, cancel=cancel, command=command)
-    return result
-
-
 class FinetuneWidget(TrainingDock):
     """Fine-tune a SwinUNETR segmentation model from napari; live loss and validation Dice per organ."""
 
     run_kind = "fine-tuning run"
+    job = "finetune"
     command = "napari-dagman fine-tuning dock"
+    tab_group = "segmentation"
 
     def __init__(self, napari_viewer: napari.viewer.Viewer) -> None:
         super().__init__(napari_viewer, settings_group="finetune", description="segmentation fine-tuning")
         self.offered_organs: dict[int, str] = {}
+        self._slab_acknowledged: tuple | None = None  # the slab warned about; Start again starts anyway
         self._build()
+        self._match_labels()
         self.refresh_organs()
+        self._show_auto_values()
 
     # --- form ---------------------------------------------------------------------------------------------------
     def _build(self) -> None:
@@ -156,17 +153,20 @@ class FinetuneWidget(TrainingDock):
             start_tip="start fine-tuning; becomes Cancel while it runs (a checkpoint is saved)",
             loss_label="Dice+CE",
         )
-        self.dice_plot = LossPlot("validation Dice", "Dice")
+        self.dice_plot = LossPlot("validation Dice", "Dice", primary="mean")
         layout.addWidget(self.dice_plot)
         self.results_button = QPushButton("Predict && inspect results")
         self.results_button.setToolTip("open the results dock with this run and image")
         self.results_button.setEnabled(False)
         layout.addWidget(self.results_button)
         layout.addStretch(1)
+        self.make_scrollable()
 
         self.labels.changed.connect(self.refresh_organs)
         self.labels_file.changed.connect(self.refresh_organs)
+        self.image.changed.connect(self._match_labels)
         self.scratch.changed.connect(self._on_scratch)
+        self.init_run.changed.connect(self._show_auto_values)
         self.results_button.clicked.connect(lambda: self.open_results())
         self._on_scratch()
 
@@ -193,6 +193,32 @@ class FinetuneWidget(TrainingDock):
     def _on_scratch(self, _value: Any = None) -> None:
         self.init_run.enabled = self.encoder.enabled = not self.scratch.value
         self.preset.enabled = bool(self.scratch.value)
+        self._show_auto_values()
+
+    def _match_labels(self, _value: Any = None) -> None:
+        """With no labels chosen, the one label map on the image's voxel grid (the image's own)."""
+        image = self.image.value
+        if image is None or self.labels.value is not None:
+            return
+        shape = np.shape(image.data)
+        matching = [
+            layer for layer in self.labels.choices if layer is not None and np.shape(layer.data) == shape
+        ]
+        if len(matching) == 1:
+            self.labels.value = matching[0]
+
+    def _show_auto_values(self, _value: Any = None) -> None:
+        """Left on auto, ROI and spacing show the values the run will use (the pretraining run's)."""
+        if not hasattr(self, "form"):
+            return
+        saved = {} if self.scratch.value else _run_inputs(path_text(self.init_run))
+        for name, unit in (("roi", ""), ("spacing", " mm")):
+            widget, spec = self.form[name], self.form.specs[name]
+            text = placeholder(spec.auto_text)
+            if name in saved:
+                value = saved[name] if name != "roi" else max(int(spec.minimum or 0), int(saved[name]))
+                text = f"auto: {value:g}{unit} (the pretraining run's)"
+            widget.native.setPlaceholderText(text)
 
     def refresh_organs(self, _value: Any = None) -> None:
         """Offer the organs of the chosen label map (layer or file), by name and id."""
@@ -259,6 +285,73 @@ class FinetuneWidget(TrainingDock):
         base["out"] = out
         return FinetuneConfig.from_dict(base), pairs, resume
 
+    def _ready(self, config: FinetuneConfig, pairs: list[tuple[Any, Any]], resume: bool) -> bool:
+        """The pretraining run is a pretraining run, and the validation slab holds the chosen organs."""
+        if resume:
+            return True
+        from napari_dagman.core.segmentation.model import run_input_defaults
+
+        defaults = run_input_defaults(config.init)  # one line now for a folder that is no pretraining run
+        return self._slab_holds_organs(config, pairs, defaults)
+
+    def _validation_labels(self, pairs: list[tuple[Any, Any]]) -> Any:
+        """The one label map a slab split cuts (a layer's or a file's), else None (several pairs; a label map on
+        another grid than its image, which the run itself refuses or resamples)."""
+        if pairs:
+            image, labels = pairs[0]
+            return labels if len(pairs) == 1 and image.shape == labels.shape else None
+        path = path_text(self.labels_file)
+        if not path:
+            return None
+        from napari_dagman.core.io import read_volume
+
+        return read_volume(path)
+
+    def _slab_holds_organs(self, config: FinetuneConfig, pairs: list[Any], defaults: dict[str, Any]) -> bool:
+        """Say at Start which organs the validation slab would not validate, and offer a slab that holds more.
+
+        Start refuses once (the warning has a button that moves the slab); pressed again unchanged, it starts.
+        """
+        from napari_dagman.core.segmentation.data import best_slab_position, slab_organs
+
+        labels = self._validation_labels(pairs)
+        if labels is None or config.val_split not in ("auto", "slab"):
+            return True
+        present = set(np.unique(labels.array).tolist())
+        # organs absent from the whole label map are the run's to refuse, with its own message
+        organs = [int(i) for i in (config.organs or sorted(self.offered_organs)) if int(i) in present]
+        if not organs:
+            return True
+        dims = int(config.dims or defaults["dims"])
+        model_z = float(config.spacing or defaults["spacing"]) if dims == 3 else float(labels.spacing[0])
+        where = {"fraction": config.val_fraction, "gap_mm": config.val_gap_mm}
+        held = slab_organs(
+            labels.array, labels.spacing[0], model_z, organs, position=config.val_position, **where
+        )
+        missing = [self.offered_organs.get(i, str(i)) for i in organs if i not in held]
+        # the same choice as last time (the volume is rebuilt per Start: the layer or file identifies it)
+        source = (id(self.labels.value), path_text(self.labels_file))
+        key = (tuple(organs), config.val_position, config.val_fraction, config.val_gap_mm, source)
+        if not missing or key == self._slab_acknowledged:
+            return True
+        self._slab_acknowledged = key
+        best, best_held = best_slab_position(
+            labels.array, labels.spacing[0], model_z, organs, position=config.val_position, **where
+        )
+        position = f"'{self.form['val_position'].label}'"
+        text = f"the validation slab ({position} {config.val_position:g}) holds no {', '.join(missing)}: no Dice for them"
+        actions: Actions = [("Start anyway", lambda *_: self.start())]
+        if len(best_held) > len(held):
+            text += f"; {position} {best:g} holds {len(best_held)} of the {len(organs)} organs"
+            actions.insert(0, (f"Move the slab to {best:g}", lambda *_: self._move_slab(best)))
+        self.status.setText(f"not started: {text}. Start again to start anyway.")
+        notify_warning(text, actions)
+        return False
+
+    def _move_slab(self, position: float) -> None:
+        self.val_position.value = position
+        self.status.setText(f"validation slab moved to {position:g}; Start when ready")
+
     # --- running the job (hooks of TrainingDock) ---------------------------------------------------------------
     def _job(self) -> Callable[..., Generator[Any, None, Any]]:
         return finetune_job
@@ -274,9 +367,17 @@ class FinetuneWidget(TrainingDock):
         from napari_dagman.core.events import ValidationEvent
 
         if isinstance(event, ValidationEvent):
-            for organ, value in event.dice.items():
-                self.dice_plot.add_point(organ, event.step, value)
-            self.dice_plot.add_point("mean", event.step, event.mean_dice)
+            self._add_dice(event.step, event.dice, event.mean_dice)
+
+    def _add_dice(self, step: int, dice: dict[str, float], mean: float) -> None:
+        for organ, value in dice.items():
+            self.dice_plot.add_point(organ, step, value)
+        self.dice_plot.add_point("mean", step, mean)
+
+    def _on_history_record(self, record: dict[str, Any]) -> None:
+        # a resumed run's earlier validations: the Dice curves show its whole history too
+        if record.get("kind") == "validation" and isinstance(record.get("dice"), dict):
+            self._add_dice(int(record["step"]), record["dice"], float(record.get("mean_dice", np.nan)))
 
     def _step_text(self, event: StepEvent) -> str:
         return f"step {event.step}/{event.total_steps}: loss {event.loss:.4f} ({event.seconds_per_step:.2f} s/step)"
@@ -293,10 +394,18 @@ class FinetuneWidget(TrainingDock):
         if best is not None:
             text += f"; best validation Dice {best:.3f} (step {finished.summary.get('best_step')})"
         self.results_button.setEnabled(True)
-        return text, [("Predict & inspect", lambda *_: self.open_results())]
+        return text, [("Predict & inspect", lambda *_: self.open_results(finished.run_dir))]
 
     def open_results(self, run_dir: str | None = None) -> Any:
         """Dock the results widget with this run and the training image chosen; returns it."""
         return self._open_with_run(
             RESULTS_WIDGET, "results dock", run_dir, image=self.image.value, reference=self.labels.value
         )
+
+
+def _run_inputs(path: str) -> dict[str, Any]:
+    """ROI and spacing of a pretraining run (as its config.json says), for showing what "auto" means."""
+    config = run_json(path)
+    if config.get("job", "pretrain") != "pretrain":
+        return {}
+    return {k: config[k] for k in ("roi", "spacing") if isinstance(config.get(k), int | float)}

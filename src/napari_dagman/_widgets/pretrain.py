@@ -29,7 +29,6 @@ from napari_dagman._widgets._common import (
     is_output_layer,
     jump_to,
     layer_select,
-    notify_error,
     path_text,
     remember_last_run,
     upsert_layer,
@@ -62,6 +61,7 @@ PREVIEW_ATTENTION = "pretrain preview: teacher attention"
 PREVIEW_CLASS_ATTENTION = "pretrain preview: class attention"  # a method that trains it without a teacher
 PREVIEW_MASK = "pretrain preview: mask"
 PREVIEW_UNSEEN = "pretrain preview: unseen by the teacher"
+PREVIEW_PICTURE = "pretrain preview: {}"  # a method's own picture, by name
 PREVIEW_LAYERS = (PREVIEW_CROP, PREVIEW_ATTENTION, PREVIEW_CLASS_ATTENTION, PREVIEW_MASK, PREVIEW_UNSEEN)
 EXPLORER_WIDGET = "Attention & mask explorer"
 MASK_COLOUR = "#00e5ff"
@@ -71,7 +71,8 @@ UNSEEN_COLOUR = "#ff9100"
 GENERAL_FIELDS: tuple[str, ...] = (
     "roi", "spacing", "hu_min", "hu_max",  # data
     "preset", "dims", "attention_stage", "out_dim", "drop_path", "mask_cell",  # model (+ mask cell)
-    "steps", "batch_size", "lr", "min_lr", "weight_decay", "warmup_steps", "grad_clip", "amp", "fused_attention",
+    "steps", "batch_size", "lr", "min_lr", "weight_decay", "warmup_steps", "grad_clip", "precision", "compile",
+    "fused_attention",
     "seed", "device", "preview_every", "checkpoint_every", "threads", "log_every", "save_every", "probe_every",
     "probe_crops",
 )  # fmt: skip
@@ -131,11 +132,13 @@ class PretrainWidget(TrainingDock):
     """Self-supervised pretraining from napari: method, data, hyperparameters, device; live loss and preview."""
 
     run_kind = "pretraining run"
+    job = "pretrain"
     command = "napari-dagman pretraining dock"
     remembered_fields = ("method", "preset", "dims", "roi", "spacing")
 
     def __init__(self, napari_viewer: napari.viewer.Viewer) -> None:
         super().__init__(napari_viewer, settings_group="pretrain", description="pretraining")
+        self._picture_layers: set[str] = set()
         self._step_seconds: list[float] = []
         self._probe_diversity: dict[str, float] = {}
         self._trained_layer_names: set[str] = set()
@@ -232,6 +235,7 @@ class PretrainWidget(TrainingDock):
         after.addWidget(self.folder_button)
         layout.addLayout(after)
         layout.addStretch(1)
+        self.make_scrollable()
 
     def _add_method_box(self, layout: QVBoxLayout) -> None:
         """The "Method" box: the method, its summary and its own options (rebuilt when the method changes)."""
@@ -314,15 +318,23 @@ class PretrainWidget(TrainingDock):
         if not path:
             return
         try:
-            self.apply_config(RunFolder(path).config_dict())
+            changed = self.apply_config(RunFolder(path).config_dict())
         except DagmanError as err:
-            notify_error(err)
+            self.refuse(err)
             return
-        self.status.setText(f"resuming {path}: settings loaded; raise the step count to train further")
+        # the run's resolved values replace "auto" (so its schedule continues exactly): say which, never silently
+        note = f" ({', '.join(changed)})" if changed else ""
+        self.status.setText(
+            f"resuming {path}: the run's settings are loaded{note}; raise the step count to train further"
+        )
 
-    def apply_config(self, data: dict[str, Any]) -> None:
-        """Fill the form from a config dict (a run's config.json); raises `DagmanError` on a bad one."""
+    def apply_config(self, data: dict[str, Any]) -> list[str]:
+        """Fill the form from a config dict (a run's config.json); raises `DagmanError` on a bad one.
+
+        Returns what changed in the general form, as "label old -> new" (e.g. "learning rate auto -> 0.0001").
+        """
         config = PretrainConfig.from_dict(data, strict=False)
+        before = self.form.values()
         self.method.value = config.method  # rebuilds the method's form when it changes
         values = config.to_dict()
         epochs = values.get("epochs")
@@ -331,6 +343,16 @@ class PretrainWidget(TrainingDock):
         self.form.set_values({k: v for k, v in values.items() if k not in ("method", "device")})
         if self.method_form is not None:
             self.method_form.set_values(config.options)
+        after = self.form.values()
+
+        def shown(value: Any) -> str:
+            return "auto" if value is None else f"{value:g}" if isinstance(value, float) else str(value)
+
+        return [
+            f"{self.form[name].label} {shown(before[name])} -> {shown(after[name])}"
+            for name in self.form.fields
+            if name not in ("method", "device") and before[name] != after[name]
+        ]
 
     # --- building the job ----------------------------------------------------------------------------------------
     def _paths(self) -> list[str]:
@@ -398,9 +420,7 @@ class PretrainWidget(TrainingDock):
         }
         self._step_seconds.clear()
         self._probe_diversity.clear()
-        for name in PREVIEW_LAYERS:  # a previous run's previews (maybe of another method) would mislead
-            if name in self._viewer.layers:
-                self._viewer.layers.remove(name)
+        self.remove_previews()  # a previous run's previews would mislead
 
     def _starting_text(self, config: PretrainConfig) -> str:
         where = "a separate process" if self.in_process.value else "a thread"
@@ -462,10 +482,25 @@ class PretrainWidget(TrainingDock):
                 create={"colormap": "inferno", "blending": "additive", "opacity": 0.7},
                 contrast_limits=(0.0, max(2.0, float(mean.max()))),
             )
-        # outlines of the hidden cells, drawn on the crop's voxels so that they read over the attention
-        self._cell_layer(PREVIEW_MASK, event.mask, event, MASK_COLOUR)
+        if "mask" in capabilities.previews:
+            # outlines of the hidden cells, drawn on the crop's voxels so that they read over the attention
+            self._cell_layer(PREVIEW_MASK, event.mask, event, MASK_COLOUR)
         if event.unseen is not None:
             self._cell_layer(PREVIEW_UNSEEN, event.unseen, event, UNSEEN_COLOUR)
+        for picture in event.pictures:  # the method's own pictures: MiM's masks per level, reconstructions
+            from napari_dagman.core.volume import grid_placement
+
+            scale, translate = grid_placement(event.image_translate, event.image_scale, picture.factor)
+            labels = picture.kind == "labels"
+            self._preview_layer(
+                PREVIEW_PICTURE.format(picture.name),
+                picture.array,
+                "labels" if labels else "image",
+                scale,
+                translate,
+                create={"opacity": 0.5} if labels else {"colormap": "gray", "visible": False},
+            )
+            self._picture_layers.add(PREVIEW_PICTURE.format(picture.name))
         if self.follow.value:
             centre = np.asarray(event.image_translate) + (np.asarray(event.image.shape) - 1) / 2 * np.asarray(
                 event.image_scale
@@ -520,16 +555,36 @@ class PretrainWidget(TrainingDock):
             lines.append(f"best: {best}")
         self.explore_button.setEnabled(True)
         self.folder_button.setEnabled(True)
-        actions: Actions = [
-            ("Explore attention", lambda *_: self.open_in_explorer(finished.run_dir)),
-            ("Open folder", lambda *_: self.open_run_folder(finished.run_dir)),
-        ]
-        return "\n".join(lines), actions
+        run_dir = finished.run_dir
+        first: tuple[str, Callable[..., Any]] = (
+            # a cancelled run is offered to go on; a finished one, to be looked at
+            ("Resume", lambda *_: self.resume_run(run_dir))
+            if finished.cancelled
+            else ("Explore attention", lambda *_: self.open_in_explorer(run_dir))
+        )
+        return "\n".join(lines), [first, ("Open folder", lambda *_: self.open_run_folder(run_dir))]
+
+    def resume_run(self, run_dir: str) -> None:
+        """Choose ``run_dir`` to resume (its settings fill the form); Start then continues it."""
+        self.resume_from.value = run_dir
 
     # --- after the run -------------------------------------------------------------------------------------------
     def open_in_explorer(self, run_dir: str | None = None) -> Any:
-        """Dock the attention & mask explorer with this run folder chosen; returns the explorer widget."""
-        return self._open_with_run(EXPLORER_WIDGET, "attention explorer", run_dir)
+        """Dock the attention & mask explorer with this run folder chosen; returns the explorer widget.
+
+        The live previews are removed: they showed one training crop, the explorer shows the run's maps.
+        """
+        explorer = self._open_with_run(EXPLORER_WIDGET, "attention explorer", run_dir)
+        if explorer is not None:
+            self.remove_previews()
+        return explorer
+
+    def remove_previews(self) -> None:
+        """Remove the live preview layers of the last run."""
+        for name in (*PREVIEW_LAYERS, *self._picture_layers):
+            if name in self._viewer.layers:
+                self._viewer.layers.remove(name)
+        self._picture_layers.clear()
 
     def open_run_folder(self, run_dir: str | None = None) -> None:
         run_dir = self._finished_run(run_dir)

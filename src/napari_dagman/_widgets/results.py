@@ -2,9 +2,11 @@
 
 `SegmentationResultsWidget` runs sliding-window prediction with a fine-tuned run (in a thread), shows the result
 as a Labels layer with organ names and stable colours, and - with a reference - a disagreement layer (false
-positive / false negative / wrong organ) and a table (organ, ml, Dice, HD95) whose rows move the viewer to the
-organ; next/previous organ, "worst slice", a prediction/reference/both toggle, and export. It follows the docks'
-one cancel contract (`_common.JobDock`): Predict reads "Cancel" while a job runs, closing the dock stops it.
+positive / false negative / wrong organ, with its legend) and a table (organ, predicted and reference ml, Dice,
+HD95) whose rows move the viewer to the organ (the reference's, when there is one); next/previous organ, "worst
+slice", a prediction / reference / both / disagreement switch that sets every result layer, and export. It
+follows the docks' one cancel contract (`_common.JobDock`): Predict reads "Cancel" while a job runs, closing the
+dock stops it. It opens as a tab of the fine-tuning dock.
 
 No science here: remapping, metrics, where an organ is largest and where the disagreement is worst all come from
 `core.segmentation`. torch and MONAI are imported inside functions, so napari starts fast.
@@ -12,18 +14,18 @@ No science here: remapping, metrics, where an organ is largest and where the dis
 
 from __future__ import annotations
 
-from collections.abc import Generator
-from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from magicgui.widgets import ComboBox, FileEdit, FloatSpinBox, RadioButtons, SpinBox
+from magicgui.widgets import FileEdit, RadioButtons
 from qtpy.QtCore import Qt
 from qtpy.QtWidgets import (
     QAbstractItemView,
     QFileDialog,
     QHBoxLayout,
     QHeaderView,
+    QLabel,
     QPushButton,
     QTableWidget,
     QTableWidgetItem,
@@ -35,109 +37,47 @@ from napari_dagman._widgets._common import (
     DeviceComboBox,
     JobDock,
     Settings,
+    checked_run,
     jump_to,
     layer_label_names,
     layer_picker,
     notify_error,
     notify_info,
     notify_warning,
+    slice_axis,
     upsert_layer,
     volume_from_layer,
 )
-from napari_dagman._widgets._forms import compact_form
+from napari_dagman._widgets._forms import ConfigForm, compact_form
 from napari_dagman.core.errors import DagmanError, DagmanInputError
 
 if TYPE_CHECKING:
     import pandas as pd
 
     import napari
-    from napari_dagman.core.events import CancelToken
+    from napari_dagman.core.segmentation.jobs import SegmentationResults
     from napari_dagman.core.volume import Volume
 
 RESULTS_WIDGET = "Segmentation results"
-VIEW_MODES: tuple[str, ...] = ("prediction", "reference", "both (contours)")
-
-
-# --- jobs (Qt-free, module level) -----------------------------------------------------------------------------------
-@dataclass
-class SegmentationResults:
-    """What the results dock shows: the prediction, the reference, the per-organ table, the disagreement map."""
-
-    prediction: Volume
-    reference: Volume | None
-    table: pd.DataFrame
-    names: dict[int, str]
-    disagreement: np.ndarray | None = None
-
-
-def evaluation_job(
-    prediction: Volume,
-    reference: Volume | None,
-    *,
-    names: dict[int, str] | None = None,
-    cancel: CancelToken | None = None,
-) -> Generator[Any, None, SegmentationResults]:
-    """Per-organ table and disagreement map of a prediction (against a reference on its grid, if any)."""
-    from napari_dagman.core.events import ProgressEvent
-    from napari_dagman.core.segmentation import (
-        align_labels,
-        check_label_volume,
-        disagreement_map,
-        evaluate,
-        label_names_of,
-    )
-
-    names = {int(k): str(v) for k, v in (names or label_names_of(prediction)).items()}
-    yield ProgressEvent(0, 1, "metrics")
-    if reference is not None:
-        reference = align_labels(
-            prediction,
-            check_label_volume(reference, "reference"),
-            resample=False,
-            image_name=str(prediction.metadata.get("name", "prediction")),
-            labels_name=str(reference.metadata.get("name", "reference")),
-        )
-    table = evaluate(prediction, reference, names)
-    disagreement = (
-        disagreement_map(prediction.array, reference.array, list(names)) if reference is not None else None
-    )
-    yield ProgressEvent(1, 1, "metrics")
-    return SegmentationResults(prediction, reference, table, names, disagreement)
-
-
-def prediction_job(
-    image: Volume,
-    checkpoint: str,
-    reference: Volume | None = None,
-    *,
-    weights: str = "best",
-    roi: int | None = None,
-    overlap: float = 0.5,
-    device: str = "auto",
-    cancel: CancelToken | None = None,
-) -> Generator[Any, None, SegmentationResults | None]:
-    """Sliding-window prediction with a fine-tuned run, then `evaluation_job` (None when cancelled)."""
-    from napari_dagman.core.segmentation import load_segmenter, run_prediction
-
-    if not checkpoint:
-        raise DagmanInputError("no fine-tuned run chosen: pick a fine-tuning run folder")
-    segmenter = load_segmenter(checkpoint, weights=weights, device=device)
-    labels = yield from run_prediction(image, segmenter, roi=roi, overlap=overlap, cancel=cancel)
-    if labels is None:
-        return None
-    results = yield from evaluation_job(
-        labels, reference, names=labels.metadata["label_names"], cancel=cancel
-    )
-    return results
+VIEW_MODES: tuple[str, ...] = ("prediction", "reference", "both (contours)", "disagreement")
+#: The table's columns and what each one means (header tooltips).
+COLUMNS: tuple[tuple[str, str], ...] = (
+    ("organ", "the organ's name (label id in the CSV)"),
+    ("predicted ml", "volume of the organ in the prediction, millilitres"),
+    ("reference ml", "volume of the organ in the reference label map, millilitres"),
+    ("Dice", "overlap of prediction and reference: 2 |P and R| / (|P| + |R|); 1 = identical, 0 = no overlap"),
+    ("HD95 mm", "95th percentile of the distances between the two organ surfaces, in mm (lower is better)"),
+)
 
 
 # --- the dock -----------------------------------------------------------------------------------------------------
 class SegmentationResultsWidget(JobDock):
     """Predict with a fine-tuned run, compare with a reference, and click through the organs."""
 
-    COLUMNS = ("organ", "volume (ml)", "Dice", "HD95 (mm)")
+    COLUMNS = tuple(name for name, _ in COLUMNS)
     run_kind = "prediction"
     cancelling_text = "cancelling after the current batch of windows..."
+    tab_group = "segmentation"
 
     def __init__(self, napari_viewer: napari.viewer.Viewer) -> None:
         super().__init__(napari_viewer, settings_group="results", description="segmentation prediction")
@@ -151,25 +91,24 @@ class SegmentationResultsWidget(JobDock):
 
     def _build(self) -> None:
 
+        from napari_dagman.core.config import PredictConfig
+
         self.image = layer_picker(self._viewer, "image")
         self.checkpoint = FileEdit(
             label="fine-tuned run", mode="d", tooltip="a run folder of `napari-dagman finetune`"
         )
-        self.weights = ComboBox(
-            label="weights", choices=["best", "last"], tooltip="best validation Dice or last step"
+        device = DeviceComboBox(value=Settings("finetune").get("device", "auto"))
+        # limits, defaults and help come from PredictConfig, as the CLI's flags do
+        self.options = ConfigForm(
+            PredictConfig,
+            ["weights", "overlap", "roi", "device"],
+            widgets={"device": device},
+            labels={"roi": "ROI (voxels)"},
+            steps={"overlap": 0.05},
         )
-        self.overlap = FloatSpinBox(
-            label="overlap", min=0.0, max=0.95, step=0.05, value=0.5, tooltip="sliding-window overlap"
+        self.weights, self.overlap, self.roi, self.device = (
+            self.options[n] for n in ("weights", "overlap", "roi", "device")
         )
-        self.roi = SpinBox(
-            label="ROI (voxels)",
-            min=0,
-            max=512,
-            step=32,
-            value=0,
-            tooltip="sliding window; 0 = the training ROI",
-        )
-        self.device = DeviceComboBox(value=Settings("finetune").get("device", "auto"))
         self.reference = layer_picker(
             self._viewer,
             "labels",
@@ -183,13 +122,21 @@ class SegmentationResultsWidget(JobDock):
             "prediction",
             tooltip="an existing prediction layer to evaluate (instead of predicting)",
             inputs_only=False,
+            choose=False,  # the only labels layer is the reference, not a prediction to evaluate
         )
         self.view = RadioButtons(
-            label="show", choices=list(VIEW_MODES), value=VIEW_MODES[2], orientation="horizontal"
+            label="show",
+            choices=list(VIEW_MODES),
+            value=VIEW_MODES[2],
+            orientation="horizontal",
+            tooltip="which result layers are shown: the prediction, the reference, the prediction with the "
+            "reference's outlines, or where they disagree (with the reference's outlines)",
         )
+        self.legend = QLabel(disagreement_legend())
+        self.legend.setToolTip("colours of the disagreement layer ('disagreement' above)")
         form = compact_form(
             [self.image, self.checkpoint, self.weights, self.overlap, self.roi, self.device, self.reference]
-        )
+        )  # the prediction's own fields are the PredictConfig form's widgets
         self._forms.append(form)
         layout = QVBoxLayout(self)
         layout.setContentsMargins(4, 4, 4, 4)
@@ -209,15 +156,9 @@ class SegmentationResultsWidget(JobDock):
         second = compact_form([self.prediction, self.view])
         self._forms.append(second)
         layout.addWidget(second.native)
+        layout.addWidget(self.legend)
 
-        self.table = QTableWidget(0, len(self.COLUMNS))
-        self.table.setHorizontalHeaderLabels(list(self.COLUMNS))
-        self.table.setSelectionBehavior(QAbstractItemView.SelectionBehavior.SelectRows)
-        self.table.setSelectionMode(QAbstractItemView.SelectionMode.SingleSelection)
-        self.table.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
-        self.table.horizontalHeader().setSectionResizeMode(QHeaderView.ResizeMode.Stretch)
-        self.table.verticalHeader().setVisible(False)
-        self.table.setMinimumHeight(160)
+        self.table = self._make_table()
         layout.addWidget(self.table)
         nav = QHBoxLayout()
         self.prev_button = QPushButton("< Previous organ")
@@ -238,6 +179,7 @@ class SegmentationResultsWidget(JobDock):
         self.status.setText("choose an image and a fine-tuned run, then Predict")
         layout.addWidget(self.status)
         layout.addStretch(1)
+        self.make_scrollable()
 
         self.predict_button.clicked.connect(self.start_or_cancel)
         self.evaluate_button.clicked.connect(lambda: self.evaluate_layers())
@@ -248,6 +190,25 @@ class SegmentationResultsWidget(JobDock):
         self.view.changed.connect(lambda value: self.set_view(value))
         self.save_prediction_button.clicked.connect(self._ask_save_prediction)
         self.save_table_button.clicked.connect(self._ask_save_table)
+
+    def _make_table(self) -> QTableWidget:
+        """The per-organ table: full organ names, predicted and reference ml, Dice, HD95; header tooltips."""
+        table = QTableWidget(0, len(self.COLUMNS))
+        table.setHorizontalHeaderLabels(list(self.COLUMNS))
+        for column, (_, tip) in enumerate(COLUMNS):
+            table.horizontalHeaderItem(column).setToolTip(tip)
+        table.setSelectionBehavior(QAbstractItemView.SelectionBehavior.SelectRows)
+        table.setSelectionMode(QAbstractItemView.SelectionMode.SingleSelection)
+        table.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
+        header = table.horizontalHeader()
+        # every column as wide as its longest entry: full organ names ("urinary_bladder", not "urinary_blad...");
+        # a narrow dock scrolls the table sideways instead of cutting names
+        header.setSectionResizeMode(QHeaderView.ResizeMode.ResizeToContents)
+        header.setStretchLastSection(True)
+        table.setTextElideMode(Qt.TextElideMode.ElideNone)
+        table.verticalHeader().setVisible(False)
+        table.setMinimumHeight(160)
+        return table
 
     # --- inputs -------------------------------------------------------------------------------------------------
     def set_run(self, run_dir: str, *, image: Any = None, reference: Any = None) -> None:
@@ -270,6 +231,9 @@ class SegmentationResultsWidget(JobDock):
 
     def predict(self) -> bool:
         """Run the prediction job on the chosen image; bad input gives a notification."""
+        from napari_dagman.core.config import PredictConfig
+        from napari_dagman.core.segmentation.jobs import predict_job
+
         if self._busy():
             return False
         try:
@@ -277,19 +241,15 @@ class SegmentationResultsWidget(JobDock):
             checkpoint = self.checkpoint.line_edit.value.strip()
             if checkpoint in ("", "."):
                 raise DagmanInputError("no fine-tuned run chosen: pick a fine-tuning run folder")
+            if Path(checkpoint).is_dir():  # a folder that is no fine-tuning run: said now, not after loading
+                checked_run(checkpoint, "finetune")
             reference = self._reference_volume()
+            config = PredictConfig.from_dict({**self.options.values(), "checkpoint": checkpoint})
         except DagmanError as err:
-            notify_error(err)
-            return False
+            return self.refuse(err)
         self.reference_layer = self.reference.value
         self._image_layer = self.image.value
-        kwargs = {
-            "weights": self.weights.value,
-            "roi": int(self.roi.value) or None,
-            "overlap": float(self.overlap.value),
-            "device": str(self.device.value),
-        }
-        self._runner.start(lambda token: prediction_job(image, checkpoint, reference, cancel=token, **kwargs))
+        self._runner.start(lambda token: predict_job(config, image, reference, cancel=token))
         self._started("predicting...")
         return True
 
@@ -305,10 +265,11 @@ class SegmentationResultsWidget(JobDock):
             reference = self._reference_volume()
             names = layer_label_names(layer)
         except DagmanError as err:
-            notify_error(err)
-            return False
+            return self.refuse(err)
         self.prediction_layer, self.reference_layer = layer, self.reference.value
         self._image_layer = None
+        from napari_dagman.core.segmentation.jobs import evaluation_job
+
         self._runner.start(lambda token: evaluation_job(prediction, reference, names=names, cancel=token))
         self._started("computing the table...")
         return True
@@ -322,9 +283,6 @@ class SegmentationResultsWidget(JobDock):
             notify_warning(event.message)
 
     def _on_done(self, results: Any) -> None:
-        if not isinstance(results, SegmentationResults):
-            self.status.setText("cancelled")
-            return
         self.show_results(results)
 
     # --- drawing ------------------------------------------------------------------------------------------------
@@ -376,6 +334,7 @@ class SegmentationResultsWidget(JobDock):
             cells = (
                 str(row.organ),
                 text(row.volume_ml, ".1f"),
+                text(getattr(row, "reference_ml", np.nan), ".1f"),
                 text(row.dice, ".3f"),
                 text(row.hd95_mm, ".1f"),
             )
@@ -383,27 +342,31 @@ class SegmentationResultsWidget(JobDock):
                 item = QTableWidgetItem(value)
                 if c:
                     item.setTextAlignment(int(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter))
+                else:
+                    item.setToolTip(f"{row.organ} (label {int(row.id)})")
                 self.table.setItem(r, c, item)
         self.current_row = None
 
     def set_view(self, mode: str) -> None:
-        """prediction / reference / both (prediction filled, reference as contours)."""
-        pred, ref = self.prediction_layer, self.reference_layer
-        if pred is not None and pred in self._viewer.layers:
-            pred.visible = mode != "reference"
+        """Every result layer at once: prediction / reference / both (prediction filled, reference as contours) /
+        disagreement (false positive, false negative, wrong organ, with the reference as contours)."""
+        layers = self._viewer.layers
+        pred, ref, diff = self.prediction_layer, self.reference_layer, self.disagreement_layer
+        outlined = mode in ("both (contours)", "disagreement")
+        if pred is not None and pred in layers:
+            pred.visible = mode in ("prediction", "both (contours)")
             pred.contour = 0
-        if ref is not None and ref in self._viewer.layers:
+        if ref is not None and ref in layers:
             ref.visible = mode != "prediction"
-            # napari draws no contours in 3D: there "both" overlays the two filled layers
-            ref.contour = 2 if mode == "both (contours)" and self._viewer.dims.ndisplay == 2 else 0
+            # napari draws no contours in 3D: there the reference is shown filled
+            ref.contour = 2 if outlined and self._viewer.dims.ndisplay == 2 else 0
+        if diff is not None and diff in layers:
+            diff.visible = mode == "disagreement"
 
     # --- click-through --------------------------------------------------------------------------------------------
     def _slice_axis(self) -> int:
         """The volume axis the viewer slices through (0 = axial); 0 in a 3D view."""
-        dims = self._viewer.dims
-        offset = dims.ndim - 3
-        hidden = [a - offset for a in dims.not_displayed if a >= offset]
-        return hidden[-1] if hidden else 0
+        return slice_axis(self._viewer)
 
     def _organ(self, row: int) -> tuple[int, str]:
         entry = self.results.table.iloc[row]
@@ -418,7 +381,9 @@ class SegmentationResultsWidget(JobDock):
         organ, name = self._organ(row)
         axis = self._slice_axis()
         index, layer = None, None
-        for candidate in (self.prediction_layer, self.reference_layer):
+        # the reference first: a small false-positive blob must not stand for the organ (a colon row jumped to a
+        # 1.2 ml blob); the prediction when there is no reference or the organ is not in it
+        for candidate in (self.reference_layer, self.prediction_layer):
             if candidate is not None and candidate in self._viewer.layers:
                 index = organ_focus(np.asarray(candidate.data), organ, axis)
                 if index is not None:
@@ -431,7 +396,8 @@ class SegmentationResultsWidget(JobDock):
         jump_to(self._viewer, layer.data_to_world(index))
         if self.prediction_layer is not None:
             self.prediction_layer.selected_label = organ
-        self.status.setText(f"{name}: largest on slice {index[axis]} (axis {axis})")
+        source = "reference" if layer is self.reference_layer else "prediction"
+        self.status.setText(f"{name}: largest on slice {index[axis]} (axis {axis}) of the {source}")
         return True
 
     def step_organ(self, delta: int) -> bool:
@@ -513,3 +479,15 @@ class SegmentationResultsWidget(JobDock):
                 notify_info(f"saved {self.export_table(path)}")
             except DagmanError as err:
                 notify_error(err)
+
+
+def disagreement_legend() -> str:
+    """Rich text naming the disagreement layer's colours (a coloured square before each name)."""
+    from napari_dagman.core.segmentation import DISAGREEMENT_NAMES, disagreement_colours
+
+    colours = disagreement_colours()
+    parts = []
+    for value, name in DISAGREEMENT_NAMES.items():
+        r, g, b = (int(round(255 * c)) for c in np.asarray(colours[value])[:3])
+        parts.append(f"<span style='color:#{r:02x}{g:02x}{b:02x}'>&#9632;</span> {name.replace('_', ' ')}")
+    return "disagreement: " + " &nbsp; ".join(parts)

@@ -1,4 +1,7 @@
-"""CT window presets dock: sets an Image layer's contrast limits; the data are never touched."""
+"""CT window presets dock: sets an Image layer's contrast limits; the data are never touched.
+
+It starts on the active (or only) image layer, and choosing a preset applies it at once.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +9,7 @@ from typing import TYPE_CHECKING
 
 from magicgui.widgets import ComboBox, Container, FloatSpinBox, Label, PushButton
 
+from napari_dagman._widgets._common import layer_combo, scroll_body
 from napari_dagman.core.errors import DagmanInputError
 from napari_dagman.core.windowing import DEFAULT_WINDOW, WINDOW_PRESETS, window_limits
 
@@ -17,20 +21,26 @@ class WindowWidget(Container):
     """Pick an Image layer and a CT window (abdomen, lung, bone, brain, liver, mediastinum or custom W/L)."""
 
     def __init__(self, napari_viewer: napari.viewer.Viewer) -> None:
+        import napari
+
         super().__init__(labels=True)
         self._viewer = napari_viewer
-        self._layer = ComboBox(label="image", choices=self._image_layers, nullable=True)
+        # starts on the active or only image layer, and follows layers being opened and closed
+        self._layer = layer_combo(napari_viewer, napari.layers.Image, "image", nullable=True)
         self._preset = ComboBox(label="window", choices=[*WINDOW_PRESETS, "custom"], value=DEFAULT_WINDOW)
         self._width = FloatSpinBox(label="width (HU)", min=1, max=10000, step=10)
         self._level = FloatSpinBox(label="level (HU)", min=-2000, max=4000, step=10)
         self._apply = PushButton(text="Apply")
         self._status = Label(value="")
         self.extend([self._layer, self._preset, self._width, self._level, self._apply, self._status])
+        # napari docks the form's own widget: its rows go in a scroll area inside it, which never grows
+        # taller than the rows (the dock gives the space it does not need to the others)
+        scroll = scroll_body(self.native)
+        scroll.setMaximumHeight(scroll.widget().sizeHint().height() + 2)
+        self.native.layout().addStretch(1)  # at the top of its dock
         self._show_preset_values()
         self._preset.changed.connect(self._on_preset)
         self._apply.changed.connect(self.apply)
-        for event in (napari_viewer.layers.events.inserted, napari_viewer.layers.events.removed):
-            event.connect(self._layer.reset_choices)
 
     def _image_layers(self, _widget=None) -> list:
         import napari

@@ -79,7 +79,10 @@ def run(args: argparse.Namespace) -> int:
     config_file = args.config_file
     if args.resume and config_file is None and (Path(args.out) / CONFIG_FILE).is_file():
         config_file = str(Path(args.out) / CONFIG_FILE)
-    base = FinetuneConfig.load(config_file, strict=False).to_dict() if config_file else {}
+    # a file the user gives must hold known options only (a typo is refused with the closest name); the run's
+    # own config.json, read to resume, may come from an older version
+    strict = config_file == args.config_file
+    base = FinetuneConfig.load(config_file, strict=strict).to_dict() if config_file else {}
     base.update({k: v for k, v in vars(args).items() if k in FinetuneConfig.__dataclass_fields__})
     if args.pairs:
         base["images"] = [str(p) for p in args.pairs[0::2]]

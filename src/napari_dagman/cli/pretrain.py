@@ -89,7 +89,10 @@ def run(args: argparse.Namespace) -> int:
     config_file = args.config_file
     if args.resume and config_file is None and (Path(args.out) / CONFIG_FILE).is_file():
         config_file = str(Path(args.out) / CONFIG_FILE)
-    base = PretrainConfig.load(config_file, strict=False).to_dict() if config_file else {}
+    # a file the user gives must hold known options only (a typo is refused with the closest name); the run's
+    # own config.json, read to resume, may come from an older version
+    strict = config_file == args.config_file
+    base = PretrainConfig.load(config_file, strict=strict).to_dict() if config_file else {}
     given = {k: v for k, v in vars(args).items() if k in PretrainConfig.field_names()}
     method_fields = get_method(given.get("method", base.get("method", "dagman"))).options_class().field_names()
     if "method" in given and base.get("method") not in (None, given["method"]):
