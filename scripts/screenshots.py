@@ -165,9 +165,7 @@ def phantom_shots(viewer, out: Path, runs: Path, args: argparse.Namespace) -> in
         return 0
 
     # --- attention explorer: whole-volume maps, masks of the crop as outlines --------------------------------------
-    for name in [layer.name for layer in viewer.layers if layer.name.startswith("pretrain preview")]:
-        viewer.layers.remove(name)
-    explorer = pretrain.open_in_explorer()
+    explorer = pretrain.open_in_explorer()  # hides the previews, removes them when the explorer has drawn
     if explorer is None:  # the plugin is not installed: dock it directly
         explorer = AttentionWidget(viewer)
         viewer.window.add_dock_widget(explorer, name="Attention & mask explorer", area="right")
@@ -363,7 +361,7 @@ def explorer_shots(viewer, out: Path, runs: Path, args: argparse.Namespace) -> i
     # the crop: the body's middle on the liver's largest slice (liver, stomach, spleen, kidneys in one crop)
     z_liver = organ_focus(np.asarray(seg.data), 5, 0)[0]
     viewer.dims.set_point(0, ct.data_to_world((z_liver, 0, 0))[0])
-    viewer.camera.center = ct.data_to_world((z_liver, ct.data.shape[1] * 0.45, ct.data.shape[2] / 2))[1:]
+    viewer_camera(viewer).center = ct.data_to_world((z_liver, ct.data.shape[1] * 0.45, ct.data.shape[2] / 2))[1:]
     if not explorer.compute() or not explorer.wait(1800) or explorer.result is None:
         print(f"the explorer failed: {explorer.status.text()}", file=sys.stderr)
         return 1

@@ -218,6 +218,10 @@ def test_tiny_run_finishes_writes_run_folder_and_updates_previews_in_place(
     # "Explore attention" docks the explorer with this run chosen
     explorer = dock.open_in_explorer()
     assert explorer is not None and explorer.run.line_edit.value == str(run)
+    # the previews are hidden at once and removed once the explorer's first job has ended (see open_in_explorer)
+    assert not viewer.layers[PREVIEW_MASK].visible and not viewer.layers[PREVIEW_ATTENTION].visible
+    assert explorer.compute() and explorer.wait(120)
+    assert PREVIEW_MASK not in viewer.layers and PREVIEW_ATTENTION not in viewer.layers
 
 
 def test_pause_holds_the_run_and_cancel_stops_within_a_step(make_napari_viewer, phantom, tmp_path):

@@ -377,10 +377,18 @@ def jump_to(
     point = point[-ndim:]
     for axis in viewer.dims.not_displayed:
         viewer.dims.set_point(axis, point[axis])
+    camera = viewer_camera(viewer)
     if center_camera:
-        viewer.camera.center = tuple(point[list(viewer.dims.displayed)])
+        camera.center = tuple(point[list(viewer.dims.displayed)])
     if zoom is not None:
-        viewer.camera.zoom = zoom
+        camera.zoom = zoom
+
+
+def viewer_camera(viewer: Any) -> Any:
+    """The viewer's camera: ``viewer.scene.camera`` from napari 0.9 (``viewer.camera`` is deprecated there),
+    ``viewer.camera`` before."""
+    scene = getattr(viewer, "scene", None)
+    return getattr(scene, "camera", None) or viewer.camera
 
 
 # --- layout ----------------------------------------------------------------------------------------------------

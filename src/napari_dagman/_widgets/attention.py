@@ -35,6 +35,7 @@ from napari_dagman._widgets._common import (
     path_text,
     slice_axis,
     stop_jobs_with,
+    viewer_camera,
     volume_from_layer,
 )
 from napari_dagman._widgets._forms import compact_form
@@ -74,6 +75,8 @@ from napari_dagman._widgets.attention_tiles import (
 from napari_dagman.core.errors import DagmanError, DagmanInputError
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     import napari
     from napari_dagman.core.attention import AttentionResult
     from napari_dagman.core.volume import Volume
@@ -113,6 +116,7 @@ class AttentionWidget(JobDock):
         self._cursor_seen = False
         self._masks_only = False
         self._pending_masks = False
+        self._after_job: list[Callable[[], None]] = []  # called once when the next job ends
         self._run_names = ("", "")
         self._watched: Any = None  # the CT layer whose window the tiles follow
         #: whole-volume maps in a child process (True) or a thread (the child's nice value: ``process_nice``)
@@ -296,7 +300,7 @@ class AttentionWidget(JobDock):
                 for axis in dims.displayed:
                     point[axis] = cursor[axis]
         else:
-            centre = np.asarray(self._viewer.camera.center, dtype=float)
+            centre = np.asarray(viewer_camera(self._viewer).center, dtype=float)
             for axis, value in zip(dims.displayed, centre[-len(dims.displayed) :], strict=True):
                 point[axis] = value
         return point[-3:]
@@ -451,8 +455,15 @@ class AttentionWidget(JobDock):
         if new is not None and old is not None and new.maps is None:
             new.maps, new.diversity, new.scope, new.organs = old.maps, old.diversity, old.scope, old.organs
 
+    def after_next_job(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` once, when the next job of this dock has ended (done, failed or cancelled)."""
+        self._after_job.append(callback)
+
     def _on_stopped(self) -> None:
         super()._on_stopped()
+        callbacks, self._after_job = self._after_job, []
+        for callback in callbacks:
+            callback()
         if self._pending_masks:
             self._pending_masks = False
             self._mask_timer.start()
@@ -523,8 +534,8 @@ class AttentionWidget(JobDock):
 
     def redraw_slice(self) -> None:
         """Cut the small multiples at the viewer's slice (the viewer's dims changed)."""
-        if self.result is None:
-            return
+        if self.result is None or self._viewer.dims.ndim < 3 or self._image_layer not in self._viewer.layers:
+            return  # the CT is gone (layers removed): the figures keep their last slice
         view = self.slice_view()
         self.heads_figure.set_slice(view)
         self.masks_figure.set_slice(view)

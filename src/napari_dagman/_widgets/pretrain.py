@@ -572,12 +572,22 @@ class PretrainWidget(TrainingDock):
     def open_in_explorer(self, run_dir: str | None = None) -> Any:
         """Dock the attention & mask explorer with this run folder chosen; returns the explorer widget.
 
-        The live previews are removed: they showed one training crop, the explorer shows the run's maps.
+        The live previews are hidden at once (they showed one training crop, the explorer shows the run's maps)
+        and removed when the explorer's first job has ended. Removed before it, napari crashed in its OpenGL
+        drawing on Mesa's software renderer (a segfault in glDrawArrays, reproduced 5 of 5 times) when the
+        explorer then computed; hidden, then removed after, it did not (0 of 4).
         """
         explorer = self._open_with_run(EXPLORER_WIDGET, "attention explorer", run_dir)
         if explorer is not None:
-            self.remove_previews()
+            self.hide_previews()
+            explorer.after_next_job(self.remove_previews)
         return explorer
+
+    def hide_previews(self) -> None:
+        """Hide the live preview layers of the last run."""
+        for name in (*PREVIEW_LAYERS, *self._picture_layers):
+            if name in self._viewer.layers:
+                self._viewer.layers[name].visible = False
 
     def remove_previews(self) -> None:
         """Remove the live preview layers of the last run."""
