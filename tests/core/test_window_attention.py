@@ -105,3 +105,17 @@ def test_pixel_shuffle_decoder_matches_monai_convolution_and_shuffle(dims):
     recon, features = hidden(x)
     torch.testing.assert_close(features, hidden.hidden(x), atol=1e-5, rtol=1e-5)
     assert recon.shape == (2, 1, *([12] * dims))
+
+
+def test_a_layout_first_built_in_inference_mode_still_trains():
+    """Attention maps or a prediction (inference mode) and then training in one process (the explorer and a
+    fine-tuning dock; the method comparison's workers) share the cached layouts."""
+    wa.window_layout.cache_clear()
+    layer = make_layer(3, 4)
+    layer.forward = types.MethodType(wa.swin_stage, layer)
+    x = torch.rand(1, 12, 8, 8, 8)
+    with torch.inference_mode():
+        layer(x)
+    out = layer(x.clone().requires_grad_(True))
+    out.sum().backward()  # raised "Inference tensors cannot be saved for backward" before
+    assert all(p.grad is not None for p in layer.parameters() if p.requires_grad)

@@ -52,7 +52,8 @@ class WindowLayout:
         if self.mask is None:
             return None
         if dtype not in self._masks:
-            self._masks[dtype] = self.mask.to(dtype)
+            with torch.inference_mode(False):  # cached: must serve training after inference (see window_layout)
+                self._masks[dtype] = self.mask.to(dtype)
         return self._masks[dtype]
 
 
@@ -62,8 +63,18 @@ def window_layout(
 ) -> WindowLayout:
     """The token permutation of MONAI's pad + roll + window partition, and its mask (built once per shape).
 
-    ``window`` and ``shift`` are those MONAI uses for this grid (`get_window_size` already applied).
+    ``window`` and ``shift`` are those MONAI uses for this grid (`get_window_size` already applied). Built
+    outside inference mode even when first asked for inside it: the cached tensors then also serve training (an
+    inference tensor cannot be saved for backward; attention maps or a prediction followed by fine-tuning in
+    one process failed on that).
     """
+    with torch.inference_mode(False):
+        return _build_window_layout(spatial, window, shift, device)
+
+
+def _build_window_layout(
+    spatial: tuple[int, ...], window: tuple[int, ...], shift: tuple[int, ...], device: str
+) -> WindowLayout:
     padded = tuple(math.ceil(s / w) * w for s, w in zip(spatial, window, strict=True))
     index = torch.full(padded, -1, dtype=torch.long)
     index[tuple(slice(0, s) for s in spatial)] = torch.arange(math.prod(spatial)).view(spatial)
