@@ -162,28 +162,29 @@ def method_step_fn(spec: dict[str, Any], device: torch.device):
 
     from napari_dagman.core.checkpoint import RunFolder
     from napari_dagman.core.config import PretrainConfig
+    from napari_dagman.core.methods.registry import get_method
     from napari_dagman.core.training import DistContext, PretrainTask, optimizer_step
     from napari_dagman.core.training.loop import make_optimizer
     from napari_dagman.core.training.precision import compile_modules
     from napari_dagman.core.volume import Volume
 
     roi = spec["roi"]
-    config = PretrainConfig.from_dict(
-        {
-            "method": spec["method"],
-            "preset": spec["preset"],
-            "roi": roi,
-            "batch_size": spec["batch"],
-            "steps": 100,
-            "mask_warmup_steps": 0,
-            "fused_attention": spec["fused"],
-            "spacing": None,
-            "probe_every": 0,
-        }
-    )
+    values = {
+        "method": spec["method"],
+        "preset": spec["preset"],
+        "roi": roi,
+        "batch_size": spec["batch"],
+        "steps": 100,
+        "fused_attention": spec["fused"],
+        "spacing": None,
+        "probe_every": 0,
+    }
+    if "mask_warmup_steps" in get_method(spec["method"]).options_class().field_names():
+        values["mask_warmup_steps"] = 0  # attention-guided masks from the first step: the step timed is the usual one
+    config = PretrainConfig.from_dict(values)
     # a body-like volume larger than the crop region (views are drawn from it as in training)
     rng = np.random.default_rng(0)
-    side = int(roi * 1.5)
+    side = int(roi * 2.5)  # MiM reads a region twice the ROI
     ct = Volume(rng.uniform(-150, 200, (side, side, side)).astype(np.float32), (2.0, 2.0, 2.0))
     task = PretrainTask(config, [ct])
     task.prepare(RunFolder("unused"), resume=False)

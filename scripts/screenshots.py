@@ -336,6 +336,7 @@ def explorer_shots(viewer, out: Path, runs: Path, args: argparse.Namespace) -> i
     """
     import numpy as np
 
+    from napari_dagman._widgets._common import viewer_camera
     from napari_dagman.core.config import PretrainConfig
     from napari_dagman.core.segmentation import organ_focus
     from napari_dagman.core.training import consume, run_pretraining

