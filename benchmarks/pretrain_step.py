@@ -179,8 +179,9 @@ def method_step_fn(spec: dict[str, Any], device: torch.device):
         "spacing": None,
         "probe_every": 0,
     }
+    # attention-guided masks from the first step: the step timed is the usual one
     if "mask_warmup_steps" in get_method(spec["method"]).options_class().field_names():
-        values["mask_warmup_steps"] = 0  # attention-guided masks from the first step: the step timed is the usual one
+        values["mask_warmup_steps"] = 0
     config = PretrainConfig.from_dict(values)
     # a body-like volume larger than the crop region (views are drawn from it as in training)
     rng = np.random.default_rng(0)
@@ -311,9 +312,9 @@ def settings_rows(args: argparse.Namespace, precision: str) -> list[dict[str, An
     return [{"precision": precision, "compile": c, "fused": True} for c in compiled]
 
 
-def run_rows(args: argparse.Namespace, methods: list[str], precision: str, say) -> list[dict[str, Any]]:
-    """Every method and the SSL reference at fp32 eager and at the chosen settings."""
-    base = {
+def base_spec(args: argparse.Namespace) -> dict[str, Any]:
+    """What every measurement of this run shares (device, sizes, timing repeats, threads)."""
+    return {
         "device": args.device,
         "preset": args.preset,
         "roi": args.roi,
@@ -322,6 +323,11 @@ def run_rows(args: argparse.Namespace, methods: list[str], precision: str, say) 
         "repeats": args.repeats,
         "threads": args.threads,
     }
+
+
+def run_rows(args: argparse.Namespace, methods: list[str], precision: str, say) -> list[dict[str, Any]]:
+    """Every method and the SSL reference at fp32 eager and at the chosen settings."""
+    base = base_spec(args)
     eager = {"precision": "fp32", "compile": False, "fused": False}
     rows = []
     for name in [*methods, "swinunetr-ssl"]:
@@ -386,13 +392,7 @@ def print_rows(rows: list[dict[str, Any]]) -> None:
 def lever_rows(args: argparse.Namespace, method: str, bf16: str, say) -> list[dict[str, Any]]:
     """One method with each lever on its own and together (fresh process each)."""
     base = {
-        "device": args.device,
-        "preset": args.preset,
-        "roi": args.roi,
-        "batch": args.batch,
-        "warmup": args.warmup,
-        "repeats": args.repeats,
-        "threads": args.threads,
+        **base_spec(args),
         "method": method,
         "count_flops": False,
     }
