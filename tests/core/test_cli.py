@@ -199,3 +199,20 @@ def test_torchrun_two_processes_write_one_run(shared_data, tmp_path):
     lines = (out / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in lines] == [1, 2, 3, 4, 5]  # one writer, not two
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ddp"]
+
+
+def test_the_progress_bar_follows_each_stage_of_a_staged_job(capsys):
+    """The demo yields its stages (of 4) and, inside one, that stage's own steps (of 30): the bar shows the stage
+    and counts its steps against their own total, not '10it' against 4."""
+    from napari_dagman.cli.common import drive_result
+    from napari_dagman.core.events import ProgressEvent
+
+    def job():
+        yield ProgressEvent(0, 4, "pretraining")
+        yield ProgressEvent(10, 30, "pretraining")
+        yield ProgressEvent(4, 4, "done")
+        return "report"
+
+    assert drive_result(job(), desc="demo") == "report"
+    err = capsys.readouterr().err
+    assert "demo: pretraining" in err and "10/30" in err and "4/4" in err

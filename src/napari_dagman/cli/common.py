@@ -181,6 +181,10 @@ def drive_result(events: Generator[Any, None, Any], *, desc: str, quiet: bool = 
             if isinstance(event, ProgressEvent) and is_main_process() and not quiet:
                 if bar is None:
                     bar = tqdm(total=event.total, desc=desc, dynamic_ncols=True, file=sys.stderr)
+                elif bar.total != event.total:  # a job of stages (the demo): each stage counts on its own total
+                    bar.reset(total=event.total)
+                if event.stage:
+                    bar.set_description(f"{desc}: {event.stage}", refresh=False)
                 bar.n = event.done
                 bar.refresh()
             elif isinstance(event, LogEvent):
