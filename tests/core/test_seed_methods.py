@@ -194,3 +194,13 @@ def test_attention_embed_and_finetune_work_on_each_new_method(method, shared_dat
     )
     report = consume(run_finetuning(config)).summary["init"]
     assert report["method"] == method and report["which"] == {"mim": "encoder", "miram": "encoder", "cass": "transformer"}[method]
+
+
+@pytest.mark.parametrize("shape", [(2, 1, 32, 48, 16), (3, 1, 32, 16)])
+def test_unpatchify_inverts_patchify_in_2d_and_3d(shape):
+    from napari_dagman.core.methods.losses import patchify, unpatchify
+
+    x = torch.randn(shape)
+    cells = patchify(x, 16)
+    assert cells.shape == (shape[0], x[0, 0].numel() // 16 ** (len(shape) - 2), 16 ** (len(shape) - 2))
+    assert torch.equal(unpatchify(cells, x.shape, 16), x)

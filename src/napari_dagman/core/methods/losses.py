@@ -167,20 +167,25 @@ def masked_cell_mse(
     return (per_cell * m).sum() / m.sum().clamp_min(1.0)
 
 
+def unpatchify(cells: torch.Tensor, shape: torch.Size, cell: int) -> torch.Tensor:
+    """The inverse of `patchify`: (N, cells, cell**dims) back to ``shape`` (N, 1, *grid*cell)."""
+    n, dims = cells.shape[0], len(shape) - 2
+    grid = [s // cell for s in shape[2:]]
+    if dims == 3:
+        gz, gy, gx = grid
+        out = cells.reshape(n, gz, gy, gx, cell, cell, cell).permute(0, 1, 4, 2, 5, 3, 6)
+    else:
+        gy, gx = grid
+        out = cells.reshape(n, gy, gx, cell, cell).permute(0, 1, 3, 2, 4)
+    return out.reshape(shape)
+
+
 def denormalise_cells(prediction: torch.Tensor, target: torch.Tensor, cell: int) -> torch.Tensor:
     """A norm-pix prediction put back into intensities: each cell scaled by the target cell's std and mean
     (how MAE shows its reconstructions). Both (N, 1, *grid*cell); returns the same shape."""
-    n, dims = prediction.shape[0], prediction.ndim - 2
     t = patchify(target.float(), cell)
     p = patchify(prediction.float(), cell) * (t.var(dim=-1, keepdim=True) + 1e-6).sqrt() + t.mean(dim=-1, keepdim=True)
-    grid = [s // cell for s in prediction.shape[2:]]
-    if dims == 3:
-        gz, gy, gx = grid
-        out = p.reshape(n, gz, gy, gx, cell, cell, cell).permute(0, 1, 4, 2, 5, 3, 6)
-    else:
-        gy, gx = grid
-        out = p.reshape(n, gy, gx, cell, cell).permute(0, 1, 3, 2, 4)
-    return out.reshape(prediction.shape)
+    return unpatchify(p, prediction.shape, cell)
 
 
 def alignment_loss(child: torch.Tensor, parent: torch.Tensor) -> torch.Tensor:
