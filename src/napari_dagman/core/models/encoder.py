@@ -212,15 +212,21 @@ def set_fused_window_attention(module: nn.Module, enabled: bool) -> None:
     gradients) uses the same parameters and mathematics as MONAI's forward and trains too; it is not
     bit-identical to it (rounding), so it is a setting. Switching it off restores MONAI's own forward exactly.
     """
-    from napari_dagman.core.models.window_attention import fused_window_attention, swin_stage
+    from napari_dagman.core.models import window_attention as fast
 
+    replaced = {
+        WindowAttention: ("forward", fast.fused_window_attention),
+        BasicLayer: ("forward", fast.swin_stage),
+        nn.LayerNorm: ("forward", fast.layer_norm),
+        SwinTransformer: ("proj_out", fast.stage_norm),
+    }
     for sub in module.modules():
-        if isinstance(sub, WindowAttention | BasicLayer):
-            if enabled:
-                fast = fused_window_attention if isinstance(sub, WindowAttention) else swin_stage
-                sub.forward = types.MethodType(fast, sub)
-            elif "forward" in sub.__dict__:
-                del sub.forward
+        for kind, (name, function) in replaced.items():
+            if isinstance(sub, kind):
+                if enabled:
+                    setattr(sub, name, types.MethodType(function, sub))
+                elif name in sub.__dict__:
+                    delattr(sub, name)
 
 
 def check_input_size(arch: Architecture, spatial: tuple[int, ...]) -> None:

@@ -27,7 +27,13 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from monai.networks.nets.swin_unetr import BasicLayer, WindowAttention, compute_mask, get_window_size
+from monai.networks.nets.swin_unetr import (
+    BasicLayer,
+    SwinTransformer,
+    WindowAttention,
+    compute_mask,
+    get_window_size,
+)
 from torch import nn
 
 
@@ -161,14 +167,16 @@ def attend(
         if dropout > 0:
             attn = F.dropout(attn, dropout)
         return torch.matmul(attn, v)
-    if mask is None:  # one bias for every window: broadcast, never copied
-        attn_mask = bias.expand(b * w, h, n, n)
+    # the kernel takes 4-D inputs; the (bias + mask) of every window is broadcast over the batch, never copied:
+    # windows go with the heads when there is a mask (one per window), with the batch when there is none
+    if mask is None:
+        batch, attn_mask = b * w, bias.expand(b * w, h, n, n)
     else:
-        attn_mask = (bias + mask.unsqueeze(1)).expand(b, w, h, n, n).reshape(b * w, h, n, n)
+        batch, attn_mask = b, (bias + mask.unsqueeze(1)).view(1, w * h, n, n).expand(b, w * h, n, n)
     out = F.scaled_dot_product_attention(
-        q.reshape(b * w, h, n, d),
-        k.reshape(b * w, h, n, d),
-        v.reshape(b * w, h, n, d),
+        q.reshape(batch, -1, n, d),
+        k.reshape(batch, -1, n, d),
+        v.reshape(batch, -1, n, d),
         attn_mask=attn_mask,
         dropout_p=0.0,
         scale=scale,
@@ -179,7 +187,8 @@ def attend(
 def relative_position_bias(attn: WindowAttention, n: int) -> torch.Tensor:
     """(heads, n, n) bias of a window of ``n`` tokens (MONAI's indexing, without its per-call copy of the index)."""
     index = attn.relative_position_index[:n, :n].reshape(-1)
-    return attn.relative_position_bias_table[index].view(n, n, -1).permute(2, 0, 1)
+    # contiguous (a small copy): broadcasting a permuted view over every window's logits is several times slower
+    return attn.relative_position_bias_table[index].view(n, n, -1).permute(2, 0, 1).contiguous()
 
 
 def window_self_attention(attn: WindowAttention, windows: torch.Tensor, layout: WindowLayout) -> torch.Tensor:
@@ -239,6 +248,30 @@ def swin_stage(self: BasicLayer, x: torch.Tensor) -> torch.Tensor:
     if self.downsample is not None:
         out = self.downsample(out)
     return out.movedim(-1, 1)
+
+
+def _layer_norm(x: torch.Tensor, shape, weight, bias, eps: float) -> torch.Tensor:
+    """`F.layer_norm`, computed in fp32 when a CPU autocast hands it bf16/fp16 tokens (the result is cast back).
+
+    PyTorch's CPU LayerNorm on bf16 tensors with few channels (12-48 here) is 2-3x slower, forward and backward,
+    than casting to fp32, normalising and casting back; CUDA autocast already runs LayerNorm in fp32.
+    """
+    if x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16):
+        with torch.autocast("cpu", enabled=False):
+            return F.layer_norm(x.float(), shape, weight, bias, eps).to(x.dtype)
+    return F.layer_norm(x, shape, weight, bias, eps)
+
+
+def layer_norm(self: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
+    """A drop-in ``LayerNorm.forward`` through `_layer_norm` (the same result as the module's in fp32)."""
+    return _layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+
+
+def stage_norm(self: SwinTransformer, x: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+    """A drop-in ``SwinTransformer.proj_out``: the parameter-free LayerNorm over the channels of a stage output."""
+    if not normalize:
+        return x
+    return _layer_norm(x.movedim(1, -1), (x.shape[1],), None, None, 1e-5).movedim(-1, 1)
 
 
 def uses_fast_path(module: nn.Module) -> bool:
