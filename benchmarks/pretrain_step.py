@@ -251,6 +251,11 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     device = resolve_device(spec["device"])
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    if spec.get("keep_freed"):  # the opt-in allocator setting (NAPARI_DAGMAN_ALLOCATOR=keep-freed)
+        from napari_dagman.core.training.precision import keep_freed_memory
+
+        os.environ["NAPARI_DAGMAN_ALLOCATOR"] = "keep-freed"
+        keep_freed_memory(device)
     step_fn = ssl_step_fn if spec["method"] == "swinunetr-ssl" else method_step_fn
     step = step_fn(spec, device)
     out = measure(step, device, spec["warmup"], spec["repeats"], spec["count_flops"])
@@ -266,6 +271,8 @@ def memory_worker(spec: dict[str, Any]) -> dict[str, Any]:
     from napari_dagman.core.training import consume, run_pretraining
 
     device = resolve_device(spec["device"])
+    if spec.get("keep_freed"):
+        os.environ["NAPARI_DAGMAN_ALLOCATOR"] = "keep-freed"  # `run_training` applies it
     ct, _ = make_phantom()
     with tempfile.TemporaryDirectory() as tmp:
         config = PretrainConfig.from_dict(
@@ -287,6 +294,7 @@ def memory_worker(spec: dict[str, Any]) -> dict[str, Any]:
         "seconds": time.perf_counter() - t0,
         "precision": info.get("precision"),
         "compiled": info.get("compiled"),
+        "allocator": info.get("allocator"),
     }
 
 
@@ -309,7 +317,7 @@ def in_fresh_process(spec: dict[str, Any]) -> dict[str, Any]:
 def settings_rows(args: argparse.Namespace, precision: str) -> list[dict[str, Any]]:
     """The settings measured besides fp32 eager: the chosen precision, eager and/or compiled."""
     compiled = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
-    return [{"precision": precision, "compile": c, "fused": True} for c in compiled]
+    return [{"precision": precision, "compile": c, "fused": True, "keep_freed": False} for c in compiled]
 
 
 def base_spec(args: argparse.Namespace) -> dict[str, Any]:
@@ -328,7 +336,7 @@ def base_spec(args: argparse.Namespace) -> dict[str, Any]:
 def run_rows(args: argparse.Namespace, methods: list[str], precision: str, say) -> list[dict[str, Any]]:
     """Every method and the SSL reference at fp32 eager and at the chosen settings."""
     base = base_spec(args)
-    eager = {"precision": "fp32", "compile": False, "fused": False}
+    eager = {"precision": "fp32", "compile": False, "fused": False, "keep_freed": False}
     rows = []
     for name in [*methods, "swinunetr-ssl"]:
         ref = in_fresh_process({**base, **eager, "method": name, "count_flops": True})
@@ -396,22 +404,25 @@ def lever_rows(args: argparse.Namespace, method: str, bf16: str, say) -> list[di
         "method": method,
         "count_flops": False,
     }
+    off = {"compile": False, "keep_freed": False}
     levers = [
-        ("fp32, MONAI stages (reference)", {"precision": "fp32", "compile": False, "fused": False}),
-        ("fp32, fast stages", {"precision": "fp32", "compile": False, "fused": True}),
-        (f"{bf16}, MONAI stages", {"precision": bf16, "compile": False, "fused": False}),
-        (f"{bf16}, fast stages", {"precision": bf16, "compile": False, "fused": True}),
+        ("fp32, MONAI stages (reference)", {**off, "precision": "fp32", "fused": False}),
+        ("fp32, fast stages", {**off, "precision": "fp32", "fused": True}),
+        (f"{bf16}, MONAI stages", {**off, "precision": bf16, "fused": False}),
+        ("fp32, MONAI stages, freed memory kept", {**off, "precision": "fp32", "fused": False, "keep_freed": True}),
+        (f"{bf16}, fast stages", {**off, "precision": bf16, "fused": True}),
+        (f"{bf16}, fast stages, freed memory kept", {**off, "precision": bf16, "fused": True, "keep_freed": True}),
     ]
     if args.compile != "off":
         levers += [
-            ("fp32, fast stages, compiled", {"precision": "fp32", "compile": True, "fused": True}),
-            (f"{bf16}, fast stages, compiled", {"precision": bf16, "compile": True, "fused": True}),
+            ("fp32, fast stages, compiled", {**off, "precision": "fp32", "compile": True, "fused": True}),
+            (f"{bf16}, fast stages, compiled", {**off, "precision": bf16, "compile": True, "fused": True}),
         ]
     rows = []
     for label, setting in levers:
         got = in_fresh_process({**base, **setting})
         rows.append({"lever": label, **setting, **{k: got[k] for k in ("seconds", "first_step_extra_seconds")}})
-        say(f"  lever {label:34s} {got['seconds']:8.3f} s/step")
+        say(f"  lever {label:40s} {got['seconds']:8.3f} s/step")
     for row in rows:
         row["speedup_vs_reference"] = rows[0]["seconds"] / row["seconds"]
     return rows
@@ -420,12 +431,14 @@ def lever_rows(args: argparse.Namespace, method: str, bf16: str, say) -> list[di
 def memory_rows(args: argparse.Namespace, precision: str, say) -> list[dict[str, Any]]:
     """Peak memory of real pretraining runs: small (the default preset) and base, ROI 96, batch 1."""
     rows = []
-    for preset in ("small", "base"):
-        for prec in dict.fromkeys([precision, "fp32"]):
-            spec = {"memory": True, "device": args.device, "preset": preset, "roi": 96, "batch": 1}
-            got = in_fresh_process({**spec, "precision": prec, "steps": args.memory_steps})
-            rows.append({"preset": preset, "roi": 96, "batch": 1, **got})
-            say(f"  memory {preset:5s} {prec}: peak {got['peak_memory_mb']:.0f} MB")
+    settings = [(preset, prec, False) for preset in ("small", "base") for prec in dict.fromkeys([precision, "fp32"])]
+    if args.device == "cpu":  # what the opt-in allocator setting costs in memory
+        settings.insert(1, ("small", precision, True))
+    for preset, prec, keep_freed in settings:
+        spec = {"memory": True, "device": args.device, "preset": preset, "roi": 96, "batch": 1}
+        got = in_fresh_process({**spec, "precision": prec, "steps": args.memory_steps, "keep_freed": keep_freed})
+        rows.append({"preset": preset, "roi": 96, "batch": 1, **got})
+        say(f"  memory {preset:5s} {prec}{', keep-freed' if keep_freed else ''}: peak {got['peak_memory_mb']:.0f} MB")
     return rows
 
 
@@ -492,7 +505,12 @@ def main(argv: list[str] | None = None) -> int:
                     "preset": args.preset,
                     "roi": args.roi,
                     "batch": args.batch,
-                    "chosen": {"precision": precision, "compile": args.compile, "fast_stages": True},
+                    "chosen": {
+                        "precision": precision,
+                        "compile": args.compile,
+                        "fast_stages": True,
+                        "allocator": "system",
+                    },
                     "matmul_peak_fp32": peak,
                     "matmul_peak_bf16": peak_bf16,
                     "load_average": {"before": load_before, "after": os.getloadavg()[0]},

@@ -4,6 +4,7 @@ against fp32 (losses over 50 steps, class-attention maps), and exact resume with
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -66,6 +67,7 @@ def test_run_json_records_the_settings_and_a_failed_compile_falls_back(shared_da
     assert len([e for e in events if isinstance(e, StepEvent)]) == 2  # trained eagerly
     info = json.loads((out / "run.json").read_text())
     assert info["precision"] == "fp32" and info["compiled"] is False and info["status"] == "completed"
+    assert info["allocator"] == "system"  # keep-freed is opt-in (it costs peak memory)
     auto = tmp_path / "auto"
     consume(run_pretraining(tiny_config(shared_data, auto, steps=1)))
     assert json.loads((auto / "run.json").read_text())["precision"] == prec.resolve_precision(
@@ -145,3 +147,53 @@ def test_bf16_class_attention_maps_match_fp32(shared_data):
     top32, top16 = fp32.topk(k, dim=-1).indices, bf16.topk(k, dim=-1).indices
     for a, b in zip(top32.flatten(0, 1), top16.flatten(0, 1), strict=True):
         assert len(set(a.tolist()) & set(b.tolist())) >= 0.8 * k
+
+
+HEAP_ALLOCATION = """
+import torch
+from napari_dagman.core.training.precision import keep_freed_memory
+state = keep_freed_memory(torch.device("cpu"))
+x = torch.ones(1 << 24)  # 64 MiB, as the attention logits of a tiny step
+address = x.data_ptr()
+heap = []
+for line in open("/proc/self/maps"):
+    span, *rest = line.split()
+    if rest and rest[-1] == "[heap]":
+        heap.append(tuple(int(a, 16) for a in span.split("-")))
+print(state, any(lo <= address < hi for lo, hi in heap))
+"""
+
+
+def large_tensor_on_heap(allocator: str | None) -> tuple[str, bool]:
+    """(allocator state, whether a 64 MiB tensor lives in the process heap rather than in its own mapping)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "NAPARI_DAGMAN_ALLOCATOR"}
+    if allocator is not None:
+        env["NAPARI_DAGMAN_ALLOCATOR"] = allocator
+    out = subprocess.run(
+        [sys.executable, "-c", HEAP_ALLOCATION], env=env, capture_output=True, text=True, check=True
+    ).stdout.split()
+    return out[0], out[1] == "True"
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs Linux /proc")
+def test_keep_freed_allocator_serves_large_tensors_from_the_heap_and_is_opt_in():
+    """glibc maps every allocation over 32 MiB afresh (page faults and zero-filling on every use, freed at once)
+    unless keep-freed is asked for; then they come from the heap, whose freed memory is kept for reuse (the time
+    it saves and the memory it costs are measured in benchmarks/pretrain_step.py)."""
+    assert large_tensor_on_heap(None) == ("system", False)
+    state, on_heap = large_tensor_on_heap("keep-freed")
+    if state != "keep-freed":
+        pytest.skip(f"not glibc here: {state}")
+    assert on_heap
+
+
+def test_an_unknown_allocator_is_one_clear_error(monkeypatch):
+    from napari_dagman.core.errors import DagmanInputError
+
+    monkeypatch.setenv("NAPARI_DAGMAN_ALLOCATOR", "jemalloc")
+    with pytest.raises(DagmanInputError, match="NAPARI_DAGMAN_ALLOCATOR must be one of system, keep-freed"):
+        prec.keep_freed_memory(torch.device("cpu"))
