@@ -80,3 +80,25 @@ def test_every_dock_is_on_the_shared_base(make_napari_viewer):
         dock = cls(viewer)
         assert isinstance(dock, JobDock) and not dock.running
         assert dock._toggle is not None or dock._cancel_buttons, cls.__name__
+
+
+def test_a_toast_shown_while_napari_is_inactive_does_not_spin_the_event_loop(make_napari_viewer, qtbot):
+    """napari's toast shown while its window is not active (the user is elsewhere as a job ends; always under
+    Xvfb) kept a bare repeating 0 ms timer, which the next ``timer_start`` (another toast closing, the mouse
+    leaving it) set firing on every turn of the event loop: napari at 100 % of a core, training at a fifth of
+    its speed. With a dock open the timer is the dismiss timer and the toast fades out."""
+    from napari._qt.dialogs.qt_notification import NapariQtNotification
+
+    viewer = make_napari_viewer(show=True)
+    Dock(viewer)  # every dock installs the guard
+    canvas = viewer.window._qt_viewer.canvas.native
+    assert not canvas.window().isActiveWindow()  # no window manager: the inactive-window path of show()
+    toast = NapariQtNotification("done", "info", parent=canvas)
+    toast.DISMISS_AFTER = 100
+    toast.show()
+    assert not toast.timer.isActive()  # show() left it as napari does when the window is inactive
+    toast.timer_start()  # what closing the toast above it does
+    assert toast.timer.isSingleShot() and toast.timer.interval() == 100  # was: repeating, 0 ms
+    closed: list[bool] = []
+    toast.destroyed.connect(lambda *_: closed.append(True))  # closing deletes it (WA_DeleteOnClose)
+    qtbot.waitUntil(lambda: bool(closed), timeout=5000)  # dismissed: faded out and closed

@@ -29,7 +29,12 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from napari_dagman._widgets._notify import notify_error, notify_info, notify_warning
+from napari_dagman._widgets._notify import (
+    guard_notification_timers,
+    notify_error,
+    notify_info,
+    notify_warning,
+)
 from napari_dagman._widgets._runner import JobRunner, stop_jobs_with
 from napari_dagman._widgets._subprocess import DEFAULT_NICE
 from napari_dagman.core.errors import DagmanError, DagmanInputError
@@ -520,6 +525,7 @@ class JobDock(QWidget):
 
     def __init__(self, napari_viewer: napari.viewer.Viewer, *, settings_group: str, description: str) -> None:
         super().__init__()
+        guard_notification_timers()  # a job's toasts must not spin napari's event loop (see the function)
         self._viewer = napari_viewer
         self._settings = Settings(settings_group)
         self._runner = JobRunner(

@@ -42,3 +42,36 @@ def notify(message: str, severity: str, actions: Sequence[tuple[str, Callable[..
     notification_manager.dispatch(
         Notification(message, severity=NotificationSeverity(severity), actions=buttons)
     )
+
+
+def guard_notification_timers() -> None:
+    """Keep napari's notification toasts from spinning the event loop at 100 % CPU (napari 0.5-0.9).
+
+    A toast shown while napari's window is not the active one (the user works in another program while a job
+    finishes; always under Xvfb) returns from ``show`` before it configures its dismiss timer. That timer is
+    still a bare ``QTimer()``: interval 0, repeating, connected to nothing. When the toast above it closes, or the
+    mouse leaves it, napari calls ``timer_start`` on it, and from then on the timer fires on every turn of the
+    event loop until the toast is closed by hand: one core busy, and training in a child process at a fifth of
+    its speed (`benchmarks/ui_latency.py`: 0.2 instead of 2.0 steps/s after a run with previews and one without).
+    The guard gives such a timer what ``show`` would have (single shot, ``DISMISS_AFTER``, fade out) before it
+    starts. Idempotent; without napari's Qt toasts it does nothing.
+    """
+    try:
+        from napari._qt.dialogs.qt_notification import NapariQtNotification
+    except ImportError:  # pragma: no cover - napari without its Qt toasts
+        return
+    start = NapariQtNotification.timer_start
+    if getattr(start, "_dagman_guard", False):
+        return
+
+    def timer_start(self: Any) -> None:
+        timer = getattr(self, "timer", None)
+        if timer is not None and self.DISMISS_AFTER > 0 and not timer.isSingleShot():
+            # never configured by show(): make it the dismiss timer (once) rather than a 0 ms repeating one
+            timer.setInterval(self.DISMISS_AFTER)
+            timer.setSingleShot(True)
+            timer.timeout.connect(self.close_with_fade)
+        start(self)
+
+    timer_start._dagman_guard = True  # type: ignore[attr-defined]
+    NapariQtNotification.timer_start = timer_start
