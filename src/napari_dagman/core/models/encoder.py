@@ -206,7 +206,8 @@ class SwinEncoder(nn.Module):
 
 
 def set_fused_window_attention(module: nn.Module, enabled: bool) -> None:
-    """Run every MONAI Swin stage and window attention inside ``module`` through `window_attention` (or back).
+    """Run every MONAI Swin stage, window attention, LayerNorm and stage norm inside ``module`` through
+    `window_attention` (or back).
 
     The fast path (cached window layouts and masks, one gather per direction, the fused kernel without
     gradients) uses the same parameters and mathematics as MONAI's forward and trains too; it is not

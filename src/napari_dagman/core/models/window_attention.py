@@ -275,5 +275,5 @@ def stage_norm(self: SwinTransformer, x: torch.Tensor, normalize: bool = False) 
 
 
 def uses_fast_path(module: nn.Module) -> bool:
-    """True when ``module`` (a MONAI `BasicLayer` or `WindowAttention`) runs through this module."""
+    """True when ``module`` (a MONAI `BasicLayer`, `WindowAttention` or a `LayerNorm`) runs through this module."""
     return "forward" in module.__dict__

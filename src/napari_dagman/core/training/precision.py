@@ -87,8 +87,9 @@ def keep_freed_memory(device: torch.device) -> str:
     attention-logit tensor of a step (32-64 MiB at the tiny preset, ROI 64) is paged in again, zero-filled by
     the kernel, on every use. Allocating from the heap and keeping up to `KEPT_FREE_MEMORY` free reuses the
     pages instead (what jemalloc or tcmalloc do; no extra library). Measured here (benchmarks/pretrain_step.py
-    --levers --memory): about 15 % less time per tiny/64 step, and about 480 MiB more peak memory for the default
-    small/96 run, through heap fragmentation, which takes that run over 3 GiB; so it is not the default. The
+    --levers --memory): 10 % less time per default tiny/64 step and 12 % at base/96, but 620 MiB more peak memory
+    for the default small/96 run (2748 -> 3368 MiB), through heap fragmentation, which takes that run over 3 GiB;
+    so it is not the default. The
     setting is process-wide and lasts for the process. Returns what run.json records: ``system``,
     ``keep-freed``, or ``system`` with why keep-freed could not be set.
     """
