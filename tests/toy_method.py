@@ -63,7 +63,7 @@ class ToyMethod(SSLMethod):
             PublishedEncoder("target", "target", class_attention_trained=False),
         ]
 
-    def forward_step(self, views: torch.Tensor, step: int, generator: torch.Generator) -> StepOutput:
+    def forward_step(self, views: torch.Tensor, step: int, generator: torch.Generator, **_: object) -> StepOutput:
         batch = views.shape[0] // 2
         pooled = self.online(views, class_attention=False).stages[4].flatten(2).mean(-1)
         prediction = self.predictor(pooled)

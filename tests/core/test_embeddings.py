@@ -389,3 +389,65 @@ def test_cli_embed_writes_table_metrics_and_png(small_pair, tiny_run, tmp_path, 
     assert main(["embed", str(tmp_path / "ct.nii.gz"), "--checkpoint", str(tmp_path), "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "cannot use" in err[0]
+
+
+# --- a probe that can score ---------------------------------------------------------------------------------------
+def test_the_probe_never_scores_a_patch_whose_organ_is_absent_from_its_training_slabs():
+    """Organ 3 lives only in the lowest slab: its patches cannot be named by a classifier trained on the other
+    slabs, so they are left out (and counted), not scored as errors."""
+    from napari_dagman.core.embeddings.metrics import quality_metrics
+
+    rng = np.random.default_rng(0)
+    z = np.repeat(np.arange(10) * 10.0, 30)  # 10 rows of centres, 30 patches each, 100 mm
+    organ = np.where(z < 20, 3, np.where(np.arange(len(z)) % 2 == 0, 1, 2))
+    features = np.eye(4)[organ] * 5 + rng.normal(0, 0.1, (len(z), 4))  # perfectly separable
+    q = quality_metrics(features, organ, np.ones(len(z)), z, patch_mm=10.0, slabs=5, gap_mm=5.0, knn=3)
+    lowest = q.slab == 0
+    assert np.all(q.prediction[organ == 3] == -1)  # never scored
+    assert q.metrics["knn_unseen_organ"] == int((organ == 3).sum())
+    assert q.metrics["knn_scored"] == int(((organ != 3) & (q.slab >= 0)).sum())
+    assert "3" not in q.metrics["scored_organs"] and "1" in q.metrics["scored_organs"]
+    # separable features score perfectly on what can be scored (the old count of errors gave 2/3 here)
+    assert q.metrics["knn_balanced_accuracy"] == pytest.approx(1.0)
+    assert q.metrics["linear_balanced_accuracy"] == pytest.approx(1.0)
+    assert lowest.any()
+
+
+def test_left_and_right_merge_into_one_organ_when_asked():
+    from napari_dagman.core.embeddings.metrics import merge_side_pairs, quality_metrics, side_free_name
+
+    assert side_free_name("kidney_left") == "kidney" and side_free_name("rib_right_7") == "rib_7"
+    assert side_free_name("liver") == "liver"
+    ids, names = merge_side_pairs(np.array([2, 3, 5, 0]), {2: "kidney_right", 3: "kidney_left", 5: "liver"})
+    assert ids.tolist() == [2, 2, 5, 0] and names == {2: "kidney", 5: "liver"}
+    rng = np.random.default_rng(1)
+    z = np.repeat(np.arange(10) * 10.0, 20)
+    organ = np.where(np.arange(len(z)) % 3 == 0, 5, np.where(np.arange(len(z)) % 3 == 1, 2, 3))
+    kidney = organ != 5
+    features = np.stack([kidney * 5.0, (~kidney) * 5.0], axis=1) + rng.normal(0, 0.1, (len(z), 2))
+    names = {2: "kidney_right", 3: "kidney_left", 5: "liver"}
+    apart = quality_metrics(features, organ, np.ones(len(z)), z, patch_mm=10.0, organ_names=names, gap_mm=5.0)
+    merged = quality_metrics(
+        features, organ, np.ones(len(z)), z, patch_mm=10.0, organ_names=names, gap_mm=5.0, merge_sides=True
+    )
+    assert set(merged.metrics["organs"]) == {"kidney", "liver"}
+    assert merged.metrics["linear_balanced_accuracy"] == pytest.approx(1.0)
+    assert apart.metrics["linear_balanced_accuracy"] < 0.9  # the sides cannot be told apart by these features
+
+
+def test_a_held_out_slab_trains_outside_it_and_scores_inside_it():
+    from napari_dagman.core.embeddings.metrics import held_out_split, quality_metrics
+
+    z = np.repeat(np.arange(20) * 5.0, 10)  # 0..95 mm
+    fold, [(test, train)] = held_out_split(z, 40.0, 55.0, gap=10.0)
+    assert set(z[test]) == {40.0, 45.0, 50.0, 55.0}
+    assert z[train].max() == 95.0 and not np.any((z[train] >= 30.0) & (z[train] <= 65.0))
+    organ = np.where(np.arange(len(z)) % 2 == 0, 1, 2)
+    features = np.eye(3)[organ] * 4 + np.random.default_rng(0).normal(0, 0.1, (len(z), 3))
+    q = quality_metrics(features, organ, np.ones(len(z)), z, patch_mm=10.0, gap_mm=10.0, test_slab_mm=(55.0, 40.0))
+    assert q.metrics["knn_scored"] == int(test.sum())  # only the slab is scored
+    assert np.all(q.prediction[~test] == -1)
+    assert q.metrics["linear_balanced_accuracy"] == pytest.approx(1.0)
+    assert q.metrics["settings"]["test_slab_mm"] == [55.0, 40.0]
+    with pytest.raises(Exception, match="two numbers"):
+        EmbedConfig(test_slab=[1.0]).validate()

@@ -44,8 +44,8 @@ class Toy(SimMIM):
     Options = ToyOptions
     capabilities = Capabilities(trains_class_attention=False, has_teacher=False, reconstructs=True)
 
-    def forward_step(self, views, step, generator):
-        out = super().forward_step(views, step, generator)
+    def forward_step(self, views, step, generator, **inputs):
+        out = super().forward_step(views, step, generator, **inputs)
         out.loss = out.loss * self.options.toy_weight
         return out
 

@@ -70,6 +70,8 @@ UNSEEN_COLOUR = "#ff9100"
 #: The general fields of `PretrainConfig` the dock shows, by section (the method's own options come separately).
 GENERAL_FIELDS: tuple[str, ...] = (
     "roi", "spacing", "hu_min", "hu_max",  # data
+    "view_region", "augment", "aug_intensity", "aug_contrast", "aug_noise", "aug_blur", "aug_flip", "aug_rotate",
+    "aug_zoom",  # views
     "preset", "dims", "attention_stage", "out_dim", "drop_path", "mask_cell",  # model (+ mask cell)
     "steps", "batch_size", "lr", "min_lr", "weight_decay", "warmup_steps", "grad_clip", "precision", "compile",
     "fused_attention",
@@ -105,9 +107,12 @@ LABELS = {
     "checkpoint_every": "snapshot every",
     "hu_min": "HU min",
     "hu_max": "HU max",
+    "view_region": "view region (x ROI)",
+    "augment": "augment each view",
 }
 SECTION_TITLES = {
     "data": "Data",
+    "views": "Views",
     "model": "Model",
     "masking": "Model",
     "optimisation": "Optimisation",

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from monai.transforms import CropForeground, SpatialPad
 
+from napari_dagman.core.augment import Augmentation, augment_views, view_seed
 from napari_dagman.core.errors import DagmanInputError
 from napari_dagman.core.hashing import array_hash
 from napari_dagman.core.io import resample_to_spacing
@@ -217,13 +218,29 @@ class Crop:
     size: tuple[int, ...]
 
 
-class ViewSampler:
-    """Draws ``batch`` samples per step: pairs of overlapping views (SMIT: two crops inside one larger region),
-    or single crops (``views=1``) for methods without a cross-view loss.
+@dataclass
+class ViewBatch:
+    """One step's inputs: ``views`` (V*B, 1, *roi) - the B first views, then the B second views - with their
+    crops and augmentation seeds, and ``local`` (L*B, 1, *local_roi) small crops of the same regions (the B first
+    local crops, then the B second...) or None."""
 
-    ``roi`` is the crop side in voxels (a method reading a larger region asks for a larger one). With
-    ``high_res`` volumes (the same grids refined by ``high_res_factor``), `high_res_views` cuts the matching
-    finer crops of the same physical regions (MIRAM's high-resolution target).
+    views: np.ndarray
+    crops: list[Crop]
+    seeds: list[int]
+    local: np.ndarray | None = None
+    local_crops: list[Crop] = field(default_factory=list)
+
+
+class ViewSampler:
+    """Draws ``batch`` samples per step: ``views`` crops (1 or 2) of the ROI from one region of one volume, and
+    ``local_views`` smaller crops (``local_roi`` a side) of the same region (DINO/iBOT multi-crop).
+
+    The region is ``region_scale`` x the ROI a side (clipped to the volume): 1 makes the two views the same crop,
+    larger values let them overlap less. Each view and local crop is augmented with its own draw (`Augmentation`).
+    A batch draws its samples from a fresh permutation of the volumes, so with several volumes a batch mixes them.
+    ``roi`` is the crop side in voxels (a method reading a larger region asks for a larger one). With ``high_res``
+    volumes (the same grids refined by ``high_res_factor``), `high_res_views` cuts the matching finer crops of the
+    same physical regions with the same geometric and intensity draws (MIRAM's high-resolution target).
     """
 
     def __init__(
@@ -238,6 +255,9 @@ class ViewSampler:
         world_size: int = 1,
         region_scale: float = 1.25,
         views: int = 2,
+        local_views: int = 0,
+        local_roi: int = 0,
+        augmentation: Augmentation | None = None,
         high_res: list[PreparedVolume] | None = None,
         high_res_factor: int = 1,
     ) -> None:
@@ -245,10 +265,14 @@ class ViewSampler:
             raise DagmanInputError("no volumes to train on")
         if views not in (1, 2):
             raise DagmanInputError(f"a sample has one or two views, not {views}")
+        if local_views and not 0 < local_roi <= roi:
+            raise DagmanInputError(f"local crops of {local_roi} voxels do not fit views of {roi}")
         self.volumes, self.roi, self.dims = volumes, roi, dims
         self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
-        self.region = int(math.ceil(roi * region_scale))
+        self.region = int(math.ceil(roi * max(1.0, region_scale)))
         self.views = views
+        self.local_views, self.local_roi = local_views, local_roi
+        self.augmentation = augmentation
         self.high_res, self.high_res_factor = high_res, high_res_factor
 
     def volume_for(self, sample: int) -> int:
@@ -257,50 +281,81 @@ class ViewSampler:
         epoch, within = divmod(sample, n)
         return int(np.random.default_rng([self.seed, 7919, epoch]).permutation(n)[within])
 
+    def region_start(self, rng: np.random.Generator, shape: tuple[int, int, int]) -> list[int]:
+        """Start of a sample's region (z, y, x); in 2D the slice is drawn and the region is in-plane."""
+        if self.dims == 3:
+            return [int(rng.integers(0, shape[a] - min(shape[a], self.region) + 1)) for a in range(3)]
+        z = int(rng.integers(0, shape[0]))
+        return [z] + [int(rng.integers(0, shape[a] - min(shape[a], self.region) + 1)) for a in (1, 2)]
+
+    def in_region(
+        self, rng: np.random.Generator, region: list[int], shape: tuple[int, int, int], side: int
+    ) -> tuple[int, ...]:
+        """A crop of ``side`` voxels at a random place inside the region (the slice kept in 2D)."""
+        first = 0 if self.dims == 3 else 1
+        start = [region[0]] if self.dims == 2 else []
+        for axis in range(first, 3):
+            room = min(shape[axis], self.region)
+            start.append(region[axis] + int(rng.integers(0, room - side + 1)))
+        return tuple(start)
+
     def pair(
         self, rng: np.random.Generator, shape: tuple[int, int, int]
     ) -> tuple[tuple[int, ...], tuple[int, ...]]:
-        if self.dims == 3:
-            axes = range(3)
-            starts_a, starts_b = [], []
-        else:
-            z = int(rng.integers(0, shape[0]))
-            axes = range(1, 3)
-            starts_a, starts_b = [z], [z]
-        for axis in axes:
-            region = min(shape[axis], self.region)
-            r0 = int(rng.integers(0, shape[axis] - region + 1))
-            starts_a.append(r0 + int(rng.integers(0, region - self.roi + 1)))
-            starts_b.append(r0 + int(rng.integers(0, region - self.roi + 1)))
-        return tuple(starts_a), tuple(starts_b)
+        """Two crop starts of the ROI inside one region."""
+        region = self.region_start(rng, shape)
+        return self.in_region(rng, region, shape, self.roi), self.in_region(rng, region, shape, self.roi)
 
-    def cut(self, volume: int, start: tuple[int, ...]) -> np.ndarray:
+    def cut(self, volume: int, start: tuple[int, ...], side: int | None = None) -> np.ndarray:
         arr = self.volumes[volume].array
-        if self.dims == 3:
-            z, y, x = start
-            return arr[z : z + self.roi, y : y + self.roi, x : x + self.roi]
+        n = self.roi if side is None else side
         z, y, x = start
-        return arr[z, y : y + self.roi, x : x + self.roi]
+        if self.dims == 3:
+            return arr[z : z + n, y : y + n, x : x + n]
+        return arr[z, y : y + n, x : x + n]
 
-    def sample(self, step: int) -> tuple[np.ndarray, list[Crop]]:
-        """Views (V*B, 1, *roi) float32 - the B first views, then the B second views - and their crops."""
+    def sample(self, step: int) -> ViewBatch:
+        """The step's views, local crops and seeds (see `ViewBatch`); a pure function of (seed, step, rank)."""
         rng = np.random.default_rng([self.seed, step, self.rank])
-        first, second, crops_a, crops_b = [], [], [], []
-        size = (self.roi,) * self.dims
+        views: list[list[np.ndarray]] = [[] for _ in range(self.views)]
+        crops: list[list[Crop]] = [[] for _ in range(self.views)]
+        seeds: list[list[int]] = [[] for _ in range(self.views)]
+        local: list[list[np.ndarray]] = [[] for _ in range(self.local_views)]
+        local_crops: list[list[Crop]] = [[] for _ in range(self.local_views)]
+        local_seeds: list[list[int]] = [[] for _ in range(self.local_views)]
+        size, local_size = (self.roi,) * self.dims, (self.local_roi,) * self.dims
         for j in range(self.batch_size):
             sample = (step * self.world_size + self.rank) * self.batch_size + j
             v = self.volume_for(sample)
-            a, b = self.pair(rng, self.volumes[v].array.shape)
-            first.append(self.cut(v, a))
-            crops_a.append(Crop(v, a, size))
-            if self.views == 2:
-                second.append(self.cut(v, b))
-                crops_b.append(Crop(v, b, size))
-        views = np.stack(first + second)[:, None]
-        return np.ascontiguousarray(views, dtype=np.float32), crops_a + crops_b
+            shape = self.volumes[v].array.shape
+            region = self.region_start(rng, shape)
+            for k in range(self.views):
+                start = self.in_region(rng, region, shape, self.roi)
+                views[k].append(self.cut(v, start))
+                crops[k].append(Crop(v, start, size))
+                seeds[k].append(view_seed(self.seed, step, self.rank, sample, k))
+            for k in range(self.local_views):
+                start = self.in_region(rng, region, shape, self.local_roi)
+                local[k].append(self.cut(v, start, self.local_roi))
+                local_crops[k].append(Crop(v, start, local_size))
+                local_seeds[k].append(view_seed(self.seed, step, self.rank, sample, self.views + k))
+        flat = [c for per_view in views for c in per_view]
+        flat_seeds = [s for per_view in seeds for s in per_view]
+        batch = ViewBatch(
+            views=_stack(augment_views(self.augmentation, flat, flat_seeds)),
+            crops=[c for per_view in crops for c in per_view],
+            seeds=flat_seeds,
+        )
+        if self.local_views:
+            flat_local = [c for per_view in local for c in per_view]
+            flat_local_seeds = [s for per_view in local_seeds for s in per_view]
+            batch.local = _stack(augment_views(self.augmentation, flat_local, flat_local_seeds))
+            batch.local_crops = [c for per_view in local_crops for c in per_view]
+        return batch
 
-    def high_res_views(self, crops: list[Crop]) -> np.ndarray:
-        """The crops of the same regions on the refined volumes: (N, 1, *(roi x factor))."""
+    def high_res_views(self, crops: list[Crop], seeds: Sequence[int] | None = None) -> np.ndarray:
+        """The crops of the same regions on the refined volumes: (N, 1, *(roi x factor)), with the views'
+        geometric and intensity draws (``seeds``) repeated (noise and blur are not: the target stays clean)."""
         if self.high_res is None:
             raise DagmanInputError("this sampler has no high-resolution volumes")
         f, out = self.high_res_factor, []
@@ -312,4 +367,11 @@ class ViewSampler:
                 out.append(arr[z * f : z * f + side, y * f : y * f + side, x * f : x * f + side])
             else:  # 2D: refined in-plane only, the slice is the same
                 out.append(arr[z, y * f : y * f + side, x * f : x * f + side])
-        return np.ascontiguousarray(np.stack(out)[:, None], dtype=np.float32)
+        if seeds is not None:
+            out = augment_views(self.augmentation, out, list(seeds), only_consistent=True)
+        return _stack(out)
+
+
+def _stack(crops: list[np.ndarray]) -> np.ndarray:
+    """Crops (spatial) -> (N, 1, *spatial) float32, contiguous."""
+    return np.ascontiguousarray(np.stack(crops)[:, None], dtype=np.float32)

@@ -17,6 +17,7 @@ nearly uniform, so the headline figure is centred:
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -126,39 +127,90 @@ def output_statistics(
     }
 
 
-class CollapseMonitor:
-    """Says once when the teacher's outputs have collapsed for ``patience`` consecutive checks.
+def cross_crop_cosine(tokens: torch.Tensor, valid: torch.Tensor | None = None) -> float:
+    """Mean cosine similarity of pairs of tokens that come from *different* crops.
 
-    Collapsed = every output on one prototype (``prototypes_in_use`` 1 over at least 8 outputs) or every output
-    uniform (``sample_entropy`` above ``uniform``). Short tiny runs on one CT reach a sample entropy of 0.96-0.99
-    with tens of prototypes in use and a teacher-student KL of 0.4-0.5 nats, which is learning, not collapse;
-    hence the strict 0.999.
+    ``tokens`` is (V, N, C): V crops of N tokens (N = 1 for one pooled output per crop); ``valid`` (V, N) bool
+    leaves tokens out (for example those a noisy teacher dropped, which all carry the mask token). Near 1 means
+    every crop is described alike: a representation that has collapsed. One pass: the sum over ordered pairs
+    from different crops is |sum of all unit vectors|^2 minus the per-crop terms.
+    """
+    t = F.normalize(tokens.detach().float(), dim=-1)
+    if t.ndim == 2:
+        t = t.unsqueeze(1)
+    if valid is None:
+        valid = torch.ones(t.shape[:2], dtype=torch.bool, device=t.device)
+    w = valid.to(t.device, t.dtype)
+    per_crop = (t * w.unsqueeze(-1)).sum(dim=1)  # (V, C)
+    counts = w.sum(dim=1)
+    total = per_crop.sum(dim=0)
+    cross = float(total @ total - (per_crop * per_crop).sum())
+    pairs = float(counts.sum() ** 2 - (counts**2).sum())
+    return cross / pairs if pairs > 0 else float("nan")
+
+
+@dataclass(frozen=True)
+class CollapseRule:
+    """A figure that says collapse when it stays past ``threshold`` (``above`` or below) for ``patience``
+    consecutive observations (steps for a figure logged every step, probes for a probe figure)."""
+
+    key: str
+    threshold: float
+    above: bool
+    patience: int
+    says: str
+
+    def tripped(self, value: float) -> bool:
+        return value > self.threshold if self.above else value < self.threshold
+
+
+#: What collapse looks like (docs/methods.md). Thresholds from measured runs: the collapsed default dagman of main
+#: b4443b9 had a global KL under 0.01 nats from about step 300 of 600 (0.000 at the end) while healthy runs stay
+#: above 0.05; random-init stage-3 tokens of different crops have a mean cosine of about 0.95 and collapsed ones
+#: 0.998; CASS's and MiM's projections of different crops reached 0.9994-1.0000 when their objectives collapsed.
+#: Cosines are read on the fixed probe crops: per step, two crops of homogeneous tissue are alike in any network.
+COLLAPSE_RULES: tuple[CollapseRule, ...] = (
+    CollapseRule("global_kl", 0.01, False, 25, "the teacher-student KL of the global term is under 0.01 nats: "
+                 "distillation no longer teaches anything"),
+    CollapseRule("probe_token_cosine", 0.98, True, 2, "the published encoder describes different crops alike "
+                 "(stage-3 token cosine over 0.98 on the probe crops)"),
+    CollapseRule("probe_output_cosine", 0.98, True, 2, "the outputs the objective compares are alike for "
+                 "different crops (cosine over 0.98 on the probe crops)"),
+    CollapseRule("teacher_sample_entropy", 0.999, True, 25, "every teacher target is near uniform"),
+    CollapseRule("prototypes_in_use", 1.5, False, 25, "every teacher output falls on one prototype"),
+)
+
+
+class CollapseAlarm:
+    """Says once per run when a step's figures have shown collapse (see `COLLAPSE_RULES`).
+
+    Fed every step's logged figures (`update`); a figure a method does not log, or that a step does not carry
+    (probe figures come every few steps), is not judged and does not break a streak. The message names the figure,
+    its value and what to try.
     """
 
-    def __init__(self, patience: int = 20, uniform: float = 0.999) -> None:
-        self.patience, self.uniform = patience, uniform
-        self.streak = 0
+    def __init__(self, rules: tuple[CollapseRule, ...] = COLLAPSE_RULES, from_step: int = 0) -> None:
+        self.rules = rules
+        self.streaks = {rule.key: 0 for rule in rules}
         self.reported = False
-        self.kind = ""
+        #: figures of earlier steps are not judged: at initialisation, random projections of different crops are
+        #: alike (CASS's at cosine 0.99) and DINO's targets are being formed (the learning-rate warm-up)
+        self.from_step = from_step
 
-    def update(self, stats: dict[str, float], outputs: int, step: int) -> str | None:
-        """Feed one step's `output_statistics`; returns a warning the first time collapse persists."""
-        kind = ""
-        if outputs >= 8 and stats["prototypes_in_use"] <= 1:
-            kind = "every output falls on one prototype"
-        elif stats["sample_entropy"] >= self.uniform:
-            kind = "every output is near uniform"
-        if not kind:
-            self.streak, self.kind = 0, ""
+    def update(self, step: int, figures: dict[str, float]) -> str | None:
+        """Feed one step's figures; returns a warning the first time a rule has held for its patience."""
+        if step < self.from_step:
             return None
-        self.streak = self.streak + 1 if kind == self.kind or not self.kind else 1
-        self.kind = kind
-        if self.streak >= self.patience and not self.reported:
-            self.reported = True
-            return (
-                f"the teacher's outputs look collapsed at step {step}: {kind} for {self.streak} steps "
-                f"(batch entropy {stats['batch_entropy']:.3f}, {int(stats['prototypes_in_use'])} prototypes in "
-                "use). Distillation no longer teaches anything; try a lower --lr, a higher --center-momentum "
-                "or a lower --teacher-temp-final"
-            )
+        for rule in self.rules:
+            value = figures.get(rule.key)
+            if value is None or not math.isfinite(float(value)):
+                continue
+            self.streaks[rule.key] = self.streaks[rule.key] + 1 if rule.tripped(float(value)) else 0
+            if self.streaks[rule.key] >= rule.patience and not self.reported:
+                self.reported = True
+                return (
+                    f"pretraining looks collapsed at step {step}: {rule.says} ({rule.key} {float(value):.4g}, "
+                    f"{self.streaks[rule.key]} times in a row). Little is learnt from here on; try more varied views "
+                    "(--view-region, augmentation, more volumes), a lower --lr, or see docs/methods.md"
+                )
         return None

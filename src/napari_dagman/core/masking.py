@@ -328,6 +328,86 @@ def make_mask(
     return spec.draw(request)
 
 
+@dataclass(frozen=True)
+class MaskRecipe:
+    """How a run hides cells: the strategy, the ratio, its per-image jitter, the share of images masked at all and
+    the hint settings. Training (`MaskedMethod.choose_mask`) and the explorer's previews draw through the same
+    `draw_masks`, so a preview shows the masks the run drew, not the defaults of another method."""
+
+    strategy: str = "random"
+    ratio: float = 0.6
+    jitter: float = 0.0
+    masking_prob: float = 1.0
+    hint_fraction: float = 0.1
+    hint_pool: float = 0.1
+
+    @classmethod
+    def from_options(cls, options: object) -> MaskRecipe:
+        """The recipe of a method's `MaskingOptions` (any object with those fields)."""
+        return cls(
+            strategy=str(getattr(options, "mask_strategy", "random")),
+            ratio=float(getattr(options, "mask_ratio", 0.6)),
+            jitter=float(getattr(options, "mask_ratio_jitter", 0.0)),
+            masking_prob=float(getattr(options, "masking_prob", 1.0)),
+            hint_fraction=float(getattr(options, "hint_fraction", 0.1)),
+            hint_pool=float(getattr(options, "hint_pool", 0.1)),
+        )
+
+    def describe(self) -> str:
+        """E.g. "attention-high, ratio 0.3 +- 0.2, half of the images masked"."""
+        text = f"{self.strategy}, ratio {self.ratio:g}" + (f" +- {self.jitter:g}" if self.jitter else "")
+        if self.masking_prob < 1.0:
+            share = "half" if abs(self.masking_prob - 0.5) < 1e-9 else f"{self.masking_prob:.0%}"
+            text += f", {share} of the images masked"
+        return text
+
+
+def draw_masks(
+    recipe: MaskRecipe,
+    *,
+    batch: int,
+    grid: Sequence[int],
+    attention: torch.Tensor | None,
+    generator: torch.Generator,
+    unseen: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """A batch of masks as the recipe draws them: ``attention`` is (B, *grid) on the cells (or None for strategies
+    that need none). With ``masking_prob`` < 1 an image is left whole with that chance, and with ``jitter`` each
+    image draws its ratio from ``ratio +- jitter`` (AttMask / iBOT); otherwise one call draws the batch."""
+    common = {"hint_fraction": recipe.hint_fraction, "hint_pool": recipe.hint_pool}
+    if recipe.masking_prob >= 1.0 and recipe.jitter == 0.0:
+        return make_mask(
+            recipe.strategy,
+            batch=batch,
+            grid=grid,
+            ratio=recipe.ratio,
+            attention=attention,
+            generator=generator,
+            unseen=unseen,
+            **common,
+        )
+    masks = []
+    for b in range(batch):
+        masked = float(torch.rand((), generator=generator)) < recipe.masking_prob
+        ratio = recipe.ratio + (2.0 * float(torch.rand((), generator=generator)) - 1.0) * recipe.jitter
+        if not masked:
+            masks.append(torch.zeros(1, *grid, dtype=torch.bool))
+            continue
+        masks.append(
+            make_mask(
+                recipe.strategy,
+                batch=1,
+                grid=grid,
+                ratio=min(1.0, max(0.0, ratio)),
+                attention=None if attention is None else attention[b : b + 1],
+                generator=generator,
+                unseen=None if unseen is None else unseen[b : b + 1],
+                **common,
+            )
+        )
+    return torch.cat(masks)
+
+
 def attention_to_cells(attention: torch.Tensor, cells: Sequence[int]) -> torch.Tensor:
     """Resample a (B, *token_grid) attention map onto the mask-cell grid (area average or nearest)."""
     grid = tuple(attention.shape[1:])

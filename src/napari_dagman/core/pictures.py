@@ -77,7 +77,7 @@ def method_pictures(
 ) -> CropPictures:
     """The method's pictures of the crop around a physical point ``center`` (default: the body's centre)."""
     method, config = load_run_method(run, weights=weights, device=device)
-    spec = type(method).input_spec(method.options)
+    spec = type(method).input_spec(method.options, config.roi)
     side, dims = config.roi * spec.scale, config.dims
     pv = model_volume(volume, dims=dims, spacing=config.spacing, hu_range=(config.hu_min, config.hu_max))
     crop, start = crop_around(pv, center, side, dims)

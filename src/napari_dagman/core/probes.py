@@ -1,9 +1,16 @@
-"""Fixed probe crops of a run and the head-diversity figures measured on them while it trains.
+"""Fixed probe crops of a run and the figures measured on them while it trains: head diversity and collapse.
 
-Head diversity measured on each step's training crops mixes the model's change with the change of the crops (and,
-for a noisy teacher, with its corrupted input). The probe crops are drawn once per run from the training data and
-saved in the run folder (``probes.safetensors``), so every measurement, before and after a resume, sees the same
-input: the clean teacher and the student, in eval mode, on the same crops.
+Figures measured on each step's training crops mix the model's change with the change of the crops (two crops of
+homogeneous liver are alike whatever the network; a noisy teacher's input is corrupted). The probe crops are drawn
+once per run from the training data, unaugmented, and saved in the run folder (``probes.safetensors``), so every
+measurement, before and after a resume, sees the same input, in eval mode:
+
+* ``probe_<encoder>_*``: head diversity of each encoder whose class attention the method trains;
+* ``probe_token_cosine``: mean cosine of the preferred published encoder's stage-3 tokens of *different* probe
+  crops (near 1 = every crop described alike, the representation collapse the alarm watches);
+* ``probe_output_cosine``: the same for the outputs the method's objective compares (`SSLMethod.probe_outputs`:
+  CASS's projections, MiM's alignment projections), the largest over its outputs, each also as
+  ``probe_output_cosine_<name>``.
 """
 
 from __future__ import annotations
@@ -15,33 +22,41 @@ import torch
 from torch import nn
 
 from napari_dagman.core.data import ViewSampler
-from napari_dagman.core.diversity import head_diversity
+from napari_dagman.core.diversity import cross_crop_cosine, head_diversity
+from napari_dagman.core.methods.base import SSLMethod
+from napari_dagman.core.models.encoder import SwinEncoder
 
 PROBE_FILE = "probes.safetensors"
 
 
-def draw_probe_crops(sampler: ViewSampler, count: int, seed: int) -> tuple[np.ndarray, list[dict]]:
-    """``count`` crops (count, 1, *roi) from the sampler's volumes, from a stream of their own."""
+def draw_probe_crops(
+    sampler: ViewSampler, count: int, seed: int, side: int | None = None
+) -> tuple[np.ndarray, list[dict]]:
+    """``count`` crops (count, 1, *side) from the sampler's volumes, from a stream of their own, unaugmented."""
     rng = np.random.default_rng([seed, 104729])
+    side = side or sampler.roi
     crops, where = [], []
     for i in range(count):
         volume = i % len(sampler.volumes)
-        start, _ = sampler.pair(rng, sampler.volumes[volume].array.shape)
-        crops.append(sampler.cut(volume, start))
+        shape = sampler.volumes[volume].array.shape
+        start = sampler.in_region(rng, sampler.region_start(rng, shape), shape, side)
+        crops.append(sampler.cut(volume, start, side))
         where.append({"volume": volume, "start": [int(s) for s in start]})
     return np.stack(crops)[:, None].astype(np.float32), where
 
 
 def probe_crops(
-    path: Path, sampler: ViewSampler, count: int, seed: int, *, write: bool = True
+    path: Path, sampler: ViewSampler, count: int, seed: int, *, side: int | None = None, write: bool = True
 ) -> torch.Tensor:
-    """The run's probe crops: read from ``path`` when it holds crops of this shape, else drawn (and saved)."""
+    """The run's probe crops (``side`` voxels, default the sampler's): read from ``path`` when it holds crops of
+    this shape, else drawn (and saved)."""
     import json
 
     from napari_dagman.core.checkpoint import load_tensors, save_tensors
     from napari_dagman.core.errors import CheckpointError
 
-    expected = (count, 1, *((sampler.roi,) * sampler.dims))
+    side = side or sampler.roi
+    expected = (count, 1, *((side,) * sampler.dims))
     if path.is_file():
         try:
             tensors, _ = load_tensors(path)
@@ -50,7 +65,7 @@ def probe_crops(
                 return crops
         except CheckpointError:
             pass  # unreadable: draw them again (same seed, same crops)
-    array, where = draw_probe_crops(sampler, count, seed)
+    array, where = draw_probe_crops(sampler, count, seed, side)
     crops = torch.from_numpy(array)
     if write:
         save_tensors(path, {"crops": crops}, {"job": "probes", "crops": json.dumps(where)})
@@ -79,4 +94,26 @@ def probe_head_diversity(
         out[f"probe_{name}_entropy_mean"] = d["entropy_mean"]
         for h, e in enumerate(d["entropy"]):
             out[f"probe_{name}_entropy_h{h}"] = e
+    return out
+
+
+@torch.no_grad()
+def probe_collapse(method: SSLMethod, crops: torch.Tensor, device: torch.device) -> dict[str, float]:
+    """``probe_token_cosine`` of the preferred published encoder and ``probe_output_cosine`` of the method's
+    compared outputs, on the probe crops in eval mode (see the module docstring)."""
+    out: dict[str, float] = {}
+    x = crops.to(device)
+    was_training = method.training
+    method.eval()
+    try:
+        encoder = method.published_module(method.preferred()[0])
+        if isinstance(encoder, SwinEncoder):
+            out["probe_token_cosine"] = cross_crop_cosine(encoder(x, class_attention=False).tokens)
+        outputs = {name: cross_crop_cosine(z) for name, z in method.probe_outputs(x).items()}
+    finally:
+        method.train(was_training)
+    for name, value in outputs.items():
+        out[f"probe_output_cosine_{name}"] = value
+    if outputs:
+        out["probe_output_cosine"] = max(outputs.values())
     return out

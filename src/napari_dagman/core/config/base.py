@@ -24,7 +24,7 @@ C = TypeVar("C", bound="ConfigBase")
 #: What a run folder's config.json holds beside the options (the record of the run, not settings): a config
 #: file may be a run's config.json, so these keys are skipped, not refused as unknown options.
 RUN_RECORD_KEYS: frozenset[str] = frozenset(
-    {"architecture", "job", "encoders", "preferred_encoder", "capabilities", "classes", "init_report", "split"}
+    {"architecture", "job", "encoders", "preferred_encoder", "preferred_reason", "capabilities", "classes", "init_report", "split"}
 )
 
 

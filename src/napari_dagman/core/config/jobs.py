@@ -75,6 +75,53 @@ class PretrainConfig(OptimiserOptions, RunOptions):
     mask_cell: int = option(
         16, "mask cell side in voxels (16 = one stage-3 token at patch 2)", minimum=2, group="masking"
     )
+    view_region: float = option(
+        1.5,
+        "the views of a sample (and its local crops) are cut at random places inside one region this many ROI "
+        "sides wide (clipped to the volume): 1 = the same crop (before augmentation), 1.5 = views that share on "
+        "average about 40% of their voxels, 2 = about 20% (SMIT: 96 voxel views from a 128 region, 1.33)",
+        minimum=1.0,
+        maximum=8.0,
+        group="views",
+    )
+    augment: bool = option(
+        True,
+        "augment each view with its own draw (intensity, contrast, noise, blur, flip, rotation/zoom; MONAI "
+        "transforms, see core/augment.py); off = the crops as they are",
+        group="views",
+    )
+    aug_intensity: float = option(
+        0.03,
+        "intensity scale and shift per view: x (1 +- a) +- a, in model units (1 = the HU window; 0.03 = about "
+        "13 HU over the default window: scanner calibration, not tissue contrast, which is information in CT)",
+        minimum=0.0, maximum=1.0, group="views",
+    )
+    aug_contrast: float = option(
+        0.0,
+        "gamma contrast in [1/(1+c), 1+c], half of the views (0: a gamma changes the HU differences between "
+        "tissues that tell organs apart; DINO's colour jitter is for natural images)",
+        minimum=0.0, maximum=3.0, group="views",
+    )
+    aug_noise: float = option(
+        0.02, "Gaussian noise std up to this (model units), 30% of the views", minimum=0.0, maximum=0.5, group="views"
+    )
+    aug_blur: float = option(
+        1.0, "Gaussian blur sigma up to this (voxels), 20% of the views", minimum=0.0, maximum=4.0, group="views"
+    )
+    aug_flip: float = option(
+        0.0,
+        "mirror left-right with this probability (0: laterality is anatomy in CT; DINO uses 0.5)",
+        minimum=0.0,
+        maximum=1.0,
+        group="views",
+    )
+    aug_rotate: float = option(
+        10.0, "rotation up to this many degrees about each axis, half of the views", minimum=0.0, maximum=45.0,
+        group="views",
+    )
+    aug_zoom: float = option(
+        0.1, "zoom by up to +- this fraction, with the rotation", minimum=0.0, maximum=0.5, group="views"
+    )
     out_dim: int | None = option(
         None, "prototypes of the projection heads (default: the preset's)", minimum=2, group="model"
     )
@@ -86,6 +133,14 @@ class PretrainConfig(OptimiserOptions, RunOptions):
         "encoder stage the class attention reads (3 = 16-voxel tokens)",
         minimum=1,
         maximum=4,
+        group="model",
+    )
+    class_attention_init: str = option(
+        "cait",
+        "initialisation of the class attention's linear layers: cait (truncated normal 0.02: an untrained map is "
+        "uniform) or pytorch (PyTorch's default: a random ripple, but it departs from uniform faster in short runs; "
+        "see docs/methods.md)",
+        choices=("cait", "pytorch"),
         group="model",
     )
     preview_every: int = option(
@@ -175,6 +230,23 @@ class PretrainConfig(OptimiserOptions, RunOptions):
         if not self.hu_max > self.hu_min:
             raise DagmanInputError(f"hu_max ({self.hu_max}) must be above hu_min ({self.hu_min})")
         self.method_options()  # refuses unknown or out-of-range method options
+
+    def augment_settings(self) -> Any:
+        """The per-view augmentation (`core.augment.AugmentSettings`), or None when off."""
+        from napari_dagman.core.augment import AugmentSettings
+
+        if not self.augment:
+            return None
+        settings = AugmentSettings(
+            intensity=self.aug_intensity,
+            contrast=self.aug_contrast,
+            noise=self.aug_noise,
+            blur=self.aug_blur,
+            flip=self.aug_flip,
+            rotate=self.aug_rotate,
+            zoom=self.aug_zoom,
+        )
+        return settings if settings.active else None
 
     def total_steps(self, num_volumes: int) -> int:
         """Steps of the run: ``steps``, or ``epochs`` x ceil(volumes / batch), or 1000."""
@@ -393,8 +465,28 @@ class EmbedConfig(ConfigBase):
         minimum=0.0,
         group="metrics",
     )
+    test_slab: list[float] = option(
+        [],
+        "z range LOW HIGH (mm, LPS, as napari shows) of a held-out slab: k-NN and the linear probe train on the "
+        "patches outside it (beyond the gap) and are scored inside it, instead of cross-validating over slabs (for "
+        "an encoder pretrained without that slab)",
+        group="metrics",
+    )
+    merge_sides: bool = option(
+        False,
+        "metrics count left and right of a paired organ as one (kidney_left + kidney_right = kidney): organ "
+        "identity without laterality",
+        group="metrics",
+    )
     seed: int = option(
-        0, "seed of UMAP/t-SNE/PCA, k-means, organ sampling and the random-init encoder", group="run"
+        0, "seed of UMAP/t-SNE/PCA, k-means, organ sampling and (without --init-seed) the random-init encoder",
+        group="run",
+    )
+    init_seed: int | None = option(
+        None,
+        "seed of the random-init control's weights (default: --seed), so several untrained encoders can be "
+        "scored on the same patches",
+        group="run",
     )
     device: str = option("auto", "auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps", group="run")
     batch_size: int = option(2, "encoder windows per forward pass", minimum=1, group="run")
@@ -408,6 +500,8 @@ class EmbedConfig(ConfigBase):
 
     def validate(self) -> None:
         super().validate()
+        if self.test_slab and len(self.test_slab) != 2:
+            raise DagmanInputError(f"test_slab takes two numbers (z low and high in mm), got {len(self.test_slab)}")
         if self.sampling != "grid" and self.pooling == "token":
             raise DagmanInputError("token pooling works on the token grid only; use --sampling grid")
 

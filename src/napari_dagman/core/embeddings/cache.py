@@ -193,6 +193,8 @@ def embedding_key(
         parts["checkpoint"] = [file_hash(pretrained.source), pretrained.which]
     if config.features == "random-init" or config.sampling != "grid":
         parts["seed"] = config.seed
+    if config.features == "random-init" and config.init_seed is not None:
+        parts["init_seed"] = int(config.init_seed)
     return cache_key(parts)
 
 

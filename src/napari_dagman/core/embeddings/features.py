@@ -116,6 +116,11 @@ def random_init_encoder(arch: Any, seed: int, kind: type | None = None) -> Any:
         return (kind or SwinEncoder)(arch).eval()
 
 
+def init_seed(config: EmbedConfig) -> int:
+    """The seed of the random-init control's weights: ``init_seed``, else the job's ``seed``."""
+    return config.seed if config.init_seed is None else int(config.init_seed)
+
+
 def load_encoder(config: EmbedConfig) -> PretrainedEncoder:
     """The run's encoder named in ``config.checkpoint``, with a message that says what is wrong otherwise."""
     from napari_dagman.core.checkpoint import load_pretrained_encoder
@@ -209,7 +214,7 @@ def _patch_features(
         encoder = (
             pretrained.encoder
             if config.features == "encoder"
-            else random_init_encoder(pretrained.encoder.arch, config.seed, type(pretrained.encoder))
+            else random_init_encoder(pretrained.encoder.arch, init_seed(config), type(pretrained.encoder))
         )
         result = yield from stage_feature_map(
             encoder,
@@ -292,6 +297,7 @@ def embed_volume(
             "hu_range": list(pretrained.hu_range),
             "roi": pretrained.roi,
             "seed": config.seed,
+            "init_seed": init_seed(config),
         },
         key=key,
     )

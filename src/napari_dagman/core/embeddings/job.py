@@ -64,6 +64,8 @@ def analyse(
             gap_mm=config.gap_mm,
             distance=config.distance,
             seed=config.seed,
+            merge_sides=config.merge_sides,
+            test_slab_mm=tuple(config.test_slab) if config.test_slab else None,
         )
         if "note" in quality.metrics:
             yield LogEvent(quality.metrics["note"], "warning")

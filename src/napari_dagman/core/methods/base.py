@@ -21,16 +21,23 @@ from __future__ import annotations
 import math
 from abc import abstractmethod
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from napari_dagman.core.config import ConfigBase, PretrainConfig, option
+from napari_dagman.core.diversity import cross_crop_cosine
 from napari_dagman.core.errors import DagmanInputError
 from napari_dagman.core.events import Picture
-from napari_dagman.core.masking import attention_to_cells, get_strategy, make_mask, strategy_names
+from napari_dagman.core.masking import (
+    MaskRecipe,
+    attention_to_cells,
+    draw_masks,
+    get_strategy,
+    strategy_names,
+)
 from napari_dagman.core.methods.losses import masked_l1
 from napari_dagman.core.models.architecture import Architecture
 from napari_dagman.core.models.encoder import cell_stage_token_mask, cell_token_mask, upsample_mask
@@ -160,12 +167,16 @@ class PublishedEncoder:
 @dataclass(frozen=True)
 class InputSpec:
     """What a method reads per sample: ``views`` crops (2 = a pair for cross-view losses), each ``scale`` x the
-    ROI a side (MiM reads a region twice the ROI), and with ``high_res`` > 1 also the same regions on a grid that
-    many times finer (MIRAM's high-resolution target, passed to `forward_step` as ``high_res``)."""
+    ROI a side (MiM reads a region twice the ROI), with ``high_res`` > 1 also the same regions on a grid that
+    many times finer (MIRAM's high-resolution target, passed to `forward_step` as ``high_res``), and
+    ``local_views`` small crops of ``local_roi`` voxels from the same region (DINO/iBOT multi-crop, passed as
+    ``local``)."""
 
     views: int = 2
     scale: int = 1
     high_res: int = 1
+    local_views: int = 0
+    local_roi: int = 0
 
 
 @dataclass
@@ -214,8 +225,9 @@ class SSLMethod(nn.Module):
     inputs: ClassVar[InputSpec] = InputSpec()
 
     @classmethod
-    def input_spec(cls, options: MethodOptions) -> InputSpec:
-        """What the method reads per sample, for these options (the task prepares and samples accordingly)."""
+    def input_spec(cls, options: MethodOptions, roi: int) -> InputSpec:
+        """What the method reads per sample, for these options and the run's ROI (the task prepares and samples
+        accordingly)."""
         return cls.inputs
 
     @classmethod
@@ -245,11 +257,12 @@ class SSLMethod(nn.Module):
         """The encoders this method offers downstream, preferred one included (`preferred_encoder`)."""
 
     @abstractmethod
-    def forward_step(
-        self, views: torch.Tensor, step: int, generator: torch.Generator, high_res: torch.Tensor | None = None
-    ) -> StepOutput:
-        """Views (V*B, C, *crop): the B first views, then (V = 2) the B second views of the same samples;
-        ``high_res`` holds the same crops on a finer grid when `input_spec` asks for them."""
+    def forward_step(self, views: torch.Tensor, step: int, generator: torch.Generator, **inputs: Any) -> StepOutput:
+        """Views (V*B, C, *crop): the B first views, then (V = 2) the B second views of the same samples.
+
+        ``inputs`` holds what `input_spec` asks for beyond the views: ``high_res`` (the same crops on a finer
+        grid) and ``local`` (L*B small crops of the same regions, the B first ones first).
+        """
 
     def after_backward(self, step: int) -> None:
         """Called between backward and the optimiser step (e.g. freeze a layer's gradient)."""
@@ -261,6 +274,24 @@ class SSLMethod(nn.Module):
     def attention_encoders(self) -> dict[str, nn.Module]:
         """Encoders whose class attention this method trains, by name (probed for head diversity)."""
         return {}
+
+    def published_module(self, name: str) -> nn.Module:
+        """The module of a published encoder (by name), unwrapped from DDP or compilation."""
+        for encoder in self.published_encoders():
+            if encoder.name == name:
+                head, _, rest = encoder.prefix.partition(".")
+                module = self.network(head)
+                return unwrap(module.get_submodule(rest)) if rest else module
+        raise KeyError(f"{type(self).__name__} publishes no encoder '{name}'")
+
+    def probe_outputs(self, crops: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The outputs the method's objective compares, one row per crop, by name (collapse probes; eval mode,
+        no gradient). Methods whose objective compares projections (CASS, MiM) return them."""
+        return {}
+
+    def preferred(self) -> tuple[str, str]:
+        """(the published encoder downstream jobs use for ``auto``, why): recorded in the run's config.json."""
+        return self.preferred_encoder, "the encoder this method trains"
 
     # --- what the loop uses ---------------------------------------------------------------------------------
     def wrap_trained(self, wrapper: Callable[[nn.Module], nn.Module]) -> None:
@@ -296,6 +327,12 @@ class SSLMethod(nn.Module):
         """Cell mask -> (B, N) mask on the attention-stage tokens (a token counts as hidden when >= half is)."""
         return cell_stage_token_mask(cell_mask, self.config.mask_cell, self.arch.attention_stride, self.dims)
 
+    def token_cosine(self, tokens: torch.Tensor, cell_mask: torch.Tensor | None = None) -> float:
+        """Mean cosine of the attention-stage tokens of different crops, over the tokens whose input was seen
+        (hidden tokens all carry the mask token): near 1 = every crop described alike (a collapse figure)."""
+        visible = None if cell_mask is None else ~self.stage_token_mask(cell_mask).to(tokens.device)
+        return cross_crop_cosine(tokens, visible)
+
     def reconstruction_loss(
         self, views: torch.Tensor, reconstruction: torch.Tensor, cell_mask: torch.Tensor
     ) -> torch.Tensor:
@@ -330,38 +367,10 @@ class MaskedMethod(SSLMethod):
         if get_strategy(strategy).needs_attention:
             mean = attention.float().mean(dim=1).reshape(batch, *grid).cpu()
             cell_attention = attention_to_cells(mean, self.cells)
-        common = {"hint_fraction": o.hint_fraction, "hint_pool": o.hint_pool}
-        if o.masking_prob >= 1.0 and o.mask_ratio_jitter == 0.0:
-            return make_mask(
-                strategy,
-                batch=batch,
-                grid=self.cells,
-                ratio=o.mask_ratio,
-                attention=cell_attention,
-                generator=generator,
-                unseen=unseen,
-                **common,
-            )
-        masks = []
-        for b in range(batch):
-            masked = float(torch.rand((), generator=generator)) < o.masking_prob
-            ratio = o.mask_ratio + (2.0 * float(torch.rand((), generator=generator)) - 1.0) * o.mask_ratio_jitter
-            if not masked:
-                masks.append(torch.zeros(1, *self.cells, dtype=torch.bool))
-                continue
-            masks.append(
-                make_mask(
-                    strategy,
-                    batch=1,
-                    grid=self.cells,
-                    ratio=min(1.0, max(0.0, ratio)),
-                    attention=None if cell_attention is None else cell_attention[b : b + 1],
-                    generator=generator,
-                    unseen=None if unseen is None else unseen[b : b + 1],
-                    **common,
-                )
-            )
-        return torch.cat(masks)
+        recipe = replace(MaskRecipe.from_options(o), strategy=strategy)
+        return draw_masks(
+            recipe, batch=batch, grid=self.cells, attention=cell_attention, generator=generator, unseen=unseen
+        )
 
 
 def check_ratio(value: float, name: str) -> None:

@@ -31,10 +31,12 @@ import torch
 from torch import nn
 
 from napari_dagman.core.config import PretrainConfig, option
-from napari_dagman.core.diversity import CollapseMonitor, head_diversity, output_statistics
+from napari_dagman.core.diversity import head_diversity, output_statistics
+from napari_dagman.core.errors import DagmanInputError
 from napari_dagman.core.masking import random_mask
 from napari_dagman.core.methods.base import (
     Capabilities,
+    InputSpec,
     MaskedMethod,
     MaskingOptions,
     PublishedEncoder,
@@ -65,8 +67,35 @@ class CoDistillationOptions(MaskingOptions):
         maximum=0.9,
         group="teacher",
     )
-    ema_momentum: float = option(
-        0.996, "EMA teacher momentum at step 0 (cosine to 1)", minimum=0.0, maximum=1.0, group="teacher"
+    ema_momentum: float | None = option(
+        None,
+        "EMA teacher momentum at step 0 (cosine to 1); default from the run's length: 1 - 1 / (ema_memory x "
+        "steps), at most 0.996 (DINO's value, reached at 2500 steps)",
+        minimum=0.0,
+        maximum=1.0,
+        group="teacher",
+    )
+    ema_memory: float = option(
+        0.1,
+        "the default momentum gives the teacher a memory (time constant) of this fraction of the run, so a short "
+        "run's teacher follows its student instead of staying at its initialisation",
+        minimum=0.001,
+        maximum=1.0,
+        group="teacher",
+    )
+    local_crops: int = option(
+        4,
+        "small crops per sample that only the student sees, each taught by both teacher views through the global "
+        "term (DINO/iBOT multi-crop; 0 = two views only)",
+        minimum=0,
+        maximum=16,
+        group="views",
+    )
+    local_roi: int = option(
+        32,
+        "side of the local crops in voxels, a multiple of 32; local crops are used only when this is below the ROI",
+        minimum=32,
+        group="views",
     )
     teacher_temp: float = option(0.04, "teacher softmax temperature at step 0", minimum=1e-4, group="teacher")
     teacher_temp_final: float = option(
@@ -99,11 +128,27 @@ class CoDistillationOptions(MaskingOptions):
 
     def resolve(self, steps: int) -> CoDistillationOptions:
         out = super().resolve(steps)
+        if out.ema_momentum is None:
+            out = out.replace(ema_momentum=ema_momentum_for(steps, out.ema_memory))
         if out.teacher_temp_warmup is None:
             out = out.replace(teacher_temp_warmup=fraction_of(steps, 0.3))
         if out.freeze_last_layer_steps is None:
             out = out.replace(freeze_last_layer_steps=fraction_of(steps, 0.01))
         return out
+
+
+#: DINO's starting momentum, the most a run's default gets (runs of 2500 steps and more at ema_memory 0.1).
+DINO_MOMENTUM = 0.996
+
+
+def ema_momentum_for(steps: int, memory: float) -> float:
+    """The default starting momentum: a teacher memory of ``memory`` x the run, at most DINO's 0.996.
+
+    An EMA with momentum m averages the student over about 1 / (1 - m) steps. DINO's 0.996 (250 steps) suits its
+    hundreds of thousands of steps; over a 100-step run the teacher would follow 6 % of the student's drift and
+    publish what is nearly its random initialisation (measured on main b4443b9).
+    """
+    return min(DINO_MOMENTUM, max(0.0, 1.0 - 1.0 / max(1.0, memory * steps)))
 
 
 class CoDistillation(MaskedMethod):
@@ -118,6 +163,13 @@ class CoDistillation(MaskedMethod):
     )
     preferred_encoder: ClassVar[str] = "teacher"
 
+    @classmethod
+    def input_spec(cls, options: CoDistillationOptions, roi: int) -> InputSpec:
+        """Two views, and the local crops when they are smaller than the ROI (none at ROI 32: no smaller Swin
+        input exists)."""
+        local = options.local_crops if options.local_roi < roi else 0
+        return InputSpec(views=2, local_views=local, local_roi=options.local_roi if local else 0)
+
     def __init__(self, config: PretrainConfig, options: CoDistillationOptions, arch: Architecture) -> None:
         super().__init__(config, options, arch)
         self.student = PretrainNetwork(arch, heads=True, decoder=True)
@@ -131,7 +183,8 @@ class CoDistillation(MaskedMethod):
             arch.out_dim, student_temp=options.student_temp, center_momentum=options.center_momentum
         )
         self.total_steps = int(config.steps or 1)
-        self.collapse = CollapseMonitor()
+        if options.local_crops and options.local_roi % 32:
+            raise DagmanInputError(f"local_roi must be a multiple of 32 (Swin's input), got {options.local_roi}")
 
     # --- the contract -----------------------------------------------------------------------------------------
     def trained_modules(self) -> dict[str, nn.Module]:
@@ -193,7 +246,19 @@ class CoDistillation(MaskedMethod):
             )
 
     # --- one step -------------------------------------------------------------------------------------------
-    def forward_step(self, views: torch.Tensor, step: int, generator: torch.Generator) -> StepOutput:
+    def preferred(self) -> tuple[str, str]:
+        o = self.options
+        memory = 1.0 / max(1e-9, 1.0 - float(o.ema_momentum or 0.0))
+        return (
+            "teacher",
+            f"the EMA teacher chose the masks and is what co-distillation publishes; its momentum starts at "
+            f"{o.ema_momentum:.4f} (a memory of about {memory:.0f} of the run's {self.total_steps} steps) and rises "
+            "to 1, so it follows the student",
+        )
+
+    def forward_step(
+        self, views: torch.Tensor, step: int, generator: torch.Generator, local: torch.Tensor | None = None, **_: object
+    ) -> StepOutput:
         cfg = self.options
         batch = views.shape[0]
         device = views.device
@@ -205,13 +270,15 @@ class CoDistillation(MaskedMethod):
         grid = t_out.encoder.grid
 
         cell_mask = self.choose_mask(batch, step, attention, grid, generator, unseen=dropped)
-        s_out = self.student(views, self.token_mask(cell_mask).to(device))
+        s_out = self.student(views, self.token_mask(cell_mask).to(device), local=local)
 
         # distillation targets only from tokens the teacher saw
         seen = None if dropped is None else ~self.stage_token_mask(dropped).to(device)
         token_mask = self.stage_token_mask(cell_mask).to(device)
         target_mask = token_mask if seen is None else token_mask & seen
-        loss_global = self.distill.global_loss(t_out.global_logits, s_out.global_logits, 2, teacher_temp)
+        loss_global = self.distill.global_loss(
+            t_out.global_logits, s_out.global_logits, 2, teacher_temp, local=s_out.local_global_logits
+        )
         loss_patch = self.distill.patch_loss(t_out.patch_logits, s_out.patch_logits, target_mask, teacher_temp)
         loss_rec = self.reconstruction_loss(views, s_out.reconstruction, cell_mask)
         loss = cfg.w_global * loss_global + cfg.w_patch * loss_patch + cfg.w_rec * loss_rec
@@ -222,7 +289,6 @@ class CoDistillation(MaskedMethod):
         # collapse diagnostics on this step's patch targets, with the centre they were made with
         seen_patches = t_out.patch_logits if seen is None else t_out.patch_logits[seen]
         stats = output_statistics(seen_patches, self.distill.center_patch, teacher_temp)
-        warning = self.collapse.update(stats, seen_patches.shape[0], step + 1)
         self.distill.update_centers(t_out.global_logits, t_out.patch_logits, seen)
 
         extras = {
@@ -235,6 +301,8 @@ class CoDistillation(MaskedMethod):
             "teacher_sample_entropy": stats["sample_entropy"],
             "prototypes_in_use": stats["prototypes_in_use"],
             "center_norm": stats["center_norm"],
+            # the published encoder's stage-3 tokens of different crops (the teacher's, tokens it saw)
+            "token_cosine": self.token_cosine(t_out.encoder.tokens, dropped),
         }
         if dropped is not None:
             hidden = cell_mask.flatten(1)
@@ -259,7 +327,6 @@ class CoDistillation(MaskedMethod):
             reconstruction=s_out.reconstruction.detach(),
             extras=extras,
             unseen=dropped,
-            warnings=[warning] if warning else [],
         )
 
     def clean_agreement(
@@ -267,8 +334,10 @@ class CoDistillation(MaskedMethod):
     ) -> float:
         """Share of the hidden cells that a clean (noise-free) teacher pass would also have hidden.
 
-        The clean mask is drawn with a copy of the step's generator, so its random parts (warm-up, jitter) are
-        the same draws; the figure is the overlap |M and M_clean| / |M_clean|, averaged over the images.
+        The clean mask's random parts (warm-up, jitter, masking probability, ties) come from a generator of its
+        own, seeded from the step's generator: they are fresh draws, not the step's, so the figure also counts
+        disagreement that comes from those draws. It is the overlap |M and M_clean| / |M_clean|, averaged over the
+        images.
         """
         clean = self.teacher_pass(views, None, 0.0, generator)
         gen = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (), generator=generator)))

@@ -61,16 +61,30 @@ class DistillationLoss(nn.Module):
         self.register_buffer("center_patch", torch.zeros(1, 1, out_dim))
 
     def global_loss(
-        self, teacher: torch.Tensor, student: torch.Tensor, views: int, teacher_temp: float
+        self,
+        teacher: torch.Tensor,
+        student: torch.Tensor,
+        views: int,
+        teacher_temp: float,
+        local: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Cross-view only: mean over pairs q != v of H(P_t(view q), P_s(view v)). Inputs (views*B, K)."""
+        """Cross-view only: mean over pairs q != v of H(P_t(view q), P_s(view v)). Inputs (views*B, K).
+
+        ``local`` (L*B, K) are the student's logits of L local crops per sample (DINO's multi-crop): every
+        teacher view also teaches every local crop of its sample, and those pairs join the mean.
+        """
         t = F.softmax((teacher.float() - self.center_global) / teacher_temp, dim=-1).chunk(views)
-        s = F.log_softmax(student.float() / self.student_temp, dim=-1).chunk(views)
+        s = list(F.log_softmax(student.float() / self.student_temp, dim=-1).chunk(views))
+        students = [(v, view) for v, view in enumerate(s)]
+        if local is not None and local.numel():
+            per_sample = teacher.shape[0] // views
+            locals_ = F.log_softmax(local.float() / self.student_temp, dim=-1).split(per_sample)
+            students += [(-1, crop) for crop in locals_]  # a local crop is never the teacher's own view
         total, pairs = teacher.new_zeros(()).float(), 0
         for q in range(views):
-            for v in range(views):
+            for v, student_view in students:
                 if q != v:
-                    total = total + torch.sum(-t[q] * s[v], dim=-1).mean()
+                    total = total + torch.sum(-t[q] * student_view, dim=-1).mean()
                     pairs += 1
         return total / max(1, pairs)
 
@@ -191,3 +205,24 @@ def denormalise_cells(prediction: torch.Tensor, target: torch.Tensor, cell: int)
 def alignment_loss(child: torch.Tensor, parent: torch.Tensor) -> torch.Tensor:
     """BYOL's normalised MSE, 2 - 2 cos(child, parent), averaged; the caller detaches the parent side."""
     return (2.0 - 2.0 * F.cosine_similarity(child.float(), parent.float(), dim=-1)).mean()
+
+
+def variance_loss(z: torch.Tensor, gamma: float = 1.0, eps: float = 1e-4) -> torch.Tensor:
+    """VICReg's variance term on directions: mean over dimensions of max(0, gamma - std), where std is each
+    dimension's standard deviation over the batch (rows) of sqrt(D) x the L2-normalised outputs.
+
+    Why on directions: the objectives it guards compare cosines, so what must not collapse is the direction of the
+    outputs. Scaled by sqrt(D), directions spread evenly over the sphere have a standard deviation of about 1 per
+    dimension; outputs that all point the same way have 0. Rows are different crops; with fewer than two rows
+    there is no spread to measure and the term is 0.
+    """
+    if z.shape[0] < 2:
+        return z.new_zeros(()).float()
+    u = F.normalize(z.float(), dim=-1) * math.sqrt(z.shape[-1])
+    std = torch.sqrt(u.var(dim=0) + eps)
+    return F.relu(gamma - std).mean()
+
+
+def predictor_agreement(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """BYOL/SimSiam's loss: 2 - 2 cos(prediction, stop-gradient(target)), averaged."""
+    return alignment_loss(prediction, target.detach())

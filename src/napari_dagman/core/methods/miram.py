@@ -66,7 +66,7 @@ class MIRAM(MaskedMethod):
     find_unused_parameters = True  # the encoder's class attention gets no gradient
 
     @classmethod
-    def input_spec(cls, options: MIRAMOptions) -> InputSpec:
+    def input_spec(cls, options: MIRAMOptions, roi: int) -> InputSpec:
         return InputSpec(views=1, scale=1, high_res=options.scale)
 
     def __init__(self, config: PretrainConfig, options: MIRAMOptions, arch: Architecture) -> None:
@@ -88,7 +88,12 @@ class MIRAM(MaskedMethod):
         return [PublishedEncoder("encoder", "encoder", class_attention_trained=False, description="MIRAM's encoder")]
 
     def forward_step(
-        self, views: torch.Tensor, step: int, generator: torch.Generator, high_res: torch.Tensor | None = None
+        self,
+        views: torch.Tensor,
+        step: int,
+        generator: torch.Generator,
+        high_res: torch.Tensor | None = None,
+        **_: object,
     ) -> StepOutput:
         o, d = self.options, self.dims
         if high_res is None:
@@ -110,6 +115,7 @@ class MIRAM(MaskedMethod):
             mask=cells,
             reconstruction=low.detach(),
             pictures=self.pictures(views[:1], low[:1], high_res[:1], high[:1]),
+            extras={"token_cosine": self.token_cosine(out.tokens, cells)},
         )
 
     def pictures(self, views, low, high_res, high) -> list[Picture]:

@@ -48,7 +48,7 @@ class SimMIM(MaskedMethod):
             )
         ]
 
-    def forward_step(self, views: torch.Tensor, step: int, generator: torch.Generator) -> StepOutput:
+    def forward_step(self, views: torch.Tensor, step: int, generator: torch.Generator, **_: object) -> StepOutput:
         batch = views.shape[0]
         cell_mask = self.choose_mask(batch, step, None, (), generator)
         out = self.student(views, self.token_mask(cell_mask).to(views.device))
@@ -58,4 +58,5 @@ class SimMIM(MaskedMethod):
             terms={"reconstruction": loss.item()},
             mask=cell_mask,
             reconstruction=out.reconstruction.detach(),
+            extras={"token_cosine": self.token_cosine(out.encoder.tokens, cell_mask)},
         )

@@ -43,6 +43,11 @@ class ClassAttentionBlock(nn.Module):
         self.norm_mlp = nn.LayerNorm(dim)
         hidden = int(dim * mlp_ratio)
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+        # CaiT's initialisation (truncated normal 0.02, zero biases), not PyTorch's default Kaiming-uniform
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.trunc_normal_(module.weight, std=0.02)
+                nn.init.zeros_(module.bias)
 
     def forward(
         self, cls: torch.Tensor, tokens: torch.Tensor, ignore: torch.Tensor | None = None

@@ -18,6 +18,8 @@ class PretrainOutput:
     global_logits: torch.Tensor | None
     patch_logits: torch.Tensor | None
     reconstruction: torch.Tensor | None
+    #: global logits of the local crops (multi-crop), or None
+    local_global_logits: torch.Tensor | None = None
 
 
 class PretrainNetwork(nn.Module):
@@ -48,7 +50,13 @@ class PretrainNetwork(nn.Module):
         noise_std: float = 0.0,
         generator: torch.Generator | None = None,
         attention_ignore: torch.Tensor | None = None,
+        local: torch.Tensor | None = None,
     ) -> PretrainOutput:
+        """Encode ``x`` (hidden tokens behind the mask token) and apply the heads and the decoder.
+
+        ``local`` are small crops (DINO/iBOT multi-crop) that only the global head sees, unmasked, in the same
+        call (so one forward serves DistributedDataParallel); their logits are ``local_global_logits``.
+        """
         enc = self.encoder(
             x,
             token_mask,
@@ -60,4 +68,7 @@ class PretrainNetwork(nn.Module):
         global_logits = self.global_head(enc.global_token) if self.global_head is not None else None
         patch_logits = self.patch_head(enc.tokens) if self.patch_head is not None else None
         recon = self.decoder(enc.stages[4]) if self.decoder is not None else None
-        return PretrainOutput(enc, global_logits, patch_logits, recon)
+        local_logits = None
+        if local is not None and self.global_head is not None:
+            local_logits = self.global_head(self.encoder(local).global_token)
+        return PretrainOutput(enc, global_logits, patch_logits, recon, local_logits)

@@ -42,14 +42,15 @@ Event = Any  # one of the dataclasses in core.events
 
 
 def parameter_groups(modules: nn.Module | Iterable[nn.Module], weight_decay: float) -> list[dict[str, Any]]:
-    """No weight decay on biases, norms and tokens (1-D parameters), as DINO/iBOT/SMIT do."""
+    """No weight decay on biases, norms (1-D parameters) and learnt tokens (the class token, the mask token), as
+    DINO/iBOT/SMIT/CaiT do: decay would pull a token towards zero, which carries no regularising meaning."""
     if isinstance(modules, nn.Module):
         modules = [modules]
     decay, no_decay = [], []
     for module in modules:
-        for p in module.parameters():
+        for name, p in module.named_parameters():
             if p.requires_grad:
-                (no_decay if p.ndim <= 1 else decay).append(p)
+                (no_decay if p.ndim <= 1 or name.endswith("token") else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
@@ -328,7 +329,7 @@ def _steps(
             loss = float(result.loss.detach())
             running = tracker["running_loss"]
             tracker["running_loss"] = loss if not math.isfinite(running) else 0.9 * running + 0.1 * loss
-            for warning in result.warnings:
+            for warning in [*result.warnings, *task.after_step(step, extras)]:
                 yield LogEvent(warning, "warning")
             event = StepEvent(
                 step=step,

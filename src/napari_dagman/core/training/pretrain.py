@@ -15,16 +15,18 @@ import numpy as np
 import torch
 from torch import nn
 
+from napari_dagman.core.augment import Augmentation
 from napari_dagman.core.checkpoint import RunFolder, architecture_from_metadata
 from napari_dagman.core.config import PretrainConfig
 from napari_dagman.core.data import PreparedVolume, ViewSampler, prepare_volume, refine_volume
+from napari_dagman.core.diversity import CollapseAlarm
 from napari_dagman.core.errors import CheckpointError, DagmanInputError
 from napari_dagman.core.events import CancelToken, FinishedEvent, PreviewEvent
 from napari_dagman.core.methods.base import InputSpec, SSLMethod, StepOutput
 from napari_dagman.core.methods.registry import get_method
 from napari_dagman.core.models.architecture import Architecture, architecture_for
 from napari_dagman.core.models.encoder import set_fused_window_attention
-from napari_dagman.core.probes import PROBE_FILE, probe_crops, probe_head_diversity
+from napari_dagman.core.probes import PROBE_FILE, probe_collapse, probe_crops, probe_head_diversity
 from napari_dagman.core.training.distributed import DistContext
 from napari_dagman.core.training.loop import run_training
 from napari_dagman.core.training.task import StepResult, TrainingTask
@@ -64,7 +66,29 @@ def build_method(config: PretrainConfig, arch: Architecture | None = None) -> SS
     arch = arch or build_architecture(config)
     options = config.method_options().resolve(int(config.steps or 1))
     torch.manual_seed(config.seed)
-    return get_method(config.method).load()(config, options, arch)
+    method = get_method(config.method).load()(config, options, arch)
+    if config.class_attention_init == "pytorch":
+        reset_class_attention(method, config.seed)
+    return method
+
+
+def reset_class_attention(module: nn.Module, seed: int = 0) -> None:
+    """PyTorch's default initialisation for every class-attention linear layer in ``module``. Each block draws from
+    a stream seeded by its path below the network that holds it, so an EMA teacher's block gets the same weights as
+    its student's (it still starts as a copy) while the blocks of one encoder differ."""
+    import zlib
+
+    from napari_dagman.core.models.encoder import ClassAttentionBlock
+
+    with torch.random.fork_rng(devices=[]):
+        for name, block in module.named_modules():
+            if not isinstance(block, ClassAttentionBlock):
+                continue
+            inside = name.split(".", 1)[-1]  # "student.encoder.class_attention.blocks.0" -> "encoder.class_..."
+            torch.manual_seed(seed + zlib.crc32(inside.encode()))
+            for layer in block.modules():
+                if isinstance(layer, nn.Linear):
+                    layer.reset_parameters()
 
 
 # --- inputs ---------------------------------------------------------------------------------------------------
@@ -122,6 +146,8 @@ class PretrainTask(TrainingTask):
         self.rank, self.world_size = 0, 1
         self._views: torch.Tensor | None = None
         self._crops: list[Any] = []
+        #: says once when the step's figures show collapse (every method; see `core.diversity.CollapseAlarm`)
+        self.alarm = CollapseAlarm()
 
     # --- before anything is written ---------------------------------------------------------------------------
     def prepare(self, run: RunFolder, resume: bool) -> None:
@@ -135,7 +161,7 @@ class PretrainTask(TrainingTask):
             if not config.images and not self.volumes:
                 config = config.replace(images=saved.images)
         raw = load_inputs(config, self.volumes)
-        self.spec = get_method(config.method).load().input_spec(config.method_options())
+        self.spec = get_method(config.method).load().input_spec(config.method_options(), config.roi)
         self.prepared = prepare_inputs(config, raw, self.spec.scale)
         if self.spec.high_res > 1:
             hu = (config.hu_min, config.hu_max)
@@ -144,6 +170,8 @@ class PretrainTask(TrainingTask):
                 for p, v in zip(self.prepared, raw, strict=True)
             ]
         self.config = resolve_config(config, len(self.prepared))
+        # the alarm judges from the end of the learning-rate warm-up (and never the first 10 steps)
+        self.alarm = CollapseAlarm(from_step=max(10, int(self.config.warmup_steps or 0)))
         self.arch = build_architecture(self.config)
         self.total_steps = int(self.config.steps or 1)
         self.notes = [note for p in self.prepared for note in p.notes]
@@ -158,19 +186,7 @@ class PretrainTask(TrainingTask):
         self.method = build_method(config, self.arch).to(device)
         set_fused_window_attention(self.method, config.fused_attention)
         self.find_unused_parameters = self.method.find_unused_parameters
-        spec = self.spec
-        self.sampler = ViewSampler(
-            self.prepared,
-            roi=config.roi * spec.scale,
-            dims=config.dims,
-            batch_size=config.batch_size,
-            seed=config.seed,
-            rank=self.rank,
-            world_size=self.world_size,
-            views=spec.views,
-            high_res=self.high_res,
-            high_res_factor=spec.high_res,
-        )
+        self.sampler = make_sampler(config, self.spec, self.prepared, self.high_res, self.rank, self.world_size)
 
     # --- modules ---------------------------------------------------------------------------------------------
     def trained_modules(self) -> dict[str, nn.Module]:
@@ -196,9 +212,11 @@ class PretrainTask(TrainingTask):
     # --- records -----------------------------------------------------------------------------------------------
     def published(self) -> dict[str, Any]:
         method = self.method
+        preferred, reason = method.preferred()
         return {
             "encoders": {e.name: e.to_dict() for e in method.published_encoders()},
-            "preferred_encoder": method.preferred_encoder,
+            "preferred_encoder": preferred,
+            "preferred_reason": reason,
             "capabilities": type(method).capabilities_for(method.options).to_dict(),
         }
 
@@ -217,17 +235,22 @@ class PretrainTask(TrainingTask):
         return {"method": self.config.method}
 
     def start_messages(self, start: int, resume: bool) -> list[str]:
-        c = self.config
+        c, spec = self.config, self.spec
+        views = f"{spec.views} view(s)" + (f" + {spec.local_views} local crops of {spec.local_roi}" if spec.local_views else "")
+        augment = "augmented per view" if c.augment_settings() is not None else "not augmented"
         return [
             f"{c.method} on {len(self.prepared)} volume(s), preset {c.preset} {c.dims}D, ROI {c.roi}, "
             f"{self.total_steps} steps on {next(self.method.parameters()).device}"
-            + (f" (resuming at step {start})" if resume else "")
+            + (f" (resuming at step {start})" if resume else ""),
+            f"each sample: {views} from a region {c.view_region:g} x the ROI, {augment}",
         ]
 
     def begin(self, run: RunFolder, is_main: bool, start: int) -> None:
         config = self.config
-        if config.probe_every and is_main and self.method.attention_encoders():
-            self.probes = probe_crops(run.file(PROBE_FILE), self.sampler, config.probe_crops, config.seed)
+        if config.probe_every and is_main:  # at the model's own ROI (MiM's sampler reads a larger region)
+            self.probes = probe_crops(
+                run.file(PROBE_FILE), self.sampler, config.probe_crops, config.seed, side=config.roi
+            )
 
     def finish_info(self, tracker: dict[str, Any] | None) -> dict[str, Any]:
         return {"best_running_loss": tracker["best_loss"]} if tracker else {}
@@ -240,15 +263,17 @@ class PretrainTask(TrainingTask):
 
     # --- steps -----------------------------------------------------------------------------------------------------
     def step(self, step: int, generator: torch.Generator, device: torch.device) -> StepResult:
-        views_np, crops = self.sampler.sample(step)
-        views = torch.from_numpy(views_np).to(device, non_blocking=True)
-        self._views, self._crops = views, crops
-        self.method.train()
+        batch = self.sampler.sample(step)
+        views = torch.from_numpy(batch.views).to(device, non_blocking=True)
+        self._views, self._crops = views, batch.crops
+        inputs: dict[str, torch.Tensor] = {}
         if self.spec.high_res > 1:
-            high_res = torch.from_numpy(self.sampler.high_res_views(crops)).to(device, non_blocking=True)
-            out = self.method.forward_step(views, step, generator, high_res=high_res)
-        else:
-            out = self.method.forward_step(views, step, generator)
+            high_res = self.sampler.high_res_views(batch.crops, batch.seeds)
+            inputs["high_res"] = torch.from_numpy(high_res).to(device, non_blocking=True)
+        if batch.local is not None:
+            inputs["local"] = torch.from_numpy(batch.local).to(device, non_blocking=True)
+        self.method.train()
+        out = self.method.forward_step(views, step, generator, **inputs)
         return StepResult(out.loss, out.terms, dict(out.extras), list(out.warnings), out)
 
     def after_backward(self, step: int) -> None:
@@ -260,7 +285,13 @@ class PretrainTask(TrainingTask):
         every = self.config.probe_every
         if self.probes is not None and (done % every == 0 or done in (1, self.total_steps)):
             extras.update(probe_head_diversity(self.method.attention_encoders(), self.probes, device))
+            extras.update(probe_collapse(self.method, self.probes, device))
         return extras
+
+    def after_step(self, step: int, extras: dict[str, float]) -> list[str]:
+        """The collapse alarm on the step's figures (the loss terms' and the probes'), said once per run."""
+        warning = self.alarm.update(step, extras)
+        return [warning] if warning else []
 
     def events_after_step(self, step: int, result: StepResult) -> Iterator[Any]:
         every = self.config.preview_every
@@ -270,6 +301,34 @@ class PretrainTask(TrainingTask):
     def release(self) -> None:
         self.method = None
         self._views = None
+
+
+def make_sampler(
+    config: PretrainConfig,
+    spec: InputSpec,
+    prepared: list[PreparedVolume],
+    high_res: list[PreparedVolume] | None = None,
+    rank: int = 0,
+    world_size: int = 1,
+) -> ViewSampler:
+    """The view sampler of a run: the method's input spec, the config's views and augmentation."""
+    settings = config.augment_settings()
+    return ViewSampler(
+        prepared,
+        roi=config.roi * spec.scale,
+        dims=config.dims,
+        batch_size=config.batch_size,
+        seed=config.seed,
+        rank=rank,
+        world_size=world_size,
+        region_scale=config.view_region,
+        views=spec.views,
+        local_views=spec.local_views,
+        local_roi=spec.local_roi,
+        augmentation=Augmentation(settings, config.dims) if settings is not None else None,
+        high_res=high_res,
+        high_res_factor=spec.high_res,
+    )
 
 
 def preview_event(

@@ -124,6 +124,10 @@ class TrainingTask(ABC):
         """After the optimiser step (EMA updates, measurements due at this step); values to log."""
         return {}
 
+    def after_step(self, step: int, extras: dict[str, float]) -> list[str]:
+        """Warnings about the finished step ``step`` (1-based) from all its logged figures (e.g. a collapse)."""
+        return []
+
     def events_after_step(self, step: int, result: StepResult) -> Iterator[Any]:
         """Events that follow a step's `StepEvent` (previews)."""
         return iter(())
