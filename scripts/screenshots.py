@@ -174,18 +174,18 @@ def phantom_shots(viewer, out: Path, runs: Path, args: argparse.Namespace) -> in
     explorer.image.value = ct
     explorer.scope.value = "volume"
     explorer.contour.value = True
-    explorer.show_mask.value = "noisy-teacher"
+    explorer.show_mask.value = "run"
     explorer.compute()
     spin(3600, until=lambda: not explorer.running)
     if explorer.result is None:
         print("the attention computation failed", file=sys.stderr)
         return 1
-    viewer.layers[MEAN_LAYER].opacity = 0.6
+    explorer.layers.find(MEAN_LAYER).opacity = 0.6
     preview = explorer.result.preview
     # the slice through the middle of the mask-preview crop, so its outlines show
     z_crop = preview.image_translate[0] + preview.image_scale[0] * (preview.image.shape[0] - 1) / 2
     viewer.dims.set_point(0, z_crop)
-    viewer.layers.selection.active = viewer.layers[MEAN_LAYER]
+    viewer.layers.selection.active = explorer.layers.find(MEAN_LAYER)
     save(viewer, out / "attention_explorer.png")
     viewer.window.remove_dock_widget(explorer)
     viewer.layers.clear()
@@ -368,7 +368,7 @@ def explorer_shots(viewer, out: Path, runs: Path, args: argparse.Namespace) -> i
         return 1
     spin(60, until=lambda: not explorer._organ_runner.running)
     explorer.show_tile(("head", 0, 1))  # a click on the tile of head 1
-    explorer.show_tile(("mask", 0, "noisy-teacher"))
+    explorer.show_tile(("mask", 0, "run"))
     explorer.contour.value = True
     open_sections(explorer, ("Heads on this slice", "Masks on this slice"))
     explorer._scroll.ensureWidgetVisible(explorer.masks_figure)

@@ -3,6 +3,8 @@ the masks training draws."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -12,8 +14,10 @@ from napari_dagman.cli import main
 from napari_dagman.core.attention import AttentionMaps, attention_maps, crop_preview
 from napari_dagman.core.attention import maps as maps_module
 from napari_dagman.core.attention.organs import attention_by_organ
+from napari_dagman.core.attention.preview import RUN_MASK, PreviewRecipe
 from napari_dagman.core.checkpoint import load_pretrained_encoder
 from napari_dagman.core.io import read_volume
+from napari_dagman.core.masking import masked_count
 from napari_dagman.core.pictures import load_run_method
 from napari_dagman.core.volume import Volume
 
@@ -61,7 +65,7 @@ def test_subtoken_maps_are_the_mean_over_shifted_token_grids(tiny_run, monkeypat
 def test_the_token_map_of_one_window_is_the_crops_attention(tiny_run, shared_data):
     encoder = load_pretrained_encoder(tiny_run)
     ct = read_volume(shared_data / "example_ct.nii.gz")
-    preview = crop_preview(encoder, ct, ratio=0.6, seed=0)
+    preview = crop_preview(encoder, ct, seed=0)
     start = np.asarray(preview.start)
     # a volume that is exactly the preview's crop: one window, at offset 0
     crop = Volume(
@@ -139,7 +143,7 @@ def test_mask_tiles_are_the_masks_training_draws_for_that_crop_and_seed(tiny_run
     encoder = load_pretrained_encoder(tiny_run)  # the teacher: the network whose attention chooses the masks
     ct = read_volume(shared_data / "example_ct.nii.gz")
     for seed in (0, 5):
-        preview = crop_preview(encoder, ct, ratio=options.mask_ratio, noise_rate=options.noise_rate, seed=seed)
+        preview = crop_preview(encoder, ct, strategies="all", seed=seed)
         x = torch.from_numpy(np.ascontiguousarray(preview.image))[None, None]
         with torch.no_grad():
             clean = method.teacher(x)
@@ -151,4 +155,64 @@ def test_mask_tiles_are_the_masks_training_draws_for_that_crop_and_seed(tiny_run
         t_out = method.teacher_pass(x, dropped, noise, gen)
         noisy = method.choose_mask(1, late, t_out.encoder.attention, t_out.encoder.grid, gen, unseen=dropped)
         np.testing.assert_array_equal(noisy[0].numpy(), preview.masks["noisy-teacher"])
+        np.testing.assert_array_equal(noisy[0].numpy(), preview.masks[RUN_MASK])  # dagman's own recipe is this one
         np.testing.assert_array_equal(dropped[0].numpy(), preview.teacher_dropped)
+
+
+def _recipe(method: str) -> PreviewRecipe:
+    from napari_dagman.core.config import PretrainConfig
+    from napari_dagman.core.methods.registry import get_method
+
+    config = PretrainConfig(method=method).to_dict()
+    config["capabilities"] = get_method(method).capabilities.to_dict()
+    return PreviewRecipe.of_run(config)
+
+
+def test_previews_are_drawn_with_the_runs_own_recipe(tiny_run, shared_data):
+    """An AttMask run hides 0.3 +- 0.2 of the cells in about half its draws; DAGMaN 0.6 in every draw."""
+    encoder = load_pretrained_encoder(tiny_run)
+    ct = read_volume(shared_data / "example_ct.nii.gz")
+    attmask, dagman = _recipe("attmask"), _recipe("dagman")
+    assert attmask.masks.masking_prob == 0.5 and attmask.masks.jitter == 0.2 and attmask.teacher_noise == "none"
+    shares = {"attmask": [], "dagman": []}
+    for seed in range(24):
+        for name, recipe in (("attmask", attmask), ("dagman", dagman)):
+            mask = crop_preview(encoder, ct, recipe=recipe, seed=seed).masks[RUN_MASK]
+            shares[name].append(float(mask.mean()))
+    cells = 8  # ROI 32 in cells of 16: 2 x 2 x 2
+    unmasked = [s for s in shares["attmask"] if s == 0.0]
+    assert 6 <= len(unmasked) <= 18  # about half of 24 draws (binomial: 12 +- 2.5 sd)
+    masked = [s for s in shares["attmask"] if s > 0]
+    assert all(0.1 - 1 / cells <= s <= 0.5 + 1 / cells for s in masked)  # the run's ratio within one cell
+    assert all(abs(s - masked_count(cells, 0.6) / cells) < 1e-9 for s in shares["dagman"])
+
+
+def test_a_method_without_a_teacher_gets_no_teacher_tiles(tiny_run, shared_data):
+    encoder = load_pretrained_encoder(tiny_run)
+    ct = read_volume(shared_data / "example_ct.nii.gz")
+    for method in ("simmim", "miram"):
+        recipe = _recipe(method)
+        assert not recipe.has_teacher
+        preview = crop_preview(encoder, ct, recipe=recipe, strategies="all", seed=0)
+        assert "noisy-teacher" not in preview.masks and not preview.teacher_dropped.any()
+        assert RUN_MASK in preview.masks and "random" in preview.masks
+    mim = crop_preview(encoder, ct, recipe=_recipe("mim"), seed=0)  # MiM hides no cells of a crop: no run mask
+    assert mim.masks == {}
+
+
+def test_the_cli_writes_attention_stats_with_a_verdict_per_head(tiny_run, shared_data, tmp_path, capsys):
+    out = tmp_path / "stats"
+    ct = str(shared_data / "example_ct.nii.gz")
+    assert main(["attention", ct, "--checkpoint", str(tiny_run), "--out", str(out), "--scope", "crop", "--quiet"]) == 0
+    stats = json.loads((out / "attention_stats.json").read_text())
+    keys = {"normalised_entropy", "peak_x_uniform", "flat", "intensity_correlation", "randomisation_distance", "random_init_spread"}
+    assert set(stats["heads"]) == {"0", "1", "2", "3"}
+    for entry in [*stats["heads"].values(), stats["mean"]]:
+        assert keys <= set(entry)
+    # three steps of training: every head flat, and the checks say so in the CLI's words
+    assert all(v["flat"] for v in stats["heads"].values())
+    assert not stats["mean"]["distinguishable"]
+    assert not (stats["head_diversity"]["js_above_chance"] or stats["head_diversity"]["diversity_above_chance"])
+    printed = capsys.readouterr().out
+    assert printed.count(": flat (normalised entropy") == 5  # four heads and the mean
+    assert "indistinguishable from random initialisation" in printed and "not above chance" in printed

@@ -25,6 +25,7 @@ from napari_dagman._widgets.attention import (
     AttentionWidget,
 )
 from napari_dagman.core.attention import PREVIEW_STRATEGIES
+from napari_dagman.core.attention.preview import RUN_MASK
 from napari_dagman.core.errors import DagmanError
 from napari_dagman.core.io import read_volume
 from napari_dagman.core.masking import hint_count, masked_count
@@ -103,6 +104,13 @@ def click_tile(figure, key) -> None:
     MouseEvent("button_press_event", figure.canvas, x, y, button=1)._process()
 
 
+def layer(viewer, name):
+    """The explorer's layer called ``name``, whatever verdict ("(flat)") its shown name carries."""
+    from napari_dagman._widgets.attention_layers import base_name
+
+    return next((x for x in viewer.layers if base_name(x.name) == name), None)
+
+
 def error_lines(notifications) -> list[str]:
     return [m for s, m in notifications if s == "error"]
 
@@ -112,58 +120,113 @@ def test_crop_maps_heads_and_masks_update_in_place(make_napari_viewer, ct, tiny_
     assert dock.compute()
     finish(dock)
     assert dock._runner.last_error is None
-    mean, heads = viewer.layers[MEAN_LAYER], viewer.layers[HEADS_LAYER]
+    mean, heads = layer(viewer, MEAN_LAYER), layer(viewer, HEADS_LAYER)
     assert heads.data.ndim == 4 and heads.data.shape[0] == 4  # tiny preset: 4 class-attention heads
     np.testing.assert_allclose(mean.data, heads.data.mean(axis=0), rtol=1e-5)
     # relative attention: a head's map averages to 1 over its tokens (uniform = 1)
     np.testing.assert_allclose(heads.data.reshape(4, -1).mean(axis=1), 1.0, rtol=1e-4)
-    assert mean.blending == "additive" and mean.colormap.name == "inferno"
-    # one colour scale for every head: the percentiles of the data, said in the dock
-    low, high = np.percentile(heads.data, (1, 99))
-    assert tuple(mean.contrast_limits) == pytest.approx((low, high), rel=1e-4)
-    assert tuple(heads.contrast_limits) == pytest.approx((low, high), rel=1e-4)
-    assert f"{low:.3g} - {high:.3g} x uniform" in dock.contrast_line.text()
+    assert mean.blending == "additive" and mean.colormap.name == "coolwarm (log x uniform)"
+    # one fixed, logarithmic colour scale for every head: 1/4 to 4 x uniform, said in the dock
+    assert tuple(mean.contrast_limits) == pytest.approx((0.25, 4.0))
+    assert tuple(heads.contrast_limits) == pytest.approx((0.25, 4.0))
+    assert "logarithmic 0.25 - 4" in dock.contrast_line.text()
     # token-size scale: 16 voxels of 4 mm (the run's spacing), the CT itself is 3 mm
     assert tuple(mean.scale) == pytest.approx((64.0, 64.0, 64.0))
     assert list(heads.scale[1:]) == pytest.approx(list(mean.scale))
 
+    # by default the run's own mask: dagman hides 0.6 of the cells, chosen by a teacher that drops 0.2 of them
     preview = dock.result.preview
-    cells = int(np.prod(next(iter(preview.masks.values())).shape))
-    k = masked_count(cells, 0.6)
-    expected = {s: k for s in PREVIEW_STRATEGIES} | {"attention-hint": k - hint_count(cells, 0.6, 0.1)}
-    assert {s: int(m.sum()) for s, m in preview.masks.items()} == expected
-    # each mask is a Labels layer on the crop's voxels (16-voxel cells), exactly over the crop
-    mask_layers = {s: viewer.layers[MASK_LAYER.format(s)] for s in PREVIEW_STRATEGIES}
-    for strategy, layer in mask_layers.items():
-        assert layer.data.shape == preview.image.shape
-        assert int(layer.data.sum()) == expected[strategy] * 16**3
-        assert tuple(layer.translate) == pytest.approx(tuple(preview.image_translate))
-        np.testing.assert_array_equal(layer.data[::16, ::16, ::16], preview.masks[strategy])
-    assert all(layer.visible == (s == "noisy-teacher") for s, layer in mask_layers.items())
-    # the cells the noisy teacher did not see, as their own layer shown with its mask
-    dropped = viewer.layers[DROPPED_LAYER]
+    assert list(preview.masks) == [RUN_MASK] and "teacher that drops 20%" in preview.recipe
+    cells = int(np.prod(preview.masks[RUN_MASK].shape))
+    assert int(preview.masks[RUN_MASK].sum()) == masked_count(cells, 0.6)
+    run_layer = layer(viewer, MASK_LAYER.format(RUN_MASK))
+    assert run_layer.visible and run_layer.data.shape == preview.image.shape
+    np.testing.assert_array_equal(run_layer.data[::16, ::16, ::16], preview.masks[RUN_MASK])
+    # the cells the noisy teacher did not see, as their own layer shown with the run's mask
+    dropped = layer(viewer, DROPPED_LAYER)
     np.testing.assert_array_equal(dropped.data[::16, ::16, ::16], preview.teacher_dropped)
     assert dropped.visible and int(preview.teacher_dropped.sum()) == masked_count(cells, 0.2)
     assert "diversity of these maps" in dock.diversity_text.text()
     assert "on its probe crops at step 3" in dock.diversity_text.text()
 
-    # a new ratio redraws the masks (and the crop's maps) in the same layers, and the tiles' titles say it
+    # every strategy beside it, at the run's ratio, each with exact counts
+    dock.strategies.value = "all"
+    assert wait_until(lambda: dock.running, 10)
+    finish(dock)
+    preview = dock.result.preview
+    k = masked_count(cells, 0.6)
+    expected = {RUN_MASK: k} | {s: k for s in PREVIEW_STRATEGIES} | {"attention-hint": k - hint_count(cells, 0.6, 0.1)}
+    assert {s: int(m.sum()) for s, m in preview.masks.items()} == expected
+    # each mask is a Labels layer on the crop's voxels (16-voxel cells), exactly over the crop
+    mask_layers = {s: layer(viewer, MASK_LAYER.format(s)) for s in expected}
+    for strategy, mask_layer in mask_layers.items():
+        assert mask_layer.data.shape == preview.image.shape
+        assert int(mask_layer.data.sum()) == expected[strategy] * 16**3
+        assert tuple(mask_layer.translate) == pytest.approx(tuple(preview.image_translate))
+        np.testing.assert_array_equal(mask_layer.data[::16, ::16, ::16], preview.masks[strategy])
+    assert all(x.visible == (s == RUN_MASK) for s, x in mask_layers.items())
+
+    # a new ratio redraws the masks (and the crop's maps) in the same layers; the titles say the share hidden
     n_layers = len(viewer.layers)
-    dock.ratio.value = 0.3  # the slider redraws the masks by itself once released
+    dock.ratio.value = 0.3
     assert wait_until(lambda: dock.running, 10)
     finish(dock)
     k = masked_count(cells, 0.3)
     assert int(dock.result.preview.masks["random"].sum()) == k
-    assert int(viewer.layers[MASK_LAYER.format("random")].data.sum()) == k * 16**3
-    assert all(viewer.layers[MASK_LAYER.format(s)] is layer for s, layer in mask_layers.items())
-    assert len(viewer.layers) == n_layers and viewer.layers[MEAN_LAYER] is mean
+    assert int(dock.result.preview.masks[RUN_MASK].sum()) == k
+    assert int(layer(viewer, MASK_LAYER.format("random")).data.sum()) == k * 16**3
+    assert all(layer(viewer, MASK_LAYER.format(s)) is x for s, x in mask_layers.items())
+    assert len(viewer.layers) == n_layers and layer(viewer, MEAN_LAYER) is mean
     titles = [dock.masks_figure.tile_axes(("mask", 0, s)).get_title() for s in PREVIEW_STRATEGIES]
-    assert titles == [f"{s} 30%" for s in PREVIEW_STRATEGIES]
+    shares = [float(dock.result.preview.masks[s].mean()) for s in PREVIEW_STRATEGIES]
+    assert titles == [f"{s} {share:.0%}" for s, share in zip(PREVIEW_STRATEGIES, shares, strict=True)]
+    assert dock.masks_figure.tile_axes(("mask", 0, RUN_MASK)).get_title() == f"this run {k / cells:.0%}"
 
     dock.contour.value = True
-    assert mask_layers["noisy-teacher"].contour == 1
+    assert mask_layers[RUN_MASK].contour == 1
     dock.show_mask.value = "none"
-    assert not any(layer.visible for layer in mask_layers.values())
+    assert not any(x.visible for x in mask_layers.values())
+
+
+def test_an_untrained_run_is_read_as_flat_and_random_and_the_dock_says_so(make_napari_viewer, ct, tiny_run):
+    """Three steps change nothing readable: every head flat, in the tiles and the layer names, and the checks say
+    the maps are indistinguishable from random initialisation, with diversity not above chance."""
+    viewer, dock = make_dock(make_napari_viewer, ct, tiny_run)
+    assert dock.compute()
+    finish(dock)
+    stats = dock.result.stats
+    assert all(v["flat"] for v in stats["heads"].values()) and stats["mean"]["flat"]
+    titles = [dock.heads_figure.tile_axes(("head", 0, h)).get_title() for h in range(4)]
+    assert all(t.endswith("· flat") and "peak" in t for t in titles)
+    assert layer(viewer, HEADS_LAYER).name == HEADS_LAYER + " (all flat)"
+    assert layer(viewer, MEAN_LAYER).name == MEAN_LAYER + " (flat)"
+    sentences = [label.text() for label in dock.check_labels]
+    assert any("indistinguishable from random initialisation" in t for t in sentences)
+    assert any("Head diversity is not above chance" in t for t in sentences)
+    assert all(label.toolTip() for label in dock.check_labels)  # the figures behind each sentence
+    assert "not above chance" in dock.diversity_text.text()
+
+
+def test_the_default_colour_scale_is_the_same_for_every_head_and_run_and_a_stretch_says_so(
+    make_napari_viewer, ct, tiny_run, tmp_path
+):
+    twin = tmp_path / "twin"
+    shutil.copytree(tiny_run, twin)
+    viewer, dock = make_dock(make_napari_viewer, ct, tiny_run)
+    dock.compare.value = str(twin)
+    assert dock.compute()
+    finish(dock)
+    first, second = layer(viewer, MEAN_LAYER), layer(viewer, MEAN_LAYER.replace(":", " (second run):"))
+    click_tile(dock.heads_figure, ("mean", 1))
+    second = layer(viewer, MEAN_LAYER.replace(":", " (second run):"))
+    assert tuple(first.contrast_limits) == tuple(second.contrast_limits) == pytest.approx((0.25, 4.0))
+    norm = dock.heads_figure._artists[("head", 0, 1)]["overlay"].norm
+    assert type(norm).__name__ == "LogNorm" and (norm.vmin, norm.vmax) == (0.25, 4.0)
+    # a percentile stretch only when asked, and then the dock says it is stretched and gives the real range
+    dock.stretch.value = True
+    low, high = np.percentile(np.concatenate([dock.result.maps.maps.ravel(), dock.compared.maps.maps.ravel()]), (1, 99))
+    assert tuple(first.contrast_limits) == pytest.approx((low, high), rel=1e-4)
+    assert "STRETCHED" in dock.contrast_line.text() and "the maps span" in dock.contrast_line.text()
 
 
 def test_small_multiples_follow_the_slice_and_a_click_shows_the_tile(
@@ -171,13 +234,15 @@ def test_small_multiples_follow_the_slice_and_a_click_shows_the_tile(
 ):
     viewer, dock = make_dock(make_napari_viewer, ct, tiny_run, organs)
     ct_layer = viewer.layers["ct"]
+    dock.strategies.value = "all"
     assert dock.compute()
     finish(dock)
     assert wait_until(lambda: not dock._organ_runner.running, 60)
     preview, maps = dock.result.preview, dock.result.maps
     figure = dock.heads_figure
     assert figure.tile_keys() == [("mean", 0)] + [("head", 0, h) for h in range(4)]
-    assert dock.masks_figure.tile_keys() == [("mask", 0, s) for s in PREVIEW_STRATEGIES] + [("dropped", 0)]
+    keys = [("mask", 0, s) for s in (RUN_MASK, *PREVIEW_STRATEGIES)] + [("dropped", 0)]
+    assert dock.masks_figure.tile_keys() == keys
 
     def show_slice(z_world: float) -> float:
         """Move napari's slider (it snaps to the CT's slices); the world position napari shows."""
@@ -208,15 +273,15 @@ def test_small_multiples_follow_the_slice_and_a_click_shows_the_tile(
 
     # a click on head 2 shows the heads layer at head 2 (the mean hidden); a click on a mask shows that mask alone
     click_tile(figure, ("head", 0, 2))
-    heads = viewer.layers[HEADS_LAYER]
-    assert heads.visible and not viewer.layers[MEAN_LAYER].visible
+    heads = layer(viewer, HEADS_LAYER)
+    assert heads.visible and not layer(viewer, MEAN_LAYER).visible
     assert viewer.dims.point[viewer.dims.ndim - 4] == pytest.approx(2.0)
     assert figure.selected == ("head", 0, 2)
     click_tile(dock.masks_figure, ("mask", 0, "block"))
-    shown = [s for s in PREVIEW_STRATEGIES if viewer.layers[MASK_LAYER.format(s)].visible]
+    shown = [s for s in (RUN_MASK, *PREVIEW_STRATEGIES) if layer(viewer, MASK_LAYER.format(s)).visible]
     assert shown == ["block"] and dock.show_mask.value == "block"
     click_tile(figure, ("mean", 0))
-    assert viewer.layers[MEAN_LAYER].visible and not heads.visible
+    assert layer(viewer, MEAN_LAYER).visible and not heads.visible
 
     # attention per organ: a table whose rows move the viewer to the organ
     panel = dock.organ_panel
@@ -259,13 +324,15 @@ def test_two_runs_side_by_side_with_their_difference(
     assert dock._runner.last_error is None and dock.compared is not None
     keys = dock.heads_figure.tile_keys()
     assert ("head", 1, 3) in keys and ("difference",) in keys
-    assert ("mask", 1, "noisy-teacher") in dock.masks_figure.tile_keys()
+    assert ("mask", 1, RUN_MASK) in dock.masks_figure.tile_keys()
     np.testing.assert_allclose(viewer.layers[DIFFERENCE_LAYER].data, 0.0, atol=1e-6)
     # the second run's tiles show the same masks (same crop and seed) and make their layer when clicked
-    np.testing.assert_array_equal(dock.compared.preview.masks["block"], dock.result.preview.masks["block"])
+    np.testing.assert_array_equal(dock.compared.preview.masks[RUN_MASK], dock.result.preview.masks[RUN_MASK])
     click_tile(dock.heads_figure, ("head", 1, 3))
-    second = viewer.layers[HEADS_LAYER.replace(":", " (second run):")]
-    assert second.visible and not viewer.layers[HEADS_LAYER].visible
+    second = layer(viewer, HEADS_LAYER.replace(":", " (second run):"))
+    assert second.visible and not layer(viewer, HEADS_LAYER).visible
+    # the same run twice: their maps agree completely
+    assert dock.result.stats["comparison"]["correlation"] == pytest.approx(1.0)
     # both runs' head diversity, with each run's probe figure
     lines = dock.diversity_text.text().splitlines()
     assert len(lines) == 2 and all("on its probe crops at step 3" in line for line in lines)
@@ -283,7 +350,7 @@ def test_compare_refuses_a_run_of_another_architecture_in_one_line(
     errors = error_lines(notifications)
     assert len(errors) == 1 and "\n" not in errors[0]
     assert "cannot compare" in errors[0] and "dims" in errors[0]
-    assert dock.compared is None and MEAN_LAYER not in viewer.layers
+    assert dock.compared is None and layer(viewer, MEAN_LAYER) is None
     assert dock.compute_button.text() == "Compute" and not dock.running
 
 
@@ -296,7 +363,7 @@ def test_2d_subtoken_maps_smooth_and_3d(make_napari_viewer, ct, tiny_run_2d):
     dock.subtoken.value = 2
     assert dock.compute()
     finish(dock)
-    mean = viewer.layers[MEAN_LAYER]
+    mean = layer(viewer, MEAN_LAYER)
     assert mean.data.shape[0] == 1  # one axial slice
     # half a token in plane: 16 voxels of 3 mm / 2; placed on the displayed slice, covering the image in plane
     assert tuple(mean.scale[1:]) == pytest.approx((24.0, 24.0))
@@ -327,8 +394,7 @@ def test_2d_subtoken_maps_smooth_and_3d(make_napari_viewer, ct, tiny_run_2d):
     assert mean.colormap.colors[0][3] == 0.0  # the bottom of the scale is transparent
     dock.toggle_3d()
     assert mean.blending == "additive"
-    low, _ = np.percentile(viewer.layers[HEADS_LAYER].data, (1, 99))
-    assert mean.contrast_limits[0] == pytest.approx(low, rel=1e-4)  # back in 2D: the whole scale again
+    assert tuple(mean.contrast_limits) == pytest.approx((0.25, 4.0))  # back in 2D: the whole scale again
 
 
 def test_a_method_without_class_attention_says_so_and_shows_its_pictures(
@@ -337,22 +403,23 @@ def test_a_method_without_class_attention_says_so_and_shows_its_pictures(
     viewer, dock = make_dock(make_napari_viewer, ct, tiny_run)
     assert dock.compute()
     finish(dock)
-    assert MEAN_LAYER in viewer.layers
+    assert layer(viewer, MEAN_LAYER) is not None
     dock.set_run(str(mim_run))
     assert dock.compute()
     finish(dock)
     # no maps (the dagman run's are gone), no masks chosen by an untrained attention; the method's pictures instead
-    assert dock.result.maps is None and MEAN_LAYER not in viewer.layers and HEADS_LAYER not in viewer.layers
+    assert dock.result.maps is None and layer(viewer, MEAN_LAYER) is None and layer(viewer, HEADS_LAYER) is None
     assert "does not train the class attention" in dock.model_line.text()
     assert "no attention to show" in dock.heads_reading.text()
     assert any("does not train the class attention" in m for s, m in notifications if s == "warning")
     pictures = [k for k in dock.heads_figure.tile_keys() if k[0] == "picture"]
     assert pictures and not [k for k in dock.heads_figure.tile_keys() if k[0] in ("head", "mean")]
-    assert dock.masks_figure.tile_keys() == [("mask", 0, "random"), ("mask", 0, "block")]
-    assert MASK_LAYER.format("attention-high") not in viewer.layers
+    # MiM hides no cells of its crop (its masks are its levels, a picture): no cell-mask tiles
+    assert dock.masks_figure.tile_keys() == []
+    assert layer(viewer, MASK_LAYER.format("attention-high")) is None
     click_tile(dock.heads_figure, pictures[0])
-    layer = viewer.layers[f"method: {pictures[0][2]}"]
-    assert layer.visible and not viewer.layers[MASK_LAYER.format("random")].visible
+    shown = viewer.layers[f"method: {pictures[0][2]}"]
+    assert shown.visible
 
 
 def test_whole_volume_maps_cover_the_image_and_export_with_its_geometry(
@@ -362,7 +429,7 @@ def test_whole_volume_maps_cover_the_image_and_export_with_its_geometry(
     dock.scope.value = "volume"
     assert dock.compute()  # a child process: sliding windows over the whole CT
     finish(dock)
-    image, mean = viewer.layers["ct"], viewer.layers[MEAN_LAYER]
+    image, mean = viewer.layers["ct"], layer(viewer, MEAN_LAYER)
     image_lo, image_hi = edges(image)
     map_lo, map_hi = edges(mean)
     token = np.asarray(mean.scale)
@@ -380,7 +447,7 @@ def test_whole_volume_maps_cover_the_image_and_export_with_its_geometry(
     assert dock._export_runner.wait(120)
     exported = read_volume(tmp_path / "on-ct" / "attention_volume_mean.nii.gz")
     assert exported.same_grid(ct)
-    mask = read_volume(tmp_path / "on-ct" / "mask_noisy-teacher.nii.gz")
+    mask = read_volume(tmp_path / "on-ct" / f"mask_{RUN_MASK}.nii.gz")
     assert mask.same_grid(ct) and set(np.unique(mask.array)) <= {0, 1}
     dock.on_image_grid.value = False
     assert dock.export(str(tmp_path / "tokens"))

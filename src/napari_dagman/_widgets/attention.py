@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from magicgui.widgets import FileEdit
 from qtpy.QtCore import QTimer, QUrl
-from qtpy.QtWidgets import QFileDialog, QHBoxLayout, QLabel, QPushButton, QVBoxLayout
+from qtpy.QtWidgets import QFileDialog, QHBoxLayout, QLabel, QPushButton, QVBoxLayout, QWidget
 from superqt import QCollapsible
 
 from napari_dagman._widgets._common import (
@@ -41,11 +41,13 @@ from napari_dagman._widgets._common import (
 from napari_dagman._widgets._forms import compact_form
 from napari_dagman._widgets.attention_controls import (
     HELP_FILE,
+    READ_CHECKS,
     READ_DIFFERENCE,
     READ_DIVERSITY,
     READ_HEADS,
     READ_MASKS,
     READ_PICTURES,
+    check_lines,
     diversity_lines,
     explorer_controls,
     model_lines,
@@ -148,10 +150,11 @@ class AttentionWidget(JobDock):
             [self.image, self.run, self.compare, self.organs, self.which, self.weights, o["device"]]
         )
         maps = compact_form(
-            [self.scope, self.overlap, self.subtoken, self.smooth, self.colormap, self.fixed_scale]
-        )
+            [self.scope, self.overlap, self.subtoken, self.smooth, self.colormap, self.stretch, self.checks,
+             self.check_seeds]
+        )  # fmt: skip
         masks = compact_form(
-            [self.ratio, self.noise_rate, self.seed, self.show_mask, self.contour, self.follow]
+            [self.strategies, self.ratio, self.noise_rate, self.seed, self.show_mask, self.contour, self.follow]
         )
         view3d = compact_form([self.rendering, self.threshold])
         self._forms += [inputs, maps, masks]
@@ -182,6 +185,10 @@ class AttentionWidget(JobDock):
         layout.addWidget(self.model_line)
 
         self.heads_reading, self.masks_reading = QLabel(READ_HEADS), QLabel(READ_MASKS)
+        self.checks_reading = QLabel(READ_CHECKS)
+        self.checks_panel = QWidget()
+        QVBoxLayout(self.checks_panel).setContentsMargins(0, 0, 0, 0)
+        self.check_labels: list[QLabel] = []
         self.contrast_line = QLabel("")
         self.heads_figure = TileFigure(empty_text="Compute to see each head's attention on this slice")
         self.masks_figure = TileFigure(empty_text="Compute to see every strategy's mask on this slice")
@@ -193,6 +200,7 @@ class AttentionWidget(JobDock):
             "switch napari between its 2D and 3D views (the maps use the rendering above)"
         )
         sections = [
+            ("Before reading the maps", [self.checks_reading, self.checks_panel]),
             ("Heads on this slice", [self.heads_reading, self.contrast_line, self.heads_figure]),
             ("Masks on this slice", [masks.native, self.masks_reading, self.masks_figure]),
             ("Attention per organ", [self.organ_panel]),
@@ -233,11 +241,11 @@ class AttentionWidget(JobDock):
         self.last_run_button.clicked.connect(self.use_last_run)
         self.export_button.clicked.connect(self._ask_export)
         self.three_d_button.clicked.connect(self.toggle_3d)
-        for control in (self.ratio, self.noise_rate, self.seed):
+        for control in (self.strategies, self.ratio, self.noise_rate, self.seed):
             control.changed.connect(lambda *_: self._mask_timer.start())
         self.show_mask.changed.connect(self._apply_mask_visibility)
         self.contour.changed.connect(self._apply_mask_visibility)
-        for control in (self.colormap, self.smooth, self.fixed_scale, self.rendering, self.threshold):
+        for control in (self.colormap, self.smooth, self.stretch, self.rendering, self.threshold):
             control.changed.connect(lambda *_: self._restyle())
         self.organs.changed.connect(lambda *_: self._compute_organs())
         self.heads_figure.clicked.connect(self.show_tile)
@@ -472,7 +480,7 @@ class AttentionWidget(JobDock):
         """Layers, small multiples, organ table, diversity and the model line of the current result(s)."""
         result, second = self.result, self.compared
         maps = [r.maps for r in (result, second) if r is not None]
-        self.layers.style.contrast = auto_contrast(maps, fixed=bool(self.fixed_scale.value))
+        self.layers.style.contrast = auto_contrast(maps, stretch=bool(self.stretch.value))
         self.layers.style.difference_limit = difference_limit(self.layers.difference)
         if result.maps is not None and not self._masks_only:  # 3D: the top tenth of the mean map shows
             threshold, self.layers.style.top = np.percentile(result.maps.mean, (90.0, 99.9))
@@ -492,7 +500,26 @@ class AttentionWidget(JobDock):
             self._compute_organs()
         self.model_line.setText(model_lines(self._shown_runs()))
         self._show_diversity()
+        if not self._masks_only:
+            self._show_checks()
         self._watch_ct()
+
+    def _show_checks(self) -> None:
+        """One sentence per sanity check of the first run (its figures in the tooltip)."""
+        layout = self.checks_panel.layout()
+        for label in self.check_labels:
+            layout.removeWidget(label)
+            label.deleteLater()
+        self.check_labels = []
+        lines = check_lines(self.result)
+        if not lines and self.result is not None and self.result.maps is not None:
+            lines = [("No checks computed (tick 'sanity checks' and Compute).", "")]
+        for text, figures in lines:
+            label = QLabel(text)
+            label.setWordWrap(True)
+            label.setToolTip(figures)
+            layout.addWidget(label)
+            self.check_labels.append(label)
 
     def _labels(self) -> tuple[str, str]:
         """Short names of the two runs in titles: method and folder."""
@@ -603,7 +630,7 @@ class AttentionWidget(JobDock):
         """Colour map, scale, smooth or raw grid, 3D rendering: the layers and the tiles, without recomputing."""
         self._sync_style()
         maps = [r.maps for r in (self.result, self.compared) if r is not None]
-        self.layers.style.contrast = auto_contrast(maps, fixed=bool(self.fixed_scale.value))
+        self.layers.style.contrast = auto_contrast(maps, stretch=bool(self.stretch.value))
         self.layers.restyle()
         style = self.layers.style
         for figure in (self.heads_figure, self.masks_figure):

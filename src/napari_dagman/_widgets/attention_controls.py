@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from magicgui.widgets import CheckBox, ComboBox, FileEdit, FloatSlider, FloatSpinBox
+from magicgui.widgets import CheckBox, ComboBox, FileEdit, FloatSpinBox
 
 from napari_dagman._widgets._common import (
     DeviceComboBox,
@@ -36,11 +36,14 @@ SCOPE_CHOICES = [
 ]
 SUBTOKEN_TEXT = {1: "token (raw grid)", 2: "1/2 token", 4: "1/4 token"}
 SHOW_CHOICES = [*MASK_COLOURS, DROPPED, "none"]
+#: Colour maps of the attention; the first is the default (diverging around uniform on the log scale).
+COLORMAPS = ["coolwarm", "inferno", "turbo", "viridis"]
 HELP_FILE = Path(__file__).resolve().parents[3] / "docs" / "attention.md"
 READ_HEADS = (
-    "Each tile: the CT on the slice napari shows, one head's attention over it. Colour = x uniform: 1 is what every "
-    "token would get if all were equal; bright = the head looks here more, dark = less. One colour scale for all "
-    "tiles. Click a tile to show that head as the napari layer."
+    "Each tile: the CT on the slice napari shows, one head's attention over it. Colour = x uniform on one fixed, "
+    "logarithmic scale for every head and run: 1 (the middle) is what every token would get if all were equal, 2 "
+    "twice that, 1/2 half. A tile titled 'flat' stays within 2/3 - 3/2 of uniform: its colours are a ripple, not a "
+    "pattern. Read the checks below before reading a map. Click a tile to show that head as the napari layer."
 )
 READ_PICTURES = (
     "This method does not train the class attention, so there is no attention to show. The tiles show what the "
@@ -49,17 +52,25 @@ READ_PICTURES = (
 )
 READ_DIFFERENCE = " Difference: red where the first run looks more than the second, blue where less."
 READ_MASKS = (
-    "Each tile: the cells one strategy would hide from the student for this crop and seed, exactly as training "
-    "draws them. random and block ignore the image; attention-high hides what the teacher looks at most, "
+    "'this run': the cells this run hides from its student for this crop and seed, drawn with its own recipe (its "
+    "strategy, ratio, jitter, share of masked images and teacher noise; a new seed is a new draw). Tick 'every "
+    "strategy' to compare: random and block ignore the image; attention-high hides what the teacher looks at most, "
     "attention-low the least, attention-hint shows a few of the most looked-at again; noisy teacher is "
     "attention-high with some cells dropped from the teacher's input (white: the cells it did not see)."
+)
+READ_CHECKS = (
+    "Before reading the maps: is each head flat, is the map different from what an untrained network draws, does it "
+    "only follow intensity, does it survive a shift of the crop? Hover a sentence for its figures."
 )
 READ_DIVERSITY = (
     "Head diversity: 0 = every head looks at the same places (collapsed heads), 1 = the heads' maps are unrelated. "
     "DAGMaN's claim is that its noisy teacher keeps it higher. Entropy: 1 = a head spreads its attention evenly, "
     "0 = on one token."
 )
-OPTION_FIELDS = ("which", "weights", "device", "scope", "overlap", "subtoken", "ratio", "noise_rate", "seed")
+OPTION_FIELDS = (
+    "which", "weights", "device", "scope", "overlap", "subtoken", "checks", "check_seeds", "strategies", "ratio",
+    "noise_rate", "seed",
+)  # fmt: skip
 
 
 @dataclass
@@ -79,8 +90,11 @@ class ExplorerControls:
     subtoken: ComboBox
     smooth: CheckBox
     colormap: ComboBox
-    fixed_scale: CheckBox
-    ratio: FloatSlider
+    stretch: CheckBox
+    checks: CheckBox
+    check_seeds: Any
+    strategies: ComboBox
+    ratio: Any
     noise_rate: Any
     seed: Any
     show_mask: ComboBox
@@ -110,14 +124,11 @@ def explorer_controls(viewer: napari.viewer.Viewer, settings: Settings) -> Explo
             tooltip="a ROI crop around the cursor (or the view centre), the displayed axial slice (2D models), "
             "or every sliding window of the volume",
         ),
-        "ratio": FloatSlider(
-            label="mask ratio",
-            min=0.05,
-            max=0.95,
-            step=0.05,
-            value=0.6,
-            tracking=False,
-            tooltip="fraction of mask cells hidden; the masks are redrawn when it is released",
+        "strategies": ComboBox(
+            label="masks",
+            choices=[("this run's", "run"), ("every strategy", "all")],
+            value="run",
+            tooltip="the mask this run draws (its own recipe), or every strategy beside it at the run's ratio",
         ),
         "device": DeviceComboBox(value=settings.get("device", "auto")),
     }
@@ -125,7 +136,14 @@ def explorer_controls(viewer: napari.viewer.Viewer, settings: Settings) -> Explo
         AttentionConfig,
         OPTION_FIELDS,
         widgets=ready,
-        labels={"overlap": "window overlap", "subtoken": "map grid", "noise_rate": "teacher noise"},
+        labels={
+            "overlap": "window overlap",
+            "subtoken": "map grid",
+            "noise_rate": "teacher noise",
+            "ratio": "mask ratio",
+            "checks": "sanity checks",
+            "check_seeds": "random networks",
+        },
         steps={"overlap": 0.05, "noise_rate": 0.05},
         choice_text={"subtoken": SUBTOKEN_TEXT},
     )
@@ -165,20 +183,21 @@ def explorer_controls(viewer: napari.viewer.Viewer, settings: Settings) -> Explo
         ),
         colormap=ComboBox(
             label="colormap",
-            choices=["inferno", "turbo", "viridis"],
-            value=settings.get("colormap", "inferno"),
-            tooltip="colour map of the attention",
+            choices=COLORMAPS,
+            value=settings.get("colormap", COLORMAPS[0]) if settings.get("colormap") in COLORMAPS else COLORMAPS[0],
+            tooltip="colour map of the attention (coolwarm: blue below uniform, white at it, red above)",
         ),
-        fixed_scale=CheckBox(
-            label="fixed scale 0-2",
+        stretch=CheckBox(
+            label="stretch colours",
             value=False,
-            tooltip="one fixed colour scale (0 to 2 x uniform) to compare sessions; untick: percentiles 1-99 "
-            "of the maps shown",
+            tooltip="stretch the colours to the 1st-99th percentiles of the maps shown (the colour bar then says so "
+            "and gives the real range); unticked: one fixed logarithmic scale, 1/4 to 4 x uniform, for every head "
+            "and run",
         ),
         show_mask=ComboBox(
             label="show",
             choices=SHOW_CHOICES,
-            value="noisy-teacher",
+            value="run",
             tooltip="the mask layer shown in napari (or click its tile)",
         ),
         contour=CheckBox(label="outlines only", value=False, tooltip="draw the mask layers as contours"),
@@ -212,6 +231,13 @@ def explorer_controls(viewer: napari.viewer.Viewer, settings: Settings) -> Explo
 
 
 # --- plain words ----------------------------------------------------------------------------------------------------
+def check_lines(result: AttentionResult | None) -> list[tuple[str, str]]:
+    """(sentence, figures) of each sanity check of a result (none without checks or without class attention)."""
+    if result is None or result.stats is None:
+        return []
+    return [(f"{s['check']}: {s['text']}", s["figures"]) for s in result.stats.get("sentences", [])]
+
+
 def model_lines(runs: Sequence[tuple[str, AttentionResult]]) -> str:
     """One line per run: method, network, step, model, the maps' grid, and whether the method has attention."""
     lines = []
@@ -245,6 +271,14 @@ def diversity_lines(
         text = f"{label}: diversity of these maps {d['diversity']:.3f} over {d['heads']} heads"
         if logged is not None:
             text += f"; on its probe crops at step {probe.get('step')}: {logged:.3f}"
-        lines.append(text + f"; mean entropy {d['entropy_mean']:.3f}")
+        text += f"; mean entropy {d['entropy_mean']:.3f}"
+        floor = (result.stats or {}).get("head_diversity")
+        if floor:  # against what random heads score: the centred measure reads noise as diversity
+            above = floor["js_above_chance"] or floor["diversity_above_chance"]
+            text += (
+                f"; against random heads (JS {floor['js_divergence']:.5f} vs floor {floor['js_noise_floor']:.5f} bits): "
+                + ("above chance" if above else "not above chance")
+            )
+        lines.append(text)
         figures.append((label, d))
     return "\n".join(lines), figures

@@ -15,6 +15,7 @@ from qtpy.QtCore import QTimer, Signal
 from qtpy.QtWidgets import QSizePolicy, QVBoxLayout, QWidget
 
 from napari_dagman._widgets.attention_tiles import (
+    UNIFORM_TICKS,
     Contrast,
     Grid,
     SliceView,
@@ -137,14 +138,11 @@ class TileFigure(QWidget):
             overlay = self._artists[tile.key]["overlay"]
             if tile.kind == "attention":
                 overlay.set_cmap(self._cmap(self.colormap))
-                if self.contrast is not None:
-                    overlay.set_clim(self.contrast.low, self.contrast.high)
+                overlay.set_norm(self._norm())
             if tile.kind in ("attention", "difference"):
                 overlay.set_interpolation("bilinear" if self.smooth else "nearest")
-        for kind, bar in self._bars:
-            if kind == "attention" and self.contrast is not None:
-                bar.mappable.set_cmap(self.colormap)
-                bar.mappable.set_clim(self.contrast.low, self.contrast.high)
+        if contrast is not None:  # a new scale: the colour bar's ticks and label change too
+            self._layout()
         self.canvas.draw_idle()
 
     def select(self, key: tuple | None) -> None:
@@ -204,8 +202,7 @@ class TileFigure(QWidget):
         from matplotlib.colors import ListedColormap
 
         if tile.kind == "attention":
-            low, high = (self.contrast.low, self.contrast.high) if self.contrast else (0.0, 2.0)
-            return {"cmap": self._cmap(self.colormap), "vmin": low, "vmax": high, "alpha": 0.6}
+            return {"cmap": self._cmap(self.colormap), "norm": self._norm(), "alpha": 0.6}
         if tile.kind == "difference":
             lim = self.difference_limit
             return {"cmap": self._cmap(DIFFERENCE_CMAP), "vmin": -lim, "vmax": lim, "alpha": 0.75}
@@ -215,6 +212,15 @@ class TileFigure(QWidget):
             alpha = 0.75 if tile.key[0] == "dropped" else 0.6  # white cells on a grey CT need more
             return {"cmap": cmap, "vmin": 0.0, "vmax": 1.0, "alpha": alpha}
         return {"cmap": self._cmap("tab10"), "vmin": 0.5, "vmax": 10.5, "alpha": 0.55}
+
+    def _norm(self) -> Any:
+        """The attention colour scale: logarithmic x uniform by default, linear when stretched."""
+        from matplotlib.colors import LogNorm, Normalize
+
+        contrast = self.contrast or Contrast(0.25, 4.0, "fixed", log=True)
+        if contrast.log:
+            return LogNorm(contrast.low, contrast.high, clip=True)
+        return Normalize(contrast.low, contrast.high)
 
     def _geometry(self) -> tuple[int, int, float]:
         """(width px, columns, tile size px) for the widget's width."""
@@ -322,16 +328,25 @@ class TileFigure(QWidget):
         from matplotlib.cm import ScalarMappable
         from matplotlib.colors import Normalize
 
+        contrast = self.contrast or Contrast(0.25, 4.0, "fixed", log=True)
         if kind == "attention":
-            low, high = (self.contrast.low, self.contrast.high) if self.contrast else (0.0, 2.0)
-            mappable = ScalarMappable(Normalize(low, high), self.colormap)
-            label = "x uniform  (1 = what every token gets if all are equal; higher = looked at more)"
+            mappable = ScalarMappable(self._norm(), self.colormap)
+            if contrast.log:
+                label = "x uniform, log scale  (1 = what every token gets if all are equal; 2 = twice that)"
+            else:
+                real = f"; the maps span {contrast.real[0]:.3g} - {contrast.real[1]:.3g}" if contrast.real else ""
+                label = f"STRETCHED to percentiles 1-99: x uniform {contrast.low:.3g} - {contrast.high:.3g}{real}"
         else:
             lim = self.difference_limit
             mappable = ScalarMappable(Normalize(-lim, lim), DIFFERENCE_CMAP)
             label = "difference, x uniform  (red: the first run looks here more; blue: the second)"
         cax = self.figure.add_axes(rect)
         bar = self.figure.colorbar(mappable, cax=cax, orientation="horizontal")
+        if kind == "attention" and contrast.log:  # 1/4 ... 4 with uniform marked
+            values = [v for v, _ in UNIFORM_TICKS if contrast.low <= v <= contrast.high]
+            bar.set_ticks(values, labels=[t for v, t in UNIFORM_TICKS if v in values])
+            bar.ax.minorticks_off()
+            bar.ax.axvline(1.0, color=TEXT, linewidth=1.5)
         bar.ax.tick_params(colors=TEXT, labelsize=7, length=2)
         bar.set_label(label, color=TEXT, fontsize=7, labelpad=1)
         bar.outline.set_edgecolor("#8f9294")

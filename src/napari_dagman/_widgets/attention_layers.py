@@ -49,11 +49,48 @@ def layer_name(key: tuple) -> str:
     return base if kind == "difference" else base.replace(":", f"{tag}:", 1)
 
 
+def verdict(result: AttentionResult | None, key: tuple) -> str:
+    """What a map layer's name says about its maps: " (flat)" for a flat mean, the flat heads for the heads."""
+    if result is None or result.maps is None or key[0] not in ("mean", "head"):
+        return ""
+    from napari_dagman._widgets.attention_tiles import map_facts
+
+    if key[0] == "mean":
+        return " (flat)" if map_facts(result, None)["flat"] else ""
+    flat = [h for h in range(result.maps.maps.shape[0]) if map_facts(result, h)["flat"]]
+    if not flat:
+        return ""
+    return " (all flat)" if len(flat) == result.maps.maps.shape[0] else f" (flat: {', '.join(map(str, flat))})"
+
+
+def base_name(name: str) -> str:
+    """A layer's name without the verdict `verdict` appends."""
+    for tail in (" (flat)", " (all flat)"):
+        if name.endswith(tail):
+            return name[: -len(tail)]
+    if " (flat: " in name and name.endswith(")"):
+        return name[: name.rindex(" (flat: ")]
+    return name
+
+
+def log_colormap(name: str, low: float, high: float) -> Any:
+    """A napari colour map that spreads ``name`` logarithmically over [low, high]: the layer keeps values in x
+    uniform (what hovering shows) while its colours follow log(x), as the tiles' colour bar does."""
+    import matplotlib
+    from napari.utils.colormaps import Colormap
+
+    values = np.geomspace(low, high, 65)
+    controls = (values - low) / (high - low)
+    controls[0], controls[-1] = 0.0, 1.0
+    colours = matplotlib.colormaps[name](np.linspace(0.0, 1.0, len(values)))
+    return Colormap(colours, controls=controls, name=f"{name} (log x uniform)")
+
+
 @dataclass
 class MapStyle:
     """How the maps are shown: colour map, the shared scale, smooth (linear) or raw-grid, the 3D rendering."""
 
-    colormap: str = "inferno"
+    colormap: str = "coolwarm"
     contrast: Contrast | None = None
     smooth: bool = False
     rendering: str = "iso"
@@ -72,12 +109,22 @@ class ExplorerLayers:
         self.style = MapStyle()
 
     # --- making layers -----------------------------------------------------------------------------------------
-    def output(self, name: str, data: np.ndarray, kind: str, create: dict[str, Any], **kwargs: Any) -> Any:
-        """Upsert a layer; style it only when it is created so the user's tweaks survive updates."""
-        if name not in self.viewer.layers:
+    def find(self, name: str) -> Any:
+        """The explorer's layer called ``name``, whatever verdict its name carries now (None if there is none)."""
+        return next((layer for layer in self.viewer.layers if base_name(layer.name) == name), None)
+
+    def output(
+        self, name: str, data: np.ndarray, kind: str, create: dict[str, Any], suffix: str = "", **kwargs: Any
+    ) -> Any:
+        """Upsert a layer; style it only when it is created so the user's tweaks survive updates. ``suffix`` (the
+        maps' verdict) is part of the shown name and follows each new result."""
+        existing = self.find(name)
+        if existing is not None and existing.name != name + suffix:
+            existing.name = name + suffix
+        if existing is None:
             kwargs.update(create)
             kwargs["metadata"] = {OUTPUT_KEY: EXPLORER}
-        return upsert_layer(self.viewer, name, data, kind, **kwargs)
+        return upsert_layer(self.viewer, name + suffix, data, kind, **kwargs)
 
     def layer(self, key: tuple) -> Any:
         """The layer of a tile, made or updated from the current results (None when there is nothing to show)."""
@@ -100,19 +147,22 @@ class ExplorerLayers:
             return None
         name = layer_name(key)
         common = self._map_properties(key[0] == "difference")
+        run = key[1] if len(key) > 1 else 0
+        suffix = verdict(self.results[run], key) if key[0] != "difference" else ""
         if key[0] == "head":
             return self.output(
                 name,
                 np.asarray(maps.maps, np.float32),
                 "image",
                 {**MAP_STYLE, "visible": False},
+                suffix,
                 scale=[1.0, *maps.scale],
                 translate=[0.0, *maps.translate],
                 **common,
             )
         data = maps.mean.astype(np.float32)
         return self.output(
-            name, data, "image", dict(MAP_STYLE), scale=maps.scale, translate=maps.translate, **common
+            name, data, "image", dict(MAP_STYLE), suffix, scale=maps.scale, translate=maps.translate, **common
         )
 
     def _map_properties(self, difference: bool) -> dict[str, Any]:
@@ -126,8 +176,10 @@ class ExplorerLayers:
             )
             props["blending"] = "translucent"
             return props
-        low, high = (style.contrast.low, style.contrast.high) if style.contrast else (0.0, 2.0)
-        props.update(colormap=style.colormap, contrast_limits=(low, high), blending=MAP_STYLE["blending"])
+        contrast = style.contrast
+        low, high = (contrast.low, contrast.high) if contrast else (0.25, 4.0)
+        colormap = log_colormap(style.colormap, low, high) if contrast is None or contrast.log else style.colormap
+        props.update(colormap=colormap, contrast_limits=(low, high), blending=MAP_STYLE["blending"])
         if self.viewer.dims.ndisplay == 3:
             # drawn over the CT, not added to it: a CT's maximum intensity projection is white wherever bone is
             props.update(rendering=style.rendering, iso_threshold=style.threshold, blending="translucent")
@@ -173,7 +225,7 @@ class ExplorerLayers:
     def map_layers(self) -> list[Any]:
         """Every attention layer in the viewer (both runs' means and heads, the difference)."""
         names = [MEAN_LAYER, HEADS_LAYER, DIFFERENCE_LAYER, layer_name(("mean", 1)), layer_name(("head", 1))]
-        return [self.viewer.layers[n] for n in names if n in self.viewer.layers]
+        return [layer for layer in (self.find(n) for n in names) if layer is not None]
 
     def mask_layers(self) -> list[Any]:
         """Every mask, dropped-cells and picture layer of both runs."""
@@ -196,7 +248,7 @@ class ExplorerLayers:
         if key[0] == "head":
             axis = self.viewer.dims.ndim - layer.ndim  # the heads axis: the first of the layer's four
             self.viewer.dims.set_point(axis, float(key[2]))
-        if key[0] == "mask" and key[1] == 0 and key[2] == "noisy-teacher":  # with the cells it did not see
+        if key[0] == "mask" and key[1] == 0 and key[2] in ("noisy-teacher", "run"):  # with the cells it did not see
             dropped = self.layer(("dropped", 0))
             if dropped is not None:
                 dropped.visible = True
@@ -209,7 +261,7 @@ class ExplorerLayers:
         maps of a run whose method has none, a strategy no longer drawn)."""
         keep = {layer_name(key) for key in self.tile_keys()}
         for layer in [layer for layer in self.viewer.layers if layer.metadata.get(OUTPUT_KEY) == EXPLORER]:
-            if layer.name not in keep:
+            if base_name(layer.name) not in keep:
                 self.viewer.layers.remove(layer)
 
     def tile_keys(self) -> list[tuple]:
@@ -222,7 +274,7 @@ class ExplorerLayers:
                 keys += [("mean", run), ("head", run, 0)]
             if result.preview is not None:
                 keys += [("mask", run, s) for s in result.preview.masks]
-                keys += [("dropped", run)] if "noisy-teacher" in result.preview.masks else []
+                keys += [("dropped", run)] if np.any(result.preview.teacher_dropped) else []
             if result.pictures is not None:
                 keys += [("picture", run, p.name) for p in result.pictures.pictures]
         return keys
@@ -235,6 +287,10 @@ class ExplorerLayers:
                 if name == "colormap" and layer.name == DIFFERENCE_LAYER:
                     continue  # a custom colour map is set once, when the layer is made
                 setattr(layer, name, value)
+
+    def layer_of(self, key: tuple) -> Any:
+        """The layer a tile's key shows, if it exists (whatever verdict its name carries)."""
+        return self.find(layer_name(key))
 
 
 def fading_colormap(name: str) -> Any:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -20,7 +20,9 @@ if TYPE_CHECKING:
     from napari_dagman.core.volume import Volume
 
 #: A colour per mask strategy (hidden cells), distinct on a grey CT; the dropped cells of the noisy teacher are white.
+#: ``run`` is the mask drawn with the run's own recipe (`core.attention.preview.RUN_MASK`).
 MASK_COLOURS = {
+    "run": "#00e5ff",
     "random": "#c0ca33",
     "block": "#4fc3f7",
     "attention-high": "#ff5252",
@@ -30,10 +32,11 @@ MASK_COLOURS = {
 }
 DROPPED = "not seen by the noisy teacher"
 DROPPED_COLOUR = "#ffffff"
-#: Percentiles of every head's values that set the shared colour scale ("auto" contrast).
+#: Percentiles of every head's values that set the stretched colour scale (an option, not the default).
 AUTO_PERCENTILES = (1.0, 99.0)
-#: The fixed colour scale, in x uniform, for runs compared by eye across sessions.
-FIXED_RANGE = (0.0, 2.0)
+#: The default colour scale, in x uniform, logarithmic: the same for every head, run and slice, 1 in its middle.
+UNIFORM_RANGE = (0.25, 4.0)
+UNIFORM_TICKS = ((0.25, "1/4"), (0.5, "1/2"), (1.0, "1"), (2.0, "2"), (4.0, "4"))
 
 
 @dataclass
@@ -108,14 +111,23 @@ class SliceView:
 
 @dataclass
 class Contrast:
-    """The shared colour scale of the attention tiles and layers, and what it was taken from."""
+    """The shared colour scale of the attention tiles and layers, and what it was taken from.
+
+    ``log``: the default fixed scale, logarithmic in x uniform (1/4 ... 4, 1 = uniform in the middle). Otherwise a
+    linear stretch of the maps' percentiles, whose ``real`` range (the maps' min and max) the text gives.
+    """
 
     low: float
     high: float
     source: str
+    log: bool = False
+    real: tuple[float, float] | None = None
 
     def text(self) -> str:
-        return f"colour scale {self.low:.3g} - {self.high:.3g} x uniform ({self.source})"
+        if self.log:
+            return f"colour scale: x uniform, logarithmic {self.low:g} - {self.high:g} ({self.source}; 1 = uniform)"
+        real = f"; the maps span {self.real[0]:.3g} - {self.real[1]:.3g}" if self.real else ""
+        return f"colour scale STRETCHED to {self.low:.3g} - {self.high:.3g} x uniform ({self.source}{real})"
 
 
 @dataclass
@@ -176,30 +188,54 @@ def run_label(result: AttentionResult, folder: str = "") -> str:
     return f"{method} ({folder})" if folder and folder != method else method
 
 
+def map_facts(result: AttentionResult, head: int | None) -> dict[str, Any]:
+    """Normalised entropy, peak (x uniform) and the flat verdict of a head (None: the mean), from the result's
+    sanity checks when computed, else from the maps as shown."""
+    from napari_dagman.core.attention.sanity import is_flat
+
+    stats = result.stats or {}
+    facts = stats.get("mean") if head is None else stats.get("heads", {}).get(str(head))
+    if facts:
+        return {k: facts[k] for k in ("normalised_entropy", "peak_x_uniform", "flat")}
+    array = result.maps.mean if head is None else result.maps.maps[head]
+    return {"normalised_entropy": None, "peak_x_uniform": float(np.nanmax(array)), "flat": is_flat(array)}
+
+
+def facts_title(name: str, facts: dict[str, Any]) -> str:
+    """E.g. "head 2 · peak 1.07x · flat"."""
+    return f"{name} · peak {facts['peak_x_uniform']:.2f}x" + (" · flat" if facts["flat"] else "")
+
+
+def facts_tooltip(what: str, facts: dict[str, Any]) -> str:
+    entropy = facts.get("normalised_entropy")
+    text = f"{what}, x uniform (1 = every token equal); peak {facts['peak_x_uniform']:.2f} x uniform"
+    if entropy is not None:
+        text += f"; normalised entropy {entropy:.4f} (1 = uniform)"
+    if facts["flat"]:
+        text += "; flat: every token stays within 2/3 - 3/2 of uniform, so the colours show a ripple, not a pattern"
+    return text
+
+
 def head_row(result: AttentionResult, ct: Grid, run: int, label: str) -> TileRow | None:
-    """The mean and every head of a run's maps; a method without class attention gets its own pictures instead."""
+    """The mean and every head of a run's maps, each titled with its peak and whether it is flat; a method without
+    class attention gets its own pictures instead."""
     if result.maps is not None:
         maps = result.maps
-        unit = "x uniform (1 = every token equal)"
+        mean = map_facts(result, None)
         tiles = [
-            Tile(
-                ("mean", run),
-                "mean of heads",
-                "attention",
-                maps_grid(maps),
-                tooltip=f"the heads' mean, {unit}",
-            )
+            Tile(("mean", run), facts_title("mean", mean), "attention", maps_grid(maps), tooltip=facts_tooltip("the heads' mean", mean))
         ]
-        tiles += [
-            Tile(
-                ("head", run, h),
-                f"head {h}",
-                "attention",
-                maps_grid(maps, h),
-                tooltip=f"head {h}'s attention, {unit}",
+        for h in range(maps.maps.shape[0]):
+            facts = map_facts(result, h)
+            tiles.append(
+                Tile(
+                    ("head", run, h),
+                    facts_title(f"head {h}", facts),
+                    "attention",
+                    maps_grid(maps, h),
+                    tooltip=facts_tooltip(f"head {h}'s attention", facts),
+                )
             )
-            for h in range(maps.maps.shape[0])
-        ]
         return TileRow(f"{label}: attention per head", tiles, maps_region(maps, ct))
     pictures = result.pictures
     if pictures is None or not pictures.pictures or result.preview is None:
@@ -223,7 +259,9 @@ def head_row(result: AttentionResult, ct: Grid, run: int, label: str) -> TileRow
 
 
 def mask_row(result: AttentionResult, run: int, label: str) -> TileRow | None:
-    """Every strategy's mask of the crop and, with the noisy teacher, the cells it did not see."""
+    """The run's own mask of the crop (and every other strategy's, when asked) with the share each hides, and,
+    with a noisy teacher, the cells it did not see."""
+    from napari_dagman.core.attention.preview import RUN_MASK
     from napari_dagman.core.masking import strategy_names
 
     preview = result.preview
@@ -234,29 +272,28 @@ def mask_row(result: AttentionResult, run: int, label: str) -> TileRow | None:
     def tip(strategy: str) -> str:
         from napari_dagman.core.masking import get_strategy
 
+        if strategy == RUN_MASK:
+            return f"the mask this run draws for this crop and seed: {preview.recipe}"
         if strategy in known:
-            return get_strategy(strategy).description
-        return "attention-high on the attention of a teacher that did not see some cells (DAGMaN)"
-
-    ratio = float(result.settings.get("ratio", 0.0))
-    noise = float(result.settings.get("noise_rate", 0.0))
+            return get_strategy(strategy).description + " (at the run's ratio, for comparison)"
+        return "attention-high on the attention of a teacher that did not see some cells (DAGMaN), for comparison"
 
     def cells(array: np.ndarray) -> Grid:
         return Grid(np.asarray(array, np.float32), preview.mask_scale, preview.mask_translate)
 
+    def title(strategy: str, mask: np.ndarray) -> str:
+        name = "this run" if strategy == RUN_MASK else strategy
+        hidden = float(np.mean(mask > 0))
+        return f"{name} {hidden:.0%}" + (" (unmasked draw)" if hidden == 0 else "")
+
     tiles = [
-        Tile(("mask", run, s), f"{s} {ratio:.0%}", "mask", cells(m), MASK_COLOURS.get(s, "#ffffff"), tip(s))
+        Tile(("mask", run, s), title(s, m), "mask", cells(m), MASK_COLOURS.get(s, "#ffffff"), tip(s))
         for s, m in preview.masks.items()
     ]
-    if "noisy-teacher" in preview.masks:
+    if np.any(preview.teacher_dropped):
+        share = float(np.mean(preview.teacher_dropped > 0))
         tiles.append(
-            Tile(
-                ("dropped", run),
-                f"teacher did not see {noise:.0%}",
-                "mask",
-                cells(preview.teacher_dropped),
-                DROPPED_COLOUR,
-            )
+            Tile(("dropped", run), f"teacher did not see {share:.0%}", "mask", cells(preview.teacher_dropped), DROPPED_COLOUR)
         )
     return TileRow(f"{label}: masks of the crop", tiles, crop_region(preview))
 
@@ -272,18 +309,20 @@ def difference_row(difference: AttentionMaps | None, ct: Grid, labels: tuple[str
     )
 
 
-def auto_contrast(maps: Sequence[AttentionMaps | None], fixed: bool = False) -> Contrast | None:
-    """The shared colour scale of the shown maps: percentiles of every head's values, or the fixed 0 - 2."""
+def auto_contrast(maps: Sequence[AttentionMaps | None], stretch: bool = False) -> Contrast | None:
+    """The shared colour scale of the shown maps: by default the fixed logarithmic 1/4 - 4 x uniform; with
+    ``stretch``, the 1st-99th percentiles of every head's values (the text then says so and gives the real range)."""
     values = [np.asarray(m.maps, np.float32).ravel() for m in maps if m is not None]
     if not values:
         return None
-    if fixed:
-        return Contrast(*FIXED_RANGE, "fixed")
+    if not stretch:
+        return Contrast(*UNIFORM_RANGE, "fixed, the same for every head and run", log=True)
     data = np.concatenate(values)
     low, high = (float(v) for v in np.percentile(data, AUTO_PERCENTILES))
     if high - low < 1e-6:  # a flat map (an untrained module): a visible range around it
         low, high = low - 0.05, high + 0.05
-    return Contrast(low, high, f"percentiles {AUTO_PERCENTILES[0]:g}-{AUTO_PERCENTILES[1]:g} of every head")
+    real = (float(np.nanmin(data)), float(np.nanmax(data)))
+    return Contrast(low, high, f"percentiles {AUTO_PERCENTILES[0]:g}-{AUTO_PERCENTILES[1]:g} of every head", real=real)
 
 
 def difference_limit(difference: AttentionMaps | None) -> float:

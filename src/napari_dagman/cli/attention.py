@@ -75,8 +75,28 @@ def run(args: argparse.Namespace) -> int:
             f"{result.scope} {d['diversity']:.4f}, crop {crop['diversity']:.4f}; "
             f"mean head entropy (1 = uniform) {crop['entropy_mean']:.4f}"
         )
+    if result.stats is not None:
+        say_stats(result.stats)
+    if result.preview is not None and result.preview.recipe:
+        say(f"mask preview: the run's own recipe ({result.preview.recipe})")
     say(f"wrote {len(written)} files to {out}")
     return 0
+
+
+def say_stats(stats: dict) -> None:
+    """Each head's verdict (flat or not, entropy, peak) and one sentence per check with its figures."""
+    for h, v in stats["heads"].items():
+        say(
+            f"head {h}: {'flat' if v['flat'] else 'not flat'} (normalised entropy {v['normalised_entropy']:.4f}, "
+            f"peak {v['peak_x_uniform']:.2f} x uniform)"
+        )
+    m = stats["mean"]
+    say(f"mean map: {'flat' if m['flat'] else 'not flat'} (normalised entropy {m['normalised_entropy']:.4f}, peak {m['peak_x_uniform']:.2f} x uniform)")
+    for sentence in stats["sentences"]:
+        say(f"{sentence['check']}: {sentence['text']} ({sentence['figures']})")
+    if "comparison" in stats:
+        c = stats["comparison"]
+        say(f"the two runs' mean maps: correlation {c['correlation']:.3f}, JS divergence {c['js_divergence']:.5f} bits")
 
 
 def report_two(comparison) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Generator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 
 from napari_dagman.core.attention.maps import AttentionMaps, attention_maps, map_head_diversity
-from napari_dagman.core.attention.preview import CropPreview, crop_preview, save_preview_figure
+from napari_dagman.core.attention.preview import CropPreview, PreviewRecipe, crop_preview, save_preview_figure
 from napari_dagman.core.config import AttentionConfig
 from napari_dagman.core.events import CancelToken, ProgressEvent
 from napari_dagman.core.masking import attention_strategies
@@ -37,6 +37,8 @@ class AttentionResult:
     pictures: CropPictures | None = None
     #: each head's attention per organ (see `core.attention.organs`), when a label map was given
     organs: pd.DataFrame | None = None
+    #: the sanity checks of the maps and their sentences (`core.attention.stats`), when computed
+    stats: dict[str, Any] | None = None
 
 
 def describe_encoder(pretrained: PretrainedEncoder) -> dict[str, Any]:
@@ -67,6 +69,16 @@ def probe_figures(source: str | Path) -> dict[str, float]:
         return {}
     last = rows[-1]
     return {"step": last["step"], **{k: v for k, v in last.items() if k.startswith("probe_")}}
+
+
+def preview_recipe(config: AttentionConfig, pretrained: PretrainedEncoder) -> PreviewRecipe:
+    """The run's own mask recipe, with the ratio and the teacher's input dropout the job overrides."""
+    recipe = PreviewRecipe.of_run(pretrained.run_config)
+    if config.ratio is not None:
+        recipe = recipe.replace(masks=replace(recipe.masks, ratio=float(config.ratio)))
+    if config.noise_rate is not None:
+        recipe = recipe.replace(noise_rate=float(config.noise_rate))
+    return recipe
 
 
 def volume_slab(volume: Volume, z: int) -> Volume:
@@ -140,8 +152,8 @@ def attention_job(
         pretrained,
         volume,
         config.center or None,
-        ratio=config.ratio,
-        noise_rate=config.noise_rate,
+        recipe=preview_recipe(config, pretrained),
+        strategies=config.strategies,
         seed=config.seed,
         device=device,
     )
@@ -180,6 +192,16 @@ def attention_job(
         from napari_dagman.core.labels import names_in
 
         organs = attention_by_organ(maps, labels, names_in(np.asarray(labels.array), labels.metadata.get("label_names") or {}))
+    stats = None
+    if trained and config.maps and config.checks:
+        from napari_dagman.core.attention.stats import attention_stats
+
+        yield LogEvent("sanity checks: the same maps from random networks, intensity, a shifted crop")
+        stats = attention_stats(
+            pretrained, volume, preview, scope=scope, slice_index=config.slice_index, seeds=config.check_seeds, device=device
+        )
+        if maps is not None:  # the flat verdicts travel with the maps (layer names, tiles)
+            maps.metadata["flat_heads"] = [stats["heads"][str(h)]["flat"] for h in range(maps.maps.shape[0])]
     return AttentionResult(
         maps,
         preview,
@@ -190,6 +212,7 @@ def attention_job(
         config.to_dict(),
         pictures,
         organs,
+        stats,
     )
 
 
@@ -247,6 +270,13 @@ def compare_job(
             diversity={},
             metadata={**m.metadata, "difference": f"{first.model.get('method')} - {second.model.get('method')}"},
         )
+    if first.maps is not None and second.maps is not None and first.maps.maps.shape == second.maps.maps.shape:
+        from napari_dagman.core.attention.stats import comparison_stats
+
+        agreement = comparison_stats(first.maps.mean, second.maps.mean)
+        for result in (first, second):
+            if result.stats is not None:
+                result.stats["comparison"] = agreement
     return Comparison(first, second, difference)
 
 
@@ -288,13 +318,16 @@ def write_attention(
     if result.organs is not None:
         atomic_write_text(out / "attention_by_organ.csv", result.organs.to_csv(index=False, float_format="%.6g"))
         written.append(str(out / "attention_by_organ.csv"))
+    if result.stats is not None:
+        atomic_write_text(out / "attention_stats.json", json.dumps(result.stats, indent=2, default=float) + "\n")
+        written.append(str(out / "attention_stats.json"))
     p = result.preview
     if p is not None:
         direction = image.direction.copy()
         for strategy, mask in p.masks.items():
             vol = Volume(mask.astype(np.uint8), p.mask_scale, p.mask_translate, direction, dict(meta))
             put(vol, f"mask_{strategy}.nii.gz", labels={1: "masked"})
-        if "noisy-teacher" in p.masks:
+        if np.any(p.teacher_dropped):
             vol = Volume(p.teacher_dropped.astype(np.uint8), p.mask_scale, p.mask_translate, direction, dict(meta))
             put(vol, "teacher_dropped.nii.gz", labels={1: "not seen by the noisy teacher"})
     if result.pictures is not None:
@@ -321,9 +354,10 @@ def write_attention(
             "shown_maps": dict(result.diversity) if trained else None,
             "crop": dict(p.diversity) if trained else None,
             "crop_start_model_voxels": list(p.start),
+            "mask_recipe": p.recipe,
             "mask_ratio": result.settings.get("ratio"),
             "masked_cells": {k: int(v.sum()) for k, v in p.masks.items()},
-            "teacher_dropped_cells": int(p.teacher_dropped.sum()) if "noisy-teacher" in p.masks else None,
+            "teacher_dropped_cells": int(p.teacher_dropped.sum()) if np.any(p.teacher_dropped) else None,
             "pictures": [q.name for q in result.pictures.pictures] if result.pictures is not None else [],
             "trains_class_attention": m.get("trains_class_attention"),
             "probe_head_diversity": m.get("probe", {}),

@@ -12,7 +12,15 @@ import torch
 
 from napari_dagman.core.data import crop_around, model_volume
 from napari_dagman.core.diversity import head_diversity
-from napari_dagman.core.masking import attention_to_cells, make_mask, random_mask, strategy_names
+from napari_dagman.core.masking import (
+    MaskRecipe,
+    attention_to_cells,
+    draw_masks,
+    get_strategy,
+    make_mask,
+    random_mask,
+    strategy_names,
+)
 from napari_dagman.core.models.encoder import cell_stage_token_mask, cell_token_mask
 from napari_dagman.core.volume import Volume, grid_placement
 
@@ -29,6 +37,56 @@ PREVIEW_STRATEGIES: tuple[str, ...] = (
     "attention-hint",
     "noisy-teacher",
 )
+#: The key of the mask drawn with the run's own recipe (strategy, ratio, jitter, masking probability, teacher noise).
+RUN_MASK = "run"
+
+
+@dataclass(frozen=True)
+class PreviewRecipe:
+    """What a run's masks are: its `MaskRecipe`, its teacher's noise, and whether it hides cells and has a teacher
+    (its capabilities). Read from the run's config (`of_run`), so the explorer previews what the run drew."""
+
+    masks: MaskRecipe = MaskRecipe()
+    teacher_noise: str = "none"
+    noise_rate: float = 0.0
+    cell_masks: bool = True
+    has_teacher: bool = False
+
+    @classmethod
+    def of_run(cls, run_config: dict[str, Any]) -> PreviewRecipe:
+        """The recipe in a pretraining run's config.json (its method options and capabilities)."""
+        method = str(run_config.get("method", ""))
+        options = dict(run_config.get(method) or {}) if isinstance(run_config.get(method), dict) else {}
+        caps = run_config.get("capabilities") or {}
+        masks = MaskRecipe(
+            strategy=str(options.get("mask_strategy", "random")),
+            ratio=float(options.get("mask_ratio", 0.6)),
+            jitter=float(options.get("mask_ratio_jitter", 0.0)),
+            masking_prob=float(options.get("masking_prob", 1.0)),
+            hint_fraction=float(options.get("hint_fraction", 0.1)),
+            hint_pool=float(options.get("hint_pool", 0.1)),
+        )
+        return cls(
+            masks=masks,
+            teacher_noise=str(options.get("teacher_noise", "none")),
+            noise_rate=float(options.get("noise_rate", 0.0) or 0.0),
+            cell_masks=bool(caps.get("cell_masks", "mask_strategy" in options)),
+            has_teacher=bool(caps.get("has_teacher", False)),
+        )
+
+    def replace(self, **changes: Any) -> PreviewRecipe:
+        from dataclasses import replace
+
+        return replace(self, **changes)
+
+    def describe(self) -> str:
+        """E.g. "attention-high, ratio 0.6, from a teacher that drops 20% of the cells"."""
+        text = self.masks.describe()
+        if self.teacher_noise == "input-dropout" and self.noise_rate > 0:
+            text += f", from a teacher that drops {self.noise_rate:.0%} of the cells"
+        elif self.teacher_noise == "gaussian" and self.noise_rate > 0:
+            text += f", from a teacher with feature noise {self.noise_rate:g}"
+        return text
 
 
 @dataclass
@@ -48,6 +106,8 @@ class CropPreview:
     mask_translate: list[float]
     diversity: dict[str, Any]
     start: tuple[int, int, int]  # crop start in the model volume (z, y, x)
+    #: how the run draws its masks (the recipe of the `RUN_MASK` preview), in words
+    recipe: str = ""
 
 
 def crop_preview(
@@ -55,80 +115,105 @@ def crop_preview(
     volume: Volume,
     center: Sequence[float] | None = None,
     *,
-    ratio: float = 0.6,
+    recipe: PreviewRecipe | None = None,
+    strategies: str = "run",
     mask_cell: int | None = None,
-    noise_rate: float = 0.2,
-    hint_fraction: float = 0.1,
-    hint_pool: float = 0.1,
     seed: int = 0,
     device: str | torch.device = "cpu",
 ) -> CropPreview:
     """Attention and mask previews for the crop around a physical point (default: the body's centre).
 
-    ``center`` is a physical (napari world) position z, y, x in mm. The masks use the same generators as
-    training; ``noisy-teacher`` is attention-high on the attention the encoder gives when ``noise_rate`` of
-    the cells are dropped from its input (DAGMaN's teacher).
+    ``center`` is a physical (napari world) position z, y, x in mm. ``recipe`` (default: the run's own,
+    `PreviewRecipe.of_run`) draws the mask under `RUN_MASK` exactly as training draws it (`draw_masks` with the
+    run's strategy, ratio, jitter and masking probability; attention from the teacher as noisy as the run's);
+    ``strategies="all"`` adds every strategy at the recipe's ratio, and the noisy teacher when the run has a teacher,
+    for comparison. A run whose method hides no cells (MiM, CASS) gets no run mask.
     """
     arch = pretrained.arch
+    recipe = recipe or PreviewRecipe.of_run(pretrained.run_config)
     roi, token = pretrained.roi, arch.attention_stride
     cell = mask_cell or int(pretrained.run_config.get("mask_cell", token))
     pv = model_volume(volume, dims=arch.dims, spacing=pretrained.spacing, hu_range=pretrained.hu_range)
     image, start = crop_around(pv, center, roi, arch.dims)
-    x = torch.from_numpy(image if arch.dims == 3 else image[0])[None, None]
+    x = torch.from_numpy(image if arch.dims == 3 else image[0])[None, None].to(device)
     if arch.dims == 3:
         factor_cells, factor_tokens = (cell,) * 3, (token,) * 3
     else:
         factor_cells, factor_tokens = (1, cell, cell), (1, token, token)
     encoder = pretrained.encoder.to(device)
     with torch.no_grad():
-        clean = encoder(x.to(device))
+        clean = encoder(x)
     grid = clean.grid
     cells = (roi // cell,) * arch.dims
     attention = clean.attention.float().cpu()
-    mean_cells = attention_to_cells(attention.mean(1).reshape(1, *grid), cells)
+
+    def on_cells(att: torch.Tensor) -> torch.Tensor:
+        return attention_to_cells(att.float().cpu().mean(1).reshape(1, *grid), cells)
+
+    def noisy_pass(rate: float, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """The teacher as training runs it with input dropout: (attention on cells, dropped cells)."""
+        dropped = random_mask(1, cells, rate, generator)
+        with torch.no_grad():
+            out = encoder(
+                x,
+                cell_token_mask(dropped, cell, arch.patch_size, arch.dims).to(device),
+                attention_ignore=cell_stage_token_mask(dropped, cell, token, arch.dims).to(device)
+                if bool(dropped.any())
+                else None,
+            )
+        return on_cells(out.attention), dropped
 
     masks: dict[str, np.ndarray] = {}
-    for strategy in strategy_names():
-        # each strategy draws from its own stream seeded by `seed`: the mask training draws for this crop with
-        # a generator of that seed (`MaskedMethod.choose_mask`), not one that depends on the tiles before it
-        m = make_mask(
-            strategy,
-            batch=1,
-            grid=cells,
-            ratio=ratio,
-            attention=mean_cells,
-            generator=torch.Generator().manual_seed(seed),
-            hint_fraction=hint_fraction,
-            hint_pool=hint_pool,
-        )
-        masks[strategy] = m[0].numpy().astype(np.uint8)
-    # the noisy teacher as in training (methods/dagman.py): drop cells, leave their tokens out of the class
-    # attention, rank the seen cells and hide the dropped ones at the same ratio; its own seeded stream
-    noisy_gen = torch.Generator().manual_seed(seed)
-    dropped = random_mask(1, cells, noise_rate, noisy_gen)
-    with torch.no_grad():
-        noisy = encoder(
-            x.to(device),
-            cell_token_mask(dropped, cell, arch.patch_size, arch.dims).to(device),
-            attention_ignore=cell_stage_token_mask(dropped, cell, token, arch.dims).to(device)
-            if bool(dropped.any())
-            else None,
-        )
-    noisy_cells = attention_to_cells(noisy.attention.float().cpu().mean(1).reshape(1, *grid), cells)
-    masks["noisy-teacher"] = (
-        make_mask(
-            "attention-high",
-            batch=1,
-            grid=cells,
-            ratio=ratio,
-            attention=noisy_cells,
-            generator=noisy_gen,
-            unseen=dropped,
-        )[0]
-        .numpy()
-        .astype(np.uint8)
-    )
-    teacher_dropped = dropped[0].numpy().astype(np.uint8)
+    teacher_dropped = np.zeros(cells, np.uint8)
+    if recipe.cell_masks:
+        # the run's own draw: its noise, then its recipe, from one stream seeded by `seed` (as a training step's)
+        generator = torch.Generator().manual_seed(seed)
+        unseen = None
+        needs_attention = get_strategy(recipe.masks.strategy).needs_attention
+        if needs_attention and recipe.teacher_noise == "input-dropout" and recipe.noise_rate > 0:
+            run_attention, unseen = noisy_pass(recipe.noise_rate, generator)
+            teacher_dropped = unseen[0].numpy().astype(np.uint8)
+        elif needs_attention and recipe.teacher_noise == "gaussian" and recipe.noise_rate > 0:
+            with torch.no_grad():
+                run_attention = on_cells(encoder(x, None, recipe.noise_rate, generator).attention)
+        else:
+            run_attention = on_cells(attention) if needs_attention else None
+        run = draw_masks(recipe.masks, batch=1, grid=cells, attention=run_attention, generator=generator, unseen=unseen)
+        masks[RUN_MASK] = run[0].numpy().astype(np.uint8)
+    if strategies == "all":
+        mean_cells = on_cells(attention)
+        for strategy in strategy_names():
+            # each strategy draws from its own stream seeded by `seed`, at the run's ratio
+            m = make_mask(
+                strategy,
+                batch=1,
+                grid=cells,
+                ratio=recipe.masks.ratio,
+                attention=mean_cells,
+                generator=torch.Generator().manual_seed(seed),
+                hint_fraction=recipe.masks.hint_fraction,
+                hint_pool=recipe.masks.hint_pool,
+            )
+            masks[strategy] = m[0].numpy().astype(np.uint8)
+        if recipe.has_teacher:  # DAGMaN's noisy teacher at the run's rate (0.2 when the run has none)
+            noisy_gen = torch.Generator().manual_seed(seed)
+            rate = recipe.noise_rate if recipe.teacher_noise == "input-dropout" and recipe.noise_rate > 0 else 0.2
+            noisy_cells, dropped = noisy_pass(rate, noisy_gen)
+            masks["noisy-teacher"] = (
+                make_mask(
+                    "attention-high",
+                    batch=1,
+                    grid=cells,
+                    ratio=recipe.masks.ratio,
+                    attention=noisy_cells,
+                    generator=noisy_gen,
+                    unseen=dropped,
+                )[0]
+                .numpy()
+                .astype(np.uint8)
+            )
+            if RUN_MASK not in masks or not teacher_dropped.any():
+                teacher_dropped = dropped[0].numpy().astype(np.uint8)
 
     rel = (attention[0] * attention.shape[-1]).reshape(attention.shape[1], *grid).numpy()
     if arch.dims == 2:
@@ -152,6 +237,7 @@ def crop_preview(
         mask_translate=mask_translate,
         diversity=head_diversity(attention),
         start=start,
+        recipe=recipe.describe(),
     )
 
 
@@ -172,7 +258,7 @@ def save_preview_figure(
         z // max(1, int(round(preview.attention_scale[0] / preview.image_scale[0]))),
     )
     cell_z = min(
-        next(iter(preview.masks.values())).shape[0] - 1,
+        max((m.shape[0] for m in preview.masks.values()), default=1) - 1,
         z // max(1, int(round(preview.mask_scale[0] / preview.image_scale[0]))),
     )
     attention = np.kron(preview.attention.mean(axis=0)[token_z], np.ones((token, token)))

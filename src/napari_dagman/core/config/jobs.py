@@ -294,11 +294,34 @@ class AttentionConfig(ConfigBase):
         group="masks",
     )
     slice_index: int = option(0, "axial slice of scope 'slice'", minimum=0, flag="--slice", group="maps")
-    ratio: float = option(0.6, "mask ratio of the previews", minimum=0.0, maximum=1.0, group="masks")
-    noise_rate: float = option(
-        0.2, "input dropout of the noisy-teacher preview", minimum=0.0, maximum=0.9, group="masks"
+    strategies: str = option(
+        "run",
+        "mask previews: run = the mask the run itself draws (its strategy, ratio, jitter, masking probability and "
+        "teacher noise, from its config); all = also every other strategy at the run's ratio, for comparison",
+        choices=("run", "all"),
+        group="masks",
     )
-    seed: int = option(0, "seed of the random, block and noisy-teacher previews", group="masks")
+    ratio: float | None = option(
+        None, "mask ratio of the previews (default: the run's)", minimum=0.0, maximum=1.0, group="masks"
+    )
+    noise_rate: float | None = option(
+        None,
+        "input dropout of the noisy-teacher preview (default: the run's; 0.2 for a clean teacher shown under 'all')",
+        minimum=0.0,
+        maximum=0.9,
+        group="masks",
+    )
+    seed: int = option(0, "seed of the mask previews (one draw of the run's recipe per seed)", group="masks")
+    checks: bool = option(
+        True,
+        "sanity checks of the maps (attention_stats.json): flatness, model randomisation against random networks, "
+        "intensity, stability under a one-token shift, head diversity against its noise floor",
+        group="maps",
+    )
+    check_seeds: int = option(
+        3, "random networks (seeds) the randomisation and diversity checks compare with", minimum=2, maximum=10,
+        group="maps",
+    )
     subtoken: int = option(
         1,
         "maps finer than one token by shifted-window inference: 2 = half a token, 4 = a quarter (k^3 passes "
