@@ -10,6 +10,7 @@ from napari_dagman.core.attention.sanity import (
     WindowAttention,
     attention_sanity,
     body_normalised_entropy,
+    head_diversity_floor,
     intensity_correlation,
     normalised_entropy,
     peak_x_uniform,
@@ -96,3 +97,27 @@ def test_a_map_with_one_percent_noise_is_flat_and_a_fourfold_peak_on_an_organ_is
     assert is_flat(np.full(10, FLAT_BAND)) and not is_flat(np.full(10, FLAT_BAND * 1.01))
     att = np.stack([_softmax(0.01 * rng.standard_normal(64)), _softmax(np.where(np.arange(64) < 6, 2.0, 0.0))])
     assert flat_heads(att[None]) == [True, False]
+
+
+def test_flat_heads_with_unlike_ripples_are_not_called_diverse_and_heads_on_different_organs_are():
+    """Centred diversity compares shapes: near-uniform heads whose 1 % ripples happen to be unrelated score high on
+    it, yet a user sees four identical flat maps, so they must not be reported as more diverse than random heads."""
+    rng = np.random.default_rng(0)
+    tokens = 512
+
+    def heads(scale: float, n_heads: int = 4, windows: int = 2) -> np.ndarray:
+        att = 1.0 + scale * rng.standard_normal((windows, n_heads, tokens))
+        att = np.clip(att, 1e-3, None)
+        return att / att.sum(-1, keepdims=True)
+
+    random_nets = [heads(0.003) for _ in range(3)]  # random networks: flat, tiny unrelated ripples
+    flat = heads(0.01)  # flat heads, more ripple than random ones: centred diversity alone would call it diverse
+    result = head_diversity_floor(flat, random_nets)
+    assert result["diversity"] > 0.5
+    assert not result["diversity_above_chance"] and not result["js_above_chance"]
+    organs = np.full((2, 4, tokens), 1.0)
+    for h in range(4):  # each head looks at its own organ: a sixteenfold peak on 32 tokens
+        organs[:, h, h * 32 : (h + 1) * 32] = 16.0
+    organs /= organs.sum(-1, keepdims=True)
+    result = head_diversity_floor(organs, random_nets)
+    assert result["js_above_chance"] and result["diversity_above_chance"]

@@ -124,12 +124,15 @@ def test_attention_command_writes_aligned_maps(tiny_run, shared_data, tmp_path, 
                 str(out),
                 "--quiet",
                 "--on-input-grid",
+                "--strategies",
+                "all",
             ]
         )
         == 0
     )
     names = {p.name for p in out.iterdir()}
     assert {
+        "mask_run.nii.gz",  # the run's own recipe, then every strategy on request
         "attention_mean.nii.gz",
         "attention_head0.nii.gz",
         "attention_head3.nii.gz",

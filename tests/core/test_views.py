@@ -32,6 +32,17 @@ def test_each_view_gets_its_own_draw_and_the_same_seed_repeats_it():
     np.testing.assert_array_equal(a, aug.apply(crop, view_seed(0, 5, 0, 0, 0)))  # same seed, same view
 
 
+def test_views_drawn_inside_a_bf16_step_are_the_fp32_views():
+    """The sampler runs inside the step's bf16 autocast: the affine must neither fail nor lose precision."""
+    aug = Augmentation(AugmentSettings(rotate=10.0, zoom=0.1), dims=3)
+    crop = np.linspace(0, 1, 32**3, dtype=np.float32).reshape(1, 32, 32, 32)
+    seeds = [view_seed(0, 3, 0, 0, k) for k in range(6)]  # the affine is drawn in half the views
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = [aug.apply(crop, seed) for seed in seeds]
+    for seed, view in zip(seeds, inside, strict=True):
+        np.testing.assert_array_equal(view, aug.apply(crop, seed))
+
+
 def test_a_sample_pairs_two_differently_augmented_views_of_one_region():
     volume = _volume()
     aug = Augmentation(AugmentSettings(), dims=3)

@@ -119,12 +119,15 @@ class Augmentation:
         import torch
 
         x: object = crop
-        for index, (_, transform, consistent) in enumerate(self.steps):
-            # each transform its own seed from the view's: the same draw whatever the other transforms did
-            transform.set_random_state(seed=int((seed + 7919 * (index + 1)) % (2**32)))
-            if only_consistent and not consistent:
-                continue
-            x = transform(x)
+        # the sampler runs inside the training step's bf16 autocast; the affine's matrices must stay fp32
+        # (MONAI cannot convert a bf16 matrix, and a bf16 grid would shift voxels by up to a percent)
+        with torch.autocast("cpu", enabled=False):
+            for index, (_, transform, consistent) in enumerate(self.steps):
+                # each transform its own seed from the view's: the same draw whatever the other transforms did
+                transform.set_random_state(seed=int((seed + 7919 * (index + 1)) % (2**32)))
+                if only_consistent and not consistent:
+                    continue
+                x = transform(x)
         if isinstance(x, torch.Tensor):
             x = x.detach().cpu().numpy()
         return np.ascontiguousarray(np.asarray(x), dtype=np.float32)
