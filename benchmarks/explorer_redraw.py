@@ -143,7 +143,7 @@ def slice_changes(viewer: Any, dock: Any, worlds: list[float]) -> dict[str, Any]
 
 def redraw_phases(run: Path, ct_path: Path, volume_result: Any, repeats: int) -> dict[str, Any]:
     import napari
-    from napari_dagman._widgets.attention import AttentionWidget
+    from napari_dagman._widgets.explorer.dock import AttentionWidget
 
     viewer = napari.Viewer(show=True)
     viewer.window._qt_window.resize(1600, 1000)

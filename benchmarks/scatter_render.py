@@ -111,7 +111,7 @@ def timed(function) -> float:
 def scatter_phases(n: int, repeats: int) -> dict[str, list[dict[str, float]]]:
     from qtpy.QtWidgets import QApplication
 
-    from napari_dagman._widgets.clusters import ScatterPlot
+    from napari_dagman._widgets.clusters.dock import ScatterPlot
     from napari_dagman.core.embeddings import colour_groups
 
     app = QApplication.instance() or QApplication([])
@@ -152,7 +152,7 @@ def dock_phase(n: int, repeats: int) -> list[dict[str, float]]:
     from qtpy.QtWidgets import QApplication
 
     import napari
-    from napari_dagman._widgets.clusters import ClustersWidget
+    from napari_dagman._widgets.clusters.dock import ClustersWidget
     from napari_dagman.core.config import EmbedConfig
     from napari_dagman.core.embeddings import EmbeddingResult, PatchEmbeddings, build_table, grid_starts
 

@@ -343,8 +343,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import napari
     from napari_dagman._sample_data import sample_phantom
-    from napari_dagman._widgets.attention import AttentionWidget
-    from napari_dagman._widgets.pretrain import PretrainWidget
+    from napari_dagman._widgets.explorer.dock import AttentionWidget
+    from napari_dagman._widgets.training.pretrain import PretrainWidget
 
     runs = tempfile.mkdtemp(prefix="ui-latency-")
     config = {

@@ -107,8 +107,8 @@ def main(argv: list[str] | None = None) -> int:
 def phantom_shots(viewer, out: Path, runs: Path, args: argparse.Namespace) -> int:
     """CT window, pretraining and attention explorer on the synthetic phantom."""
     from napari_dagman._sample_data import sample_phantom
-    from napari_dagman._widgets.attention import MEAN_LAYER, AttentionWidget
-    from napari_dagman._widgets.pretrain import PretrainWidget
+    from napari_dagman._widgets.explorer.dock import MEAN_LAYER, AttentionWidget
+    from napari_dagman._widgets.training.pretrain import PretrainWidget
     from napari_dagman._widgets.window import WindowWidget
 
     for data, kwargs, kind in sample_phantom():
@@ -336,7 +336,7 @@ def explorer_shots(viewer, out: Path, runs: Path, args: argparse.Namespace) -> i
     """
     import numpy as np
 
-    from napari_dagman._widgets._common import viewer_camera
+    from napari_dagman._widgets.common import viewer_camera
     from napari_dagman.core.config import PretrainConfig
     from napari_dagman.core.segmentation import organ_focus
     from napari_dagman.core.training import consume, run_pretraining

@@ -30,14 +30,22 @@ from napari_dagman.core.models.encoder import SwinEncoder
 
 @dataclass
 class ToyOptions(MethodOptions):
-    toy_scale: float = option(0.5, "weight of the toy's prediction loss", minimum=0.0, maximum=10.0, group="toy")
-    toy_momentum: float = option(0.99, "EMA momentum of the toy's target", minimum=0.0, maximum=1.0, group="toy")
+    toy_scale: float = option(
+        0.5, "weight of the toy's prediction loss", minimum=0.0, maximum=10.0, group="toy"
+    )
+    toy_momentum: float = option(
+        0.99, "EMA momentum of the toy's target", minimum=0.0, maximum=1.0, group="toy"
+    )
 
 
 class ToyMethod(SSLMethod):
     Options: ClassVar[type] = ToyOptions
     capabilities: ClassVar[Capabilities] = Capabilities(
-        trains_class_attention=False, has_teacher=True, reconstructs=False, previews=("mask",), cell_masks=False
+        trains_class_attention=False,
+        has_teacher=True,
+        reconstructs=False,
+        previews=("mask",),
+        cell_masks=False,
     )
     preferred_encoder: ClassVar[str] = "online"
     find_unused_parameters = True  # the class attention of the encoders is not used
@@ -57,13 +65,18 @@ class ToyMethod(SSLMethod):
     def ema_modules(self) -> dict[str, nn.Module]:
         return {"target": self.target}
 
+    def untrained_parameters(self) -> tuple[str, ...]:
+        return ("online.class_attention.", "online.mask_token")
+
     def published_encoders(self) -> list[PublishedEncoder]:
         return [
             PublishedEncoder("online", "online", class_attention_trained=False),
             PublishedEncoder("target", "target", class_attention_trained=False),
         ]
 
-    def forward_step(self, views: torch.Tensor, step: int, generator: torch.Generator, **_: object) -> StepOutput:
+    def forward_step(
+        self, views: torch.Tensor, step: int, generator: torch.Generator, **_: object
+    ) -> StepOutput:
         batch = views.shape[0] // 2
         pooled = self.online(views, class_attention=False).stages[4].flatten(2).mean(-1)
         prediction = self.predictor(pooled)

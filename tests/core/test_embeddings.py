@@ -271,12 +271,14 @@ def test_read_only_cache_folder_warns_once_and_computes(small_pair, pretrained):
     assert np.array_equal(runs[0][1].projection, runs[1][1].projection)
 
 
-def test_cancel_returns_none(small_pair, pretrained):
+def test_cancel_raises_job_cancelled_like_every_job(small_pair, pretrained):
+    from napari_dagman.core.events import JobCancelled
+
     image, _ = small_pair
     token = CancelToken()
     token.cancel()
-    _, result = finish(run_embedding(EmbedConfig(cache=False), image, pretrained=pretrained, cancel=token))
-    assert result is None
+    with pytest.raises(JobCancelled):
+        finish(run_embedding(EmbedConfig(cache=False), image, pretrained=pretrained, cancel=token))
 
 
 def test_projections_and_clusters_are_seeded():
@@ -444,7 +446,9 @@ def test_a_held_out_slab_trains_outside_it_and_scores_inside_it():
     assert z[train].max() == 95.0 and not np.any((z[train] >= 30.0) & (z[train] <= 65.0))
     organ = np.where(np.arange(len(z)) % 2 == 0, 1, 2)
     features = np.eye(3)[organ] * 4 + np.random.default_rng(0).normal(0, 0.1, (len(z), 3))
-    q = quality_metrics(features, organ, np.ones(len(z)), z, patch_mm=10.0, gap_mm=10.0, test_slab_mm=(55.0, 40.0))
+    q = quality_metrics(
+        features, organ, np.ones(len(z)), z, patch_mm=10.0, gap_mm=10.0, test_slab_mm=(55.0, 40.0)
+    )
     assert q.metrics["knn_scored"] == int(test.sum())  # only the slab is scored
     assert np.all(q.prediction[~test] == -1)
     assert q.metrics["linear_balanced_accuracy"] == pytest.approx(1.0)

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 from napari_dagman._layers import image_layer_data, labels_layer_data
-from napari_dagman._widgets._common import Settings
-from napari_dagman._widgets.attention import (
+from napari_dagman._widgets.common import Settings
+from napari_dagman._widgets.explorer.dock import (
     DIFFERENCE_LAYER,
     DROPPED_LAYER,
     HEADS_LAYER,
@@ -106,7 +106,7 @@ def click_tile(figure, key) -> None:
 
 def layer(viewer, name):
     """The explorer's layer called ``name``, whatever verdict ("(flat)") its shown name carries."""
-    from napari_dagman._widgets.attention_layers import base_name
+    from napari_dagman._widgets.explorer.layers import base_name
 
     return next((x for x in viewer.layers if base_name(x.name) == name), None)
 
@@ -155,7 +155,11 @@ def test_crop_maps_heads_and_masks_update_in_place(make_napari_viewer, ct, tiny_
     finish(dock)
     preview = dock.result.preview
     k = masked_count(cells, 0.6)
-    expected = {RUN_MASK: k} | {s: k for s in PREVIEW_STRATEGIES} | {"attention-hint": k - hint_count(cells, 0.6, 0.1)}
+    expected = (
+        {RUN_MASK: k}
+        | {s: k for s in PREVIEW_STRATEGIES}
+        | {"attention-hint": k - hint_count(cells, 0.6, 0.1)}
+    )
     assert {s: int(m.sum()) for s, m in preview.masks.items()} == expected
     # each mask is a Labels layer on the crop's voxels (16-voxel cells), exactly over the crop
     mask_layers = {s: layer(viewer, MASK_LAYER.format(s)) for s in expected}
@@ -224,7 +228,9 @@ def test_the_default_colour_scale_is_the_same_for_every_head_and_run_and_a_stret
     assert type(norm).__name__ == "LogNorm" and (norm.vmin, norm.vmax) == (0.25, 4.0)
     # a percentile stretch only when asked, and then the dock says it is stretched and gives the real range
     dock.stretch.value = True
-    low, high = np.percentile(np.concatenate([dock.result.maps.maps.ravel(), dock.compared.maps.maps.ravel()]), (1, 99))
+    low, high = np.percentile(
+        np.concatenate([dock.result.maps.maps.ravel(), dock.compared.maps.maps.ravel()]), (1, 99)
+    )
     assert tuple(first.contrast_limits) == pytest.approx((low, high), rel=1e-4)
     assert "STRETCHED" in dock.contrast_line.text() and "the maps span" in dock.contrast_line.text()
 
@@ -404,11 +410,19 @@ def test_a_method_without_class_attention_says_so_and_shows_its_pictures(
     assert dock.compute()
     finish(dock)
     assert layer(viewer, MEAN_LAYER) is not None
+    assert list(dock.strategies.choices) == ["run", "all"] and dock.noise_rate.enabled
     dock.set_run(str(mim_run))
+    # MiM hides no cells and has no teacher: no strategy to choose, no teacher noise, even after napari resets
+    # the choices (it does on every layer change)
+    dock.strategies.reset_choices()
+    assert list(dock.strategies.choices) == ["run"] and not dock.strategies.enabled
+    assert not dock.noise_rate.enabled and "trains no teacher" in dock.noise_rate.tooltip
     assert dock.compute()
     finish(dock)
     # no maps (the dagman run's are gone), no masks chosen by an untrained attention; the method's pictures instead
-    assert dock.result.maps is None and layer(viewer, MEAN_LAYER) is None and layer(viewer, HEADS_LAYER) is None
+    assert (
+        dock.result.maps is None and layer(viewer, MEAN_LAYER) is None and layer(viewer, HEADS_LAYER) is None
+    )
     assert "does not train the class attention" in dock.model_line.text()
     assert "no attention to show" in dock.heads_reading.text()
     assert any("does not train the class attention" in m for s, m in notifications if s == "warning")

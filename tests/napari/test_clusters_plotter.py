@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from tests.napari.test_clusters_widget import _cache, between, computed, ct_pair, make_dock  # noqa: F401
 
-from napari_dagman._widgets.clusters import POINTS_LAYER, SELECTION_LAYER
+from napari_dagman._widgets.clusters.dock import POINTS_LAYER, SELECTION_LAYER
 from napari_dagman.core.embeddings import selection_mask
 from napari_dagman.core.errors import DagmanInputError
 from napari_dagman.core.interop import MANUAL_CLUSTER_COLUMN, manual_cluster_selection, manual_clusters
@@ -24,7 +24,9 @@ def test_ncp_plots_our_projection_and_a_drawn_cluster_selects_patches(make_napar
     points = viewer.layers[POINTS_LAYER]
     with pytest.raises(DagmanInputError, match="no cluster drawn"):
         manual_cluster_selection(points.features)
-    assert not dock.select_from_clusters_plotter() and len(dock.selected) == 0  # nothing drawn: a notification
+    assert (
+        not dock.select_from_clusters_plotter() and len(dock.selected) == 0
+    )  # nothing drawn: a notification
 
     plotter = ncp.PlotterWidget(viewer)
     viewer.window.add_dock_widget(plotter)

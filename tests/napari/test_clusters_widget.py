@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from napari_dagman._layers import image_layer_data, labels_layer_data
-from napari_dagman._widgets.clusters import (
+from napari_dagman._widgets.clusters.dock import (
     PICKED_LAYER,
     POINTS_LAYER,
     SELECTION_LAYER,

@@ -7,11 +7,11 @@ import time
 from magicgui.widgets import PushButton
 from qtpy.QtWidgets import QPushButton
 
-from napari_dagman._widgets._common import JobDock
-from napari_dagman._widgets.clusters import ClustersWidget
-from napari_dagman._widgets.finetune import FinetuneWidget
-from napari_dagman._widgets.pretrain import PretrainWidget
-from napari_dagman._widgets.results import SegmentationResultsWidget
+from napari_dagman._widgets.clusters.dock import ClustersWidget
+from napari_dagman._widgets.common import JobDock
+from napari_dagman._widgets.results.dock import SegmentationResultsWidget
+from napari_dagman._widgets.training.finetune import FinetuneWidget
+from napari_dagman._widgets.training.pretrain import PretrainWidget
 from napari_dagman.core.events import ProgressEvent
 
 

@@ -17,11 +17,11 @@ import numpy as np
 import pytest
 
 from napari_dagman._layers import image_layer_data
-from napari_dagman._widgets._common import JobDock, dock_widget_of
-from napari_dagman._widgets.clusters import ClustersWidget
-from napari_dagman._widgets.finetune import FinetuneWidget
-from napari_dagman._widgets.pretrain import PretrainWidget
-from napari_dagman._widgets.results import SegmentationResultsWidget
+from napari_dagman._widgets.clusters.dock import ClustersWidget
+from napari_dagman._widgets.common import JobDock, dock_widget_of
+from napari_dagman._widgets.results.dock import SegmentationResultsWidget
+from napari_dagman._widgets.training.finetune import FinetuneWidget
+from napari_dagman._widgets.training.pretrain import PretrainWidget
 from napari_dagman._widgets.window import WindowWidget
 from napari_dagman.core.phantom import make_phantom
 
@@ -123,7 +123,7 @@ def test_docks_opened_first_pick_the_ct_when_it_is_opened(make_napari_viewer, sh
 def test_a_label_map_given_as_the_ct_is_warned_about(
     make_napari_viewer, shared_data, tmp_path, notifications
 ):
-    from napari_dagman._widgets._jobs import pretrain_job
+    from napari_dagman._widgets.common.jobs import pretrain_job
     from napari_dagman.core.config import PretrainConfig
     from napari_dagman.core.events import LogEvent
     from napari_dagman.core.io import read_volume
@@ -302,7 +302,7 @@ def test_a_resumed_run_keeps_its_whole_history_with_stable_colours(make_napari_v
 def test_notification_buttons_keep_their_ampersand():
     from napari.utils.notifications import notification_manager
 
-    from napari_dagman._widgets._notify import notify_info
+    from napari_dagman._widgets.common.notify import notify_info
 
     seen = []
     notification_manager.notification_ready.connect(seen.append)
@@ -327,8 +327,8 @@ SCRIPT = """
     from qtpy.QtWidgets import QApplication
 
     from napari_dagman._layers import image_layer_data
-    from napari_dagman._widgets._common import dock_widget_of
-    from napari_dagman._widgets.pretrain import PretrainWidget
+    from napari_dagman._widgets.common import dock_widget_of
+    from napari_dagman._widgets.training.pretrain import PretrainWidget
     from napari_dagman.core.phantom import make_phantom
 
     viewer = napari.Viewer(show=False)

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from napari_dagman._widgets._common import layer_label_names
-from napari_dagman._widgets.finetune import FinetuneWidget
-from napari_dagman._widgets.results import SegmentationResultsWidget
+from napari_dagman._widgets.common import layer_label_names
+from napari_dagman._widgets.results.dock import SegmentationResultsWidget
+from napari_dagman._widgets.training.finetune import FinetuneWidget
 from napari_dagman.core.errors import DagmanInputError
 
 FAST = {"steps": 2, "batch_size": 1, "roi": 64, "spacing": 6.0, "val_every": 1}
@@ -231,7 +231,9 @@ def test_click_through_moves_dims_and_camera_to_the_organ(make_napari_viewer, sh
     assert table.loc["liver", "dice"] < 1.0 and table.loc["spleen", "dice"] == pytest.approx(1.0)
 
 
-def test_a_prediction_of_a_dicom_series_exports_as_dicom_seg(make_napari_viewer, shared_data, ft_run, tmp_path):
+def test_a_prediction_of_a_dicom_series_exports_as_dicom_seg(
+    make_napari_viewer, shared_data, ft_run, tmp_path
+):
     hd = pytest.importorskip("highdicom")
     viewer = make_napari_viewer()
     (ct,) = viewer.open(str(shared_data / "example_ct_dicom"), plugin="napari-dagman")
@@ -249,7 +251,9 @@ def test_a_prediction_of_a_dicom_series_exports_as_dicom_seg(make_napari_viewer,
         number = int(item.SegmentIdentificationSequence[0].ReferencedSegmentNumber)
         counts[number] += int(frame.astype(bool).sum())
     ids = [i for i in sorted(names) if i]
-    assert [counts[n + 1] for n in range(len(ids))] == [int((dock.prediction_layer.data == i).sum()) for i in ids]
+    assert [counts[n + 1] for n in range(len(ids))] == [
+        int((dock.prediction_layer.data == i).sum()) for i in ids
+    ]
     # a CT that is not a DICOM series is refused in one line
     nifti = viewer.open(str(shared_data / "example_ct_sm.nii.gz"), plugin="napari-dagman")[0]
     dock._image_layer = nifti

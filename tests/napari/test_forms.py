@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 
-from napari_dagman._widgets._forms import (
+from napari_dagman._widgets.common.forms import (
     ConfigForm,
     NumberEdit,
     auto_meaning,
@@ -143,11 +143,11 @@ def test_sections_follow_the_groups(qtbot):
     form = ConfigForm(CoDistillationOptions)
     sections = form.sections(primary={"mask_ratio", "teacher_noise"}, expanded=("masking",))
     titles = [title for title, *_ in sections]
-    assert titles == ["Masking", "Teacher", "Loss"]
+    assert titles == ["Masking", "Teacher", "Views", "Loss"]
     masking = sections[0]
     assert [w.name for w in masking[1]] == ["mask_ratio"] and masking[3] is True
     assert "mask_strategy" in [w.name for w in masking[2]]
     merged = form.sections({"teacher": "Teacher and loss", "loss": "Teacher and loss"})
-    assert [title for title, *_ in merged] == ["Teacher and loss", "Masking"]
+    assert [title for title, *_ in merged] == ["Teacher and loss", "Masking", "Views"]
     holder = form.widget(primary={"mask_ratio"})
-    assert holder is not None and len(form.containers) == 4  # masking shown + its "more", teacher, loss
+    assert holder is not None and len(form.containers) == 5  # masking shown + its "more", teacher, views, loss

@@ -150,7 +150,7 @@ def test_labels_layer_from_elsewhere_keeps_its_feature_names(make_napari_viewer)
     """A Labels layer painted or added by another plugin: names come from its features table."""
     import pandas as pd
 
-    from napari_dagman._widgets._common import volume_from_layer
+    from napari_dagman._widgets.common import volume_from_layer
 
     viewer = make_napari_viewer()
     data = np.zeros((4, 5, 6), dtype=np.int32)

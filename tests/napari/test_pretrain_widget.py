@@ -5,7 +5,6 @@ Runs use the tiny preset at ROI 32 and 4 mm on the phantom, in the dock's defaul
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import time
 from pathlib import Path
@@ -14,50 +13,18 @@ import numpy as np
 import pytest
 
 from napari_dagman._layers import image_layer_data, labels_layer_data
-from napari_dagman._widgets.pretrain import (
+from napari_dagman._widgets.training.pretrain import (
     PREVIEW_ATTENTION,
     PREVIEW_CROP,
     PREVIEW_MASK,
     PREVIEW_UNSEEN,
     PretrainWidget,
 )
-from napari_dagman.core.config import PretrainConfig, option
+from napari_dagman.core.config import PretrainConfig
 from napari_dagman.core.errors import DagmanInputError
 from napari_dagman.core.events import PreviewEvent, StepEvent
-from napari_dagman.core.methods.base import Capabilities, MaskingOptions
-from napari_dagman.core.methods.registry import REGISTRY, MethodSpec, register
-from napari_dagman.core.methods.simmim import SimMIM
+from napari_dagman.core.methods.registry import REGISTRY, register
 from napari_dagman.core.phantom import make_phantom
-
-
-# --- a method that only this file knows (registered by the test that uses it) -------------------------------------
-@dataclasses.dataclass
-class ToyOptions(MaskingOptions):
-    """SimMIM's masking and a scale of the loss."""
-
-    toy_weight: float = option(1.0, "scale of the toy's loss", minimum=0.0, maximum=10.0, group="toy")
-
-
-class Toy(SimMIM):
-    """SimMIM with its own options and no attention previews: a method registered by user code."""
-
-    Options = ToyOptions
-    capabilities = Capabilities(trains_class_attention=False, has_teacher=False, reconstructs=True)
-
-    def forward_step(self, views, step, generator, **inputs):
-        out = super().forward_step(views, step, generator, **inputs)
-        out.loss = out.loss * self.options.toy_weight
-        return out
-
-
-TOY = MethodSpec(
-    name="dock-toy",
-    title="Toy (dock test)",
-    summary="SimMIM with a scaled loss, registered by a test file.",
-    module=__name__,
-    class_name="Toy",
-    defaults={"mask_ratio": 0.5, "toy_weight": 0.5},
-)
 
 
 @pytest.fixture(scope="module")
@@ -319,7 +286,7 @@ def test_job_events_are_drawn_in_order_when_drawing_reenters_the_event_loop(qtbo
     """Drawing an event may spin Qt's loop (napari's progress bar does); later events must still come after."""
     from qtpy.QtWidgets import QApplication
 
-    from napari_dagman._widgets._common import JobRunner
+    from napari_dagman._widgets.common import JobRunner
 
     drawn: list[int] = []
 
@@ -343,33 +310,38 @@ def test_job_events_are_drawn_in_order_when_drawing_reenters_the_event_loop(qtbo
 
 
 def test_a_method_registered_at_run_time_trains_from_the_dock(make_napari_viewer, phantom, tmp_path):
-    """User code registers a method in napari's process; the child process registers the same spec and trains."""
+    """The toy of the conformance suite (tests/toy_method.py, registered in napari's process by user code): its own
+    options in the form, the child process registers the same spec and trains, its own encoder names are offered."""
+    from tests.toy_method import TOY, ToyOptions
+
     register(TOY)
-    try:
-        viewer, dock = make_dock(
-            make_napari_viewer, phantom, tmp_path, length=2, preview_every=1, run_name="toy"
-        )
-        dock.method.reset_choices()
-        dock.method.value = TOY.name
-        assert dock.method_form.config_class is ToyOptions
-        assert dock.method_form["toy_weight"].value == 0.5 and dock.method_form["mask_ratio"].value == 0.5
-        assert "teacher_noise" not in dock.method_form
-        dock.method_form["toy_weight"].value = 2.0
-        assert dock.in_process.value  # the child knows nothing of this file's registration until told
-        assert dock.start()
-        assert wait_until(lambda: not dock.running, 240), "the toy run did not finish"
-        assert dock.last_finished is not None and not dock.last_finished.cancelled, dock.status.text()
-        saved = json.loads((tmp_path / "runs" / "toy" / "config.json").read_text())
-        assert saved["method"] == TOY.name and saved[TOY.name]["toy_weight"] == 2.0
-        # previews follow the capabilities: no attention, no teacher
-        assert PREVIEW_MASK in viewer.layers
-        assert PREVIEW_ATTENTION not in viewer.layers and PREVIEW_UNSEEN not in viewer.layers
-    finally:
-        REGISTRY.pop(TOY.name, None)
+    viewer, dock = make_dock(make_napari_viewer, phantom, tmp_path, length=2, preview_every=1, run_name="toy")
+    dock.method.reset_choices()
+    dock.method.value = TOY.name
+    assert dock.method_form.config_class is ToyOptions
+    assert dock.method_form["toy_scale"].value == 0.5
+    assert "teacher_noise" not in dock.method_form and "mask_ratio" not in dock.method_form
+    dock.method_form["toy_scale"].value = 2.0
+    assert dock.in_process.value  # the child knows nothing of this registration until told
+    assert dock.start()
+    assert wait_until(lambda: not dock.running, 240), "the toy run did not finish"
+    assert dock.last_finished is not None and not dock.last_finished.cancelled, dock.status.text()
+    run = tmp_path / "runs" / "toy"
+    saved = json.loads((run / "config.json").read_text())
+    assert saved["method"] == TOY.name and saved[TOY.name]["toy_scale"] == 2.0
+    # previews follow the capabilities: a mask, no attention (its class attention is untrained)
+    assert PREVIEW_MASK in viewer.layers
+    assert PREVIEW_ATTENTION not in viewer.layers and PREVIEW_UNSEEN not in viewer.layers
+    # the downstream docks offer the toy's own encoder names
+    from napari_dagman._widgets.training.finetune import FinetuneWidget
+
+    finetune = FinetuneWidget(viewer)
+    finetune.init_run.value = str(run)
+    assert list(finetune.encoder.choices) == ["auto", "online", "target"]
 
 
 def test_mims_own_pictures_are_previewed(make_napari_viewer, phantom, tmp_path):
-    from napari_dagman._widgets.pretrain import PREVIEW_PICTURE
+    from napari_dagman._widgets.training.pretrain import PREVIEW_PICTURE
 
     viewer, dock = make_dock(make_napari_viewer, phantom, tmp_path, length=1, preview_every=1, run_name="mim")
     dock.method.value = "mim"

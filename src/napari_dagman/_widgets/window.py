@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 from magicgui.widgets import ComboBox, Container, FloatSpinBox, Label, PushButton
 
-from napari_dagman._widgets._common import layer_combo, scroll_body
+from napari_dagman._widgets.common import layer_combo, scroll_body
 from napari_dagman.core.errors import DagmanInputError
 from napari_dagman.core.windowing import DEFAULT_WINDOW, WINDOW_PRESETS, window_limits
 

@@ -27,9 +27,9 @@ def add_parser(sub: argparse._SubParsersAction, argv: Sequence[str] = ()) -> Non
         "attention",
         help="attention maps, mask previews and head diversity of a pretrained encoder",
         description="Write the semantic class attention of a pretraining run over a whole volume (sliding "
-        "window; per head and mean, NIfTI aligned with the image in physical space), the mask each strategy "
-        "would draw for one crop and the cells the noisy teacher dropped (NIfTI + PNG), and head-diversity "
-        "figures (JSON).",
+        "window; per head and mean, NIfTI aligned with the image in physical space), the mask the run itself "
+        "draws for one crop (every strategy with --strategies all) and the cells its noisy teacher dropped (NIfTI + "
+        "PNG), head-diversity figures and per-head sanity checks (JSON).",
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -54,15 +54,23 @@ def run(args: argparse.Namespace) -> int:
     volume = read_input(args.image)
     check_center(volume, config.center)
     labels = read_input(config.labels) if config.labels else None
-    if config.compare:  # two runs: the same CT, crop and seed; the second in out/compare, the difference beside
-        comparison = drive_result(compare_job(config, volume, labels=labels), desc="attention", quiet=args.quiet)
+    if (
+        config.compare
+    ):  # two runs: the same CT, crop and seed; the second in out/compare, the difference beside
+        comparison = drive_result(
+            compare_job(config, volume, labels=labels), desc="attention", quiet=args.quiet
+        )
         result = comparison.first
         written = write_attention(comparison.second, volume, out / "compare", figure=True)
         if comparison.difference is not None:
-            written += write_volume(comparison.difference.volumes()["mean"], out / "attention_difference_mean.nii.gz")
+            written += write_volume(
+                comparison.difference.volumes()["mean"], out / "attention_difference_mean.nii.gz"
+            )
         report_two(comparison)
     else:
-        result = drive_result(attention_job(config, volume, labels=labels), desc="attention", quiet=args.quiet)
+        result = drive_result(
+            attention_job(config, volume, labels=labels), desc="attention", quiet=args.quiet
+        )
         written = []
     written += write_attention(result, volume, out, figure=True)
     if config.on_input_grid and result.maps is not None:
@@ -91,12 +99,16 @@ def say_stats(stats: dict) -> None:
             f"peak {v['peak_x_uniform']:.2f} x uniform)"
         )
     m = stats["mean"]
-    say(f"mean map: {'flat' if m['flat'] else 'not flat'} (normalised entropy {m['normalised_entropy']:.4f}, peak {m['peak_x_uniform']:.2f} x uniform)")
+    say(
+        f"mean map: {'flat' if m['flat'] else 'not flat'} (normalised entropy {m['normalised_entropy']:.4f}, peak {m['peak_x_uniform']:.2f} x uniform)"
+    )
     for sentence in stats["sentences"]:
         say(f"{sentence['check']}: {sentence['text']} ({sentence['figures']})")
     if "comparison" in stats:
         c = stats["comparison"]
-        say(f"the two runs' mean maps: correlation {c['correlation']:.3f}, JS divergence {c['js_divergence']:.5f} bits")
+        say(
+            f"the two runs' mean maps: correlation {c['correlation']:.3f}, JS divergence {c['js_divergence']:.5f} bits"
+        )
 
 
 def report_two(comparison) -> None:
@@ -104,10 +116,14 @@ def report_two(comparison) -> None:
     for label, result in (("first", comparison.first), ("second", comparison.second)):
         m, probe = result.model, result.model.get("probe", {})
         shown = f"{result.diversity['diversity']:.3f}" if m.get("trains_class_attention", True) else "n/a"
-        logged = probe.get("probe_teacher_head_diversity", probe.get("probe_student_head_diversity"))
+        logged = probe.get("head_diversity")
         say(
             f"{label}: {m.get('method')} step {m.get('step')}: head diversity of these maps {shown}"
-            + (f"; on its probe crops at step {probe.get('step')}: {logged:.3f}" if logged is not None else "")
+            + (
+                f"; on its probe crops at step {probe.get('step')}: {logged:.3f}"
+                if logged is not None
+                else ""
+            )
         )
 
 

@@ -69,6 +69,7 @@ def run(args: argparse.Namespace) -> int:
     from napari_dagman.core.checkpoint import CONFIG_FILE
     from napari_dagman.core.errors import DagmanInputError
     from napari_dagman.core.segmentation import parse_organs, run_finetuning
+    from napari_dagman.core.segmentation.data import slab_warning
 
     if len(args.pairs) % 2:
         raise DagmanInputError(
@@ -91,6 +92,10 @@ def run(args: argparse.Namespace) -> int:
         base["organs"] = parse_organs(args.organ_spec, organ_names(base.get("segmentations", [None])[0]))
     base["out"] = args.out
     config = FinetuneConfig.from_dict(base)
+    if not args.resume:  # the dock's check at Start, said before the work (a warning: a script cannot answer)
+        line = slab_warning(config, organ_names(config.segmentations[0] if config.segmentations else None))
+        if line:
+            say(f"warning: {line}", err=True)
     finished, status = run_training(
         run_finetuning, config, resume=args.resume, name="finetune", quiet=args.quiet
     )

@@ -81,30 +81,21 @@ def add_method_options(parser: argparse.ArgumentParser, method: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from napari_dagman.core.checkpoint import CONFIG_FILE
+    from napari_dagman.core.config.compose import compose_pretrain_config
     from napari_dagman.core.io import expand_inputs
     from napari_dagman.core.methods.registry import get_method
     from napari_dagman.core.training import run_pretraining
 
-    config_file = args.config_file
-    if args.resume and config_file is None and (Path(args.out) / CONFIG_FILE).is_file():
-        config_file = str(Path(args.out) / CONFIG_FILE)
-    # a file the user gives must hold known options only (a typo is refused with the closest name); the run's
-    # own config.json, read to resume, may come from an older version
-    strict = config_file == args.config_file
-    base = PretrainConfig.load(config_file, strict=strict).to_dict() if config_file else {}
     given = {k: v for k, v in vars(args).items() if k in PretrainConfig.field_names()}
-    method_fields = get_method(given.get("method", base.get("method", "dagman"))).options_class().field_names()
-    if "method" in given and base.get("method") not in (None, given["method"]):
-        # another method than the file's: keep the file's options that this method has too (a mask ratio)
-        for key, value in (base.pop(base["method"], None) or {}).items():
-            if key in method_fields:
-                base[key] = value
-    base.update(given)
-    base.update({k: v for k, v in vars(args).items() if k in method_fields})
+    where = ["--out", args.out, *(["--config", args.config_file] if args.config_file else [])]
+    method = given.get("method") or requested_method([*where, *(["--resume"] if args.resume else [])])
+    method_fields = get_method(method or "dagman").options_class().field_names()
+    given.update({k: v for k, v in vars(args).items() if k in method_fields})
     if args.images:
-        base["images"] = expand_inputs(args.images)
-    base["out"] = args.out
-    config = PretrainConfig.from_dict(base)
+        given["images"] = expand_inputs(args.images)
+    given["out"] = args.out
+    config = compose_pretrain_config(
+        given, config_file=args.config_file, resume=args.out if args.resume else None
+    )
     _, status = run_training(run_pretraining, config, resume=args.resume, name="pretrain", quiet=args.quiet)
     return status

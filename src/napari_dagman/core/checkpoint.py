@@ -19,14 +19,11 @@ first; the kernel frees the lock of a killed process, whose leftovers the next j
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import platform
 import re
-import socket
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -36,17 +33,25 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from napari_dagman.core.errors import CheckpointError, DagmanInputError
-from napari_dagman.core.io import atomic_write, atomic_write_text, remove_temporaries
-from napari_dagman.core.models.architecture import Architecture
+from napari_dagman.core.io import atomic_write
+from napari_dagman.core.models.architecture import Architecture, checked_architecture
+from napari_dagman.core.runs import (  # noqa: F401  (re-exported: the run folder lives in core.runs, torch-free)
+    BEST_FILE,
+    CONFIG_FILE,
+    LEGACY_ENCODERS,
+    LOCK_FILE,
+    METRICS_FILE,
+    MODEL_FILE,
+    RESUME_FILE,
+    RUN_FILE,
+    SNAPSHOT_DIR,
+    RunFolder,
+    RunLock,
+    encoders_of,
+    saved_step,
+    timestamp,
+)
 
-CONFIG_FILE = "config.json"
-MODEL_FILE = "model.safetensors"
-BEST_FILE = "best.safetensors"
-RESUME_FILE = "resume.safetensors"
-METRICS_FILE = "metrics.jsonl"
-RUN_FILE = "run.json"
-SNAPSHOT_DIR = "checkpoints"
-LOCK_FILE = ".lock"
 FORMAT = "napari-dagman/1"
 
 
@@ -147,8 +152,10 @@ def load_optimizer_state(
         if not 0 <= idx < len(params):
             raise CheckpointError(f"the optimiser state names parameter {idx}; the model has {len(params)}")
         for name, value in entry.items():
-            if torch.is_tensor(value) and value.ndim and (
-                value.shape != params[idx].shape or value.dtype != params[idx].dtype
+            if (
+                torch.is_tensor(value)
+                and value.ndim
+                and (value.shape != params[idx].shape or value.dtype != params[idx].dtype)
             ):
                 raise CheckpointError(
                     f"the optimiser state '{name}' of parameter {idx} is {value.dtype} {tuple(value.shape)}; the "
@@ -175,7 +182,9 @@ def _check_groups(saved: Any, own: list[dict[str, Any]]) -> None:
                 raise ValueError(f"'{key}' is {numbers!r}, not {len(value)} numbers")
             if isinstance(value, tuple) and len(numbers) != len(value):
                 raise ValueError(f"'{key}' has {len(numbers)} values, not {len(value)}")
-            if not all(isinstance(v, int | float) and not isinstance(v, bool) and np.isfinite(v) for v in numbers):
+            if not all(
+                isinstance(v, int | float) and not isinstance(v, bool) and np.isfinite(v) for v in numbers
+            ):
                 raise ValueError(f"'{key}' is {group[key]!r}, not a finite number")
 
 
@@ -208,18 +217,6 @@ def architecture_from_metadata(metadata: dict[str, str], source: str) -> Archite
     return checked_architecture(data, source)
 
 
-def checked_architecture(data: Any, source: str) -> Architecture:
-    """`Architecture.from_dict` that says in one line what is wrong with a hand-edited description."""
-    if not isinstance(data, dict):
-        raise CheckpointError(f"the architecture description in {source} is not a JSON object")
-    try:
-        return Architecture.from_dict(data)
-    except (TypeError, ValueError, AttributeError, KeyError, OverflowError) as err:
-        if isinstance(err, DagmanInputError):
-            raise
-        raise CheckpointError(f"the architecture description in {source} is broken ({err})") from None
-
-
 #: The settings of a run that jobs feeding its encoder read: checked when a run is loaded.
 RUN_INPUT_KEYS = ("roi", "spacing", "hu_min", "hu_max", "dims", "mask_cell", "attention_stage")
 
@@ -249,260 +246,6 @@ def metadata_step(metadata: dict[str, str], source: str) -> int:
     return step
 
 
-# --- run folder -----------------------------------------------------------------------------------------------
-class RunFolder:
-    """Paths and readers of a run folder (pretraining or fine-tuning)."""
-
-    def __init__(self, path: str | os.PathLike) -> None:
-        self.path = Path(path)
-        #: set by `begin_run_info`: only a job that started here may record how it ended
-        self.began = False
-
-    def file(self, name: str) -> Path:
-        return self.path / name
-
-    @property
-    def exists(self) -> bool:
-        return self.path.is_dir()
-
-    def has_checkpoint(self) -> bool:
-        return self.file(MODEL_FILE).is_file() or self.file(RESUME_FILE).is_file()
-
-    def config_dict(self) -> dict[str, Any]:
-        path = self.file(CONFIG_FILE)
-        if not path.is_file():
-            if not self.path.exists():
-                raise CheckpointError(f"run folder {self.path} does not exist")
-            raise CheckpointError(f"{self.path} is not a napari-dagman run folder (no {CONFIG_FILE})")
-        try:
-            data = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise CheckpointError(f"{path} is not valid JSON ({err})") from None
-        except OSError as err:
-            raise CheckpointError(f"cannot read {path}: {err.strerror or err}") from None
-        if not isinstance(data, dict) or "architecture" not in data:
-            raise CheckpointError(f"{path} is not a napari-dagman run config (no architecture)")
-        return data
-
-    def architecture(self) -> Architecture:
-        return checked_architecture(self.config_dict()["architecture"], str(self.file(CONFIG_FILE)))
-
-    def write_config(self, data: dict[str, Any]) -> None:
-        atomic_write_text(self.file(CONFIG_FILE), json.dumps(data, indent=2, sort_keys=True) + "\n")
-
-    def weights_path(self, which: str = "last") -> Path:
-        name = {"last": MODEL_FILE, "best": BEST_FILE}.get(which)
-        path = self.file(name) if name else Path(which)
-        if not path.is_file():
-            raise CheckpointError(f"no '{which}' weights in {self.path}")
-        return path
-
-    # metrics ---------------------------------------------------------------------------------------------
-    def append_metrics(self, record: dict[str, Any]) -> None:
-        try:
-            with open(self.file(METRICS_FILE), "a") as fh:
-                fh.write(json.dumps(record) + "\n")
-        except OSError as err:  # a full disk: one line, like every other write
-            raise DagmanInputError(f"cannot write {self.file(METRICS_FILE)}: {err.strerror or err}") from None
-
-    def read_metrics(self) -> list[dict[str, Any]]:
-        path = self.file(METRICS_FILE)
-        if not path.is_file():
-            return []
-        out = []
-        for line in path.read_text().splitlines():
-            line = line.strip()
-            if line:
-                try:
-                    out.append(json.loads(line))
-                except json.JSONDecodeError:
-                    break  # a line cut by a crash: everything after it is unreliable
-        return out
-
-    def truncate_metrics(self, step: int) -> None:
-        """Drop metric lines after ``step`` (a resumed run rewrites them)."""
-        kept = [r for r in self.read_metrics() if int(r.get("step", 0)) <= step]
-        atomic_write_text(self.file(METRICS_FILE), "".join(json.dumps(r) + "\n" for r in kept))
-
-    # run.json ----------------------------------------------------------------------------------------------
-    def write_run_info(self, info: dict[str, Any]) -> None:
-        atomic_write_text(self.file(RUN_FILE), json.dumps(info, indent=2, sort_keys=True, default=str) + "\n")
-
-    def read_run_info(self) -> dict[str, Any]:
-        """run.json as a dict; empty when missing or unreadable (a record, never a reason to refuse a run)."""
-        try:
-            info = json.loads(self.file(RUN_FILE).read_text())
-        except (OSError, ValueError):
-            return {}
-        return info if isinstance(info, dict) else {}
-
-    def recover(self) -> list[str]:
-        """Clean up after a job that was killed here; call it holding the lock. Returns what to tell the user.
-
-        A killed job leaves temporary files of unfinished writes (removed) and a run.json that still says
-        "running" (marked as interrupted, with the step its last save reached).
-        """
-        notes = []
-        removed = remove_temporaries(self.path) + remove_temporaries(self.file(SNAPSHOT_DIR))
-        if removed:
-            notes.append(f"removed {len(removed)} unfinished file(s) a stopped job left in {self.path}")
-        info = self.read_run_info()
-        if info.get("status") == "running":
-            saved = saved_step(self.file(RESUME_FILE))
-            info["status"] = "interrupted: the job ended without recording how (killed, or the machine stopped)"
-            info.setdefault("interruptions", []).append({"noticed": timestamp(), "saved_step": saved})
-            with contextlib.suppress(DagmanInputError):
-                self.write_run_info(info)
-            where = f"its last save is step {saved}" if saved is not None else "it saved no checkpoint"
-            notes.append(f"the previous job in {self.path} was interrupted without finishing; {where}")
-        return notes
-
-    def begin_run_info(
-        self,
-        job: str,
-        *,
-        resume_step: int | None,
-        command: str | None,
-        data: list[dict[str, Any]],
-        device: Any,
-        total_steps: int,
-        **extra: Any,
-    ) -> None:
-        """Write run.json as a job starts (``resume_step``: the step a resumed run continues from, else None).
-
-        A resumed run keeps its first start time and appends to ``resumed_at``.
-        """
-        info = self.read_run_info() if resume_step is not None else {}
-        info.update(
-            job=job,
-            status="running",
-            command=command or " ".join(sys.argv),
-            started=info.get("started", timestamp()),
-            resumed_at=[*info.get("resumed_at", []), resume_step] if resume_step is not None else [],
-            data=data,
-            environment=environment_info(),
-            device=str(device),
-            total_steps=total_steps,
-            **extra,
-        )
-        self.write_run_info(info)
-        self.began = True
-
-    def finish_run_info(self, status: str, step: int | None, **extra: Any) -> None:
-        """Record how a job ended (completed, cancelled, failed) and how far it got.
-
-        A no-op unless this job began the run info: a request refused before it started (resuming a finished
-        run, other settings) must not mark the run it refused as failed.
-        """
-        if not self.began or not self.path.is_dir():
-            return
-        info = self.read_run_info()
-        info.update(status=status, finished=timestamp(), **extra)
-        if step is not None:
-            info["steps_done"] = step
-        # on a full disk this write fails too: the run then stays "running", and the next start marks it
-        with contextlib.suppress(DagmanInputError):
-            self.write_run_info(info)
-
-
-def saved_step(path: Path) -> int | None:
-    """The step a checkpoint was saved at (from its metadata only), or None when it is missing or unreadable."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as fh:
-            return int((fh.metadata() or {})["step"])
-    except (SafetensorError, OSError, ValueError, KeyError):
-        return None
-
-
-class RunLock:
-    """The exclusive right to write a run folder, held while a job runs (a lock file, ``.lock``, in the folder).
-
-    An OS lock (``flock``) on the file, not the file's existence, is the lock: the kernel releases it when the
-    holder dies, however it dies, so the lock of a killed job is simply taken over. The holder writes who it is
-    (process id, host, start, command) into the file, for the refusal of a second job to name it.
-    """
-
-    def __init__(self, folder: str | os.PathLike) -> None:
-        self.path = Path(folder) / LOCK_FILE
-        self._fd: int | None = None
-
-    @property
-    def held(self) -> bool:
-        return self._fd is not None
-
-    def acquire(self, command: str | None = None) -> None:
-        """Take the lock or raise `DagmanInputError` naming the job that holds it."""
-        if self._fd is not None:
-            return
-        while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-            try:
-                _lock(fd)
-            except BlockingIOError:
-                holder = _read_holder(fd)
-                os.close(fd)
-                raise DagmanInputError(
-                    f"{self.path.parent} is in use by another job ({holder}); wait for it to end or choose "
-                    "another --out"
-                ) from None
-            except OSError:  # the file system cannot lock (some network mounts): run without the lock
-                os.close(fd)
-                return
-            # the holder before us may have removed the file between our open and our lock: lock the one there
-            try:
-                if os.fstat(fd).st_ino == os.stat(self.path).st_ino:
-                    break
-            except FileNotFoundError:
-                pass
-            os.close(fd)
-        holder = {
-            "pid": os.getpid(),
-            "host": socket.gethostname(),
-            "started": timestamp(),
-            "command": command or " ".join(sys.argv),
-        }
-        os.ftruncate(fd, 0)
-        os.write(fd, json.dumps(holder).encode())
-        self._fd = fd
-
-    def release(self) -> None:
-        """Remove the lock file and let go (in this order: a job waiting on the old file then tries again)."""
-        if self._fd is None:
-            return
-        with contextlib.suppress(OSError):
-            self.path.unlink()
-        os.close(self._fd)
-        self._fd = None
-
-
-def _lock(fd: int) -> None:
-    """A non-blocking exclusive lock on an open file; BlockingIOError when another process holds it."""
-    try:
-        import fcntl
-    except ImportError:  # Windows
-        import msvcrt
-
-        try:
-            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
-        except OSError as err:
-            raise BlockingIOError(str(err)) from None
-        return
-    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-
-
-def _read_holder(fd: int) -> str:
-    """Who holds a lock, in words, from what it wrote into the lock file."""
-    try:
-        os.lseek(fd, 0, os.SEEK_SET)
-        holder = json.loads(os.read(fd, 65536) or b"{}")
-        where = f"process {holder['pid']} on {holder['host']}, started {holder['started']}"
-        return f"{where}: {holder['command']}" if holder.get("command") else where
-    except (OSError, ValueError, KeyError, TypeError):
-        return "a process that is starting"
-
-
 def environment_info() -> dict[str, Any]:
     """Versions and host facts for run.json."""
     import monai
@@ -522,35 +265,31 @@ def environment_info() -> dict[str, Any]:
     return info
 
 
-def timestamp() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
-
-
 # --- loading a pretrained encoder ---------------------------------------------------------------------------------
-#: what a run written before encoders were published by name holds (DAGMaN and its relatives, SimMIM)
-_LEGACY_ENCODERS = {
-    "teacher": {"prefix": "teacher.encoder", "kind": "swin", "class_attention_trained": True},
-    "student": {"prefix": "student.encoder", "kind": "swin", "class_attention_trained": True},
-}
-
-
 def published_encoders(metadata: dict[str, str], tensors_keys: Any = ()) -> tuple[dict[str, dict], str]:
-    """(name -> description, preferred name) of the encoders a pretraining weights file publishes."""
-    raw = metadata.get("encoders")
-    if raw:
-        try:
-            encoders = json.loads(raw)
-            preferred = metadata.get("preferred_encoder") or next(iter(encoders))
-        except (json.JSONDecodeError, StopIteration, TypeError):
-            raise CheckpointError("the checkpoint's list of published encoders is unreadable") from None
-        return encoders, str(preferred)
-    keys = list(tensors_keys)
-    encoders = {
-        name: dict(spec) for name, spec in _LEGACY_ENCODERS.items() if any(k.startswith(spec["prefix"] + ".") for k in keys)
-    }
-    if metadata.get("method") == "simmim" and "student" in encoders:
-        encoders["student"]["class_attention_trained"] = False
-    return encoders, "teacher" if "teacher" in encoders else "student"
+    """(name -> description, preferred name) of the encoders a pretraining weights file publishes (its metadata;
+    a file written before encoders were published by name: the legacy teacher/student present in its keys)."""
+    if not metadata.get("encoders"):
+        keys = list(tensors_keys)
+        legacy = {
+            name: spec
+            for name, spec in LEGACY_ENCODERS.items()
+            if any(k.startswith(spec["prefix"] + ".") for k in keys)
+        }
+        metadata = {**metadata, "encoders": json.dumps(legacy) if legacy else ""}
+        if not legacy:
+            return {}, "student"
+    encoders, preferred = encoders_of(dict(metadata))
+    return {
+        name: {
+            "prefix": e.prefix,
+            "kind": e.kind,
+            "class_attention_trained": e.class_attention_trained,
+            "architecture": e.architecture,
+            "description": e.description,
+        }
+        for name, e in encoders.items()
+    }, preferred
 
 
 class PretrainedEncoder:

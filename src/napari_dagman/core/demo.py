@@ -49,7 +49,9 @@ class DemoReport:
     def write(self) -> None:
         from napari_dagman.core.io import atomic_write_text
 
-        atomic_write_text(self.out / "summary.json", json.dumps(self.summary, indent=2, default=_plain) + "\n")
+        atomic_write_text(
+            self.out / "summary.json", json.dumps(self.summary, indent=2, default=_plain) + "\n"
+        )
         atomic_write_text(self.out / "index.html", render_html(self))
 
 
@@ -96,7 +98,11 @@ def demo_job(config: DemoConfig) -> Generator[Any, None, DemoReport]:
     }
     t0 = time.perf_counter()
     ct, labels = load_data(config)
-    report.summary["data"] = {"image": ct.metadata.get("name"), "shape": list(ct.shape), "spacing": list(ct.spacing)}
+    report.summary["data"] = {
+        "image": ct.metadata.get("name"),
+        "shape": list(ct.shape),
+        "spacing": list(ct.spacing),
+    }
     stages = (
         ("pretraining", _pretrain),
         ("attention", _attention),
@@ -126,7 +132,9 @@ def largest_organs(labels: Volume, count: int = 6) -> list[int]:
     """The ``count`` largest labelled organs (TotalSegmentator ids; the phantom's own tissue classes, 200 and up,
     are left out): a demo budget of steps learns a few large organs, not a hundred."""
     ids, voxels = np.unique(np.asarray(labels.array), return_counts=True)
-    ranked = [int(i) for i, _ in sorted(zip(ids, voxels, strict=True), key=lambda p: -p[1]) if 0 < int(i) < 200]
+    ranked = [
+        int(i) for i, _ in sorted(zip(ids, voxels, strict=True), key=lambda p: -p[1]) if 0 < int(i) < 200
+    ]
     return sorted(ranked[:count])
 
 
@@ -182,6 +190,8 @@ def _pretrain(config: DemoConfig, report: DemoReport, state: dict[str, Any]) -> 
         elif isinstance(event, LogEvent):
             yield event
     state["run"] = run
+    from napari_dagman.core.report_figures import probe_curves, training_curves
+
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
     report.summary["pretraining"] = {
         "run": str(run),
@@ -189,11 +199,9 @@ def _pretrain(config: DemoConfig, report: DemoReport, state: dict[str, Any]) -> 
         "steps": finished.steps_done if finished else None,
         "first_loss": rows[0]["loss"] if rows else None,
         "last_loss": rows[-1]["loss"] if rows else None,
-        "probe_head_diversity": [(r["step"], r["probe_teacher_head_diversity"]) for r in rows if "probe_teacher_head_diversity" in r],
+        "probe_head_diversity": probe_curves(rows, "head_diversity"),
         "seconds_per_step": float(np.median([r["seconds"] for r in rows])) if rows else None,
     }
-    from napari_dagman.core.report_figures import training_curves
-
     training_curves(rows, report.out / "curves.png")
     report.add(
         "curves.png",
@@ -210,7 +218,13 @@ def _attention(config: DemoConfig, report: DemoReport, state: dict[str, Any]) ->
     from napari_dagman.core.report_figures import head_tiles, organ_bars
 
     plan = state["plan"]
-    aconfig = AttentionConfig(checkpoint=str(state["run"]), scope="volume", subtoken=plan["subtoken"], seed=config.seed, device=state["device"])
+    aconfig = AttentionConfig(
+        checkpoint=str(state["run"]),
+        scope="volume",
+        subtoken=plan["subtoken"],
+        seed=config.seed,
+        device=state["device"],
+    )
     result = yield from attention_job(aconfig, state["ct"], labels=state["labels"], keep_encoder=False)
     folder = report.out / "attention"
     write_attention(result, state["ct"], folder, figure=True)
@@ -228,7 +242,10 @@ def _attention(config: DemoConfig, report: DemoReport, state: dict[str, Any]) ->
         "Hidden cells in red. Random and block masks ignore the anatomy; attention-high hides what the teacher "
         "attends to most; the noisy teacher does the same from an input with a fifth of the cells dropped.",
     )
-    summary = {"head_diversity": result.diversity.get("diversity"), "masked_cells": {k: int(v.sum()) for k, v in result.preview.masks.items()}}
+    summary = {
+        "head_diversity": result.diversity.get("diversity"),
+        "masked_cells": {k: int(v.sum()) for k, v in result.preview.masks.items()},
+    }
     if result.organs is not None:
         organ_bars(result.organs, report.out / "attention_by_organ.png")
         report.add(
@@ -273,7 +290,9 @@ def _finetune(config: DemoConfig, report: DemoReport, state: dict[str, Any]) -> 
             yield ProgressEvent(event.step, event.total_steps, "fine-tuning")
         elif isinstance(event, FinishedEvent):
             finished = event
-    results = yield from predict_job(PredictConfig(checkpoint=str(seg_run), device=state["device"]), state["ct"], state["labels"])
+    results = yield from predict_job(
+        PredictConfig(checkpoint=str(seg_run), device=state["device"]), state["ct"], state["labels"]
+    )
     write_prediction(results, report.out / "prediction.nii.gz")
     segmentation_overlay(results, state["ct"], report.out / "segmentation.png")
     table = results.table
@@ -310,7 +329,11 @@ def _clusters(config: DemoConfig, report: DemoReport, state: dict[str, Any]) -> 
     result = yield from run_embedding(econfig, state["ct"], state["labels"])
     write_results(result, report.out / "clusters")
     projection_scatter(result, report.out / "clusters.png")
-    report.summary["organ clusters"] = {"patches": len(result.table), "projection": plan["projection"], "metrics": result.metrics}
+    report.summary["organ clusters"] = {
+        "patches": len(result.table),
+        "projection": plan["projection"],
+        "metrics": result.metrics,
+    }
     report.add(
         "clusters.png",
         f"Organ patches in the encoder's feature space ({plan['projection'].upper()})",

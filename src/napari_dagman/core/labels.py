@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable, Mapping
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -250,3 +251,28 @@ def names_in(array: np.ndarray, names: Mapping[int, str] | None = None) -> dict[
     fallback, _ = default_names(ids)
     names = dict(names or {})
     return {i: names.get(i, fallback[i]) for i in ids}
+
+
+def names_from_features(features: Any) -> dict[int, str]:
+    """Id -> organ name from a layer's ``features`` table (``index`` and ``name`` columns), else {}: labels made
+    outside this plugin (painted, or added by another plugin with a features table) keep their names."""
+    if (
+        features is None
+        or not len(features)
+        or not {"index", "name"} <= set(getattr(features, "columns", ()))
+    ):
+        return {}
+    return {
+        int(i): str(n)
+        for i, n in zip(features["index"], features["name"], strict=True)
+        if int(i) != 0 and isinstance(n, str) and n
+    }
+
+
+def layer_names(data: Any, features: Any = None, metadata: dict[str, Any] | None = None) -> dict[int, str]:
+    """Id -> name of the organs present in a labels layer's ``data``: its features table, else its metadata's
+    ``label_names``, else the defaults of `names_in` (the napari writer and every dock read names this one way)."""
+    names = names_from_features(features)
+    if not names and (metadata or {}).get("label_names"):
+        names = {int(k): str(v) for k, v in metadata["label_names"].items()}
+    return names_in(np.asarray(data), names)

@@ -36,7 +36,9 @@ def write_scatter_png(table: Any, method: str, by: str, path: str | Path) -> str
     ax.set_xlabel(f"{method.upper()} 1")
     ax.set_ylabel(f"{method.upper()} 2")
     ax.set_title(f"{len(table)} patches coloured by {by}")
-    ax.legend(fontsize=6, markerscale=2, loc="center left", bbox_to_anchor=(1.0, 0.5), ncols=1 + len(groups) // 30)
+    ax.legend(
+        fontsize=6, markerscale=2, loc="center left", bbox_to_anchor=(1.0, 0.5), ncols=1 + len(groups) // 30
+    )
     fig.savefig(str(path), dpi=150)
     return str(path)
 
@@ -50,13 +52,35 @@ def projection_scatter(result: Any, path: str | Path) -> str:
     return write_scatter_png(result.table, config.method, by, path)
 
 
+def probe_curves(rows: list[dict[str, Any]], figure: str) -> dict[str, list[tuple[int, float]]]:
+    """Per encoder name, (step, value) of ``probe_<name>_<figure>`` in a run's metrics rows (whatever names the
+    method published: teacher, student, transformer, target...)."""
+    suffix = f"_{figure}"
+    names = sorted(
+        {
+            k[len("probe_") : -len(suffix)]
+            for r in rows
+            for k in r
+            if k.startswith("probe_") and k.endswith(suffix)
+        }
+    )
+    return {
+        n: [(r["step"], r[f"probe_{n}{suffix}"]) for r in rows if f"probe_{n}{suffix}" in r] for n in names
+    }
+
+
 def training_curves(rows: list[dict[str, Any]], path: str | Path) -> str:
     """Loss terms per step (left) and probe head diversity (right) from a run's metrics.jsonl rows."""
     fig = _figure(11, 3.6)
     left, right = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
     steps = [r["step"] for r in rows if "loss" in r]
     skip = {"step", "kind", "loss", "lr", "seconds", "time", "grad_norm", "momentum", "teacher_temp"}
-    terms = [k for k in (rows[0] if rows else {}) if k not in skip and not k.startswith(("probe_", "teacher_", "mask_", "prototypes", "center", "global_kl", "patch_kl"))]
+    terms = [
+        k
+        for k in (rows[0] if rows else {})
+        if k not in skip
+        and not k.startswith(("probe_", "teacher_", "mask_", "prototypes", "center", "global_kl", "patch_kl"))
+    ]
     left.plot(steps, [r["loss"] for r in rows if "loss" in r], color="black", lw=2, label="total")
     for term in terms:
         values = [r.get(term) for r in rows]
@@ -69,10 +93,8 @@ def training_curves(rows: list[dict[str, Any]], path: str | Path) -> str:
     left.set_xlabel("step")
     left.set_ylabel("loss")
     left.legend(fontsize=7)
-    for key, label in (("probe_teacher_head_diversity", "teacher"), ("probe_student_head_diversity", "student")):
-        curve = [(r["step"], r[key]) for r in rows if key in r]
-        if curve:
-            right.plot(*zip(*curve, strict=True), marker="o", ms=3, label=label)
+    for label, curve in probe_curves(rows, "head_diversity").items():
+        right.plot(*zip(*curve, strict=True), marker="o", ms=3, label=label)
     right.set_ylim(0, 1)
     right.set_xlabel("step")
     right.set_ylabel("head diversity (probe crops)")
@@ -123,7 +145,9 @@ def _picture_tiles(result: Any, ct: Any, path: str | Path) -> str:
         ax.imshow(picture.array[z], cmap="tab10" if picture.kind == "labels" else "gray")
         ax.set_title(picture.name, fontsize=9)
         ax.axis("off")
-    fig.suptitle(f"{result.model.get('method')} trains no class attention: its own pictures of one crop", fontsize=9)
+    fig.suptitle(
+        f"{result.model.get('method')} trains no class attention: its own pictures of one crop", fontsize=9
+    )
     fig.savefig(str(path), dpi=110)
     return str(path)
 
@@ -140,7 +164,13 @@ def organ_bars(table: Any, path: str | Path) -> str:
     for j, head in enumerate([*heads, "mean"]):
         rows = table[table["head"] == head].set_index("organ")
         values = [float(rows.loc[o, "enrichment"]) if o in rows.index else np.nan for o in organs]
-        ax.bar(np.arange(len(organs)) + j * width, values, width, label="mean" if head == "mean" else f"head {head}", color="black" if head == "mean" else None)
+        ax.bar(
+            np.arange(len(organs)) + j * width,
+            values,
+            width,
+            label="mean" if head == "mean" else f"head {head}",
+            color="black" if head == "mean" else None,
+        )
     ax.axhline(1.0, color="grey", lw=1, ls="--")
     ax.set_xticks(np.arange(len(organs)) + 0.4, organs, rotation=45, ha="right", fontsize=8)
     ax.set_ylabel("enrichment (1 = uniform)")

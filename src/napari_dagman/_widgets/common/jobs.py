@@ -1,6 +1,6 @@
 """The background jobs of the training docks and helpers for jobs in child processes (Qt-free).
 
-They run either in a worker thread or in a child process (`_subprocess`), so they take and return only
+They run either in a worker thread or in a child process (`child_process`), so they take and return only
 picklable values and import torch lazily. No science here: every number comes from `core`.
 """
 
@@ -15,21 +15,6 @@ if TYPE_CHECKING:
     from napari_dagman.core.events import CancelToken
     from napari_dagman.core.methods.registry import MethodSpec
     from napari_dagman.core.volume import Volume
-
-
-def label_map_warning(volume: Volume, what: str) -> str | None:
-    """The warning for an "image" that holds a label map (whole numbers, few distinct values), else None."""
-    import numpy as np
-
-    from napari_dagman.core.io import is_label_map
-
-    if not is_label_map(volume):
-        return None
-    values = np.unique(volume.array)
-    return (
-        f"{what} looks like a label map, not a CT ({len(values)} distinct whole numbers from {values.min()} to "
-        f"{values.max()}): check that the CT is the image chosen"
-    )
 
 
 def picklable_volume(volume: Volume) -> Volume:
@@ -58,17 +43,6 @@ def _stage(done: int, text: str) -> Any:
     return ProgressEvent(done, START_STAGES, text)
 
 
-def _label_map_warnings(volumes: Sequence[Volume]) -> Generator[Any, None, None]:
-    """A warning for each "CT" that holds a label map (a segmentation given as the image)."""
-    from napari_dagman.core.events import LogEvent
-
-    for volume in volumes:
-        where = volume.metadata.get("source_path") or volume.metadata.get("name") or "an image"
-        message = label_map_warning(volume, f"'{where}'")
-        if message:
-            yield LogEvent(message, "warning")
-
-
 # --- pretraining ----------------------------------------------------------------------------------------------
 def pretrain_job(
     config: PretrainConfig,
@@ -86,7 +60,7 @@ def pretrain_job(
     config.json and run.json record them. ``methods`` are registered first: a method that user code registered
     in napari's process is unknown to a child process until then (registering a known spec again is a no-op).
     The stages before the first step are reported as `ProgressEvent`s (a run in a child process takes a while to
-    start: the dock says where it is), and a file that looks like a label map is warned about.
+    start: the dock says where it is).
     """
     yield _stage(1, "importing torch and MONAI")
     from napari_dagman.core.methods.registry import register
@@ -97,9 +71,7 @@ def pretrain_job(
     pool = list(volumes or [])
     if config.images:
         yield _stage(2, f"reading {len(config.images)} CT file(s)")
-        files = load_inputs(config, None)
-        yield from _label_map_warnings(files)
-        pool.extend(files)
+        pool.extend(load_inputs(config, None))  # a file that looks like a label map: the job warns (core)
     where = f"{config.spacing:g} mm" if config.spacing else "the model's spacing"
     yield _stage(3, f"resampling to {where} and building the model")
     result = yield from run_pretraining(config, pool or None, resume=resume, cancel=cancel, command=command)
@@ -117,8 +89,7 @@ def finetune_job(
 ) -> Generator[Any, None, Any]:
     """`core.segmentation.run_finetuning` on layer pairs or on the files of ``config``, its start in stages.
 
-    The files of a new run are read here (so an image that looks like a label map is warned about); a resumed
-    run reads the files it recorded itself.
+    The files of a new run are read here; a resumed run reads the files it recorded itself.
     """
     yield _stage(1, "importing torch and MONAI")
     from napari_dagman.core.segmentation import run_finetuning
@@ -126,8 +97,7 @@ def finetune_job(
 
     if not pairs and config.images and not resume:
         yield _stage(2, f"reading {len(config.images)} CT file(s) and label map(s)")
-        pairs = load_pairs(config)
-        yield from _label_map_warnings([image for image, _ in pairs])
+        pairs = load_pairs(config)  # an image that looks like a label map: the job warns (core)
     yield _stage(3, "resampling and building the model")
     result = yield from run_finetuning(config, pairs or None, resume=resume, cancel=cancel, command=command)
     return result

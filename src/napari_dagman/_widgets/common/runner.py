@@ -20,7 +20,7 @@ import numpy as np
 from qtpy.QtCore import QEvent, QObject
 from qtpy.QtWidgets import QWidget
 
-from napari_dagman._widgets._notify import notify_error
+from napari_dagman._widgets.common.notify import notify_error
 from napari_dagman.core.errors import DagmanError, DagmanInputError
 
 if TYPE_CHECKING:
@@ -62,7 +62,7 @@ class JobRunner:
 
     ``start(factory)`` calls ``factory(cancel_token)`` in a worker thread and iterates the generator it
     returns. ``start_in_process(target, *args)`` runs ``target(*args, cancel=token)`` in a child process
-    instead (see `_subprocess`): the choice for long CPU/GPU work such as pretraining, because a thread
+    instead (see `common.child_process`): the choice for long CPU/GPU work such as pretraining, because a thread
     competes with the GUI for the GIL and the cores. Either way, ``cancel()`` sets the token, so the job stops
     at its next step boundary and finishes cleanly (pretraining saves a checkpoint first); ``pause()`` holds
     it between steps. Progress shows in napari's activity dock. Errors arrive once, as a one-line
@@ -146,7 +146,7 @@ class JobRunner:
 
         Arguments are pickled into the child; ``nice`` and ``grace_s`` are passed to `ChildProcessJob`.
         """
-        from napari_dagman._widgets._subprocess import ChildProcessJob
+        from napari_dagman._widgets.common.child_process import ChildProcessJob
 
         if self.running:
             raise DagmanInputError("a job is already running; cancel it first")

@@ -14,16 +14,16 @@ from typing import TYPE_CHECKING, Any
 
 from magicgui.widgets import CheckBox, ComboBox, FileEdit, FloatSpinBox
 
-from napari_dagman._widgets._common import (
+from napari_dagman._widgets.common import (
     DeviceComboBox,
     Settings,
     is_output_layer,
     layer_combo,
     layer_picker,
 )
-from napari_dagman._widgets._forms import ConfigForm
-from napari_dagman._widgets.attention_layers import RENDERINGS
-from napari_dagman._widgets.attention_tiles import DROPPED, MASK_COLOURS
+from napari_dagman._widgets.common.forms import ConfigForm
+from napari_dagman._widgets.explorer.layers import RENDERINGS
+from napari_dagman._widgets.explorer.tiles import DROPPED, MASK_COLOURS
 
 if TYPE_CHECKING:
     import napari
@@ -107,14 +107,25 @@ class ExplorerControls:
 
 def explorer_controls(viewer: napari.viewer.Viewer, settings: Settings) -> ExplorerControls:
     """The explorer's controls, with their tooltips, starting from the remembered device, colour map and smooth."""
-    import napari
+    options = _job_options(settings)
+    return ExplorerControls(
+        options=options,
+        **{name: options[name] for name in OPTION_FIELDS},
+        **_input_controls(viewer),
+        **_display_controls(settings),
+    )
+
+
+def _job_options(settings: Settings) -> ConfigForm:
+    """The attention job's options as an `AttentionConfig` form, with the explorer's own choices and words."""
     from napari_dagman.core.config import AttentionConfig
 
     ready = {
         "which": ComboBox(
             label="network",
-            choices=[("teacher (auto)", "auto"), ("teacher", "teacher"), ("student", "student")],
-            tooltip="whose attention: DAGMaN's masks are chosen by the teacher's; SimMIM has only a student",
+            choices=[("auto", "auto")],
+            tooltip="whose attention: the encoders the run publishes, by their names (DAGMaN's masks are chosen by "
+            "its teacher's attention); only Swin encoders have attention",
         ),
         "weights": ComboBox(label="weights", choices=["last", "best"], tooltip="last or best checkpoint"),
         "scope": ComboBox(
@@ -151,69 +162,82 @@ def explorer_controls(viewer: napari.viewer.Viewer, settings: Settings) -> Explo
         "maps finer than one token by shifted-window inference (whole volume and displayed slice; a crop is one "
         "window, on the token grid)"
     )
-    return ExplorerControls(
-        options=options,
-        **{name: options[name] for name in OPTION_FIELDS},
-        image=layer_combo(
+    return options
+
+
+def _input_controls(viewer: napari.viewer.Viewer) -> dict[str, Any]:
+    """What to look at: the CT, the run (and one to compare with) and an optional label map of organs."""
+    import napari
+
+    return {
+        "image": layer_combo(
             viewer,
             napari.layers.Image,
             "image",
             where=lambda layer: not is_output_layer(layer),
             tooltip="the CT to look at (HU); it is resampled to the run's spacing as in training",
         ),
-        run=FileEdit(
+        "run": FileEdit(
             label="run folder", mode="d", tooltip="a pretraining run folder (config.json + weights)"
         ),
-        compare=FileEdit(
+        "compare": FileEdit(
             label="compare with",
             mode="d",
             tooltip="optional: a second pretraining run of the same architecture, shown beside the first with "
             "the difference of their mean maps",
         ),
-        organs=layer_picker(
+        "organs": layer_picker(
             viewer,
             "labels",
             "organs",
             tooltip="optional: a label map of the CT; gives each head's attention per organ (table and bars)",
         ),
-        smooth=CheckBox(
+    }
+
+
+def _display_controls(settings: Settings) -> dict[str, Any]:
+    """How it is shown: smooth, colour map and stretch, the mask layer, following clicks, 3D and the export grid."""
+    return {
+        "smooth": CheckBox(
             label="smooth",
             value=bool(settings.get("smooth", False)),
             tooltip="interpolate the maps linearly onto the CT (untick: the raw grid, one value per token or cell)",
         ),
-        colormap=ComboBox(
+        "colormap": ComboBox(
             label="colormap",
             choices=COLORMAPS,
-            value=settings.get("colormap", COLORMAPS[0]) if settings.get("colormap") in COLORMAPS else COLORMAPS[0],
+            value=settings.get("colormap", COLORMAPS[0])
+            if settings.get("colormap") in COLORMAPS
+            else COLORMAPS[0],
             tooltip="colour map of the attention (coolwarm: blue below uniform, white at it, red above)",
         ),
-        stretch=CheckBox(
+        "stretch": CheckBox(
             label="stretch colours",
             value=False,
             tooltip="stretch the colours to the 1st-99th percentiles of the maps shown (the colour bar then says so "
             "and gives the real range); unticked: one fixed logarithmic scale, 1/4 to 4 x uniform, for every head "
             "and run",
         ),
-        show_mask=ComboBox(
+        "show_mask": ComboBox(
             label="show",
             choices=SHOW_CHOICES,
             value="run",
             tooltip="the mask layer shown in napari (or click its tile)",
         ),
-        contour=CheckBox(label="outlines only", value=False, tooltip="draw the mask layers as contours"),
-        follow=CheckBox(
+        "contour": CheckBox(label="outlines only", value=False, tooltip="draw the mask layers as contours"),
+        "follow": CheckBox(
             label="click moves the crop",
             value=True,
             tooltip="a click on the CT (pan/zoom mode) moves the crop there and redraws its masks (and its "
             "maps, for a crop)",
         ),
-        rendering=ComboBox(
+        "rendering": ComboBox(
             label="3D rendering",
             choices=list(RENDERINGS),
             tooltip="how the maps are drawn in napari's 3D view: a surface where they cross the threshold, or "
             "the maximum along each ray of what is above it",
         ),
-        threshold=FloatSpinBox(
+        "threshold": FloatSpinBox(
             label="3D threshold",
             min=0.0,
             max=100.0,
@@ -222,12 +246,13 @@ def explorer_controls(viewer: napari.viewer.Viewer, settings: Settings) -> Explo
             tooltip="x uniform: in 3D only what is above it shows (set to the 90th percentile of the mean map "
             "after each computation)",
         ),
-        on_image_grid=CheckBox(
+        "on_image_grid": CheckBox(
             label="on the CT grid",
             value=True,
             tooltip="resample the exported maps and masks onto the CT's voxels",
         ),
-    )
+    }
+
 
 
 # --- plain words ----------------------------------------------------------------------------------------------------
@@ -267,7 +292,7 @@ def diversity_lines(
             lines.append(f"{label}: no class attention, no head diversity")
             continue
         d = result.diversity
-        logged = probe.get(f"probe_{m.get('which')}_head_diversity")
+        logged = probe.get("head_diversity")
         text = f"{label}: diversity of these maps {d['diversity']:.3f} over {d['heads']} heads"
         if logged is not None:
             text += f"; on its probe crops at step {probe.get('step')}: {logged:.3f}"

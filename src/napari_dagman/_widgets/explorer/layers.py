@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from napari_dagman._widgets._common import OUTPUT_KEY, cells_on_voxels, upsert_layer
-from napari_dagman._widgets.attention_tiles import DROPPED_COLOUR, MASK_COLOURS, Contrast
+from napari_dagman._widgets.common import OUTPUT_KEY, cells_on_voxels, upsert_layer
+from napari_dagman._widgets.explorer.tiles import DROPPED_COLOUR, MASK_COLOURS, Contrast
 
 if TYPE_CHECKING:
     import napari
@@ -53,14 +53,16 @@ def verdict(result: AttentionResult | None, key: tuple) -> str:
     """What a map layer's name says about its maps: " (flat)" for a flat mean, the flat heads for the heads."""
     if result is None or result.maps is None or key[0] not in ("mean", "head"):
         return ""
-    from napari_dagman._widgets.attention_tiles import map_facts
+    from napari_dagman._widgets.explorer.tiles import map_facts
 
     if key[0] == "mean":
         return " (flat)" if map_facts(result, None)["flat"] else ""
     flat = [h for h in range(result.maps.maps.shape[0]) if map_facts(result, h)["flat"]]
     if not flat:
         return ""
-    return " (all flat)" if len(flat) == result.maps.maps.shape[0] else f" (flat: {', '.join(map(str, flat))})"
+    return (
+        " (all flat)" if len(flat) == result.maps.maps.shape[0] else f" (flat: {', '.join(map(str, flat))})"
+    )
 
 
 def base_name(name: str) -> str:
@@ -178,7 +180,9 @@ class ExplorerLayers:
             return props
         contrast = style.contrast
         low, high = (contrast.low, contrast.high) if contrast else (0.25, 4.0)
-        colormap = log_colormap(style.colormap, low, high) if contrast is None or contrast.log else style.colormap
+        colormap = (
+            log_colormap(style.colormap, low, high) if contrast is None or contrast.log else style.colormap
+        )
         props.update(colormap=colormap, contrast_limits=(low, high), blending=MAP_STYLE["blending"])
         if self.viewer.dims.ndisplay == 3:
             # drawn over the CT, not added to it: a CT's maximum intensity projection is white wherever bone is
@@ -248,7 +252,9 @@ class ExplorerLayers:
         if key[0] == "head":
             axis = self.viewer.dims.ndim - layer.ndim  # the heads axis: the first of the layer's four
             self.viewer.dims.set_point(axis, float(key[2]))
-        if key[0] == "mask" and key[1] == 0 and key[2] in ("noisy-teacher", "run"):  # with the cells it did not see
+        if (
+            key[0] == "mask" and key[1] == 0 and key[2] in ("noisy-teacher", "run")
+        ):  # with the cells it did not see
             dropped = self.layer(("dropped", 0))
             if dropped is not None:
                 dropped.visible = True

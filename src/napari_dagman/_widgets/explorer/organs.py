@@ -23,7 +23,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from napari_dagman._widgets.attention_figure import BACKGROUND, TEXT
+from napari_dagman._widgets.explorer.figure import BACKGROUND, TEXT
 
 if TYPE_CHECKING:
     import pandas as pd

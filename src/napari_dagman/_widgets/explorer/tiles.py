@@ -223,7 +223,13 @@ def head_row(result: AttentionResult, ct: Grid, run: int, label: str) -> TileRow
         maps = result.maps
         mean = map_facts(result, None)
         tiles = [
-            Tile(("mean", run), facts_title("mean", mean), "attention", maps_grid(maps), tooltip=facts_tooltip("the heads' mean", mean))
+            Tile(
+                ("mean", run),
+                facts_title("mean", mean),
+                "attention",
+                maps_grid(maps),
+                tooltip=facts_tooltip("the heads' mean", mean),
+            )
         ]
         for h in range(maps.maps.shape[0]):
             facts = map_facts(result, h)
@@ -293,7 +299,13 @@ def mask_row(result: AttentionResult, run: int, label: str) -> TileRow | None:
     if np.any(preview.teacher_dropped):
         share = float(np.mean(preview.teacher_dropped > 0))
         tiles.append(
-            Tile(("dropped", run), f"teacher did not see {share:.0%}", "mask", cells(preview.teacher_dropped), DROPPED_COLOUR)
+            Tile(
+                ("dropped", run),
+                f"teacher did not see {share:.0%}",
+                "mask",
+                cells(preview.teacher_dropped),
+                DROPPED_COLOUR,
+            )
         )
     return TileRow(f"{label}: masks of the crop", tiles, crop_region(preview))
 
@@ -322,7 +334,9 @@ def auto_contrast(maps: Sequence[AttentionMaps | None], stretch: bool = False) -
     if high - low < 1e-6:  # a flat map (an untrained module): a visible range around it
         low, high = low - 0.05, high + 0.05
     real = (float(np.nanmin(data)), float(np.nanmax(data)))
-    return Contrast(low, high, f"percentiles {AUTO_PERCENTILES[0]:g}-{AUTO_PERCENTILES[1]:g} of every head", real=real)
+    return Contrast(
+        low, high, f"percentiles {AUTO_PERCENTILES[0]:g}-{AUTO_PERCENTILES[1]:g} of every head", real=real
+    )
 
 
 def difference_limit(difference: AttentionMaps | None) -> float:

@@ -20,7 +20,8 @@ import numpy as np
 from magicgui.widgets import CheckBox, ComboBox, FileEdit, Select
 from qtpy.QtWidgets import QPushButton, QVBoxLayout
 
-from napari_dagman._widgets._common import (
+from napari_dagman._widgets.common import (
+    bind_encoder_chooser,
     last_run,
     layer_label_names,
     layer_picker,
@@ -30,12 +31,12 @@ from napari_dagman._widgets._common import (
     run_json,
     volume_from_layer,
 )
-from napari_dagman._widgets._forms import ConfigForm, placeholder, with_widgets
-from napari_dagman._widgets._jobs import finetune_job
-from napari_dagman._widgets._plots import LossPlot
-from napari_dagman._widgets._training import Actions, TrainingDock
-from napari_dagman._widgets.results import RESULTS_WIDGET
-from napari_dagman.core.config import ENCODER_CHOICES, FinetuneConfig
+from napari_dagman._widgets.common.forms import ConfigForm, placeholder, with_widgets
+from napari_dagman._widgets.common.jobs import finetune_job
+from napari_dagman._widgets.common.plots import LossPlot
+from napari_dagman._widgets.results.dock import RESULTS_WIDGET
+from napari_dagman._widgets.training.base import Actions, TrainingDock
+from napari_dagman.core.config import FinetuneConfig
 from napari_dagman.core.errors import DagmanError, DagmanInputError
 
 if TYPE_CHECKING:
@@ -122,7 +123,13 @@ class FinetuneWidget(TrainingDock):
             in_process_tip="train in a child process (napari stays responsive); untick to train in a thread",
         )
         self.init_run = FileEdit(label="pretrained run", mode="d", value=last_run())
-        self.encoder = ComboBox(label="encoder", choices=list(ENCODER_CHOICES))
+        self.encoder = ComboBox(
+            label="encoder",
+            choices=[("auto", "auto")],
+            tooltip="which encoder of the pretrained run starts the segmentation network: the names the run publishes "
+            "(a Swin: a CNN cannot be SwinUNETR's encoder)",
+        )
+        bind_encoder_chooser(self.encoder, self.init_run, swin_only=True)
         self.scratch = CheckBox(
             label="from scratch", value=False, tooltip="no pretrained encoder (a baseline)"
         )
@@ -245,7 +252,7 @@ class FinetuneWidget(TrainingDock):
     # --- building the job ----------------------------------------------------------------------------------------
     def _training_data(self, resume_dir: str) -> tuple[list[tuple[Any, Any]], list[str], list[str]]:
         """(layer pairs, image files, label map files): files when given, else the chosen layers."""
-        from napari_dagman._widgets._jobs import picklable_volume
+        from napari_dagman._widgets.common.jobs import picklable_volume
 
         image_file, labels_file = path_text(self.image_file), path_text(self.labels_file)
         if image_file or labels_file:
@@ -312,37 +319,34 @@ class FinetuneWidget(TrainingDock):
 
         Start refuses once (the warning has a button that moves the slab); pressed again unchanged, it starts.
         """
-        from napari_dagman.core.segmentation.data import best_slab_position, slab_organs
+        from napari_dagman.core.segmentation.data import slab_advice
 
         labels = self._validation_labels(pairs)
         if labels is None or config.val_split not in ("auto", "slab"):
             return True
-        present = set(np.unique(labels.array).tolist())
-        # organs absent from the whole label map are the run's to refuse, with its own message
-        organs = [int(i) for i in (config.organs or sorted(self.offered_organs)) if int(i) in present]
-        if not organs:
-            return True
         dims = int(config.dims or defaults["dims"])
         model_z = float(config.spacing or defaults["spacing"]) if dims == 3 else float(labels.spacing[0])
-        where = {"fraction": config.val_fraction, "gap_mm": config.val_gap_mm}
-        held = slab_organs(
-            labels.array, labels.spacing[0], model_z, organs, position=config.val_position, **where
+        # organs absent from the whole label map are the run's to refuse, with its own message
+        advice = slab_advice(
+            labels.array,
+            labels.spacing[0],
+            model_z,
+            config.organs or sorted(self.offered_organs),
+            fraction=config.val_fraction,
+            position=config.val_position,
+            gap_mm=config.val_gap_mm,
         )
-        missing = [self.offered_organs.get(i, str(i)) for i in organs if i not in held]
         # the same choice as last time (the volume is rebuilt per Start: the layer or file identifies it)
         source = (id(self.labels.value), path_text(self.labels_file))
-        key = (tuple(organs), config.val_position, config.val_fraction, config.val_gap_mm, source)
-        if not missing or key == self._slab_acknowledged:
+        key = (advice.organs, config.val_position, config.val_fraction, config.val_gap_mm, source)
+        if not advice.missing or key == self._slab_acknowledged:
             return True
         self._slab_acknowledged = key
-        best, best_held = best_slab_position(
-            labels.array, labels.spacing[0], model_z, organs, position=config.val_position, **where
-        )
         position = f"'{self.form['val_position'].label}'"
-        text = f"the validation slab ({position} {config.val_position:g}) holds no {', '.join(missing)}: no Dice for them"
+        text = advice.text(self.offered_organs, config.val_position, position)
         actions: Actions = [("Start anyway", lambda *_: self.start())]
-        if len(best_held) > len(held):
-            text += f"; {position} {best:g} holds {len(best_held)} of the {len(organs)} organs"
+        if advice.best_position is not None:
+            best = advice.best_position
             actions.insert(0, (f"Move the slab to {best:g}", lambda *_: self._move_slab(best)))
         self.status.setText(f"not started: {text}. Start again to start anyway.")
         notify_warning(text, actions)

@@ -52,23 +52,16 @@ def describe_encoder(pretrained: PretrainedEncoder) -> dict[str, Any]:
         "roi": pretrained.roi,
         "heads": pretrained.arch.sca_heads,
         "trains_class_attention": pretrained.trains_class_attention,
-        "probe": probe_figures(pretrained.source),
+        "probe": probe_figures(pretrained.source, pretrained.which),
     }
 
 
-def probe_figures(source: str | Path) -> dict[str, float]:
-    """The last probe head-diversity figures a run logged (`core.probes`), from its metrics.jsonl."""
-    from napari_dagman.core.checkpoint import METRICS_FILE, SNAPSHOT_DIR, RunFolder
+def probe_figures(source: str | Path, which: str) -> dict[str, Any]:
+    """The last probe figures the run logged for its encoder ``which`` (`core.runs.probe_figures`: ``step``,
+    ``head_diversity``, ``head_js``, ``entropy_mean``...), {} when it logged none."""
+    from napari_dagman.core.runs import probe_figures as run_probes
 
-    path = Path(source)
-    folder = path if path.is_dir() else (path.parent.parent if path.parent.name == SNAPSHOT_DIR else path.parent)
-    if not (folder / METRICS_FILE).is_file():
-        return {}
-    rows = [r for r in RunFolder(folder).read_metrics() if "probe_teacher_head_diversity" in r or "probe_student_head_diversity" in r]
-    if not rows:
-        return {}
-    last = rows[-1]
-    return {"step": last["step"], **{k: v for k, v in last.items() if k.startswith("probe_")}}
+    return dict(run_probes(source).get(which, {}))
 
 
 def preview_recipe(config: AttentionConfig, pretrained: PretrainedEncoder) -> PreviewRecipe:
@@ -88,7 +81,9 @@ def volume_slab(volume: Volume, z: int) -> Volume:
     if not 0 <= z < volume.shape[0]:
         raise DagmanInputError(f"slice {z} is outside the image (0..{volume.shape[0] - 1})")
     origin = volume.index_to_physical((z, 0, 0))
-    return Volume(volume.array[z : z + 1], volume.spacing, origin, volume.direction.copy(), dict(volume.metadata))
+    return Volume(
+        volume.array[z : z + 1], volume.spacing, origin, volume.direction.copy(), dict(volume.metadata)
+    )
 
 
 def load_attention_encoder(config: AttentionConfig) -> PretrainedEncoder:
@@ -121,33 +116,15 @@ def attention_job(
     child process passes False: the network is not worth pickling back).
     """
     from napari_dagman.core.devices import resolve_device
-    from napari_dagman.core.errors import DagmanInputError
     from napari_dagman.core.events import LogEvent
 
     config.validate()
     pretrained = encoder or load_attention_encoder(config)
-    if pretrained.kind != "swin":
-        raise DagmanInputError(
-            f"the run's '{pretrained.which}' encoder is a {pretrained.kind}: it has no attention; choose one of "
-            f"{', '.join(n for n in pretrained.available if n != pretrained.which) or 'its other encoders'}"
-        )
+    refuse_unusable(config, pretrained)
     device = resolve_device(config.device)
     scope = config.scope
-    if config.maps and scope == "slice" and pretrained.arch.dims == 3:
-        raise DagmanInputError("this run's model is 3D: it sees volumes, not slices; choose 'crop' or 'volume'")
     trained = pretrained.trains_class_attention
-    pictures = None
-    # only methods without class attention show their own pictures (MiM, MIRAM); rebuilding a method and running
-    # one of its steps costs more than the crop's masks, so the explorer's mask updates do not pay it for the others
-    if not trained and config.checkpoint and Path(config.checkpoint).is_dir():
-        pictures = method_pictures(config.checkpoint, volume, config.center or None, seed=config.seed, weights=config.weights, device=device)
-    if not trained:
-        shown = ", ".join(p.name for p in pictures.pictures) if pictures and pictures.pictures else "random and block masks"
-        yield LogEvent(
-            f"{pretrained.method} does not train the class attention, so there is no attention to show; showing "
-            f"what the method has instead: {shown}",
-            "warning",
-        )
+    pictures = None if trained else (yield from own_pictures(config, pretrained, volume, device))
     preview = crop_preview(
         pretrained,
         volume,
@@ -160,45 +137,33 @@ def attention_job(
     if not trained:  # masks chosen by an untrained attention would be noise presented as a choice
         untrained = attention_strategies() | {"noisy-teacher"}
         preview.masks = {k: v for k, v in preview.masks.items() if k not in untrained}
-    maps: AttentionMaps | None = None
-    if trained and config.maps and scope == "crop":
-        maps = AttentionMaps(
-            maps=preview.attention,
-            scale=list(preview.attention_scale),
-            translate=list(preview.attention_translate),
-            direction=volume.direction.copy(),
-            token_size=tuple(
-                int(round(a / i)) for a, i in zip(preview.attention_scale, preview.image_scale, strict=True)
-            ),
-            windows=1,
-            diversity=dict(preview.diversity),
-            metadata={k: v for k, v in volume.metadata.items() if k.startswith("source_") or k == "name"},
-        )
-    elif trained and config.maps:
-        source = volume_slab(volume, config.slice_index) if scope == "slice" else volume
-        maps = yield from attention_maps(
-            pretrained,
-            source,
-            overlap=config.overlap,
-            batch_size=config.batch_size,
-            subtoken=config.subtoken,
-            device=device,
-            cancel=cancel,
-        )
+    maps = (
+        (yield from scope_maps(config, pretrained, volume, preview, device, cancel))
+        if trained and config.maps
+        else None
+    )
     diversity = map_head_diversity(maps.maps) if maps is not None else dict(preview.diversity)
     organs = None
     if labels is not None and maps is not None:
         from napari_dagman.core.attention.organs import attention_by_organ
         from napari_dagman.core.labels import names_in
 
-        organs = attention_by_organ(maps, labels, names_in(np.asarray(labels.array), labels.metadata.get("label_names") or {}))
+        organs = attention_by_organ(
+            maps, labels, names_in(np.asarray(labels.array), labels.metadata.get("label_names") or {})
+        )
     stats = None
     if trained and config.maps and config.checks:
         from napari_dagman.core.attention.stats import attention_stats
 
         yield LogEvent("sanity checks: the same maps from random networks, intensity, a shifted crop")
         stats = attention_stats(
-            pretrained, volume, preview, scope=scope, slice_index=config.slice_index, seeds=config.check_seeds, device=device
+            pretrained,
+            volume,
+            preview,
+            scope=scope,
+            slice_index=config.slice_index,
+            seeds=config.check_seeds,
+            device=device,
         )
         if maps is not None:  # the flat verdicts travel with the maps (layer names, tiles)
             maps.metadata["flat_heads"] = [stats["heads"][str(h)]["flat"] for h in range(maps.maps.shape[0])]
@@ -216,12 +181,87 @@ def attention_job(
     )
 
 
+def refuse_unusable(config: AttentionConfig, pretrained: PretrainedEncoder) -> None:
+    """One line, before any map is computed, for an encoder without attention or a slice of a 3D model."""
+    from napari_dagman.core.errors import DagmanInputError
+
+    if pretrained.kind != "swin":
+        raise DagmanInputError(
+            f"the run's '{pretrained.which}' encoder is a {pretrained.kind}: it has no attention; choose one of "
+            f"{', '.join(n for n in pretrained.available if n != pretrained.which) or 'its other encoders'}"
+        )
+    if config.maps and config.scope == "slice" and pretrained.arch.dims == 3:
+        raise DagmanInputError("this run's model is 3D: it sees volumes, not slices; choose 'crop' or 'volume'")
+
+
+def own_pictures(
+    config: AttentionConfig, pretrained: PretrainedEncoder, volume: Volume, device: Any
+) -> Generator[Any, None, Any]:
+    """What a method without class attention shows instead (MiM, MIRAM: its own pictures), with a warning saying
+    so. Rebuilding a method and running one of its steps costs more than the crop's masks, so only these methods
+    pay it."""
+    from napari_dagman.core.events import LogEvent
+
+    pictures = None
+    if config.checkpoint and Path(config.checkpoint).is_dir():
+        pictures = method_pictures(
+            config.checkpoint, volume, config.center or None, seed=config.seed, weights=config.weights, device=device
+        )
+    shown = ", ".join(p.name for p in pictures.pictures) if pictures and pictures.pictures else "random and block masks"
+    yield LogEvent(
+        f"{pretrained.method} does not train the class attention, so there is no attention to show; showing "
+        f"what the method has instead: {shown}",
+        "warning",
+    )
+    return pictures
+
+
+def scope_maps(
+    config: AttentionConfig,
+    pretrained: PretrainedEncoder,
+    volume: Volume,
+    preview: CropPreview,
+    device: Any,
+    cancel: CancelToken | None,
+) -> Generator[Any, None, AttentionMaps]:
+    """The maps of the config's scope: the crop's (the preview already computed them), or sliding windows over the
+    displayed slice or the whole volume."""
+    if config.scope == "crop":
+        return AttentionMaps(
+            maps=preview.attention,
+            scale=list(preview.attention_scale),
+            translate=list(preview.attention_translate),
+            direction=volume.direction.copy(),
+            token_size=tuple(
+                int(round(a / i)) for a, i in zip(preview.attention_scale, preview.image_scale, strict=True)
+            ),
+            windows=1,
+            diversity=dict(preview.diversity),
+            metadata={k: v for k, v in volume.metadata.items() if k.startswith("source_") or k == "name"},
+        )
+    source = volume_slab(volume, config.slice_index) if config.scope == "slice" else volume
+    maps = yield from attention_maps(
+        pretrained,
+        source,
+        overlap=config.overlap,
+        batch_size=config.batch_size,
+        subtoken=config.subtoken,
+        device=device,
+        cancel=cancel,
+    )
+    return maps
+
+
 def check_comparable(a: PretrainedEncoder, b: PretrainedEncoder) -> None:
     """Refuse two runs whose maps cannot be laid over each other (architecture or input convention)."""
     from napari_dagman.core.errors import DagmanInputError
 
     diff = a.arch.differences(b.arch)
-    for what, x, y in (("ROI", a.roi, b.roi), ("spacing", a.spacing, b.spacing), ("HU range", a.hu_range, b.hu_range)):
+    for what, x, y in (
+        ("ROI", a.roi, b.roi),
+        ("spacing", a.spacing, b.spacing),
+        ("HU range", a.hu_range, b.hu_range),
+    ):
         if x != y:
             diff.append(f"{what} {x} vs {y}")
     if diff:
@@ -255,8 +295,12 @@ def compare_job(
     other = config.replace(checkpoint=config.compare, compare=None)
     a, b = load_attention_encoder(config), load_attention_encoder(other)
     check_comparable(a, b)
-    first = yield from attention_job(config, volume, labels=labels, encoder=a, keep_encoder=False, cancel=cancel)
-    second = yield from attention_job(other, volume, labels=labels, encoder=b, keep_encoder=False, cancel=cancel)
+    first = yield from attention_job(
+        config, volume, labels=labels, encoder=a, keep_encoder=False, cancel=cancel
+    )
+    second = yield from attention_job(
+        other, volume, labels=labels, encoder=b, keep_encoder=False, cancel=cancel
+    )
     difference = None
     if first.maps is not None and second.maps is not None and first.maps.maps.shape == second.maps.maps.shape:
         m = first.maps
@@ -268,7 +312,10 @@ def compare_job(
             token_size=m.token_size,
             windows=m.windows,
             diversity={},
-            metadata={**m.metadata, "difference": f"{first.model.get('method')} - {second.model.get('method')}"},
+            metadata={
+                **m.metadata,
+                "difference": f"{first.model.get('method')} - {second.model.get('method')}",
+            },
         )
     if first.maps is not None and second.maps is not None and first.maps.maps.shape == second.maps.maps.shape:
         from napari_dagman.core.attention.stats import comparison_stats
@@ -314,12 +361,18 @@ def write_attention(
         for name, vol in result.maps.volumes().items():
             put(vol, f"{prefix}_{name}.nii.gz")
             if result.settings.get("smooth") and not on_image_grid:  # the same map, interpolated onto the CT
-                written += write_volume(resample_like(vol, image, is_label=False), out / f"{prefix}_{name}_smooth.nii.gz")
+                written += write_volume(
+                    resample_like(vol, image, is_label=False), out / f"{prefix}_{name}_smooth.nii.gz"
+                )
     if result.organs is not None:
-        atomic_write_text(out / "attention_by_organ.csv", result.organs.to_csv(index=False, float_format="%.6g"))
+        atomic_write_text(
+            out / "attention_by_organ.csv", result.organs.to_csv(index=False, float_format="%.6g")
+        )
         written.append(str(out / "attention_by_organ.csv"))
     if result.stats is not None:
-        atomic_write_text(out / "attention_stats.json", json.dumps(result.stats, indent=2, default=float) + "\n")
+        atomic_write_text(
+            out / "attention_stats.json", json.dumps(result.stats, indent=2, default=float) + "\n"
+        )
         written.append(str(out / "attention_stats.json"))
     p = result.preview
     if p is not None:
@@ -328,21 +381,27 @@ def write_attention(
             vol = Volume(mask.astype(np.uint8), p.mask_scale, p.mask_translate, direction, dict(meta))
             put(vol, f"mask_{strategy}.nii.gz", labels={1: "masked"})
         if np.any(p.teacher_dropped):
-            vol = Volume(p.teacher_dropped.astype(np.uint8), p.mask_scale, p.mask_translate, direction, dict(meta))
+            vol = Volume(
+                p.teacher_dropped.astype(np.uint8), p.mask_scale, p.mask_translate, direction, dict(meta)
+            )
             put(vol, "teacher_dropped.nii.gz", labels={1: "not seen by the noisy teacher"})
     if result.pictures is not None:
         for picture in result.pictures.pictures:
             slug = "".join(c if c.isalnum() else "_" for c in picture.name).strip("_")
             vol = result.pictures.volume(picture, meta)
-            put(vol, f"picture_{slug}.nii.gz", labels=picture.names or {1: picture.name} if picture.kind == "labels" else None)
+            put(
+                vol,
+                f"picture_{slug}.nii.gz",
+                labels=picture.names or {1: picture.name} if picture.kind == "labels" else None,
+            )
     if figure and p is not None:
         crop = Volume(p.image, p.image_scale, p.image_translate, image.direction.copy(), dict(meta))
         written += write_volume(crop, out / "crop_model_input.nii.gz")
         m = result.model
         trained = bool(m.get("trains_class_attention", True))
         title = f"{m.get('method')} ({m.get('which')}), step {m.get('step')}"
-        save_preview_figure(p, out / "mask_previews.png", title=title, attention_panel=trained)
-        written.append(str(out / "mask_previews.png"))
+        if save_preview_figure(p, out / "mask_previews.png", title=title, attention_panel=trained):
+            written.append(str(out / "mask_previews.png"))
         report = {
             "checkpoint": m.get("source"),
             "which": m.get("which"),

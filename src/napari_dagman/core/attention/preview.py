@@ -12,6 +12,8 @@ import torch
 
 from napari_dagman.core.data import crop_around, model_volume
 from napari_dagman.core.diversity import head_diversity
+from napari_dagman.core.errors import DagmanInputError
+from napari_dagman.core.files import atomic_write
 from napari_dagman.core.masking import (
     MaskRecipe,
     attention_to_cells,
@@ -41,6 +43,17 @@ PREVIEW_STRATEGIES: tuple[str, ...] = (
 RUN_MASK = "run"
 
 
+def _method_defaults(method: str) -> dict[str, Any]:
+    """The registered method's default options ({} for a method this install does not know)."""
+    from napari_dagman.core.methods.registry import REGISTRY
+
+    spec = REGISTRY.get(method)
+    try:
+        return spec.default_options() if spec is not None else {}
+    except DagmanInputError:  # registered but cannot be loaded here: the config's own values only
+        return {}
+
+
 @dataclass(frozen=True)
 class PreviewRecipe:
     """What a run's masks are: its `MaskRecipe`, its teacher's noise, and whether it hides cells and has a teacher
@@ -56,7 +69,9 @@ class PreviewRecipe:
     def of_run(cls, run_config: dict[str, Any]) -> PreviewRecipe:
         """The recipe in a pretraining run's config.json (its method options and capabilities)."""
         method = str(run_config.get("method", ""))
-        options = dict(run_config.get(method) or {}) if isinstance(run_config.get(method), dict) else {}
+        stored = dict(run_config.get(method) or {}) if isinstance(run_config.get(method), dict) else {}
+        # a config that leaves an option out means the method's default, not this module's fallback
+        options = {**_method_defaults(method), **stored}
         caps = run_config.get("capabilities") or {}
         masks = MaskRecipe(
             strategy=str(options.get("mask_strategy", "random")),
@@ -110,6 +125,88 @@ class CropPreview:
     recipe: str = ""
 
 
+class _CropMasks:
+    """The encoder on one crop, and the masks drawn on its cells as training draws them."""
+
+    def __init__(
+        self, encoder: Any, x: torch.Tensor, grid: tuple[int, ...], cells: tuple[int, ...], cell: int
+    ) -> None:
+        self.encoder, self.x, self.grid, self.cells, self.cell = encoder, x, grid, cells, cell
+        self.arch = encoder.arch
+
+    def on_cells(self, attention: torch.Tensor) -> torch.Tensor:
+        """(1, heads, N) attention -> its head mean on the mask cells."""
+        return attention_to_cells(attention.float().cpu().mean(1).reshape(1, *self.grid), self.cells)
+
+    def noisy_pass(self, rate: float, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """The teacher as training runs it with input dropout: (attention on cells, dropped cells)."""
+        arch, device = self.arch, self.x.device
+        dropped = random_mask(1, self.cells, rate, generator)
+        with torch.no_grad():
+            out = self.encoder(
+                self.x,
+                cell_token_mask(dropped, self.cell, arch.patch_size, arch.dims).to(device),
+                attention_ignore=cell_stage_token_mask(
+                    dropped, self.cell, arch.attention_stride, arch.dims
+                ).to(device)
+                if bool(dropped.any())
+                else None,
+            )
+        return self.on_cells(out.attention), dropped
+
+    def run_mask(
+        self, recipe: PreviewRecipe, clean: torch.Tensor, seed: int
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """The run's own draw: its teacher's noise, then its recipe, from one stream seeded by ``seed`` (as a
+        training step's); (mask, cells the noisy teacher dropped or None)."""
+        generator = torch.Generator().manual_seed(seed)
+        unseen = None
+        needs_attention = get_strategy(recipe.masks.strategy).needs_attention
+        if needs_attention and recipe.teacher_noise == "input-dropout" and recipe.noise_rate > 0:
+            attention, unseen = self.noisy_pass(recipe.noise_rate, generator)
+        elif needs_attention and recipe.teacher_noise == "gaussian" and recipe.noise_rate > 0:
+            with torch.no_grad():
+                attention = self.on_cells(self.encoder(self.x, None, recipe.noise_rate, generator).attention)
+        else:
+            attention = self.on_cells(clean) if needs_attention else None
+        mask = draw_masks(
+            recipe.masks, batch=1, grid=self.cells, attention=attention, generator=generator, unseen=unseen
+        )
+        return mask[0].numpy().astype(np.uint8), None if unseen is None else unseen[0].numpy().astype(
+            np.uint8
+        )
+
+    def every_strategy(
+        self, recipe: PreviewRecipe, clean: torch.Tensor, seed: int
+    ) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
+        """Each strategy's mask at the recipe's ratio, each from its own stream seeded by ``seed``, and with a teacher
+        the noisy teacher's (at the run's input dropout, 0.2 for a clean teacher) and the cells it dropped."""
+        masks = {}
+        mean_cells = self.on_cells(clean)
+        for strategy in strategy_names():
+            m = make_mask(
+                strategy,
+                batch=1,
+                grid=self.cells,
+                ratio=recipe.masks.ratio,
+                attention=mean_cells,
+                generator=torch.Generator().manual_seed(seed),
+                hint_fraction=recipe.masks.hint_fraction,
+                hint_pool=recipe.masks.hint_pool,
+            )
+            masks[strategy] = m[0].numpy().astype(np.uint8)
+        if not recipe.has_teacher:
+            return masks, None
+        generator = torch.Generator().manual_seed(seed)
+        rate = recipe.noise_rate if recipe.teacher_noise == "input-dropout" and recipe.noise_rate > 0 else 0.2
+        noisy, dropped = self.noisy_pass(rate, generator)
+        masks["noisy-teacher"] = (
+            make_mask("attention-high", batch=1, grid=self.cells, ratio=recipe.masks.ratio, attention=noisy,
+                      generator=generator, unseen=dropped)[0].numpy().astype(np.uint8)
+        )  # fmt: skip
+        return masks, dropped[0].numpy().astype(np.uint8)
+
+
 def crop_preview(
     pretrained: PretrainedEncoder,
     volume: Volume,
@@ -136,97 +233,39 @@ def crop_preview(
     pv = model_volume(volume, dims=arch.dims, spacing=pretrained.spacing, hu_range=pretrained.hu_range)
     image, start = crop_around(pv, center, roi, arch.dims)
     x = torch.from_numpy(image if arch.dims == 3 else image[0])[None, None].to(device)
-    if arch.dims == 3:
-        factor_cells, factor_tokens = (cell,) * 3, (token,) * 3
-    else:
-        factor_cells, factor_tokens = (1, cell, cell), (1, token, token)
     encoder = pretrained.encoder.to(device)
     with torch.no_grad():
         clean = encoder(x)
-    grid = clean.grid
     cells = (roi // cell,) * arch.dims
     attention = clean.attention.float().cpu()
-
-    def on_cells(att: torch.Tensor) -> torch.Tensor:
-        return attention_to_cells(att.float().cpu().mean(1).reshape(1, *grid), cells)
-
-    def noisy_pass(rate: float, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """The teacher as training runs it with input dropout: (attention on cells, dropped cells)."""
-        dropped = random_mask(1, cells, rate, generator)
-        with torch.no_grad():
-            out = encoder(
-                x,
-                cell_token_mask(dropped, cell, arch.patch_size, arch.dims).to(device),
-                attention_ignore=cell_stage_token_mask(dropped, cell, token, arch.dims).to(device)
-                if bool(dropped.any())
-                else None,
-            )
-        return on_cells(out.attention), dropped
+    drawer = _CropMasks(encoder, x, clean.grid, cells, cell)
 
     masks: dict[str, np.ndarray] = {}
     teacher_dropped = np.zeros(cells, np.uint8)
     if recipe.cell_masks:
-        # the run's own draw: its noise, then its recipe, from one stream seeded by `seed` (as a training step's)
-        generator = torch.Generator().manual_seed(seed)
-        unseen = None
-        needs_attention = get_strategy(recipe.masks.strategy).needs_attention
-        if needs_attention and recipe.teacher_noise == "input-dropout" and recipe.noise_rate > 0:
-            run_attention, unseen = noisy_pass(recipe.noise_rate, generator)
-            teacher_dropped = unseen[0].numpy().astype(np.uint8)
-        elif needs_attention and recipe.teacher_noise == "gaussian" and recipe.noise_rate > 0:
-            with torch.no_grad():
-                run_attention = on_cells(encoder(x, None, recipe.noise_rate, generator).attention)
-        else:
-            run_attention = on_cells(attention) if needs_attention else None
-        run = draw_masks(recipe.masks, batch=1, grid=cells, attention=run_attention, generator=generator, unseen=unseen)
-        masks[RUN_MASK] = run[0].numpy().astype(np.uint8)
+        masks[RUN_MASK], dropped = drawer.run_mask(recipe, attention, seed)
+        if dropped is not None:
+            teacher_dropped = dropped
     if strategies == "all":
-        mean_cells = on_cells(attention)
-        for strategy in strategy_names():
-            # each strategy draws from its own stream seeded by `seed`, at the run's ratio
-            m = make_mask(
-                strategy,
-                batch=1,
-                grid=cells,
-                ratio=recipe.masks.ratio,
-                attention=mean_cells,
-                generator=torch.Generator().manual_seed(seed),
-                hint_fraction=recipe.masks.hint_fraction,
-                hint_pool=recipe.masks.hint_pool,
-            )
-            masks[strategy] = m[0].numpy().astype(np.uint8)
-        if recipe.has_teacher:  # DAGMaN's noisy teacher at the run's rate (0.2 when the run has none)
-            noisy_gen = torch.Generator().manual_seed(seed)
-            rate = recipe.noise_rate if recipe.teacher_noise == "input-dropout" and recipe.noise_rate > 0 else 0.2
-            noisy_cells, dropped = noisy_pass(rate, noisy_gen)
-            masks["noisy-teacher"] = (
-                make_mask(
-                    "attention-high",
-                    batch=1,
-                    grid=cells,
-                    ratio=recipe.masks.ratio,
-                    attention=noisy_cells,
-                    generator=noisy_gen,
-                    unseen=dropped,
-                )[0]
-                .numpy()
-                .astype(np.uint8)
-            )
-            if RUN_MASK not in masks or not teacher_dropped.any():
-                teacher_dropped = dropped[0].numpy().astype(np.uint8)
+        others, dropped = drawer.every_strategy(recipe, attention, seed)
+        masks.update(others)
+        if dropped is not None and not teacher_dropped.any():
+            teacher_dropped = dropped
 
-    rel = (attention[0] * attention.shape[-1]).reshape(attention.shape[1], *grid).numpy()
+    rel = (attention[0] * attention.shape[-1]).reshape(attention.shape[1], *clean.grid).numpy()
     if arch.dims == 2:
         rel = rel[:, None]
         masks = {k: v[None] for k, v in masks.items()}
         teacher_dropped = teacher_dropped[None]
+    factor_cells, factor_tokens = (
+        ((cell,) * 3, (token,) * 3) if arch.dims == 3 else ((1, cell, cell), (1, token, token))
+    )
     origin = pv.index_to_physical(start)
-    image_scale = list(pv.spacing)
     mask_scale, mask_translate = grid_placement(origin, pv.spacing, factor_cells)
     att_scale, att_translate = grid_placement(origin, pv.spacing, factor_tokens)
     return CropPreview(
         image=np.asarray(image, np.float32),
-        image_scale=image_scale,
+        image_scale=list(pv.spacing),
         image_translate=[float(o) for o in origin],
         attention=rel.astype(np.float32),
         attention_scale=att_scale,
@@ -243,9 +282,9 @@ def crop_preview(
 
 def save_preview_figure(
     preview: CropPreview, path: str | Path, *, title: str = "", attention_panel: bool = True
-) -> None:
+) -> bool:
     """PNG of the crop's middle axial slice: the mean attention (when it is attention) and each strategy's mask
-    side by side."""
+    side by side; False (and no file) when there is nothing to draw."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -263,7 +302,11 @@ def save_preview_figure(
     )
     attention = np.kron(preview.attention.mean(axis=0)[token_z], np.ones((token, token)))
     panels = [("mean attention", attention, "inferno")] if attention_panel else []
-    panels += [(name, np.kron(mask[cell_z], np.ones((cell, cell))), "Reds") for name, mask in preview.masks.items()]
+    panels += [
+        (name, np.kron(mask[cell_z], np.ones((cell, cell))), "Reds") for name, mask in preview.masks.items()
+    ]
+    if not panels:  # no trained attention and no cell masks (MiM): nothing to draw, no empty PNG
+        return False
     fig = Figure(figsize=(2.2 * len(panels), 2.6), tight_layout=True)
     FigureCanvasAgg(fig)
     for i, (name, overlay, cmap) in enumerate(panels):
@@ -277,4 +320,5 @@ def save_preview_figure(
         ax.axis("off")
     if title:
         fig.suptitle(title, fontsize=9)
-    fig.savefig(str(path), dpi=110)
+    atomic_write(path, lambda tmp: fig.savefig(str(tmp), dpi=110, format="png"))
+    return True

@@ -21,17 +21,16 @@ from napari_dagman.core.config.jobs import (
     EMBED_FEATURES,
     EMBED_POOLINGS,
     EMBED_SAMPLINGS,
-    ENCODER_CHOICES,
     VAL_SPLITS,
     AttentionConfig,
     DemoConfig,
     EmbedConfig,
     FinetuneConfig,
     PredictConfig,
-    PretrainConfig,
     clustering_names,
     projection_names,
 )
+from napari_dagman.core.config.pretrain import PretrainConfig
 
 __all__ = [
     "ATTENTION_SCOPES",
@@ -39,7 +38,6 @@ __all__ = [
     "EMBED_FEATURES",
     "EMBED_POOLINGS",
     "EMBED_SAMPLINGS",
-    "ENCODER_CHOICES",
     "PRESET_NAMES",
     "VAL_SPLITS",
     "AttentionConfig",

@@ -27,7 +27,7 @@ from napari_dagman.core.embeddings.patches import (
     pool_patches,
 )
 from napari_dagman.core.errors import CheckpointError, DagmanError, DagmanInputError
-from napari_dagman.core.events import CancelToken, LogEvent, ProgressEvent
+from napari_dagman.core.events import CancelToken, LogEvent, ProgressEvent, check_cancelled
 from napari_dagman.core.io import resample_like, resample_to_spacing
 from napari_dagman.core.labels import names_in
 from napari_dagman.core.volume import Volume, require_same_grid, window_starts
@@ -49,8 +49,8 @@ def stage_feature_map(
     batch_size: int = 2,
     device: str | torch.device = "cpu",
     cancel: CancelToken | None = None,
-) -> Generator[ProgressEvent, None, tuple[np.ndarray, tuple[int, int, int]] | None]:
-    """Sliding-window feature map of one encoder stage over a model volume; None when cancelled.
+) -> Generator[ProgressEvent, None, tuple[np.ndarray, tuple[int, int, int]]]:
+    """Sliding-window feature map of one encoder stage over a model volume; raises `JobCancelled` when cancelled.
 
     Returns ``(features, factor)``: features (C, *grid) on the stage's token grid (averaged where windows
     overlap) and the voxels per token along z, y, x. Windows step by a multiple of the token size so their
@@ -83,8 +83,7 @@ def stage_feature_map(
     set_fused_window_attention(encoder, True)  # inference only: about twice as fast, equal up to rounding
     total = len(windows)
     for first in range(0, total, batch_size):
-        if cancel is not None and cancel.cancelled:
-            return None
+        check_cancelled(cancel, "the embedding")
         chunk = windows[first : first + batch_size]
         crops = []
         for z, corner in chunk:
@@ -114,6 +113,14 @@ def random_init_encoder(arch: Any, seed: int, kind: type | None = None) -> Any:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return (kind or SwinEncoder)(arch).eval()
+
+
+def model_spacing_mm(volume: Volume, pretrained: PretrainedEncoder) -> float:
+    """The finest spacing of the grid the encoder reads (the run's; the image's own in-plane spacing when the run
+    keeps it): what a patch given in mm is counted in."""
+    if pretrained.spacing is not None:
+        return float(pretrained.spacing)
+    return float(min(volume.spacing[1:]))
 
 
 def init_seed(config: EmbedConfig) -> int:
@@ -197,8 +204,8 @@ def _patch_features(
     pv: PreparedVolume,
     layout: _Layout,
     cancel: CancelToken | None,
-) -> Generator[ProgressEvent | LogEvent, None, np.ndarray | None]:
-    """Features (N, C) of the patches of ``layout`` as ``config.features`` asks; None when cancelled."""
+) -> Generator[ProgressEvent | LogEvent, None, np.ndarray]:
+    """Features (N, C) of the patches of ``layout`` as ``config.features`` asks (`JobCancelled` when cancelled)."""
     from napari_dagman.core.devices import resolve_device
 
     patch, starts = layout.patch, layout.starts
@@ -226,8 +233,6 @@ def _patch_features(
             device=resolve_device(config.device),
             cancel=cancel,
         )
-        if result is None:
-            return None
         fmap, _ = result
         if layout.tokens:
             n = [s // f for s, f in zip(pv.array.shape, layout.factor, strict=True)]
@@ -251,13 +256,15 @@ def embed_volume(
     labels: Volume | None = None,
     cache: EmbeddingCache | None = None,
     cancel: CancelToken | None = None,
-) -> Generator[ProgressEvent | LogEvent, None, PatchEmbeddings | None]:
-    """Patch (or token) features of a whole volume; yields progress, returns `PatchEmbeddings` (None if cancelled).
+) -> Generator[ProgressEvent | LogEvent, None, PatchEmbeddings]:
+    """Patch (or token) features of a whole volume; yields progress, returns `PatchEmbeddings` (`JobCancelled` when
+    cancelled: the one cancel contract of `core.events`).
 
     ``config.features`` picks the run's encoder or a control computed on the same patches. ``labels`` must be on
     the image grid (or ``config.resample_labels`` set). Raises `DagmanInputError` for a volume smaller than one
     patch, labels on another grid and organ sampling without labels.
     """
+    config = config.resolved(model_spacing_mm(volume, pretrained), labels is not None)
     if config.sampling != "grid" and labels is None:
         raise DagmanInputError(f"sampling '{config.sampling}' places patches inside organs: give a label map")
     key = embedding_key(config, volume, labels, pretrained) if cache is not None else ""
@@ -275,8 +282,6 @@ def embed_volume(
         label_array, names = _labels_on_model_grid(labels, volume, pv, config.resample_labels)
     layout = _layout(config, pretrained.arch, pv, label_array)
     features = yield from _patch_features(config, pretrained, pv, layout, cancel)
-    if features is None:
-        return None
 
     emb = PatchEmbeddings(
         features=np.ascontiguousarray(features, dtype=np.float32),

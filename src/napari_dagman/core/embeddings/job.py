@@ -95,16 +95,14 @@ def run_embedding(
     *,
     pretrained: PretrainedEncoder | None = None,
     cancel: CancelToken | None = None,
-) -> Generator[ProgressEvent | LogEvent, None, EmbeddingResult | None]:
-    """Embeddings, projection, clusters and metrics of one volume; None when cancelled.
+) -> Generator[ProgressEvent | LogEvent, None, EmbeddingResult]:
+    """Embeddings, projection, clusters and metrics of one volume; raises `JobCancelled` when cancelled.
 
     ``pretrained`` defaults to the encoder of ``config.checkpoint``. The cache is used when ``config.cache``.
     """
     pretrained = pretrained or load_encoder(config)
     cache = EmbeddingCache(config.cache_dir) if config.cache else None
     emb = yield from embed_volume(volume, pretrained, config, labels=labels, cache=cache, cancel=cancel)
-    if emb is None:
-        return None
     if len(emb) < 3:
         raise DagmanInputError(f"only {len(emb)} patch(es) fit the image: use a smaller patch or stride")
     result = yield from analyse(emb, config, cache=cache)

@@ -74,6 +74,17 @@ def merge_side_pairs(organ_id: np.ndarray, organ_names: dict[int, str]) -> tuple
     return lut[organ_id], names
 
 
+def evaluated_patches(
+    organ_id: np.ndarray, purity: np.ndarray, min_purity: float, min_patches: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """(mask of the patches evaluated, the organs kept): a majority organ (not background) covering at least
+    ``min_purity`` of the patch, of an organ with at least ``min_patches`` such patches."""
+    keep = (organ_id > 0) & (purity >= min_purity)
+    ids, counts = np.unique(organ_id[keep], return_counts=True)
+    kept_ids = ids[counts >= min_patches]
+    return keep & np.isin(organ_id, kept_ids), kept_ids
+
+
 def quality_metrics(
     features: np.ndarray,
     organ_id: np.ndarray,
@@ -111,22 +122,11 @@ def quality_metrics(
     ``test_slab_mm`` (low, high z in mm) replaces the cross-validation by one held-out slab (`held_out_split`):
     the classifiers train on the patches more than ``gap_mm`` outside it and are scored on the patches in it.
     """
-    from sklearn.metrics import (
-        adjusted_rand_score,
-        balanced_accuracy_score,
-        normalized_mutual_info_score,
-        silhouette_score,
-    )
-    from sklearn.neighbors import KNeighborsClassifier
-
     n = len(organ_id)
     if merge_sides and organ_names:
         organ_id, organ_names = merge_side_pairs(np.asarray(organ_id), dict(organ_names))
     names = {0: "background", **(organ_names or {})}
-    keep = (organ_id > 0) & (purity >= min_purity)
-    ids, counts = np.unique(organ_id[keep], return_counts=True)
-    kept_ids = ids[counts >= min_patches]
-    keep &= np.isin(organ_id, kept_ids)
+    keep, kept_ids = evaluated_patches(organ_id, purity, min_purity, min_patches)
     slab = np.full(n, -1, np.int64)
     prediction = np.full(n, -1, np.int64)
     gap = float(patch_mm if gap_mm is None else gap_mm)
@@ -155,17 +155,58 @@ def quality_metrics(
 
     x = standardise(features)[keep]
     y = organ_id[keep]
-    clusters = kmeans_labels(x, len(kept_ids), seed)
-    metrics["nmi"] = float(normalized_mutual_info_score(y, clusters))
-    metrics["ari"] = float(adjusted_rand_score(y, clusters))
-    if len(y) > len(kept_ids):  # silhouette needs at least one organ with two patches
-        metrics["silhouette"] = float(silhouette_score(x, y, metric=distance))
+    metrics.update(clustering_figures(x, y, len(kept_ids), distance=distance, seed=seed))
 
     z = np.asarray(centres_z, float)[keep]
     if test_slab_mm is None:
         fold, splits = slab_splits(z, slabs, gap)
     else:
         fold, splits = held_out_split(z, test_slab_mm[0], test_slab_mm[1], gap)
+    pred, linear, baseline, unseen = score_splits(x, y, splits, knn=knn, distance=distance, seed=seed)
+    scored = pred >= 0
+    index = np.flatnonzero(keep)
+    slab[index] = fold
+    prediction[index] = pred
+    metrics["knn_scored"] = int(scored.sum())
+    metrics["knn_unseen_organ"] = unseen
+    metrics["scored_organs"] = {
+        names.get(int(i), str(i)): int((y[scored] == i).sum()) for i in np.unique(y[scored])
+    }
+    if scored.any():
+        metrics.update(classification_figures(y[scored], pred[scored], linear[scored], baseline[scored]))
+    else:
+        metrics["note"] = (
+            "no test patch could be scored (no slab had training patches of its organs outside its gap): use more "
+            "slabs or a smaller gap"
+        )
+    return Quality(metrics, keep, slab, prediction)
+
+
+def clustering_figures(x: np.ndarray, y: np.ndarray, organs: int, *, distance: str, seed: int) -> dict[str, float]:
+    """NMI and ARI of a seeded k-means with one cluster per organ, and the silhouette of the organ labels."""
+    from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score, silhouette_score
+
+    clusters = kmeans_labels(x, organs, seed)
+    out = {"nmi": float(normalized_mutual_info_score(y, clusters)), "ari": float(adjusted_rand_score(y, clusters))}
+    if len(y) > organs:  # silhouette needs at least one organ with two patches
+        out["silhouette"] = float(silhouette_score(x, y, metric=distance))
+    return out
+
+
+def score_splits(
+    x: np.ndarray,
+    y: np.ndarray,
+    splits: list[tuple[np.ndarray, np.ndarray]],
+    *,
+    knn: int,
+    distance: str,
+    seed: int,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """k-NN and linear-probe predictions of each split's test patches from its training patches, the majority
+    baseline, and how many test patches were left out because their organ is not among their training patches
+    (-1 where not scored)."""
+    from sklearn.neighbors import KNeighborsClassifier
+
     pred = np.full(len(y), -1, np.int64)
     linear = np.full(len(y), -1, np.int64)
     baseline = np.full(len(y), -1, np.int64)
@@ -173,8 +214,7 @@ def quality_metrics(
     for test_fold, train in splits:
         if not test_fold.any() or not train.any():
             continue
-        # scorable: the test patches whose organ the classifier saw in training
-        seen = np.isin(y, y[train])
+        seen = np.isin(y, y[train])  # scorable: the test patches whose organ the classifier saw in training
         unseen += int((test_fold & ~seen).sum())
         test = test_fold & seen
         if not test.any():
@@ -187,29 +227,27 @@ def quality_metrics(
         linear[test] = linear_probe(x[train], y[train], x[test], seed)
         values, freq = np.unique(y[train], return_counts=True)
         baseline[test] = values[np.argmax(freq)]
-    scored = pred >= 0
-    index = np.flatnonzero(keep)
-    slab[index] = fold
-    prediction[index] = pred
-    metrics["knn_scored"] = int(scored.sum())
-    metrics["knn_unseen_organ"] = unseen
-    metrics["scored_organs"] = {names.get(int(i), str(i)): int((y[scored] == i).sum()) for i in np.unique(y[scored])}
-    if scored.any():
-        import warnings
+    return pred, linear, baseline, unseen
 
-        metrics["knn_accuracy"] = float(np.mean(pred[scored] == y[scored]))
-        metrics["knn_majority_baseline"] = float(np.mean(baseline[scored] == y[scored]))
-        metrics["linear_accuracy"] = float(np.mean(linear[scored] == y[scored]))
-        with warnings.catch_warnings():  # predicting an organ a slab does not hold is an error, not a warning
-            warnings.filterwarnings("ignore", message="y_pred contains classes not in y_true")
-            metrics["knn_balanced_accuracy"] = float(balanced_accuracy_score(y[scored], pred[scored]))
-            metrics["linear_balanced_accuracy"] = float(balanced_accuracy_score(y[scored], linear[scored]))
-    else:
-        metrics["note"] = (
-            "no test patch could be scored (no slab had training patches of its organs outside its gap): use more "
-            "slabs or a smaller gap"
-        )
-    return Quality(metrics, keep, slab, prediction)
+
+def classification_figures(
+    y: np.ndarray, knn: np.ndarray, linear: np.ndarray, baseline: np.ndarray
+) -> dict[str, float]:
+    """Accuracy and balanced accuracy of the k-NN and the linear probe, and the majority baseline's accuracy."""
+    import warnings
+
+    from sklearn.metrics import balanced_accuracy_score
+
+    out = {
+        "knn_accuracy": float(np.mean(knn == y)),
+        "knn_majority_baseline": float(np.mean(baseline == y)),
+        "linear_accuracy": float(np.mean(linear == y)),
+    }
+    with warnings.catch_warnings():  # predicting an organ a slab does not hold is an error, not a warning
+        warnings.filterwarnings("ignore", message="y_pred contains classes not in y_true")
+        out["knn_balanced_accuracy"] = float(balanced_accuracy_score(y, knn))
+        out["linear_balanced_accuracy"] = float(balanced_accuracy_score(y, linear))
+    return out
 
 
 def linear_probe(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, seed: int) -> np.ndarray:

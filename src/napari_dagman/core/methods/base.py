@@ -219,7 +219,7 @@ class SSLMethod(nn.Module):
     capabilities: ClassVar[Capabilities] = Capabilities(False, False, False)
     #: the published encoder that downstream jobs use when asked for ``auto``
     preferred_encoder: ClassVar[str] = "student"
-    #: DDP must look for parameters without gradient (e.g. modules a method does not train).
+    #: DDP must look for parameters without gradient (true whenever `untrained_parameters` names any).
     find_unused_parameters: bool = False
     #: what one sample is (see `input_spec`)
     inputs: ClassVar[InputSpec] = InputSpec()
@@ -257,7 +257,9 @@ class SSLMethod(nn.Module):
         """The encoders this method offers downstream, preferred one included (`preferred_encoder`)."""
 
     @abstractmethod
-    def forward_step(self, views: torch.Tensor, step: int, generator: torch.Generator, **inputs: Any) -> StepOutput:
+    def forward_step(
+        self, views: torch.Tensor, step: int, generator: torch.Generator, **inputs: Any
+    ) -> StepOutput:
         """Views (V*B, C, *crop): the B first views, then (V = 2) the B second views of the same samples.
 
         ``inputs`` holds what `input_spec` asks for beyond the views: ``high_res`` (the same crops on a finer
@@ -270,6 +272,12 @@ class SSLMethod(nn.Module):
     def after_optimizer_step(self, step: int) -> dict[str, float]:
         """Called after each optimiser step (e.g. the EMA update); returns values to log."""
         return {}
+
+    def untrained_parameters(self) -> tuple[str, ...]:
+        """Name prefixes (as in ``self.named_parameters()``) of trained modules' parameters that no loss reaches by
+        design (e.g. a class attention the method does not use, a mask token of a method that masks nothing). The
+        conformance suite checks that every other trained parameter gets a gradient."""
+        return ()
 
     def attention_encoders(self) -> dict[str, nn.Module]:
         """Encoders whose class attention this method trains, by name (probed for head diversity)."""
@@ -361,7 +369,9 @@ class MaskedMethod(SSLMethod):
         """
         o = self.options
         strategy = o.mask_strategy
-        if get_strategy(strategy).needs_attention and (attention is None or step < (o.mask_warmup_steps or 0)):
+        if get_strategy(strategy).needs_attention and (
+            attention is None or step < (o.mask_warmup_steps or 0)
+        ):
             strategy = "random"
         cell_attention = None
         if get_strategy(strategy).needs_attention:

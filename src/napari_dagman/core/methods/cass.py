@@ -92,17 +92,29 @@ class CASS(SSLMethod):
 
     Options: ClassVar[type] = CASSOptions
     capabilities: ClassVar[Capabilities] = Capabilities(
-        trains_class_attention=True, has_teacher=False, reconstructs=False, previews=("attention",), cell_masks=False
+        trains_class_attention=True,
+        has_teacher=False,
+        reconstructs=False,
+        previews=("attention",),
+        cell_masks=False,
     )
     preferred_encoder: ClassVar[str] = "transformer"
     inputs: ClassVar[InputSpec] = InputSpec(views=1)
-    find_unused_parameters = True  # with mean pooling the class attention gets no gradient
+    find_unused_parameters = (
+        True  # nothing masks CASS's input; with mean pooling the class attention is unused
+    )
+
+    def untrained_parameters(self) -> tuple[str, ...]:
+        unused = ("transformer.mask_token",)
+        return unused if self.uses_class_attention else (*unused, "transformer.class_attention.")
 
     @classmethod
     def capabilities_for(cls, options: CASSOptions) -> Capabilities:
         if options.transformer_pooling == "class-attention":
             return cls.capabilities
-        return Capabilities(trains_class_attention=False, has_teacher=False, reconstructs=False, previews=(), cell_masks=False)
+        return Capabilities(
+            trains_class_attention=False, has_teacher=False, reconstructs=False, previews=(), cell_masks=False
+        )
 
     def __init__(self, config: PretrainConfig, options: CASSOptions, arch: Architecture) -> None:
         super().__init__(config, options, arch)
@@ -130,7 +142,10 @@ class CASS(SSLMethod):
             "cnn_head": self.cnn_head,
         }
         if self.options.agreement == "predictor":
-            modules |= {"transformer_predictor": self.transformer_predictor, "cnn_predictor": self.cnn_predictor}
+            modules |= {
+                "transformer_predictor": self.transformer_predictor,
+                "cnn_predictor": self.cnn_predictor,
+            }
         return modules
 
     def published_encoders(self) -> list[PublishedEncoder]:
@@ -166,7 +181,9 @@ class CASS(SSLMethod):
         z_t, z_c, _ = self.project(crops)
         return {"transformer": z_t, "cnn": z_c}
 
-    def forward_step(self, views: torch.Tensor, step: int, generator: torch.Generator, **_: object) -> StepOutput:
+    def forward_step(
+        self, views: torch.Tensor, step: int, generator: torch.Generator, **_: object
+    ) -> StepOutput:
         o = self.options
         z_t, z_c, out = self.project(views)
         if o.agreement == "predictor":

@@ -74,30 +74,51 @@ from napari_dagman.core.models.heads import MLPHead, ReconstructionDecoder
 
 SCHEDULES: tuple[str, ...] = ("concurrent", "coarse-to-fine", "fine-to-coarse")
 ALIGNMENTS: tuple[str, ...] = ("predictor", "paper")
-LEVEL_NAMES = {1: "hidden at the coarse level", 2: "hidden at the middle level", 3: "hidden at the fine level"}
+LEVEL_NAMES = {
+    1: "hidden at the coarse level",
+    2: "hidden at the middle level",
+    3: "hidden at the fine level",
+}
 
 
 @dataclass
 class MiMOptions(MethodOptions):
     """MiM's options (defaults: the paper's run script and the code's argument defaults)."""
 
-    levels: int = option(3, "2 = coarse and middle levels only, 3 = with the fine level", choices=(2, 3), group="levels")
+    levels: int = option(
+        3, "2 = coarse and middle levels only, 3 = with the fine level", choices=(2, 3), group="levels"
+    )
     mask_ratio_coarse: float = option(
         0.5, "share of the coarse octants hidden", minimum=0.0, maximum=1.0, group="levels"
     )
-    mask_ratio_mid: float = option(0.6, "share of the middle level's cells hidden", minimum=0.0, maximum=1.0, group="levels")
-    mask_ratio_fine: float = option(0.5, "share of the fine level's cells hidden", minimum=0.0, maximum=1.0, group="levels")
+    mask_ratio_mid: float = option(
+        0.6, "share of the middle level's cells hidden", minimum=0.0, maximum=1.0, group="levels"
+    )
+    mask_ratio_fine: float = option(
+        0.5, "share of the fine level's cells hidden", minimum=0.0, maximum=1.0, group="levels"
+    )
     samples_mid: int = option(
-        4, "middle-level volumes per region, among the octants hidden at the coarse level", minimum=1, maximum=8, group="levels"
+        4,
+        "middle-level volumes per region, among the octants hidden at the coarse level",
+        minimum=1,
+        maximum=8,
+        group="levels",
     )
     samples_fine: int = option(
-        4, "fine-level patches per middle volume, among its hidden cells", minimum=1, maximum=64, group="levels"
+        4,
+        "fine-level patches per middle volume, among its hidden cells",
+        minimum=1,
+        maximum=64,
+        group="levels",
     )
     w_coarse: float = option(1.0, "weight of the coarse reconstruction", minimum=0.0, group="loss")
     w_mid: float = option(1.0, "weight of the middle reconstruction", minimum=0.0, group="loss")
     w_fine: float = option(1.0, "weight of the fine reconstruction", minimum=0.0, group="loss")
     w_align_coarse_mid: float = option(
-        0.1, "weight of the coarse-middle alignment (run script 0.1; code default 1e-3)", minimum=0.0, group="loss"
+        0.1,
+        "weight of the coarse-middle alignment (run script 0.1; code default 1e-3)",
+        minimum=0.0,
+        group="loss",
     )
     w_align_mid_fine: float = option(0.1, "weight of the middle-fine alignment", minimum=0.0, group="loss")
     schedule: str = option(
@@ -199,17 +220,28 @@ class MiM(SSLMethod):
     inputs: ClassVar[InputSpec] = InputSpec(views=1, scale=2)
     find_unused_parameters = True  # the encoder's class attention gets no gradient
 
+    def untrained_parameters(self) -> tuple[str, ...]:
+        return ("encoder.class_attention.",)
+
     def __init__(self, config: PretrainConfig, options: MiMOptions, arch: Architecture) -> None:
         super().__init__(config, options, arch)
         width = arch.stage_channels(4)
         self.encoder = SwinEncoder(arch)
         self.decoder = ReconstructionDecoder(width, width, DEEPEST_STRIDE, arch.dims, arch.in_channels)
         dim = options.align_dim
-        if options.alignment == "predictor":  # a projection per level pair (both sides), a predictor per child
+        if (
+            options.alignment == "predictor"
+        ):  # a projection per level pair (both sides), a predictor per child
             heads = {"coarse_mid": MLPHead(width, width, dim), "mid_fine": MLPHead(width, width, dim)}
-            heads |= {"coarse_mid_predictor": MLPHead(dim, dim, dim), "mid_fine_predictor": MLPHead(dim, dim, dim)}
+            heads |= {
+                "coarse_mid_predictor": MLPHead(dim, dim, dim),
+                "mid_fine_predictor": MLPHead(dim, dim, dim),
+            }
         else:
-            heads = {name: MLPHead(width, width, dim) for name in ("mid_child", "coarse_parent", "fine_child", "mid_parent")}
+            heads = {
+                name: MLPHead(width, width, dim)
+                for name in ("mid_child", "coarse_parent", "fine_child", "mid_parent")
+            }
         self.align = nn.ModuleDict(heads)
         self.roi, self.cell = config.roi, config.mask_cell
         self.total_steps = int(config.steps or 1)
@@ -219,7 +251,9 @@ class MiM(SSLMethod):
         return {"encoder": self.encoder, "decoder": self.decoder, "align": self.align}
 
     def published_encoders(self) -> list[PublishedEncoder]:
-        return [PublishedEncoder("encoder", "encoder", class_attention_trained=False, description="MiM's encoder")]
+        return [
+            PublishedEncoder("encoder", "encoder", class_attention_trained=False, description="MiM's encoder")
+        ]
 
     # --- pieces -----------------------------------------------------------------------------------------------
     def level(self, inputs: torch.Tensor, cells: torch.Tensor) -> _Level:
@@ -227,17 +261,23 @@ class MiM(SSLMethod):
         tokens = cell_token_mask(cells, self.cell, self.arch.patch_size, self.dims).to(inputs.device)
         out = self.network("encoder")(inputs, tokens, class_attention=False)
         reconstruction, features = self.network("decoder")(out.stages[4])
-        loss = masked_cell_mse(inputs, reconstruction, cells.to(inputs.device), self.cell, normalise=self.options.norm_pix_loss)
-        visible = ~cell_stage_token_mask(cells, self.cell, self.arch.attention_stride, self.dims).to(inputs.device)
+        loss = masked_cell_mse(
+            inputs, reconstruction, cells.to(inputs.device), self.cell, normalise=self.options.norm_pix_loss
+        )
+        visible = ~cell_stage_token_mask(cells, self.cell, self.arch.attention_stride, self.dims).to(
+            inputs.device
+        )
         return _Level(inputs, cells, reconstruction, features, loss, out.tokens, visible)
 
     def weights(self, step: int) -> tuple[float, float]:
         """(coarse, fine) reconstruction weight factors of the schedule at ``step``."""
         t = math.pi * min(step / max(1, self.total_steps), 1.0) / 2.0
         falling, rising = math.cos(t) + 1.0, math.sin(t)
-        return {"concurrent": (1.0, 1.0), "coarse-to-fine": (falling, rising), "fine-to-coarse": (rising, falling)}[
-            self.options.schedule
-        ]
+        return {
+            "concurrent": (1.0, 1.0),
+            "coarse-to-fine": (falling, rising),
+            "fine-to-coarse": (rising, falling),
+        }[self.options.schedule]
 
     def pooled(self, features: torch.Tensor, region: tuple[slice, ...] | None) -> torch.Tensor:
         """Decoder features (N, D, *tokens) averaged over a voxel region of the input (None: everything)."""
@@ -273,11 +313,15 @@ class MiM(SSLMethod):
         mid_in = torch.stack([views[b][(slice(None), *r)] for b, r in zip(owners, regions, strict=True)])
         mid = self.level(mid_in, plan.mid_cells)
         halves = [tuple(slice(s.start // 2, s.stop // 2) for s in r) for r in regions]  # in the coarse input
-        parent = torch.stack([self.pooled(coarse.features[b : b + 1], h)[0] for b, h in zip(owners, halves, strict=True)])
+        parent = torch.stack(
+            [self.pooled(coarse.features[b : b + 1], h)[0] for b, h in zip(owners, halves, strict=True)]
+        )
         child = mid.features.flatten(2).mean(-1)
         # the parent side is detached: the alignment moves the child's features, not the parent's
         align_cm, projected = self.align_pair("coarse_mid", child, parent)
-        levels = MiMLevels(coarse, mid, None, align_cm, torch.zeros((), device=views.device), parent, [projected])
+        levels = MiMLevels(
+            coarse, mid, None, align_cm, torch.zeros((), device=views.device), parent, [projected]
+        )
         if plan.fine_choice is None:
             return levels
         fine_owners = np.repeat(np.arange(mid_in.shape[0]), plan.fine_choice.shape[1])
@@ -301,7 +345,9 @@ class MiM(SSLMethod):
     def probe_outputs(self, crops: torch.Tensor) -> dict[str, torch.Tensor]:
         """The alignment projections of the crops as the objective sees a child: masked at the middle level's
         ratio (a fixed draw, the same at every probe), pooled, projected (each level pair's child side)."""
-        cells = random_mask(crops.shape[0], self.cells, self.options.mask_ratio_mid, torch.Generator().manual_seed(0))
+        cells = random_mask(
+            crops.shape[0], self.cells, self.options.mask_ratio_mid, torch.Generator().manual_seed(0)
+        )
         tokens = cell_token_mask(cells, self.cell, self.arch.patch_size, self.dims).to(crops.device)
         out = self.network("encoder")(crops, tokens, class_attention=False)
         pooled = self.network("decoder")(out.stages[4])[1].flatten(2).mean(-1)
@@ -314,7 +360,9 @@ class MiM(SSLMethod):
             names.pop("mid_fine")
         return {pair: align[head](pooled) for pair, head in names.items()}
 
-    def align_pair(self, pair: str, child: torch.Tensor, parent: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def align_pair(
+        self, pair: str, child: torch.Tensor, parent: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(alignment loss, the children's projections) of one level pair (``coarse_mid`` or ``mid_fine``)."""
         align = self.network("align")
         if self.options.alignment == "predictor":
@@ -322,7 +370,10 @@ class MiM(SSLMethod):
             with torch.no_grad():  # the parent's projection is the fixed target
                 target = align[pair](parent.detach())
             return predictor_agreement(align[f"{pair}_predictor"](projected), target), projected
-        child_head, parent_head = {"coarse_mid": ("mid_child", "coarse_parent"), "mid_fine": ("fine_child", "mid_parent")}[pair]
+        child_head, parent_head = {
+            "coarse_mid": ("mid_child", "coarse_parent"),
+            "mid_fine": ("fine_child", "mid_parent"),
+        }[pair]
         projected = align[child_head](child)
         return alignment_loss(projected, align[parent_head](parent.detach())), projected
 
@@ -332,8 +383,16 @@ class MiM(SSLMethod):
         levels = self.run(views, plan)
         coarse, mid, fine = levels.coarse, levels.mid, levels.fine
         w_c, w_f = self.weights(step)
-        loss = w_c * o.w_coarse * coarse.loss + o.w_mid * mid.loss + o.w_align_coarse_mid * levels.align_coarse_mid
-        terms = {"coarse": coarse.loss.item(), "mid": mid.loss.item(), "align_coarse_mid": levels.align_coarse_mid.item()}
+        loss = (
+            w_c * o.w_coarse * coarse.loss
+            + o.w_mid * mid.loss
+            + o.w_align_coarse_mid * levels.align_coarse_mid
+        )
+        terms = {
+            "coarse": coarse.loss.item(),
+            "mid": mid.loss.item(),
+            "align_coarse_mid": levels.align_coarse_mid.item(),
+        }
         if fine is not None:
             loss = loss + w_f * o.w_fine * fine.loss + o.w_align_mid_fine * levels.align_mid_fine
             terms |= {"fine": fine.loss.item(), "align_mid_fine": levels.align_mid_fine.item()}
@@ -370,7 +429,9 @@ class MiM(SSLMethod):
             view[upsample_mask(plan.mid_cells[k : k + 1].cpu(), cell, d)[0].numpy()] = 2
             for i in range(n_fine):
                 patch = cell_slices(int(plan.fine_choice[k, i]), self.cells, cell)
-                sub = plan.fine_cells[k * n_fine + i : k * n_fine + i + 1].cpu().float()  # over the upsampled patch
+                sub = (
+                    plan.fine_cells[k * n_fine + i : k * n_fine + i + 1].cpu().float()
+                )  # over the upsampled patch
                 # the fine cells shrink back onto the patch's own voxels
                 hidden = F.interpolate(sub[None], size=(cell,) * d, mode="nearest")[0, 0].numpy() > 0.5
                 view[patch][hidden] = 3
@@ -387,6 +448,17 @@ class MiM(SSLMethod):
             level_map, recon = level_map[None], recon[None]
         factor = (2, 2, 2) if self.dims == 3 else (1, 2, 2)
         return [
-            Picture("levels", level_map, kind="labels", description="MiM's masks, nested: coarse, middle, fine", names=LEVEL_NAMES),
-            Picture("reconstruction (coarse level)", recon, factor=factor, description="the coarse input as reconstructed"),
+            Picture(
+                "levels",
+                level_map,
+                kind="labels",
+                description="MiM's masks, nested: coarse, middle, fine",
+                names=LEVEL_NAMES,
+            ),
+            Picture(
+                "reconstruction (coarse level)",
+                recon,
+                factor=factor,
+                description="the coarse input as reconstructed",
+            ),
         ]

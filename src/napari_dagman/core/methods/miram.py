@@ -45,7 +45,10 @@ class MIRAMOptions(MaskingOptions):
     """MIRAM's options: the masking of MAE, the scale of the second decoder, the two loss weights."""
 
     scale: int = option(
-        2, "resolution factor of the second decoder's target (2 = half the voxel size)", choices=(2, 4), group="scales"
+        2,
+        "resolution factor of the second decoder's target (2 = half the voxel size)",
+        choices=(2, 4),
+        group="scales",
     )
     w_low: float = option(1.0, "weight of the reconstruction at the input scale", minimum=0.0, group="loss")
     w_high: float = option(1.0, "weight of the high-resolution reconstruction", minimum=0.0, group="loss")
@@ -64,6 +67,9 @@ class MIRAM(MaskedMethod):
     )
     preferred_encoder: ClassVar[str] = "encoder"
     find_unused_parameters = True  # the encoder's class attention gets no gradient
+
+    def untrained_parameters(self) -> tuple[str, ...]:
+        return ("encoder.class_attention.",)
 
     @classmethod
     def input_spec(cls, options: MIRAMOptions, roi: int) -> InputSpec:
@@ -85,7 +91,11 @@ class MIRAM(MaskedMethod):
         return {"encoder": self.encoder, "decoder": self.decoder, "decoder_high": self.decoder_high}
 
     def published_encoders(self) -> list[PublishedEncoder]:
-        return [PublishedEncoder("encoder", "encoder", class_attention_trained=False, description="MIRAM's encoder")]
+        return [
+            PublishedEncoder(
+                "encoder", "encoder", class_attention_trained=False, description="MIRAM's encoder"
+            )
+        ]
 
     def forward_step(
         self,
@@ -107,7 +117,9 @@ class MIRAM(MaskedMethod):
         high = self.network("decoder_high")(finer)
         mask = cells.to(views.device)
         loss_low = masked_cell_mse(views, low, mask, self.config.mask_cell, normalise=o.norm_pix_loss)
-        loss_high = masked_cell_mse(high_res, high, mask, self.config.mask_cell * o.scale, normalise=o.norm_pix_loss)
+        loss_high = masked_cell_mse(
+            high_res, high, mask, self.config.mask_cell * o.scale, normalise=o.norm_pix_loss
+        )
         loss = o.w_low * loss_low + o.w_high * loss_high
         return StepOutput(
             loss=loss,
@@ -123,7 +135,10 @@ class MIRAM(MaskedMethod):
         cell, o = self.config.mask_cell, self.options
         with torch.no_grad():
             if o.norm_pix_loss:
-                low, high = denormalise_cells(low, views, cell), denormalise_cells(high, high_res, cell * o.scale)
+                low, high = (
+                    denormalise_cells(low, views, cell),
+                    denormalise_cells(high, high_res, cell * o.scale),
+                )
         low_np, high_np = low[0, 0].float().cpu().numpy(), high[0, 0].float().cpu().numpy()
         f = 1.0 / self.options.scale
         if self.dims == 2:

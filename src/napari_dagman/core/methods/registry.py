@@ -31,14 +31,16 @@ class MethodSpec:
         try:
             return getattr(importlib.import_module(self.module), self.class_name)
         except (ImportError, AttributeError) as err:
-            raise DagmanInputError(f"method '{self.name}' cannot be loaded from {self.module}: {err}") from None
+            raise DagmanInputError(
+                f"method '{self.name}' cannot be loaded from {self.module}: {err}"
+            ) from None
 
     def options_class(self) -> type:
         return self.load().Options
 
     def make_options(self, values: dict[str, Any] | None = None) -> Any:
         """The method's options: the class defaults, then this preset's, then ``values`` (checked)."""
-        from napari_dagman.core.config import unknown_options_message
+        from napari_dagman.core.config.base import unknown_options_message
 
         cls = self.options_class()
         values = dict(values or {})

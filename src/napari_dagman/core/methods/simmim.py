@@ -29,10 +29,16 @@ class SimMIM(MaskedMethod):
 
     Options: ClassVar[type] = MaskingOptions
     capabilities: ClassVar[Capabilities] = Capabilities(
-        trains_class_attention=False, has_teacher=False, reconstructs=True, previews=("mask", "reconstruction")
+        trains_class_attention=False,
+        has_teacher=False,
+        reconstructs=True,
+        previews=("mask", "reconstruction"),
     )
     preferred_encoder: ClassVar[str] = "student"
     find_unused_parameters = True  # the class attention module gets no gradient
+
+    def untrained_parameters(self) -> tuple[str, ...]:
+        return ("student.encoder.class_attention.",)
 
     def __init__(self, config: PretrainConfig, options: MaskingOptions, arch: Architecture) -> None:
         super().__init__(config, options, arch)
@@ -44,11 +50,16 @@ class SimMIM(MaskedMethod):
     def published_encoders(self) -> list[PublishedEncoder]:
         return [
             PublishedEncoder(
-                "student", "student.encoder", class_attention_trained=False, description="the reconstructing encoder"
+                "student",
+                "student.encoder",
+                class_attention_trained=False,
+                description="the reconstructing encoder",
             )
         ]
 
-    def forward_step(self, views: torch.Tensor, step: int, generator: torch.Generator, **_: object) -> StepOutput:
+    def forward_step(
+        self, views: torch.Tensor, step: int, generator: torch.Generator, **_: object
+    ) -> StepOutput:
         batch = views.shape[0]
         cell_mask = self.choose_mask(batch, step, None, (), generator)
         out = self.student(views, self.token_mask(cell_mask).to(views.device))

@@ -149,3 +149,15 @@ def architecture_for(
         head_bottleneck=spec["head_bottleneck"],
         out_dim=out_dim or spec["out_dim"],
     )
+
+
+def checked_architecture(data: Any, source: str) -> Architecture:
+    """`Architecture.from_dict` that says in one line what is wrong with a hand-edited description."""
+    if not isinstance(data, dict):
+        raise CheckpointError(f"the architecture description in {source} is not a JSON object")
+    try:
+        return Architecture.from_dict(data)
+    except (TypeError, ValueError, AttributeError, KeyError, OverflowError) as err:
+        if isinstance(err, DagmanInputError):
+            raise
+        raise CheckpointError(f"the architecture description in {source} is broken ({err})") from None

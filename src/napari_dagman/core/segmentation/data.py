@@ -192,6 +192,77 @@ def best_slab_position(
     return best[2], best[3]
 
 
+@dataclass(frozen=True)
+class SlabAdvice:
+    """What a slab split would validate: the organs it misses, and a position whose slab holds more (if any)."""
+
+    organs: tuple[int, ...]
+    missing: tuple[int, ...]
+    best_position: float | None
+    best_held: tuple[int, ...]
+
+    def text(self, names: dict[int, str], position: float, what: str = "--val-position") -> str:
+        """One line for the user ("" when the slab holds every organ)."""
+        if not self.missing:
+            return ""
+        missing = ", ".join(names.get(i, str(i)) for i in self.missing)
+        text = f"the validation slab ({what} {position:g}) holds no {missing}: no Dice for them"
+        if self.best_position is not None:
+            text += f"; {what} {self.best_position:g} holds {len(self.best_held)} of the {len(self.organs)} organs"
+        return text
+
+
+def slab_advice(
+    labels: np.ndarray,
+    z_spacing: float,
+    model_z_spacing: float,
+    organs: Sequence[int],
+    *,
+    fraction: float,
+    position: float,
+    gap_mm: float,
+) -> SlabAdvice:
+    """The organs of ``organs`` present in ``labels`` that the slab at ``position`` would not validate, and the
+    nearest position whose slab validates more of them (None when none does). The dock says it at Start, the
+    CLI as a warning, before any training."""
+    present = set(present_ids(labels))
+    organs = [int(i) for i in organs if int(i) in present]
+    where = {"fraction": fraction, "gap_mm": gap_mm}
+    held = slab_organs(labels, z_spacing, model_z_spacing, organs, position=position, **where)
+    missing = tuple(i for i in organs if i not in held)
+    best, best_held = (
+        (None, [])
+        if not missing
+        else best_slab_position(labels, z_spacing, model_z_spacing, organs, position=position, **where)
+    )
+    better = best is not None and len(best_held) > len(held)
+    return SlabAdvice(tuple(organs), missing, best if better else None, tuple(best_held) if better else ())
+
+
+def slab_warning(config: FinetuneConfig, names: dict[int, str] | None = None) -> str:
+    """The CLI's counterpart of the fine-tuning dock's check at Start: for one image and label map split by a slab,
+    the line saying which organs the slab misses and where a slab holds more ("" otherwise)."""
+    from napari_dagman.core.io import read_volume
+    from napari_dagman.core.segmentation.model import run_input_defaults
+
+    if len(config.segmentations) != 1 or config.val_split not in ("auto", "slab") or not config.organs:
+        return ""
+    labels = read_volume(config.segmentations[0])
+    defaults = run_input_defaults(config.init)
+    dims = int(config.dims or defaults["dims"])
+    model_z = float(config.spacing or defaults["spacing"]) if dims == 3 else float(labels.spacing[0])
+    advice = slab_advice(
+        np.asarray(labels.array),
+        labels.spacing[0],
+        model_z,
+        config.organs,
+        fraction=config.val_fraction,
+        position=config.val_position,
+        gap_mm=config.val_gap_mm,
+    )
+    return advice.text(names or {}, config.val_position)
+
+
 def split_cases(cases: Sequence[Case], config: FinetuneConfig) -> Split:
     """Training and validation pieces: a held-out slab of every case, held-out cases, or no validation."""
     mode = config.val_split

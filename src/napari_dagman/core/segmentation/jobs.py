@@ -148,17 +148,11 @@ def write_prediction(
 
     ``out`` ending in ``.dcm`` writes a DICOM SEG over ``image``, the DICOM series segmented
     (`core.segmentation.dicom_seg`)."""
-    from napari_dagman.core.io import atomic_write_text, stem_of, suffix_of, write_volume
+    from napari_dagman.core.io import atomic_write_text, stem_of
+    from napari_dagman.core.outputs import write_labels
 
     out = Path(out)
-    if suffix_of(out) == ".dcm":
-        from napari_dagman.core.segmentation.dicom_seg import write_dicom_seg
-
-        if image is None:
-            raise DagmanInputError("a DICOM SEG is written over the DICOM series it segments: pass the image")
-        written = write_dicom_seg(results.prediction, image, out, names=results.names)
-    else:
-        written = write_volume(results.prediction, out, label_names=results.names)
+    written = write_labels(results.prediction, out, results.names, source=image)
     if results.reference is not None or metrics is not None:
         metrics_path = Path(metrics) if metrics else out.with_name(stem_of(out) + ".metrics.json")
         summary = results_summary(results.table)

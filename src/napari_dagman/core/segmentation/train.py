@@ -22,6 +22,7 @@ from napari_dagman.core.checkpoint import RunFolder, architecture_from_metadata
 from napari_dagman.core.config import FinetuneConfig
 from napari_dagman.core.errors import CheckpointError, DagmanInputError
 from napari_dagman.core.events import CancelToken, FinishedEvent, ValidationEvent
+from napari_dagman.core.io import label_map_message
 from napari_dagman.core.models.architecture import Architecture
 from napari_dagman.core.models.encoder import set_fused_window_attention
 from napari_dagman.core.segmentation.data import (
@@ -141,7 +142,8 @@ class FinetuneTask(TrainingTask):
             raise DagmanInputError("no image/label-map pairs to train on")
         names = _names(pairs)
         label_vols = [
-            check_label_volume(labels, f"label map of '{name}'") for (_, labels), name in zip(pairs, names, strict=True)
+            check_label_volume(labels, f"label map of '{name}'")
+            for (_, labels), name in zip(pairs, names, strict=True)
         ]
         label_map = choose_organs(label_vols, config.organs)
         if not config.organs:
@@ -170,9 +172,18 @@ class FinetuneTask(TrainingTask):
             seed=config.seed,
         )
         self.config, self.label_map, self.total_steps = config, label_map, config.steps
-        self.notes = notes + self._data_notes()
+        looks = (
+            label_map_message(image, f"the image '{name}'")
+            for (image, _), name in zip(pairs, names, strict=True)
+        )
+        self.notes = notes + [m for m in looks if m] + self._data_notes()
         self.data_records = [
-            {"name": c.name, "sha256": c.source_hash, "shape": list(c.image.shape), "spacing": list(c.spacing)}
+            {
+                "name": c.name,
+                "sha256": c.source_hash,
+                "shape": list(c.image.shape),
+                "spacing": list(c.spacing),
+            }
             for c in self.cases
         ]
 
@@ -180,7 +191,9 @@ class FinetuneTask(TrainingTask):
         """Organs missing from a case, from the training part or from the validation part."""
         label_map, notes = self.label_map, []
         untrained = [
-            label_map.names[k - 1] for k in range(1, label_map.num_classes) if not self.sampler.classes_present()[k]
+            label_map.names[k - 1]
+            for k in range(1, label_map.num_classes)
+            if not self.sampler.classes_present()[k]
         ]
         if len(untrained) == len(label_map.ids):
             raise DagmanInputError("the training part of the data holds none of the chosen organs")
@@ -313,7 +326,12 @@ class FinetuneTask(TrainingTask):
 
     def validation_record(self, tracker: dict[str, Any]) -> dict[str, Any]:
         last = tracker["last_val"]
-        return {"step": last["step"], "kind": "validation", "mean_dice": last["mean_dice"], "dice": last["dice"]}
+        return {
+            "step": last["step"],
+            "kind": "validation",
+            "mean_dice": last["mean_dice"],
+            "dice": last["dice"],
+        }
 
     # --- the end ---------------------------------------------------------------------------------------------------
     def summary(self, tracker: dict[str, Any]) -> dict[str, Any]:

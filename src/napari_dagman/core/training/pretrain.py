@@ -22,6 +22,7 @@ from napari_dagman.core.data import PreparedVolume, ViewSampler, prepare_volume,
 from napari_dagman.core.diversity import CollapseAlarm
 from napari_dagman.core.errors import CheckpointError, DagmanInputError
 from napari_dagman.core.events import CancelToken, FinishedEvent, PreviewEvent
+from napari_dagman.core.io import label_map_message
 from napari_dagman.core.methods.base import InputSpec, SSLMethod, StepOutput
 from napari_dagman.core.methods.registry import get_method
 from napari_dagman.core.models.architecture import Architecture, architecture_for
@@ -84,7 +85,9 @@ def reset_class_attention(module: nn.Module, seed: int = 0) -> None:
         for name, block in module.named_modules():
             if not isinstance(block, ClassAttentionBlock):
                 continue
-            inside = name.split(".", 1)[-1]  # "student.encoder.class_attention.blocks.0" -> "encoder.class_..."
+            inside = name.split(".", 1)[
+                -1
+            ]  # "student.encoder.class_attention.blocks.0" -> "encoder.class_..."
             torch.manual_seed(seed + zlib.crc32(inside.encode()))
             for layer in block.modules():
                 if isinstance(layer, nn.Linear):
@@ -174,9 +177,16 @@ class PretrainTask(TrainingTask):
         self.alarm = CollapseAlarm(from_step=max(10, int(self.config.warmup_steps or 0)))
         self.arch = build_architecture(self.config)
         self.total_steps = int(self.config.steps or 1)
-        self.notes = [note for p in self.prepared for note in p.notes]
+        # a label map given as a CT first (one rule for the CLI and the docks), then what preparing noticed
+        self.notes = [m for m in (label_map_message(v) for v in raw) if m]
+        self.notes += [note for p in self.prepared for note in p.notes]
         self.data_records = [
-            {"name": p.name, "sha256": p.source_hash, "shape": list(p.array.shape), "spacing": list(p.spacing)}
+            {
+                "name": p.name,
+                "sha256": p.source_hash,
+                "shape": list(p.array.shape),
+                "spacing": list(p.spacing),
+            }
             for p in self.prepared
         ]
 
@@ -186,7 +196,9 @@ class PretrainTask(TrainingTask):
         self.method = build_method(config, self.arch).to(device)
         set_fused_window_attention(self.method, config.fused_attention)
         self.find_unused_parameters = self.method.find_unused_parameters
-        self.sampler = make_sampler(config, self.spec, self.prepared, self.high_res, self.rank, self.world_size)
+        self.sampler = make_sampler(
+            config, self.spec, self.prepared, self.high_res, self.rank, self.world_size
+        )
 
     # --- modules ---------------------------------------------------------------------------------------------
     def trained_modules(self) -> dict[str, nn.Module]:
@@ -229,14 +241,21 @@ class PretrainTask(TrainingTask):
             raise CheckpointError(f"{name} was trained with another architecture: {'; '.join(diff)}")
 
     def run_config(self) -> dict[str, Any]:
-        return {**self.config.to_dict(), "architecture": self.arch.to_dict(), "job": "pretrain", **self.published()}
+        return {
+            **self.config.to_dict(),
+            "architecture": self.arch.to_dict(),
+            "job": "pretrain",
+            **self.published(),
+        }
 
     def run_info(self) -> dict[str, Any]:
         return {"method": self.config.method}
 
     def start_messages(self, start: int, resume: bool) -> list[str]:
         c, spec = self.config, self.spec
-        views = f"{spec.views} view(s)" + (f" + {spec.local_views} local crops of {spec.local_roi}" if spec.local_views else "")
+        views = f"{spec.views} view(s)" + (
+            f" + {spec.local_views} local crops of {spec.local_roi}" if spec.local_views else ""
+        )
         augment = "augmented per view" if c.augment_settings() is not None else "not augmented"
         return [
             f"{c.method} on {len(self.prepared)} volume(s), preset {c.preset} {c.dims}D, ROI {c.roi}, "
@@ -296,7 +315,9 @@ class PretrainTask(TrainingTask):
     def events_after_step(self, step: int, result: StepResult) -> Iterator[Any]:
         every = self.config.preview_every
         if every and (step % every == 0 or step == 1):
-            yield preview_event(result.output, self._views, self._crops, self.prepared, self.config, self.arch, step)
+            yield preview_event(
+                result.output, self._views, self._crops, self.prepared, self.config, self.arch, step
+            )
 
     def release(self) -> None:
         self.method = None

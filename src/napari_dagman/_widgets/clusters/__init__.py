@@ -1,0 +1,1 @@
+"""The organ clusters dock: patch embeddings, the linked scatter, cluster quality."""

@@ -1,0 +1,1 @@
+"""The training docks: pretraining and fine-tuning on one base (`TrainingDock`)."""

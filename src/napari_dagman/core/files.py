@@ -1,0 +1,162 @@
+"""Files written safely, without SimpleITK or torch: one atomic write (a temporary file in the target folder,
+verified, fsynced, renamed), the clean-up of what a killed job left, and output folders and files checked before
+any work (`core.io` re-exports these for its readers and writers)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+from napari_dagman.core.errors import DagmanError, DagmanInputError
+
+
+def suffix_of(path: str | os.PathLike) -> str:
+    """Lower-case file ending, treating ``.nii.gz`` as one suffix."""
+    name = Path(path).name.lower()
+    return ".nii.gz" if name.endswith(".nii.gz") else Path(name).suffix
+
+
+def stem_of(path: str | os.PathLike) -> str:
+    """File name without its (possibly double) suffix."""
+    name = Path(path).name
+    suffix = suffix_of(path)
+    return name[: -len(suffix)] if suffix and name.lower().endswith(suffix) else name
+
+
+def atomic_write(
+    path: str | os.PathLike,
+    write: Callable[[Path], object],
+    *,
+    verify: Callable[[Path], object] | None = None,
+    suffix: str | None = None,
+) -> Path:
+    """Write ``path`` completely or not at all: the project's one way to write a whole file.
+
+    ``write(tmp)`` fills a temporary file in the target's folder whose name ends like the target (or in
+    ``suffix``), so writers that choose the format by extension (SimpleITK, numpy) write the right one.
+    ``verify(tmp)``, when given, checks what was written and raises if it is wrong. The file is then fsynced,
+    given the permissions of a plain ``open()`` and renamed onto ``path``.
+
+    On any failure the temporary file is removed and ``path`` is left as it was. An `OSError` (disk full, no
+    permission, read-only file system) or a `DagmanError` from ``write``/``verify`` (whose message is the
+    reason) is raised as one line, ``cannot write <path>: <reason>``, of the same `DagmanError` class
+    (`DagmanInputError` for an `OSError`).
+    """
+    path = Path(path)
+    ending = suffix_of(path) if suffix is None else suffix
+    tmp: Path | None = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # hidden, and ".tmp" before the ending: a leftover from a killed process is recognisable as one
+        fd, name = tempfile.mkstemp(prefix=f".{stem_of(path)}.", suffix=f".tmp{ending}", dir=path.parent)
+        os.close(fd)
+        tmp = Path(name)
+        write(tmp)
+        if verify is not None:
+            verify(tmp)
+        publish(tmp, path)
+        tmp = None  # renamed into place: nothing left to clean up
+    except OSError as err:
+        raise DagmanInputError(f"cannot write {path}: {_os_reason(err, path.parent)}") from None
+    except DagmanError as err:
+        raise type(err)(f"cannot write {path}: {err}") from None
+    finally:
+        if tmp is not None:
+            with contextlib.suppress(OSError):  # gone with its folder: nothing more to clean
+                tmp.unlink()
+    return path
+
+
+#: The name `atomic_write` gives its temporary file: hidden, the target's stem, mkstemp's 8 random characters,
+#: ".tmp" and the target's ending. What a killed process leaves behind; nothing else is named like this.
+_TEMPORARY = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp(\.[A-Za-z0-9.]+)?")
+
+
+def is_temporary(name: str) -> bool:
+    """True for the name of a temporary file of `atomic_write` (a leftover when its process was killed)."""
+    return _TEMPORARY.fullmatch(name) is not None
+
+
+def remove_temporaries(folder: str | os.PathLike) -> list[str]:
+    """Delete the leftovers of killed writes in ``folder`` (only safe while no other process writes there)."""
+    removed = []
+    with contextlib.suppress(OSError):
+        for entry in Path(folder).iterdir():
+            if is_temporary(entry.name) and entry.is_file():
+                with contextlib.suppress(OSError):
+                    entry.unlink()
+                    removed.append(entry.name)
+    return removed
+
+
+def check_output_folder(path: str | os.PathLike, what: str = "output folder") -> None:
+    """Refuse, before any work is spent, an output folder that cannot be written.
+
+    It must not be a file nor lie under one, and the folder (or, when it does not exist yet, the nearest folder
+    above it, where it will be created) must accept a new file: that is tried, not guessed from permissions
+    (root, ACLs and read-only mounts make guesses wrong). Nothing is left behind.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise DagmanInputError(f"the {what} {path} is a file, not a folder")
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise DagmanInputError(f"cannot create the {what} {path}: {existing} is a file")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".dagman-write-check.", dir=existing)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise DagmanInputError(f"cannot write to the {what} {path}: {_os_reason(err, existing)}") from None
+
+
+def check_output_file(path: str | os.PathLike, what: str = "output file") -> None:
+    """Refuse, before any work is spent, a file that cannot be written (a folder by that name, no permission)."""
+    path = Path(path)
+    if path.is_dir():
+        raise DagmanInputError(f"the {what} {path} is a folder")
+    check_output_folder(path.parent, f"folder of the {what}")
+
+
+def _os_reason(err: OSError, folder: Path) -> str:
+    """The system's reason, naming the file concerned when it lies outside the target's folder (a parent)."""
+    reason = err.strerror or str(err)
+    if isinstance(err.filename, (str, bytes, os.PathLike)):
+        concerned = Path(os.fsdecode(err.filename))
+        if concerned.parent != folder:
+            return f"{reason} ({concerned})"
+    return reason
+
+
+def _umask_mode() -> int:
+    """Permissions a normal ``open()`` would give a new file (mkstemp's are owner-only)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def publish(tmp: str | os.PathLike, path: str | os.PathLike) -> None:
+    """fsync a finished temporary file, give it normal permissions and rename it onto ``path``.
+
+    The last step of `atomic_write`; the caller removes ``tmp`` when this raises.
+    """
+    with open(tmp, "rb") as fh:
+        os.fsync(fh.fileno())
+    os.chmod(tmp, _umask_mode())
+    os.replace(tmp, path)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write text to ``path`` through a temporary file and a rename (see `atomic_write`)."""
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "w") as fh:
+            fh.write(text)
+
+    atomic_write(path, write)
