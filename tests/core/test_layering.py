@@ -170,3 +170,17 @@ def test_the_size_check_finds_a_long_function(tmp_path):
 def test_no_module_class_or_function_is_over_the_size_limits():
     found = [line for path in files() for line in oversized(path)]
     assert not found, "split these:\n" + "\n".join(found)
+
+
+def test_the_child_interpreter_imports_no_gui_library():
+    """The background job's child starts as ``python -m napari_dagman._widgets.common.child``: importing the package
+    on the way must not load Qt, magicgui or napari (seconds of start-up for nothing, and runpy's double import)."""
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys, napari_dagman._widgets.common.child; "
+        "print(sorted(m for m in ('qtpy', 'magicgui', 'napari') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
