@@ -14,7 +14,7 @@ from napari_dagman.cli import main
 from napari_dagman.core.attention import AttentionMaps, attention_maps, crop_preview
 from napari_dagman.core.attention import maps as maps_module
 from napari_dagman.core.attention.organs import attention_by_organ
-from napari_dagman.core.attention.preview import RUN_MASK, PreviewRecipe
+from napari_dagman.core.attention.preview import RUN_MASK, PreviewRecipe, preview_figure
 from napari_dagman.core.checkpoint import load_pretrained_encoder
 from napari_dagman.core.io import read_volume
 from napari_dagman.core.masking import masked_count
@@ -166,6 +166,22 @@ def _recipe(method: str) -> PreviewRecipe:
     config = PretrainConfig(method=method).to_dict()
     config["capabilities"] = get_method(method).capabilities.to_dict()
     return PreviewRecipe.of_run(config)
+
+
+def test_the_cli_png_draws_attention_on_the_explorers_fixed_scale(tiny_run, shared_data):
+    """A near-uniform map (a 1 % ripple) must not fill the colour map: the PNG uses the fixed 1/4-4 x-uniform
+    logarithmic scale, not matplotlib's per-image stretch."""
+    from matplotlib.colors import LogNorm
+
+    encoder = load_pretrained_encoder(tiny_run)
+    ct = read_volume(shared_data / "example_ct.nii.gz")
+    preview = crop_preview(encoder, ct, recipe=_recipe("dagman"), seed=0)
+    fig = preview_figure(preview)
+    overlay = fig.axes[0].images[1]
+    assert isinstance(overlay.norm, LogNorm) and (overlay.norm.vmin, overlay.norm.vmax) == (0.25, 4.0)
+    shades = overlay.norm(overlay.get_array())
+    assert float(shades.max() - shades.min()) < 0.05  # a flat map is one shade: the middle of the scale
+    assert abs(float(shades.mean()) - 0.5) < 0.02
 
 
 def test_previews_are_drawn_with_the_runs_own_recipe(tiny_run, shared_data):

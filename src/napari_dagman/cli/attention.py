@@ -78,10 +78,12 @@ def run(args: argparse.Namespace) -> int:
         written += write_volume(mean, out / "attention_mean_on_input.nii.gz")
     if result.model.get("trains_class_attention", True):
         d, crop = result.diversity, result.preview.diversity
+        scopes = f"crop {crop['diversity']:.4f}"
+        if result.scope != "crop":  # the crop's figure is the scope's own when the scope is the crop
+            scopes = f"{result.scope} {d['diversity']:.4f}, " + scopes
         say(
             f"head diversity (1 - mean pairwise correlation of the heads' maps; 0 = alike, 1 = unrelated): "
-            f"{result.scope} {d['diversity']:.4f}, crop {crop['diversity']:.4f}; "
-            f"mean head entropy (1 = uniform) {crop['entropy_mean']:.4f}"
+            f"{scopes}; mean head entropy (1 = uniform) {crop['entropy_mean']:.4f}"
         )
     if result.stats is not None:
         say_stats(result.stats)

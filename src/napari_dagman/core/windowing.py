@@ -41,6 +41,10 @@ WINDOW_PRESETS: dict[str, Window] = {
 }
 DEFAULT_WINDOW = "abdomen"
 
+#: The one colour scale of attention maps, in x uniform (1 = every token its equal share), logarithmic: the same for
+#: every head, run and slice, 1 in its middle. The explorer's tiles and layers and the CLI's PNG all use it.
+UNIFORM_RANGE: tuple[float, float] = (0.25, 4.0)
+
 
 def window_limits(
     preset: str | None = None, *, width: float | None = None, level: float | None = None

@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from napari_dagman.core.windowing import UNIFORM_RANGE
+
 if TYPE_CHECKING:
     from napari_dagman.core.attention import AttentionMaps, AttentionResult, CropPreview
     from napari_dagman.core.volume import Volume
@@ -34,8 +36,6 @@ DROPPED = "not seen by the noisy teacher"
 DROPPED_COLOUR = "#ffffff"
 #: Percentiles of every head's values that set the stretched colour scale (an option, not the default).
 AUTO_PERCENTILES = (1.0, 99.0)
-#: The default colour scale, in x uniform, logarithmic: the same for every head, run and slice, 1 in its middle.
-UNIFORM_RANGE = (0.25, 4.0)
 UNIFORM_TICKS = ((0.25, "1/4"), (0.5, "1/2"), (1.0, "1"), (2.0, "2"), (4.0, "4"))
 
 

@@ -25,6 +25,7 @@ from napari_dagman.core.masking import (
 )
 from napari_dagman.core.models.encoder import cell_stage_token_mask, cell_token_mask
 from napari_dagman.core.volume import Volume, grid_placement
+from napari_dagman.core.windowing import UNIFORM_RANGE
 
 if TYPE_CHECKING:
     from napari_dagman.core.checkpoint import PretrainedEncoder
@@ -283,9 +284,19 @@ def crop_preview(
 def save_preview_figure(
     preview: CropPreview, path: str | Path, *, title: str = "", attention_panel: bool = True
 ) -> bool:
-    """PNG of the crop's middle axial slice: the mean attention (when it is attention) and each strategy's mask
-    side by side; False (and no file) when there is nothing to draw."""
+    """PNG of `preview_figure` (written atomically); False (and no file) when there is nothing to draw."""
+    fig = preview_figure(preview, title=title, attention_panel=attention_panel)
+    if fig is None:
+        return False
+    atomic_write(path, lambda tmp: fig.savefig(str(tmp), dpi=110, format="png"))
+    return True
+
+
+def preview_figure(preview: CropPreview, *, title: str = "", attention_panel: bool = True) -> Any:
+    """The crop's middle axial slice: the mean attention (when it is attention) on the fixed x-uniform scale and
+    each mask side by side (a matplotlib Figure); None when there is nothing to draw."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.colors import LogNorm
     from matplotlib.figure import Figure
 
     z = preview.image.shape[0] // 2
@@ -301,12 +312,12 @@ def save_preview_figure(
         z // max(1, int(round(preview.mask_scale[0] / preview.image_scale[0]))),
     )
     attention = np.kron(preview.attention.mean(axis=0)[token_z], np.ones((token, token)))
-    panels = [("mean attention", attention, "inferno")] if attention_panel else []
+    panels = [("mean attention (x uniform, 1/4-4)", attention, "inferno")] if attention_panel else []
     panels += [
         (name, np.kron(mask[cell_z], np.ones((cell, cell))), "Reds") for name, mask in preview.masks.items()
     ]
     if not panels:  # no trained attention and no cell masks (MiM): nothing to draw, no empty PNG
-        return False
+        return None
     fig = Figure(figsize=(2.2 * len(panels), 2.6), tight_layout=True)
     FigureCanvasAgg(fig)
     for i, (name, overlay, cmap) in enumerate(panels):
@@ -314,11 +325,10 @@ def save_preview_figure(
         ax.imshow(image, cmap="gray", vmin=0, vmax=1)
         if cmap == "Reds":  # hidden cells in red, visible cells untouched
             ax.imshow(np.ma.masked_equal(overlay, 0), cmap=cmap, vmin=0, vmax=1.2, alpha=0.55)
-        else:
-            ax.imshow(overlay, cmap=cmap, alpha=0.5)
+        else:  # the explorer's fixed logarithmic scale, never a per-map stretch that paints a ripple as structure
+            ax.imshow(overlay, cmap=cmap, alpha=0.5, norm=LogNorm(*UNIFORM_RANGE, clip=True))
         ax.set_title(name, fontsize=8)
         ax.axis("off")
     if title:
         fig.suptitle(title, fontsize=9)
-    atomic_write(path, lambda tmp: fig.savefig(str(tmp), dpi=110, format="png"))
-    return True
+    return fig
