@@ -18,6 +18,7 @@ import torch
 
 from napari_dagman.core.checkpoint import load_tensors
 from napari_dagman.core.config import PretrainConfig
+from napari_dagman.core.events import CancelToken, StepEvent
 from napari_dagman.core.methods.registry import method_names
 from napari_dagman.core.runs import RunFolder, published
 from napari_dagman.core.training import consume, run_pretraining
@@ -78,7 +79,11 @@ def test_a_step_is_finite_and_reaches_every_trained_parameter(name, phantom, tmp
 def test_a_resumed_run_repeats_the_uninterrupted_one_and_publishes_its_encoders(name, phantom, tmp_path):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     consume(run_pretraining(config(name, straight, 2), [phantom[0]]))
-    consume(run_pretraining(config(name, resumed, 1), [phantom[0]]))
+    # stopped after its first step (the same 2-step schedules: EMA momentum, warm-ups), then resumed
+    token = CancelToken()
+    for event in run_pretraining(config(name, resumed, 2), [phantom[0]], cancel=token):
+        if isinstance(event, StepEvent) and event.step == 1:
+            token.cancel()
     consume(run_pretraining(config(name, resumed, 2), [phantom[0]], resume=True))
 
     def last(run: Path) -> dict:
@@ -128,7 +133,7 @@ def test_the_preferred_encoder_serves_attention_embeddings_and_fine_tuning(name,
     write_volume(labels, tmp_path / "labels.nii.gz")
     finetune = FinetuneConfig(
         images=[str(tmp_path / "ct.nii.gz")], segmentations=[str(tmp_path / "labels.nii.gz")], out=str(tmp_path / "ft"),
-        init=str(run), steps=1, roi=32, batch_size=1, val_split="none", threads=2, organs=[5],
+        init=str(run), steps=1, roi=64, spacing=6.0, batch_size=1, val_split="none", threads=2, organs=[5],
     )  # fmt: skip
     finished = consume(run_finetuning(finetune))
     assert finished.steps_done == 1

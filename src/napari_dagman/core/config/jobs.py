@@ -177,9 +177,9 @@ class EmbedConfig(ConfigBase):
         16, "distance between patch starts in voxels (< patch: overlapping)", minimum=1, group="patches"
     )
     sampling: str = option(
-        "auto",
+        "grid",
         "grid = every patch of the lattice; organs = patches centred inside each organ (needs labels), so small "
-        "organs are represented; both; auto = both with a label map, grid without",
+        "organs are represented; both; auto = both with a label map, grid without (the clusters dock's default)",
         choices=EMBED_SAMPLINGS,
         group="patches",
     )

@@ -106,7 +106,11 @@ class CASS(SSLMethod):
 
     def untrained_parameters(self) -> tuple[str, ...]:
         unused = ("transformer.mask_token",)
-        return unused if self.uses_class_attention else (*unused, "transformer.class_attention.")
+        # the class-attention token reads stage 3, so the Swin's stage 4 gets no gradient in that mode (it stays at
+        # its initialisation in the published transformer); mean pooling reads stage 4 and leaves the class attention
+        if self.uses_class_attention:
+            return (*unused, "transformer.swin.layers4.")
+        return (*unused, "transformer.class_attention.")
 
     @classmethod
     def capabilities_for(cls, options: CASSOptions) -> Capabilities:
