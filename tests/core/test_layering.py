@@ -18,7 +18,7 @@ def module_name(path: Path) -> str:
 def imports(path: Path, *, top_level_only: bool) -> set[str]:
     """Modules a file imports (absolute names), at module level only or anywhere (functions included); imports
     under ``if TYPE_CHECKING:`` are annotations, not imports."""
-    tree = ast.parse(path.read_text())
+    tree = ast.parse(path.read_text(encoding="utf-8"))
     package = module_name(path) if path.name == "__init__.py" else module_name(path).rsplit(".", 1)[0]
     found: set[str] = set()
 
@@ -141,7 +141,7 @@ MODULE_LINES, CLASS_LINES, FUNCTION_LINES = 600, 350, 100
 
 def oversized(path: Path) -> list[str]:
     """What in one file is over the limits, as "file:line kind name (lines)"."""
-    text = path.read_text()
+    text = path.read_text(encoding="utf-8")
     where = path.relative_to(PACKAGE.parent)
     out = []
     if (n := len(text.splitlines())) > MODULE_LINES:
