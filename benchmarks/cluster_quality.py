@@ -88,15 +88,10 @@ def returned(generator: Any) -> Any:
 
 
 def evaluate(emb: Any, config: Any, distance: str) -> dict[str, Any]:
-    from napari_dagman.core.embeddings import quality_metrics
+    from napari_dagman.core.embeddings import embedding_quality
 
-    quality = quality_metrics(
-        emb.features,
-        emb.organ_id,
-        emb.purity,
-        emb.centres_mm()[:, 0],
-        patch_mm=float(emb.patch_mm[0]),
-        organ_names=emb.organ_names,
+    quality = embedding_quality(
+        emb,
         min_purity=config.min_purity,
         min_patches=config.min_patches,
         knn=config.knn,

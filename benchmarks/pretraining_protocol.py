@@ -178,7 +178,7 @@ def organ_figures(features: str, run: Path, init_seed: int | None, settings: dic
     """The slab probe, the cross-validated probe and the DICOM clusters of one feature source (the CT's patches are
     embedded once and scored both ways)."""
     from napari_dagman.core.config import EmbedConfig
-    from napari_dagman.core.embeddings import embed_volume, load_encoder, quality_metrics
+    from napari_dagman.core.embeddings import embed_volume, embedding_quality, load_encoder
     from napari_dagman.core.io import read_volume
 
     data = shared_data()
@@ -205,13 +205,8 @@ def organ_figures(features: str, run: Path, init_seed: int | None, settings: dic
         emb = finish(embed_volume(*scans[scan][:1], load_encoder(config), config, labels=scans[scan][1]))
         splits = {"slab": settings["slab_mm"], "cv": None} if scan == "ct" else {"dicom": None}
         for name, slab in splits.items():
-            quality = quality_metrics(
-                emb.features,
-                emb.organ_id,
-                emb.purity,
-                emb.centres_mm()[:, 0],
-                patch_mm=float(emb.patch_mm[0]),
-                organ_names=emb.organ_names,
+            quality = embedding_quality(
+                emb,
                 gap_mm=settings["gap_mm"] if slab else None,
                 merge_sides=True,
                 seed=0,

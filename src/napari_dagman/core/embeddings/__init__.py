@@ -41,6 +41,7 @@ from napari_dagman.core.embeddings.job import analyse, run_embedding
 from napari_dagman.core.embeddings.metrics import (
     METRIC_EXPLANATIONS,
     Quality,
+    embedding_quality,
     metric_rows,
     metrics_reading,
     metrics_summary,
@@ -101,6 +102,7 @@ __all__ = [
     "pool_patches",
     "project",
     "projection_key",
+    "embedding_quality",
     "quality_metrics",
     "random_init_encoder",
     "require_parquet",

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 from napari_dagman.core.embeddings.cache import EmbeddingCache, projection_key
 from napari_dagman.core.embeddings.clustering import CLUSTERINGS, cluster_features
 from napari_dagman.core.embeddings.features import embed_volume, load_encoder
-from napari_dagman.core.embeddings.metrics import quality_metrics
+from napari_dagman.core.embeddings.metrics import embedding_quality
 from napari_dagman.core.embeddings.patches import PatchEmbeddings
 from napari_dagman.core.embeddings.projection import project
 from napari_dagman.core.embeddings.results import EmbeddingResult, build_table
@@ -50,13 +50,8 @@ def analyse(
 
     quality = None
     if emb.organ_id is not None and emb.purity is not None:
-        quality = quality_metrics(
-            emb.features,
-            emb.organ_id,
-            emb.purity,
-            emb.centres_mm()[:, 0],
-            patch_mm=float(emb.patch_mm[0]),
-            organ_names=emb.organ_names,
+        quality = embedding_quality(
+            emb,
             min_purity=config.min_purity,
             min_patches=config.min_patches,
             knn=config.knn,

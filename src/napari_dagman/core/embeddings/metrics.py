@@ -85,6 +85,20 @@ def evaluated_patches(
     return keep & np.isin(organ_id, kept_ids), kept_ids
 
 
+def embedding_quality(emb: Any, **options: Any) -> Quality:
+    """`quality_metrics` of an `Embedding` (its features, organs, purity, axial centres and patch size); ``options``
+    are `quality_metrics`'s keywords. The job, the clusters benchmark and the pretraining protocol score this way."""
+    return quality_metrics(
+        emb.features,
+        emb.organ_id,
+        emb.purity,
+        emb.centres_mm()[:, 0],
+        patch_mm=float(emb.patch_mm[0]),
+        organ_names=emb.organ_names,
+        **options,
+    )
+
+
 def quality_metrics(
     features: np.ndarray,
     organ_id: np.ndarray,
