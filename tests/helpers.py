@@ -23,16 +23,21 @@ def write_dicom_series(
     spacing=(0.8, 0.8, 2.5),
     prefix: str = "s",
     tilt_mm: float = 0.0,
+    origin=(0.0, 0.0, 0.0),
+    edits: dict[int, dict[str, str | None]] | None = None,
 ) -> list[Path]:
     """Write ``array`` (z, y, x int16 HU) as a DICOM CT series with SimpleITK (one file per slice).
 
-    ``tilt_mm`` shifts each slice's position by that much along y per slice, as a tilted gantry does.
+    ``tilt_mm`` shifts each slice's position by that much along y per slice, as a tilted gantry does. ``edits``
+    then changes the header of slice k: ``{k: {"RescaleSlope": "abc", "Modality": None}}`` sets each tag (by
+    keyword) to that text as stored, whatever its VR, or removes it (None); as a PACS export can have it.
     """
     import SimpleITK as sitk
 
     folder.mkdir(parents=True, exist_ok=True)
     image = sitk.GetImageFromArray(array.astype(np.int16))
     image.SetSpacing(spacing)
+    image.SetOrigin(origin)
     writer = sitk.ImageFileWriter()
     writer.KeepOriginalImageUIDOn()
     files = []
@@ -58,7 +63,26 @@ def write_dicom_series(
         writer.SetFileName(str(path))
         writer.Execute(sl)
         files.append(path)
+    for k, changes in (edits or {}).items():
+        _edit_dicom(files[k], changes)
     return files
+
+
+def _edit_dicom(path: Path, changes: dict[str, str | None]) -> None:
+    """Set tags of a DICOM file (implicit VR, as SimpleITK writes it) to raw text, or remove them (None)."""
+    import pydicom
+    from pydicom.datadict import tag_for_keyword
+    from pydicom.dataelem import DataElement
+
+    ds = pydicom.dcmread(path)
+    for keyword, text in changes.items():
+        tag = tag_for_keyword(keyword)
+        if text is None:
+            if tag in ds:
+                del ds[tag]
+        else:  # as LO: the text is stored as given (a DS would be checked); implicit VR keeps no VR in the file
+            ds[tag] = DataElement(tag, "LO", text)
+    ds.save_as(path)
 
 
 #: The user id of 'nobody': who root becomes to meet permissions it would otherwise ignore.

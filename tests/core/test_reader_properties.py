@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import os
 import shutil
+import struct
 import tempfile
 from pathlib import Path
 
@@ -132,16 +133,36 @@ def nifti_bytes(ct_array) -> bytes:
     return raw
 
 
+#: NIfTI-1 fields whose whole value the property below replaces: pixdim[0..3], scl_slope, scl_inter, the
+#: quaternion and qoffset, srow_x/y/z (float32 at these offsets); qform_code and sform_code (int16).
+NIFTI_FLOAT_FIELDS = (76, 80, 84, 88, 112, 116, 256, 260, 264, 268, 272, 276, *range(280, 328, 4))
+NIFTI_FIELD_VALUES = (0.0, 1.0, -1.0, 3.0, 0.5, -1024.0, 1e-20, 1e30, float("nan"), float("inf"))
+
+
 @SETTINGS
 @given(
     edits=st.lists(st.tuples(st.integers(0, 351), st.integers(0, 255)), min_size=1, max_size=6),
+    fields=st.lists(
+        st.one_of(
+            st.tuples(st.sampled_from(NIFTI_FLOAT_FIELDS), st.sampled_from(NIFTI_FIELD_VALUES)),
+            st.tuples(st.sampled_from((252, 254)), st.integers(-1, 5)),
+        ),
+        max_size=3,
+    ),
     cut=st.one_of(st.none(), st.integers(0, 10_000)),
     gz=st.booleans(),
 )
-def test_damaged_nifti_headers_and_truncations_are_read_or_refused(nifti_bytes, folder, edits, cut, gz):
+@example(edits=[(0, 92)], fields=[(280, -3.0), (300, -3.0), (320, 3.0)], cut=None, gz=False)  # sform 3 mm, pixdim 1
+@example(edits=[(0, 92)], fields=[(256, 0.5), (254, 2)], cut=None, gz=False)  # qform rotated, sform not
+@example(edits=[(0, 92)], fields=[(112, 1e30)], cut=None, gz=True)  # values of 1e33
+@example(edits=[(0, 92)], fields=[(112, 0.0), (116, -1024.0)], cut=None, gz=False)  # ITK adds the intercept
+def test_damaged_nifti_headers_and_truncations_are_read_or_refused(nifti_bytes, folder, edits, fields, cut, gz):
+    """Random bytes and whole header fields (the geometry and the scaling) replaced, the file possibly cut."""
     raw = bytearray(nifti_bytes)
     for offset, value in edits:
         raw[offset] = value
+    for offset, value in fields:
+        struct.pack_into("<h" if offset in (252, 254) else "<f", raw, offset, value)
     data = bytes(raw[:cut] if cut is not None else raw)
     path = folder / ("d.nii.gz" if gz else "d.nii")
     if gz:

@@ -32,6 +32,27 @@ _UNREADABLE = (OSError, EOFError, ValueError, struct.error, zlib.error, Overflow
 #: NIfTI datatype codes of floating-point voxels -> numpy type (the only ones that can hold NaN).
 _NIFTI_FLOATS = {16: "f4", 64: "f8"}
 
+#: How far the voxel size the NIfTI sform implies (the length of each of its first three columns) may be from
+#: pixdim[1..3] and still agree: relative 1e-3 plus 1e-4 mm. Writers store both as float32 of one number
+#: (rounding about 1e-7 relative); ITK itself only warns ("unexpected scales in sform", on stderr) beyond 1e-3 mm,
+#: then reads pixdim. A real disagreement is a factor (3 mm against 1 mm), never a rounding.
+NIFTI_VOXEL_SIZE_RTOL = 1e-3
+NIFTI_VOXEL_SIZE_ATOL_MM = 1e-4
+#: How far apart (degrees) an axis of the NIfTI qform may be from the same axis of the sform and still agree.
+#: A NIfTI-1 qform is a float32 quaternion whose first component is recomputed as sqrt(1 - b² - c² - d²): it loses
+#: up to about 0.05 degrees near 180-degree rotations; 0.5 degrees is ten times that and far below a real
+#: disagreement (another orientation, a flipped axis, a registration: degrees to 180).
+NIFTI_QFORM_SFORM_DEGREES = 0.5
+#: How far apart (mm) the qform's and the sform's origins may be and still agree, plus 1e-5 of their size: both
+#: are float32 copies of one position (rounding about 1e-4 mm at 1 m); 0.01 mm is far below any voxel.
+NIFTI_QFORM_SFORM_MM = 1e-2
+#: The largest magnitude a scaled NIfTI value may have and still be taken for a CT value. Hounsfield units of real
+#: CT lie in about -1024..+3071 (12 bits), up to about +30000 for metal in extended-scale CTs; 1e5 leaves room
+#: for other units while catching absurd scaling (a scl_slope of 1e30 gives values of 1e33).
+NIFTI_VALUE_LIMIT = 1e5
+#: ITK's test for a NIfTI scale factor of "zero" (``std::numeric_limits<double>::epsilon()``).
+_EPS = float(np.finfo(np.float64).eps)
+
 
 # --- NIfTI ------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
@@ -47,10 +68,29 @@ class NiftiHeader:
     vox_offset: int
     sform_code: int
     srow: np.ndarray  # 3x4 affine of the sform
+    qform_code: int = 0
+    qfac: float = 1.0  # pixdim[0]: -1 flips the qform's third axis, anything else is +1
+    quatern: tuple[float, ...] = (0.0,) * 6  # quatern_b, quatern_c, quatern_d, qoffset_x, qoffset_y, qoffset_z
+    scl_slope: float = float("nan")  # NaN or 0: no scaling (nibabel writes NaN)
+    scl_inter: float = float("nan")
 
     @property
     def data_bytes(self) -> int:
         return int(np.prod(self.dims, dtype=np.int64)) * self.bitpix // 8
+
+    @property
+    def scaled(self) -> bool:
+        """Whether the NIfTI standard says the stored values are scaled (``scl_slope`` a number other than 0)."""
+        return bool(np.isfinite(self.scl_slope) and self.scl_slope != 0)
+
+    @property
+    def scaling_applied(self) -> bool:
+        """Whether ITK changes the stored values: what ``NiftiImageIO`` does (non-finite slope or intercept taken
+        as 0, a slope of 0 as 1, then values rescaled unless slope 1 and intercept 0)."""
+        slope = self.scl_slope if np.isfinite(self.scl_slope) else 0.0
+        inter = self.scl_inter if np.isfinite(self.scl_inter) else 0.0
+        slope = 1.0 if abs(slope) < _EPS else slope
+        return abs(slope - 1.0) > _EPS or abs(inter) > _EPS
 
 
 def _open(path: Path) -> BinaryIO:
@@ -72,9 +112,11 @@ def read_nifti_header(path: str | os.PathLike) -> NiftiHeader | None:
 #: Where the fields that matter lie in a NIfTI-1 (348-byte) and a NIfTI-2 (540-byte) header: offset, format.
 _LAYOUTS: dict[int, dict[str, tuple[int, str]]] = {
     348: {"dim": (40, "8h"), "datatype": (70, "h"), "bitpix": (72, "h"), "pixdim": (76, "8f"),
-          "vox_offset": (108, "f"), "sform_code": (254, "h"), "srow": (280, "12f")},
+          "vox_offset": (108, "f"), "scl_slope": (112, "f"), "scl_inter": (116, "f"), "qform_code": (252, "h"),
+          "sform_code": (254, "h"), "quatern": (256, "6f"), "srow": (280, "12f")},
     540: {"dim": (16, "8q"), "datatype": (12, "h"), "bitpix": (14, "h"), "pixdim": (104, "8d"),
-          "vox_offset": (168, "q"), "sform_code": (348, "i"), "srow": (400, "12d")},
+          "vox_offset": (168, "q"), "scl_slope": (176, "d"), "scl_inter": (184, "d"), "qform_code": (344, "i"),
+          "sform_code": (348, "i"), "quatern": (352, "6d"), "srow": (400, "12d")},
 }  # fmt: skip
 
 
@@ -105,6 +147,11 @@ def _nifti_fields(raw: bytes, e: str, size: int) -> NiftiHeader:
         vox_offset=int(field("vox_offset")[0]),
         sform_code=field("sform_code")[0],
         srow=np.array(field("srow"), dtype=float).reshape(3, 4),
+        qform_code=field("qform_code")[0],
+        qfac=-1.0 if field("pixdim")[0] < 0 else 1.0,  # as niftilib: only a negative qfac flips
+        quatern=tuple(float(v) for v in field("quatern")),
+        scl_slope=float(field("scl_slope")[0]),
+        scl_inter=float(field("scl_inter")[0]),
     )
 
 
@@ -112,8 +159,9 @@ def check_nifti(path: str | os.PathLike) -> NiftiHeader | None:
     """Refuse a NIfTI file whose voxel size, affine or length is wrong; returns its header (None: not parsed).
 
     Raises `DagmanInputError` for a voxel size of 0 or NaN (ITK would read 1 mm), a sheared sform (ITK would
-    force it orthogonal, rotating the volume) and data that end before the header says they do (ITK would read
-    the missing voxels as 0).
+    force it orthogonal, rotating the volume), a header whose geometries disagree (see `_check_nifti_affines`),
+    a scaling ITK would apply otherwise than the NIfTI standard says (see `_check_nifti_scaling`) and data that
+    end before the header says they do (ITK would read the missing voxels as 0).
     """
     path = Path(path)
     header = read_nifti_header(path)
@@ -135,9 +183,129 @@ def check_nifti(path: str | os.PathLike) -> NiftiHeader | None:
                 f"{path.name}: the voxel grid is sheared (axes {angle:.1f} degrees from a right angle in the "
                 "sform); resample it onto an orthogonal grid first"
             )
+    if len(header.dims) >= 3:
+        _check_nifti_affines(header, path.name)
+    _check_nifti_scaling(header, path.name)
     if not nifti_complete(path, header):
         raise DagmanInputError(f"{path.name} is truncated or corrupt: its data end before the header says they do")
     return header
+
+
+_FIX_HEADER = "fix the header (e.g. rewrite it with nibabel or 3D Slicer)"
+
+
+def _check_nifti_affines(header: NiftiHeader, name: str) -> None:
+    """Refuse a header whose voxel size (pixdim), sform and qform do not describe the same grid.
+
+    What ITK 5.4 (SimpleITK 2.5) reads: the voxel size always from pixdim[1..3] (absolute values), whatever the
+    sform says (it only warns "unexpected scales in sform" on stderr); the direction and origin from the sform
+    when it is orthonormal and qform_code is 0, or sform_code is 1 (scanner), or the two agree within 1e-4;
+    otherwise from the qform (qform_code > 0). So with qform_code 1 and sform_code 2 (aligned), 3 or 4 (MNI) that
+    disagree it reads the qform, with sform_code 1 the sform, and nibabel (which prefers the sform whenever
+    sform_code > 0) may place the same file elsewhere. Files whose qform and sform are float32 copies of one
+    geometry (SimpleITK, nibabel, dcm2niix, TotalSegmentator write both) agree within the tolerances.
+    """
+    sizes = np.abs(np.asarray(header.pixdim[:3], dtype=float))
+    # 1. The sform's voxel size (the lengths of its first three columns) against pixdim, when the sform is set:
+    #    ITK takes pixdim, nibabel and 3D Slicer the sform, so a file where they differ has no one voxel size.
+    if header.sform_code > 0:
+        implied = np.linalg.norm(header.srow[:, :3], axis=0)
+        if not np.allclose(implied, sizes, rtol=NIFTI_VOXEL_SIZE_RTOL, atol=NIFTI_VOXEL_SIZE_ATOL_MM):
+            raise DagmanInputError(
+                f"{name}: the header's voxel size disagrees with itself: sform {_mm(implied)} mm, pixdim "
+                f"{_mm(sizes)} mm; {_FIX_HEADER}"
+            )
+    # 2. The qform's axes and origin against the sform's, when both are set: ITK picks one by the codes (see
+    #    above), other readers by other rules, so a file where they differ is placed differently by each.
+    if header.qform_code > 0 and header.sform_code > 0:
+        q_axes, q_origin = _qform(header)
+        s_axes = header.srow[:, :3] / np.linalg.norm(header.srow[:, :3], axis=0)
+        s_origin = header.srow[:, 3]
+        cosines = np.clip(np.sum(q_axes * s_axes, axis=0), -1.0, 1.0)
+        degrees = float(np.degrees(np.arccos(cosines)).max())
+        apart = float(np.linalg.norm(q_origin - s_origin))
+        allowed = NIFTI_QFORM_SFORM_MM + 1e-5 * max(np.linalg.norm(q_origin), np.linalg.norm(s_origin))
+        if not degrees <= NIFTI_QFORM_SFORM_DEGREES or not apart <= allowed:
+            used = "sform" if header.sform_code == 1 else "qform"
+            raise DagmanInputError(
+                f"{name}: the header's two affines disagree: qform (code {header.qform_code}) and sform (code "
+                f"{header.sform_code}) axes {degrees:.3g} degrees and origins {apart:.3g} mm apart (ITK would "
+                f"read the {used}); {_FIX_HEADER}"
+            )
+
+
+def _mm(sizes: np.ndarray) -> str:
+    return " x ".join(f"{s:.4g}" for s in sizes)
+
+
+def _qform(header: NiftiHeader) -> tuple[np.ndarray, np.ndarray]:
+    """The unit axes (columns) and origin of the qform, computed as niftilib's ``nifti_quatern_to_mat44`` does
+    (non-finite fields read as 0, as niftilib's ``FIXED_FLOAT`` does)."""
+    b, c, d, *offset = (v if np.isfinite(v) else 0.0 for v in header.quatern)
+    a = 1.0 - (b * b + c * c + d * d)
+    if a < 1e-7:  # a 180-degree rotation (or a quaternion too long): niftilib normalises (b, c, d), a = 0
+        norm = np.sqrt(b * b + c * c + d * d)
+        b, c, d = (b / norm, c / norm, d / norm) if norm > 0 else (0.0, 0.0, 0.0)
+        a = 0.0
+    else:
+        a = np.sqrt(a)
+    rotation = np.array([
+        [a * a + b * b - c * c - d * d, 2 * (b * c - a * d), 2 * (b * d + a * c)],
+        [2 * (b * c + a * d), a * a + c * c - b * b - d * d, 2 * (c * d - a * b)],
+        [2 * (b * d - a * c), 2 * (c * d + a * b), a * a + d * d - c * c - b * b],
+    ])  # fmt: skip
+    rotation[:, 2] *= header.qfac
+    return rotation, np.array(offset, dtype=float)
+
+
+def _check_nifti_scaling(header: NiftiHeader, name: str) -> None:
+    """Refuse a ``scl_slope``/``scl_inter`` that ITK would apply otherwise than the NIfTI standard says.
+
+    The standard: values = stored * scl_slope + scl_inter, unless scl_slope is 0 (no scaling at all; nibabel also
+    takes NaN, which it writes, as no scaling). What ITK 5.4 does: niftilib reads a NaN or infinite slope or
+    intercept as 0; then a slope of 0 (or below 2.2e-16 in size) becomes 1, and the intercept is still added. So
+    slope 0 or NaN with an intercept of -1024 gives values 1024 lower than the standard says, a slope of 1e-20
+    is taken as 1, and a NaN intercept as 0 (nibabel refuses it). Slope 0 or NaN with intercept 0 or NaN, and any
+    finite slope with a finite intercept, are read as the standard says.
+    """
+    slope, inter = header.scl_slope, header.scl_inter
+    if np.isinf(slope):
+        raise DagmanInputError(f"{name}: the header's scl_slope is {slope:g}, not a scale factor; {_FIX_HEADER}")
+    if header.scaled and not np.isfinite(inter):
+        raise DagmanInputError(
+            f"{name}: the header's scl_inter is {inter:g} (with scl_slope {slope:g}), not a number; {_FIX_HEADER}"
+        )
+    if header.scaled and abs(slope) < _EPS:
+        raise DagmanInputError(
+            f"{name}: the header's scl_slope {slope:g} is too small for ITK, which would read it as 1; {_FIX_HEADER}"
+        )
+    if not header.scaled and np.isfinite(inter) and abs(inter) > _EPS:
+        raise DagmanInputError(
+            f"{name}: the header's scl_slope is {slope:g} (no scaling, says the NIfTI standard) but its scl_inter "
+            f"is {inter:g}, which ITK would add anyway; set scl_slope to 1 or scl_inter to 0"
+        )
+
+
+def check_nifti_values(name: str, array: np.ndarray, header: NiftiHeader) -> None:
+    """Refuse a NIfTI whose values, once ITK has applied ``scl_slope``/``scl_inter``, cannot be Hounsfield units.
+
+    Only when the scaling changes the values (a file without scaling holds what it holds). ``array`` is what ITK
+    read (a view will do); NaN is ignored, and infinite values stored in a float file are left to the NaN check.
+    """
+    if not header.scaling_applied or array.size == 0:
+        return
+    low, high = float(np.fmin.reduce(array, axis=None)), float(np.fmax.reduce(array, axis=None))
+    if not (np.isfinite(low) and np.isfinite(high)) and header.datatype in _NIFTI_FLOATS:
+        finite = np.isfinite(array)
+        if not finite.any():
+            return
+        low = float(np.min(array, where=finite, initial=np.inf))
+        high = float(np.max(array, where=finite, initial=-np.inf))
+    if not (low >= -NIFTI_VALUE_LIMIT and high <= NIFTI_VALUE_LIMIT):
+        raise DagmanInputError(
+            f"{name}: its values span {low:.3g} to {high:.3g} (scl_slope {header.scl_slope:g}, scl_inter "
+            f"{header.scl_inter:g}): not Hounsfield units; check the header's scl_slope/scl_inter"
+        )
 
 
 def nifti_complete(path: str | os.PathLike, header: NiftiHeader | None = None) -> bool:
@@ -235,6 +403,7 @@ def check_metaimage(path: str | os.PathLike) -> None:
     if not fields:
         return  # not a MetaImage at all: ITK says so
     dims = _metaimage_dims(fields, path.name)
+    _metaimage_direction(fields, len(dims), path.name)
     if offset is None:
         raise DagmanInputError(f"{path.name} is truncated or corrupt: its header ends before ElementDataFile")
     try:
@@ -275,6 +444,29 @@ def _metaimage_dims(fields: dict[str, str], name: str) -> list[int]:
     return dims
 
 
+def _metaimage_direction(fields: dict[str, str], ndims: int, name: str) -> None:
+    """Refuse a direction matrix (``TransformMatrix``, or its aliases) that is singular or not finite: ITK fails on
+    it with the matrix's last row as its only word. One that is not numbers at all is left to ITK."""
+    key = next((k for k in ("TransformMatrix", "Rotation", "Orientation") if k in fields), None)
+    if key is None:
+        return
+    text = fields[key]
+    try:
+        values = np.array([float(v) for v in text.split()], dtype=float)
+    except ValueError:
+        return
+    if values.size != ndims * ndims:
+        return
+    matrix = values.reshape(ndims, ndims)
+    if not np.all(np.isfinite(matrix)):
+        raise DagmanInputError(f"{name}: its direction matrix ({key} {text}) is not finite")
+    if abs(np.linalg.det(matrix)) < 1e-6:
+        raise DagmanInputError(
+            f"{name}: its direction matrix ({key} {text}) is singular: its axes do not span the volume's "
+            "space, so the orientation of the voxels is unknown"
+        )
+
+
 def _metaimage_fields(path: Path) -> tuple[dict[str, str], int | None]:
     """``key = value`` lines up to ``ElementDataFile`` (the last header line) and the byte offset after it (None
     when the header ends without it)."""
@@ -296,6 +488,179 @@ def _metaimage_fields(path: Path) -> tuple[dict[str, str], int | None]:
 
 
 # --- DICOM series -----------------------------------------------------------------------------------------------
+#: How far (largest difference of a direction cosine) a slice's ImageOrientationPatient may be from the first
+#: slice's and still count as the same orientation: 1e-3 is about a twentieth of a degree, far above rounding.
+DICOM_ORIENTATION_TOLERANCE = 1e-3
+#: A slice whose normal is within this |cosine| of perpendicular to the series' is a localizer (about 6 degrees).
+_PERPENDICULAR = 0.1
+
+
+@dataclass(frozen=True)
+class DicomSlice:
+    """What one DICOM file's header says about where its slice lies and what its values mean: the tags' text as
+    stored (None when the tag is absent), read before any pixel data."""
+
+    file: str
+    modality: str | None = None
+    image_type: str = ""
+    position: str | None = None  # ImagePositionPatient (0020,0032)
+    orientation: str | None = None  # ImageOrientationPatient (0020,0037)
+    size: tuple[int, int] | None = None  # columns, rows
+    slope: str | None = None  # RescaleSlope (0028,1053)
+    intercept: str | None = None  # RescaleIntercept (0028,1052)
+    unreadable: str | None = None  # why the header could not be read
+
+    @property
+    def name(self) -> str:
+        return Path(self.file).name
+
+
+def _numbers(text: str | None, count: int) -> np.ndarray | None:
+    """``count`` finite numbers from a DICOM multi-value (``a\\b\\c``), or None."""
+    try:
+        values = np.array([float(v) for v in (text or "").split("\\")], dtype=float)
+    except ValueError:
+        return None
+    return values if values.size == count and np.all(np.isfinite(values)) else None
+
+
+def _normal(orientation: str | None) -> np.ndarray | None:
+    """The unit normal of an ImageOrientationPatient, None when it is not two perpendicular unit vectors."""
+    cosines = _numbers(orientation, 6)
+    if cosines is None:
+        return None
+    row, col = cosines[:3], cosines[3:]
+    if abs(np.linalg.norm(row) - 1) > 1e-2 or abs(np.linalg.norm(col) - 1) > 1e-2:
+        return None
+    if abs(row @ col) > ORTHOGONALITY_TOLERANCE:
+        return None
+    normal = np.cross(row, col)
+    return normal / np.linalg.norm(normal)
+
+
+def _listed(slices: Sequence[DicomSlice]) -> str:
+    names = [s.name for s in slices[:3]]
+    return ", ".join(names) + (f" and {len(slices) - 3} more" if len(slices) > 3 else "")
+
+
+def dicom_volume_slices(slices: Sequence[DicomSlice], *, name: str) -> tuple[list[DicomSlice], list[str]]:
+    """The slices of a series that make up its volume, and a note for each kind left out.
+
+    Localizers (ImageType LOCALIZER, or a normal perpendicular to the series') and slices of another matrix size
+    than most are left out: they cannot belong to the stack, and a gap they leave is caught by the spacing check.
+    Kept slices stay in GDCM's order unless something was left out (then by position: GDCM orders a series of
+    mixed orientations otherwise). Raises `DagmanInputError` when the left-out ones are not clearly the few.
+    """
+    notes: list[str] = []
+    localizers = [s for s in slices if "LOCALIZER" in [v.strip() for v in s.image_type.upper().split("\\")]]
+    rest = [s for s in slices if s not in localizers]
+    normals = [_normal(s.orientation) for s in rest]
+    known = [n for n in normals if n is not None]
+    if known:
+        keys = [tuple(np.round(n, 2)) for n in known]
+        main = known[max(range(len(keys)), key=keys.count)]
+        across = [s for s, n in zip(rest, normals, strict=True) if n is not None and abs(n @ main) < _PERPENDICULAR]
+        if across and 2 * len(across) >= len(rest):
+            raise DagmanInputError(
+                f"DICOM series {name}: its slices lie in perpendicular planes ({across[0].name} and another); "
+                "which are localizers is unclear; keep one orientation per folder"
+            )
+        localizers += across
+        rest = [s for s in rest if s not in across]
+    if localizers:
+        notes.append(f"left out {len(localizers)} localizer{'s' * (len(localizers) > 1)} ({_listed(localizers)})")
+    sizes = [s.size for s in rest if s.size is not None]
+    if sizes:
+        usual = max(set(sizes), key=sizes.count)
+        for size in sorted(set(sizes) - {usual}):
+            other = [s for s in rest if s.size == size]
+            if 2 * len(other) >= len(rest):
+                raise DagmanInputError(
+                    f"DICOM series {name}: its slices have two matrix sizes ({other[0].name} is {size[0]} x "
+                    f"{size[1]}, others {usual[0]} x {usual[1]}); keep one size per folder"
+                )
+            notes.append(
+                f"left out {len(other)} slice{'s' * (len(other) > 1)} of another size {size[0]} x {size[1]} "
+                f"({_listed(other)}; the others are {usual[0]} x {usual[1]})"
+            )
+            rest = [s for s in rest if s.size != size]
+    if not rest:
+        raise DagmanInputError(f"DICOM series {name} holds only localizers ({_listed(localizers)})")
+    if len(rest) < len(slices) and known:
+        positions = [_numbers(s.position, 3) for s in rest]
+        if all(p is not None for p in positions):
+            distance = [float(p @ main) for p in positions]  # type: ignore[operator]
+            rest = [rest[k] for k in sorted(range(len(rest)), key=distance.__getitem__)]
+    return rest, notes
+
+
+def check_dicom_slices(slices: Sequence[DicomSlice], *, name: str) -> bool:
+    """Refuse a series whose headers do not say where a slice lies or what its values are; True when the slices
+    carry different rescales (the caller then reads them as floating point, so each slice gets its own exactly).
+
+    Raises `DagmanInputError` naming the first file with an unreadable header, no or a broken
+    ImagePositionPatient or ImageOrientationPatient (ITK would stack the slices 1 mm apart, or at a guessed
+    spacing), an orientation other than the first slice's, or a RescaleSlope/RescaleIntercept that is not a
+    number, or a slope of 0 (ITK reads both as 1).
+    """
+    first: tuple[DicomSlice, np.ndarray] | None = None
+    rescales = set()
+    for s in slices:
+        where = f"DICOM series {name}: {s.name}"
+        if s.unreadable:
+            raise DagmanInputError(f"{where} has a header that cannot be read ({s.unreadable})")
+        position, orientation = (s.position or "").strip(), (s.orientation or "").strip()
+        if not position:
+            raise DagmanInputError(f"{where} has no ImagePositionPatient (0020,0032), so where its slice lies is unknown")
+        if not orientation:
+            raise DagmanInputError(
+                f"{where} has no ImageOrientationPatient (0020,0037), so how its slice is oriented is unknown"
+            )
+        if _numbers(position, 3) is None:
+            raise DagmanInputError(
+                f"{where} has ImagePositionPatient (0020,0032) '{position}', not three numbers, so where its slice "
+                "lies is unknown"
+            )
+        cosines = _numbers(orientation, 6)
+        if cosines is None or _normal(orientation) is None:
+            raise DagmanInputError(
+                f"{where} has ImageOrientationPatient (0020,0037) '{orientation}', not two perpendicular unit "
+                "vectors, so how its slice is oriented is unknown"
+            )
+        if first is None:
+            first = (s, cosines)
+        elif np.abs(cosines - first[1]).max() > DICOM_ORIENTATION_TOLERANCE:
+            raise DagmanInputError(
+                f"{where} is oriented otherwise than {first[0].name} (ImageOrientationPatient '{orientation}' "
+                f"against '{(first[0].orientation or '').strip()}'), so the slices are not one volume"
+            )
+        rescales.add(dicom_rescale(s, where=where))
+    return len(rescales) > 1
+
+
+def dicom_rescale(s: DicomSlice, *, where: str) -> tuple[float, float]:
+    """A slice's (RescaleSlope, RescaleIntercept), 1 and 0 when absent; refused when not a number or a slope of 0
+    (ITK reads both as 1: the values would be read wrong without a word)."""
+    slope = _rescale(s.slope, "RescaleSlope (0028,1053)", where, default=1.0)
+    if slope == 0:
+        raise DagmanInputError(
+            f"{where} has RescaleSlope (0028,1053) 0, which would make every voxel its intercept (ITK reads it as "
+            "1), so its values in HU are unknown"
+        )
+    return slope, _rescale(s.intercept, "RescaleIntercept (0028,1052)", where, default=0.0)
+
+
+def _rescale(text: str | None, tag: str, where: str, *, default: float) -> float:
+    """A rescale value; absent or empty gives ``default`` (what ITK reads), one that is not a number is refused."""
+    text = (text or "").strip()
+    if not text:
+        return default
+    value = _numbers(text, 1)
+    if value is None:
+        raise DagmanInputError(f"{where} has {tag} '{text}', not a number, so its values in HU are unknown")
+    return float(value[0])
+
+
 @dataclass(frozen=True)
 class SliceGeometry:
     """Where the slices of a series lie along its normal: distances (mm) from the first slice, in read order."""

@@ -12,7 +12,7 @@ import json
 import os
 import tempfile
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,8 +32,13 @@ from napari_dagman.core.files import (  # noqa: F401  (re-exported: the writers 
     suffix_of,
 )
 from napari_dagman.core.headers import (
+    DicomSlice,
+    check_dicom_slices,
     check_metaimage,
     check_nifti,
+    check_nifti_values,
+    dicom_rescale,
+    dicom_volume_slices,
     even_slices,
     nifti_complete,
     nifti_non_finite,
@@ -51,6 +56,9 @@ MAX_LABEL_VALUES = 1024
 #: (default) or "resample" (interpolate onto even slices, with a note). Read from this environment variable.
 UNEVEN_SLICES_ENV = "NAPARI_DAGMAN_UNEVEN_SLICES"
 UNEVEN_SLICES_CHOICES = ("refuse", "resample")
+#: Set to 1 to read DICOM of a modality other than CT (MR, PET, ...) when the caller does not say; by default it
+#: is refused: the models here are trained on and for CT, in HU.
+ANY_MODALITY_ENV = "NAPARI_DAGMAN_ANY_MODALITY"
 
 _DICOM_TAGS = {
     "0008|103e": "series_description",
@@ -158,9 +166,11 @@ class DicomSeries:
     """One DICOM series found in a folder."""
 
     uid: str
-    files: tuple[str, ...]
+    files: tuple[str, ...]  # the slices of the volume, in stacking order (localizers and odd sizes left out)
     description: str
     number: str = ""
+    notes: tuple[str, ...] = ()  # what was left out, and why
+    headers: tuple[DicomSlice, ...] = field(default=(), compare=False, repr=False)  # of ``files``, in order
 
     @property
     def name(self) -> str:
@@ -178,29 +188,101 @@ def _dicom_tags(file: str) -> dict[str, str]:
     }
 
 
+def _dicom_header(file: str) -> tuple[dict[str, str], DicomSlice]:
+    """One file's descriptive tags (as `_dicom_tags`) and its `DicomSlice`, from one read of its header."""
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(file)
+    reader.LoadPrivateTagsOff()
+    try:
+        with quiet_itk():
+            reader.ReadImageInformation()
+    except RuntimeError as err:
+        return {}, DicomSlice(file, unreadable=_first_line(err))
+
+    def text(tag: str) -> str | None:
+        return reader.GetMetaData(tag) if reader.HasMetaDataKey(tag) else None
+
+    tags = {key: reader.GetMetaData(tag).strip() for tag, key in _DICOM_TAGS.items() if reader.HasMetaDataKey(tag)}
+    size = reader.GetSize()
+    return tags, DicomSlice(
+        file,
+        modality=text("0008|0060"),
+        image_type=text("0008|0008") or "",
+        position=text("0020|0032"),
+        orientation=text("0020|0037"),
+        size=(size[0], size[1]) if len(size) >= 2 else None,
+        slope=text("0028|1053"),
+        intercept=text("0028|1052"),
+    )
+
+
 def list_dicom_series(folder: str | os.PathLike) -> list[DicomSeries]:
-    """All DICOM series directly inside ``folder`` (one entry per SeriesInstanceUID)."""
+    """All DICOM series directly inside ``folder`` (one entry per SeriesInstanceUID), each with the files of its
+    volume: localizers and slices of another size are left out, with a note (see `dicom_volume_slices`)."""
     folder = str(folder)
-    uids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(folder)
+    with quiet_itk():  # GDCM's "No Series were found" would reach stderr for a folder without DICOM
+        uids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(folder)
     series = []
     for uid in uids:
-        files = tuple(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(folder, uid))
+        with quiet_itk():
+            files = tuple(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(folder, uid))
         if not files:
             continue
-        try:
-            tags = _dicom_tags(files[0])
-        except RuntimeError:
-            tags = {}
-        series.append(
-            DicomSeries(uid, files, tags.get("series_description", ""), tags.get("series_number", ""))
-        )
+        read = [_dicom_header(f) for f in files]
+        tags = read[0][0]
+        listed = DicomSeries(uid, files, tags.get("series_description", ""), tags.get("series_number", ""))
+        kept, notes = dicom_volume_slices([h for _, h in read], name=f"'{listed.name}' in {folder}")
+        files = tuple(h.file for h in kept)
+        series.append(replace(listed, files=files, notes=tuple(notes), headers=tuple(kept)))
     return series
 
 
-def _read_series(series: DicomSeries, folder: Path, uneven_slices: str) -> Volume:
+def _any_modality(value: bool | None) -> bool:
+    """Whether DICOM of another modality than CT is read: ``value``, else ``$NAPARI_DAGMAN_ANY_MODALITY``."""
+    if value is not None:
+        return value
+    raw = os.environ.get(ANY_MODALITY_ENV, "").strip().lower()
+    if raw in ("", "0", "false", "no"):
+        return False
+    if raw in ("1", "true", "yes"):
+        return True
+    raise DagmanInputError(f"{ANY_MODALITY_ENV} must be 1 or 0, got '{raw}'")
+
+
+def _check_modality(slices: Iterable[DicomSlice], what: str, any_modality: bool, notes: list[str]) -> None:
+    """Refuse DICOM that says it is not CT, naming its modality (unless any is allowed); none said: a note."""
+    said = [(s, (s.modality or "").strip().upper()) for s in slices]
+    other = next(((s, m) for s, m in said if m and m != "CT"), None)
+    if other is not None:
+        modality = other[1]
+        article = "an" if modality[0] in "AEFHILMNORSX" else "a"  # an MR, an RT, a PT, a US
+        kind = f"{article} {modality} series ({other[0].name})" if len(said) > 1 else f"{article} {modality} image"
+        if not any_modality:
+            raise DagmanInputError(
+                f"{what} is {kind}; this tool reads CT (values in HU); set {ANY_MODALITY_ENV}=1 to read it anyway"
+            )
+        notes.append(f"{what} is {kind}, read as asked although this tool is made for CT")
+    elif not any(m for _, m in said):
+        notes.append(f"{what} does not say its modality (no Modality (0008,0060)): read as CT")
+
+
+def _read_series(series: DicomSeries, folder: Path, uneven_slices: str, any_modality: bool) -> Volume:
+    name = f"'{series.name}' in {folder}"
+    headers = series.headers or tuple(_dicom_header(f)[1] for f in series.files)
+    notes = [f"DICOM series {name}: {note}" for note in series.notes]
+    _check_modality(headers, f"DICOM series {name}", any_modality, notes)
+    mixed_rescale = check_dicom_slices(headers, name=name)  # before the pixels: a refused series is not decoded
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(list(series.files))
     reader.MetaDataDictionaryArrayUpdateOn()  # every slice's position, without reading the files again
+    if mixed_rescale:
+        # ITK rescales each slice with its own slope and intercept, but into the pixel type the first slice's
+        # needs: an integer type would round or overflow the others'
+        reader.SetOutputPixelType(sitk.sitkFloat32)
+        notes.append(
+            f"DICOM series {name}: its slices have different RescaleSlope/RescaleIntercept; each slice was "
+            "rescaled with its own (read as floating point)"
+        )
     try:
         with quiet_itk():  # its warning about uneven slices is replaced by our check below
             image = reader.Execute()
@@ -208,7 +290,6 @@ def _read_series(series: DicomSeries, folder: Path, uneven_slices: str) -> Volum
         raise DagmanInputError(
             f"cannot read DICOM series '{series.name}' in {folder}: {_first_line(err)}"
         ) from None
-    notes: list[str] = []
     image = _even_series(image, reader, f"'{series.name}' in {folder}", uneven_slices, notes)
     try:
         tags = _dicom_tags(series.files[0])
@@ -279,19 +360,24 @@ def _first_line(err: BaseException) -> str:
     return lines[-1] if lines else type(err).__name__
 
 
-def read_volumes(path: str | os.PathLike, *, uneven_slices: str | None = None) -> list[Volume]:
+def read_volumes(
+    path: str | os.PathLike, *, uneven_slices: str | None = None, any_modality: bool | None = None
+) -> list[Volume]:
     """Read a file, or every DICOM series in a folder, as LPS-oriented volumes.
 
     ``uneven_slices`` says what to do with a DICOM series whose slices are not evenly spaced (a missing or
     unreadable file): "refuse" or "resample" (interpolate onto even slices; the volume's ``metadata["notes"]``
-    says so); default: ``$NAPARI_DAGMAN_UNEVEN_SLICES``, else refuse.
+    says so); default: ``$NAPARI_DAGMAN_UNEVEN_SLICES``, else refuse. ``any_modality`` reads DICOM that says it
+    is not CT (MR, PET, ...; refused by default); default: ``$NAPARI_DAGMAN_ANY_MODALITY`` set to 1.
 
     Raises
     ------
     DagmanInputError
         When the path does not exist, is not a readable 3D single-channel volume, is a folder without DICOM
         series, or its header or slices give a geometry that cannot be trusted (voxel size 0 or NaN, a sheared
-        grid, uneven DICOM slices) or its data are cut short.
+        grid, uneven DICOM slices), a DICOM header does not say where a slice lies or what its values are
+        (ImagePositionPatient, ImageOrientationPatient, RescaleSlope/Intercept), it is not CT, or its data are cut
+        short.
     """
     path = Path(path)
     if not path.exists():
@@ -305,7 +391,8 @@ def read_volumes(path: str | os.PathLike, *, uneven_slices: str | None = None) -
         series = list_dicom_series(path)
         if not series:
             raise DagmanInputError(f"no DICOM series found in folder {path}")
-        return [_read_series(s, path, policy) for s in series]
+        allowed = _any_modality(any_modality)
+        return [_read_series(s, path, policy, allowed) for s in series]
     if path.stat().st_size == 0:
         raise DagmanInputError(f"{path.name} is an empty file")
     suffix = suffix_of(path)
@@ -313,6 +400,9 @@ def read_volumes(path: str | os.PathLike, *, uneven_slices: str | None = None) -
     header = check_nifti(path) if suffix in (".nii", ".nii.gz") else None
     if suffix in (".mha", ".mhd"):
         check_metaimage(path)
+    notes: list[str] = []
+    dicom = suffix == ".dcm" or looks_like_dicom(path)
+    dicom_tags = _check_dicom_file(path, _any_modality(any_modality), notes) if dicom else {}
     try:
         with quiet_itk():
             image = _itk_read(path)
@@ -327,10 +417,10 @@ def read_volumes(path: str | os.PathLike, *, uneven_slices: str | None = None) -
         raise DagmanInputError(f"cannot read {path.name}: broken or truncated file ({reason})") from None
     if header is not None:
         image = _restore_non_finite(image, path, header)
-    meta: dict[str, Any] = {"source_path": str(path), "name": stem_of(path)}
-    if suffix == ".dcm" or looks_like_dicom(path):
-        with contextlib.suppress(RuntimeError):
-            meta.update(_dicom_tags(str(path)))
+        check_nifti_values(path.name, sitk.GetArrayViewFromImage(image), header)  # scl_slope/inter gave HU?
+    meta: dict[str, Any] = {"source_path": str(path), "name": stem_of(path), **dicom_tags}
+    if notes:
+        meta["notes"] = notes
     try:
         volume = from_sitk(image, meta)
     except DagmanInputError as err:
@@ -340,6 +430,16 @@ def read_volumes(path: str | os.PathLike, *, uneven_slices: str | None = None) -
         if names is not None:
             volume.metadata["label_names"] = names
     return [volume]
+
+
+def _check_dicom_file(path: Path, any_modality: bool, notes: list[str]) -> dict[str, str]:
+    """Refuse a single DICOM file that is not CT or whose rescale is not a number or 0 (ITK reads 1); its tags."""
+    tags, header = _dicom_header(str(path))
+    if header.unreadable:
+        return tags  # not DICOM after all, or broken: ITK says which
+    _check_modality([header], path.name, any_modality, notes)
+    dicom_rescale(header, where=path.name)
+    return tags
 
 
 def _itk_read(path: Path) -> sitk.Image:
@@ -393,9 +493,11 @@ def expand_inputs(paths: Iterable[str | os.PathLike]) -> list[str]:
     return out
 
 
-def read_volume(path: str | os.PathLike, *, uneven_slices: str | None = None) -> Volume:
+def read_volume(
+    path: str | os.PathLike, *, uneven_slices: str | None = None, any_modality: bool | None = None
+) -> Volume:
     """Read exactly one volume; a folder holding several DICOM series is an error (name the series)."""
-    volumes = read_volumes(path, uneven_slices=uneven_slices)
+    volumes = read_volumes(path, uneven_slices=uneven_slices, any_modality=any_modality)
     if len(volumes) > 1:
         names = ", ".join(repr(v.metadata.get("name")) for v in volumes)
         raise DagmanInputError(
@@ -408,14 +510,23 @@ def read_volume(path: str | os.PathLike, *, uneven_slices: str | None = None) ->
 def label_map_message(volume: Volume, what: str | None = None) -> str | None:
     """The warning for an "image" that holds a label map (whole numbers, few distinct values), else None: one rule
     for the CLI, the docks and the jobs."""
-    if not is_label_map(volume):
+    if not is_label_map(volume) or np.ptp(volume.array) == 0:  # a constant volume is refused as such elsewhere
         return None
     what = what or f"'{volume.metadata.get('source_path') or volume.metadata.get('name') or 'an image'}'"
     values = np.unique(volume.array)
     return (
         f"{what} looks like a label map, not a CT ({len(values)} distinct whole numbers from {values.min()} to "
-        f"{values.max()}): check that the CT is the image chosen"
+        f"{values.max()}): choose the CT as the image"
     )
+
+
+def check_ct(volume: Volume, what: str | None = None) -> Volume:
+    """``volume`` when it can be a CT; a label map given as the CT is refused (`label_map_message`): trained on, it
+    teaches nothing, and segmented, it gives nonsense. One rule for the CLI, the docks and the jobs."""
+    message = label_map_message(volume, what)
+    if message:
+        raise DagmanInputError(message)
+    return volume
 
 
 def is_label_map(volume: Volume) -> bool:
@@ -438,11 +549,13 @@ def sidecar_path(path: str | os.PathLike) -> Path:
 
 def read_label_names(path: str | os.PathLike) -> dict[int, str] | None:
     """Id -> name from ``<stem>.labels.json`` or, failing that, a ``labels.json`` in the same folder."""
+    from napari_dagman.core.files import read_json
+
     path = Path(path)
     for candidate in (sidecar_path(path), path.with_name("labels.json")):
         if candidate.is_file():
+            raw = read_json(candidate)
             try:
-                raw = json.loads(candidate.read_text())
                 return {int(k): str(v) for k, v in raw.items()}
             except (ValueError, AttributeError, TypeError):
                 raise DagmanInputError(f"{candidate} is not a JSON object of label id -> name") from None
