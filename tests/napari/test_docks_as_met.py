@@ -120,12 +120,10 @@ def test_docks_opened_first_pick_the_ct_when_it_is_opened(make_napari_viewer, sh
     assert PretrainWidget(viewer).layers.value == [other]
 
 
-def test_a_label_map_given_as_the_ct_is_warned_about(
-    make_napari_viewer, shared_data, tmp_path, notifications
-):
+def test_a_label_map_given_as_the_ct_is_refused_at_start(make_napari_viewer, shared_data, tmp_path, notifications):
     from napari_dagman._widgets.common.jobs import pretrain_job
     from napari_dagman.core.config import PretrainConfig
-    from napari_dagman.core.events import LogEvent
+    from napari_dagman.core.errors import DagmanInputError
     from napari_dagman.core.io import read_volume
 
     viewer = make_napari_viewer()
@@ -135,27 +133,23 @@ def test_a_label_map_given_as_the_ct_is_warned_about(
     dock = PretrainWidget(viewer)
     dock.layers.value = [layer]
     dock.runs_folder.value = str(tmp_path)
-    dock.build_job()
-    warnings = [m for s, m in notifications if s == "warning"]
-    assert warnings and "'seg as image' looks like a label map" in warnings[-1] and "\n" not in warnings[-1]
-    # the real CT is not warned about
+    assert dock.start() is False  # refused at Start, nothing launched
+    errors = [m for s, m in notifications if s == "error"]
+    assert errors and "'seg as image' looks like a label map" in errors[-1] and "\n" not in errors[-1]
+    assert not [p for p in tmp_path.iterdir() if p.is_dir()]  # no run folder
+    # the real CT is not refused
     ct = viewer.open(shared_data / "example_ct_sm.nii.gz", plugin="napari-dagman")[0]
     dock.layers.value = [ct]
     count = len(notifications)
     dock.build_job()
     assert not [m for s, m in notifications[count:] if "label map" in m]
-    # a label-map file given to pretrain: the job says so before training (a child process cannot notify)
+    # a label-map file given to pretrain (the child process reads files itself): refused before any step
     config = PretrainConfig(
         images=[str(shared_data / "example_seg.nii.gz")], out=str(tmp_path / "x"), preset="tiny"
     )
-    job = pretrain_job(config)
-    warned = None
-    for event in job:
-        if isinstance(event, LogEvent) and event.level == "warning":
-            warned = event.message
-            break
-    job.close()
-    assert warned is not None and "example_seg.nii.gz' looks like a label map" in warned
+    with pytest.raises(DagmanInputError, match="example_seg.nii.gz' looks like a label map"):
+        list(pretrain_job(config))
+    assert not (tmp_path / "x").exists()
 
 
 # --- run folders checked at Start ------------------------------------------------------------------------------

@@ -35,11 +35,28 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     return parser
 
 
+def empty_argument(argv: Sequence[str]) -> str | None:
+    """The first flag (or positional argument) given an empty string, which argparse takes as a value and the
+    job then as "not given" (a default used without a word); None when there is none."""
+    for k, token in enumerate(argv):
+        if token.startswith("--") and token.endswith("=") and len(token) > 3:
+            return token[:-1]
+        if token == "":
+            before = argv[k - 1] if k else ""
+            return before if before.startswith("-") and "=" not in before else f"argument {k + 1}"
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the console script; returns the exit status."""
     from napari_dagman.core.errors import DagmanError
 
     argv = list(sys.argv[1:] if argv is None else argv)
+    empty = empty_argument(argv)
+    if empty:  # before argparse, which takes "" as a value (or chokes on it in a choice list)
+        command = f" {argv[0]}" if argv and argv[0] in SUBCOMMANDS else ""
+        print(f"napari-dagman{command}: error: {empty} is empty: give a value or leave it out", file=sys.stderr)
+        return EXIT_USER_ERROR
     try:
         parser = build_parser(argv)
     except DagmanError as err:

@@ -66,7 +66,7 @@ def requested_method(argv: list[str]) -> str | None:
         if source and Path(source).is_file():
             try:
                 method = json.loads(Path(source).read_text()).get("method")
-            except (ValueError, AttributeError, OSError):
+            except (ValueError, AttributeError, OSError, RecursionError):
                 method = None  # the config is refused with its own message later
     method = method or "dagman"
     return method if method in method_names() else None

@@ -21,6 +21,7 @@ def add_parser(sub: argparse._SubParsersAction, argv: Sequence[str] = ()) -> Non
 
 
 def run(args: argparse.Namespace) -> int:
+    check_files(args.files)  # before the window opens: a wrong path is one line, not a traceback from napari
     import napari
 
     viewer = napari.Viewer(title="napari-dagman")
@@ -33,6 +34,23 @@ def run(args: argparse.Namespace) -> int:
         open_docks(viewer)
     napari.run()
     return 0
+
+
+def check_files(files: Sequence[str]) -> None:
+    """Refuse a path that does not exist or that the plugin's reader does not take (neither a volume file nor a
+    folder with DICOM)."""
+    from pathlib import Path
+
+    from napari_dagman._reader import get_reader
+    from napari_dagman.core.errors import DagmanInputError
+
+    for name in files:
+        path = Path(name)
+        if not path.exists():
+            raise DagmanInputError(f"{path} does not exist")
+        if get_reader(str(path)) is None:
+            what = "a folder without DICOM files" if path.is_dir() else "not a CT or label file this plugin reads"
+            raise DagmanInputError(f"{path} is {what} (NIfTI, NRRD, MHA/MHD, DICOM)")
 
 
 def open_docks(viewer) -> list[str]:

@@ -33,6 +33,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from napari_dagman.core.errors import CheckpointError, DagmanInputError
+from napari_dagman.core.files import MAX_JSON_BYTES, MAX_JSON_DEPTH, json_depth, parse_json, read_json
 from napari_dagman.core.io import atomic_write
 from napari_dagman.core.models.architecture import Architecture, checked_architecture
 from napari_dagman.core.runs import (  # noqa: F401  (re-exported: the run folder lives in core.runs, torch-free)
@@ -88,6 +89,7 @@ def load_tensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
+    check_safetensors_header(path)
     try:
         from safetensors import safe_open
 
@@ -99,6 +101,32 @@ def load_tensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict
     if metadata.get("format") != FORMAT:
         raise CheckpointError(f"{path.name} is a safetensors file but not a napari-dagman checkpoint")
     return tensors, metadata
+
+
+def check_safetensors_header(path: Path) -> dict[str, Any]:
+    """The header of a safetensors file, read with limits before the library sees it: at most
+    `MAX_JSON_BYTES` and `MAX_JSON_DEPTH` deep, the JSON held in its metadata strings too (the loaders parse
+    those: architecture, classes, optimiser state). A hostile header is one line, not a crash."""
+    what = f"{path.name}'s header"
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            if not 0 < n <= size - 8:
+                raise CheckpointError(f"{path.name} is not a readable safetensors checkpoint (header length {n})")
+            if n > MAX_JSON_BYTES:
+                raise CheckpointError(f"{what} is larger than it can be ({n:,} bytes; at most {MAX_JSON_BYTES:,})")
+            raw = fh.read(n)
+    except OSError as err:
+        raise CheckpointError(f"cannot read {path}: {err.strerror or err}") from None
+    header = parse_json(raw, what, error=CheckpointError)
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path.name} is not a readable safetensors checkpoint (its header is not an object)")
+    metadata = header.get("__metadata__") or {}
+    for key, value in metadata.items() if isinstance(metadata, dict) else ():
+        if isinstance(value, str) and json_depth(value) > MAX_JSON_DEPTH:
+            raise CheckpointError(f"{path.name}: its metadata '{key}' nests deeper than {MAX_JSON_DEPTH} levels")
+    return header
 
 
 def prefixed(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
@@ -375,10 +403,7 @@ def load_pretrained_encoder(
         )
         config, config_path = {}, sibling
         if sibling.is_file():
-            try:
-                config = json.loads(sibling.read_text())
-            except (json.JSONDecodeError, UnicodeDecodeError, OSError) as err:
-                raise CheckpointError(f"{sibling} beside {path.name} is not readable JSON ({err})") from None
+            config = read_json(sibling, f"{sibling} beside {path.name}", error=CheckpointError)
             if not isinstance(config, dict):
                 raise CheckpointError(f"{sibling} beside {path.name} is not a run config")
     tensors, meta = load_tensors(file)

@@ -5,11 +5,16 @@ any work (`core.io` re-exports these for its readers and writers)."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
+
+import numpy as np
 
 from napari_dagman.core.errors import DagmanError, DagmanInputError
 
@@ -64,6 +69,8 @@ def atomic_write(
         raise DagmanInputError(f"cannot write {path}: {_os_reason(err, path.parent)}") from None
     except DagmanError as err:
         raise type(err)(f"cannot write {path}: {err}") from None
+    except Exception as err:  # a library's own words for a failed write (torch: "enforce fail at ...")
+        raise DagmanInputError(f"cannot write {path}: {_library_reason(err, path.parent)}") from err
     finally:
         if tmp is not None:
             with contextlib.suppress(OSError):  # gone with its folder: nothing more to clean
@@ -81,13 +88,20 @@ def is_temporary(name: str) -> bool:
     return _TEMPORARY.fullmatch(name) is not None
 
 
-def remove_temporaries(folder: str | os.PathLike) -> list[str]:
-    """Delete the leftovers of killed writes in ``folder`` (only safe while no other process writes there)."""
+def remove_temporaries(folder: str | os.PathLike, *, older_than_s: float | None = None) -> list[str]:
+    """Delete the leftovers of killed writes in ``folder``.
+
+    Without ``older_than_s`` only safe while no other process writes there (a run folder under its lock); a
+    folder that several processes share (the embedding cache) passes an age no live write reaches.
+    """
     removed = []
+    now = time.time()
     with contextlib.suppress(OSError):
         for entry in Path(folder).iterdir():
             if is_temporary(entry.name) and entry.is_file():
                 with contextlib.suppress(OSError):
+                    if older_than_s is not None and now - entry.stat().st_mtime < older_than_s:
+                        continue
                     entry.unlink()
                     removed.append(entry.name)
     return removed
@@ -134,6 +148,21 @@ def _os_reason(err: OSError, folder: Path) -> str:
     return reason
 
 
+#: Free space under which a failed write is put down to a full disk (a library that hides the system's error).
+_NEARLY_FULL_BYTES = 1 << 20
+
+
+def _library_reason(err: Exception, folder: Path) -> str:
+    """One line for a writer that failed with its own exception: a full disk when the folder's file system is
+    (nearly) full, else the first line of what it said, with its type."""
+    with contextlib.suppress(OSError):
+        info = os.statvfs(folder)
+        if info.f_bavail * info.f_frsize < _NEARLY_FULL_BYTES:
+            return os.strerror(28)  # ENOSPC: "No space left on device"
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+    return f"{type(err).__name__}: {lines[0] if lines else 'failed'}"
+
+
 def _umask_mode() -> int:
     """Permissions a normal ``open()`` would give a new file (mkstemp's are owner-only)."""
     mask = os.umask(0)
@@ -160,3 +189,67 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
             fh.write(text)
 
     atomic_write(path, write)
+
+
+# --- reading JSON with limits ------------------------------------------------------------------------------------
+#: Most bytes of JSON we parse from one file or header: far above what this tool writes (a run config holds a few
+#: KB, a base-preset safetensors header well under 1 MB), far below what would exhaust memory or time.
+MAX_JSON_BYTES = 16 * 2**20
+#: Deepest nesting of JSON we parse: ours nest at most 5 levels; Python's parser recurses once per level, and a
+#: hostile file nested 100,000 deep would end in a RecursionError (or, in native parsers, a crash).
+MAX_JSON_DEPTH = 64
+#: A JSON string literal (escapes included): its brackets are text, not nesting.
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.S)
+
+
+def json_depth(raw: str | bytes) -> int:
+    """How deep the arrays and objects of a JSON text nest (0 for a bare value), counted without parsing it."""
+    data = raw.encode("utf-8", "surrogatepass") if isinstance(raw, str) else bytes(raw)
+    bare = np.frombuffer(_JSON_STRING.sub(b'""', data), dtype=np.uint8)
+    opens = (bare == ord("[")) | (bare == ord("{"))
+    closes = (bare == ord("]")) | (bare == ord("}"))
+    return int(np.cumsum(opens.astype(np.int64) - closes).max(initial=0))
+
+
+def parse_json(
+    raw: str | bytes,
+    what: str,
+    *,
+    error: type[DagmanError] = DagmanInputError,
+    max_bytes: int = MAX_JSON_BYTES,
+    max_depth: int = MAX_JSON_DEPTH,
+) -> Any:
+    """JSON parsed with limits on size and nesting checked first; anything wrong is ``error`` in one line naming
+    ``what``. Every JSON this tool reads from a file a user hands it goes through here."""
+    if len(raw) > max_bytes:
+        raise error(f"{what} is larger than it can be ({len(raw):,} bytes; at most {max_bytes:,})")
+    depth = json_depth(raw)
+    if depth > max_depth:
+        raise error(f"{what} nests {depth} levels deep (at most {max_depth}): not a file this tool wrote")
+    try:
+        return json.loads(raw)
+    except (ValueError, RecursionError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise error(f"{what} is not valid JSON ({reason})") from None
+
+
+def read_json(
+    path: str | os.PathLike,
+    what: str | None = None,
+    *,
+    error: type[DagmanError] = DagmanInputError,
+    max_bytes: int = MAX_JSON_BYTES,
+) -> Any:
+    """A JSON file parsed with `parse_json`'s limits; its size is checked before it is read."""
+    path = Path(path)
+    what = what or str(path)
+    try:
+        size = path.stat().st_size
+        if size > max_bytes:
+            raise error(f"{what} is larger than it can be ({size:,} bytes; at most {max_bytes:,})")
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise error(f"{what} does not exist") from None
+    except OSError as err:
+        raise error(f"cannot read {what}: {err.strerror or err}") from None
+    return parse_json(raw, what, error=error, max_bytes=max_bytes)

@@ -64,16 +64,9 @@ class RunFolder:
             if not self.path.exists():
                 raise CheckpointError(f"run folder {self.path} does not exist")
             raise CheckpointError(f"{self.path} is not a napari-dagman run folder (no {CONFIG_FILE})")
-        try:
-            if path.stat().st_size > MAX_CONFIG_BYTES:
-                raise CheckpointError(
-                    f"{path} is larger than a run config can be ({path.stat().st_size} bytes)"
-                )
-            data = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
-            raise CheckpointError(f"{path} is not valid JSON ({type(err).__name__})") from None
-        except OSError as err:
-            raise CheckpointError(f"cannot read {path}: {err.strerror or err}") from None
+        from napari_dagman.core.files import read_json
+
+        data = read_json(path, str(path), error=CheckpointError, max_bytes=MAX_CONFIG_BYTES)
         if not isinstance(data, dict) or "architecture" not in data:
             raise CheckpointError(f"{path} is not a napari-dagman run config (no architecture)")
         return data
@@ -113,7 +106,7 @@ class RunFolder:
             if line:
                 try:
                     out.append(json.loads(line))
-                except json.JSONDecodeError:
+                except (ValueError, RecursionError):
                     break  # a line cut by a crash: everything after it is unreliable
         return out
 

@@ -45,7 +45,6 @@ _WHERE: dict[str, str] = {
     "upsert_layer": "layers",
     "viewer_camera": "layers",
     "volume_from_layer": "layers",
-    "warn_if_label_map": "layers",
 }
 
 
@@ -64,5 +63,5 @@ __all__ = [
     "label_names_from_features", "last_run", "layer_combo", "layer_label_names", "layer_picker", "layer_select",
     "notify_error", "notify_info", "notify_warning", "path_text", "preselect", "remember_last_run", "run_json",
     "scroll_body", "set_enabled", "slice_axis", "stop_jobs_with", "upsert_layer", "viewer_camera",
-    "volume_from_layer", "warn_if_label_map",
+    "volume_from_layer",
 ]  # fmt: skip

@@ -9,9 +9,6 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from napari_dagman._widgets.common.notify import (
-    notify_warning,
-)
 from napari_dagman.core.errors import DagmanInputError
 
 if TYPE_CHECKING:
@@ -50,17 +47,10 @@ def volume_from_layer(layer: Any, kind: str = "image") -> Volume:
             meta["label_names"] = meta_names
     volume = Volume.from_layer_data(data, scale=layer.scale, translate=layer.translate, metadata=meta)
     if kind == "image":
-        warn_if_label_map(volume, f"'{layer.name}'")
+        from napari_dagman.core.io import check_ct
+
+        check_ct(volume, f"'{layer.name}'")  # refused at Start, in the core's words
     return volume
-
-
-def warn_if_label_map(volume: Volume, what: str) -> None:
-    """A warning notification when an image looks like a label map (used as a CT it teaches nothing)."""
-    from napari_dagman.core.io import label_map_message
-
-    message = label_map_message(volume, what)
-    if message:
-        notify_warning(message)
 
 
 def label_names_from_features(features: Any) -> dict[int, str]:

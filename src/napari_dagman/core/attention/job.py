@@ -14,6 +14,7 @@ from napari_dagman.core.attention.maps import AttentionMaps, attention_maps, map
 from napari_dagman.core.attention.preview import CropPreview, PreviewRecipe, crop_preview, save_preview_figure
 from napari_dagman.core.config import AttentionConfig
 from napari_dagman.core.events import CancelToken, ProgressEvent
+from napari_dagman.core.io import check_ct
 from napari_dagman.core.masking import attention_strategies
 from napari_dagman.core.pictures import CropPictures, method_pictures
 from napari_dagman.core.volume import Volume
@@ -119,6 +120,7 @@ def attention_job(
     from napari_dagman.core.events import LogEvent
 
     config.validate()
+    check_ct(volume, f"'{volume.metadata.get('name', 'the image')}'")
     pretrained = encoder or load_attention_encoder(config)
     refuse_unusable(config, pretrained)
     device = resolve_device(config.device)

@@ -159,15 +159,10 @@ class ConfigBase:
 
     @classmethod
     def load(cls: type[C], path: str | Path, *, strict: bool = True) -> C:
+        from napari_dagman.core.files import read_json
+
         path = Path(path)
-        try:
-            data = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise DagmanInputError(f"config file {path} does not exist") from None
-        except json.JSONDecodeError as err:
-            raise DagmanInputError(f"config file {path} is not valid JSON: {err}") from None
-        except (OSError, UnicodeDecodeError) as err:
-            raise DagmanInputError(f"cannot read config file {path}: {getattr(err, 'strerror', None) or err}") from None
+        data = read_json(path, f"config file {path}")  # size and nesting limited: a hostile file is one line
         if not isinstance(data, dict):
             raise DagmanInputError(f"config file {path} must hold a JSON object")
         data = {k: v for k, v in data.items() if k not in RUN_RECORD_KEYS}

@@ -21,7 +21,7 @@ from napari_dagman.core.embeddings.projection import PROJECTIONS
 from napari_dagman.core.errors import DagmanError
 from napari_dagman.core.events import LogEvent
 from napari_dagman.core.hashing import array_hash, file_hash
-from napari_dagman.core.io import atomic_write
+from napari_dagman.core.io import atomic_write, remove_temporaries
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -48,7 +48,13 @@ FEATURE_SETTINGS: tuple[str, ...] = (
 )
 
 #: What reading a damaged entry raises: a cut zip, a bad npy header, broken or wrongly shaped JSON.
-_DAMAGED = (OSError, EOFError, ValueError, KeyError, TypeError, AttributeError, zipfile.BadZipFile)
+_DAMAGED = (
+    OSError, EOFError, ValueError, KeyError, TypeError, AttributeError, RecursionError, zipfile.BadZipFile
+)
+
+#: Age (s) after which an `atomic_write` temporary in the cache is a leftover of a killed process: a cache write
+#: takes seconds, so an hour-old one is no live write of another napari or CLI job sharing the folder.
+STALE_TEMPORARY_S = 3600.0
 
 #: Cache folders already reported as not writable: said once per session, not at every run.
 _REPORTED: set[str] = set()
@@ -75,12 +81,21 @@ class EmbeddingCache:
         #: Set when a write failed: later saves are skipped, reads still serve what is there.
         self.read_only = False
         self._warnings: list[str] = []
+        self._swept = False
+
+    def sweep(self) -> list[str]:
+        """Remove what killed writes left in the cache (temporaries older than `STALE_TEMPORARY_S`; younger ones
+        may belong to another process writing now). Done before the first write of each cache object."""
+        self._swept = True
+        return remove_temporaries(self.root, older_than_s=STALE_TEMPORARY_S)
 
     # writing -----------------------------------------------------------------------------------------------
     def _store(self, name: str, write: Callable[[Path], object]) -> bool:
         """Write one file of the cache; on failure stop caching (and say so once) instead of failing the job."""
         if self.read_only:
             return False
+        if not self._swept:
+            self.sweep()
         try:
             atomic_write(self.root / name, write)
         except DagmanError as err:

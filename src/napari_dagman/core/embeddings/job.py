@@ -15,6 +15,7 @@ from napari_dagman.core.embeddings.projection import project
 from napari_dagman.core.embeddings.results import EmbeddingResult, build_table
 from napari_dagman.core.errors import DagmanInputError
 from napari_dagman.core.events import CancelToken, LogEvent, ProgressEvent
+from napari_dagman.core.io import check_ct
 
 if TYPE_CHECKING:
     from napari_dagman.core.checkpoint import PretrainedEncoder
@@ -95,6 +96,7 @@ def run_embedding(
 
     ``pretrained`` defaults to the encoder of ``config.checkpoint``. The cache is used when ``config.cache``.
     """
+    check_ct(volume, f"'{volume.metadata.get('name', 'the image')}'")
     pretrained = pretrained or load_encoder(config)
     cache = EmbeddingCache(config.cache_dir) if config.cache else None
     emb = yield from embed_volume(volume, pretrained, config, labels=labels, cache=cache, cancel=cancel)

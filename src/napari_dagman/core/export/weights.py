@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from pathlib import Path
@@ -25,7 +26,14 @@ def write_state_dict(path: str | os.PathLike, state: dict[str, torch.Tensor]) ->
         if set(back) != set(flat) or any(back[k].shape != flat[k].shape for k in flat):
             raise CheckpointError("the written file does not read back whole (disk full?)")
 
-    return atomic_write(path, lambda tmp: torch.save(flat, tmp), verify=verify)
+    def write(tmp: Path) -> None:
+        # serialised in memory and written by Python: torch's own file writer reports a full disk as
+        # "enforce fail at inline_container.cc", without the system's reason
+        buffer = io.BytesIO()
+        torch.save(flat, buffer)
+        tmp.write_bytes(buffer.getbuffer())
+
+    return atomic_write(path, write, verify=verify)
 
 
 def write_json(path: str | os.PathLike, data: Any) -> Path:

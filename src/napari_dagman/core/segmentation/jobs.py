@@ -22,6 +22,7 @@ import pandas as pd
 from napari_dagman.core.config import PredictConfig
 from napari_dagman.core.errors import DagmanInputError
 from napari_dagman.core.events import CancelToken, ProgressEvent, check_cancelled
+from napari_dagman.core.io import check_ct
 from napari_dagman.core.segmentation.labels import (
     LabelMap,
     align_labels,
@@ -69,6 +70,24 @@ def check_reference_ids(reference: Volume, label_map: LabelMap) -> None:
             f"the reference label map holds none of the organs the run segments ({label_map.describe()}); it "
             f"holds {'ids ' + shown if present else 'only background'}"
         )
+    named = {int(k): str(v) for k, v in (reference.metadata.get("label_names") or {}).items()}
+    clashes = [
+        (i, named[i], name)
+        for i, name in label_map.id_names.items()
+        if i in named and i in present and _organ_key(named[i]) != _organ_key(name)
+    ]
+    if clashes:  # the same ids in another labelling: every score would compare different organs
+        shown = ", ".join(f"id {i} is '{theirs}' there and '{ours}' in the run" for i, theirs, ours in clashes[:4])
+        more = f" (and {len(clashes) - 4} more)" if len(clashes) > 4 else ""
+        raise DagmanInputError(
+            f"the reference label map names its organs otherwise than the run: {shown}{more}; give a reference "
+            "of the run's labelling"
+        )
+
+
+def _organ_key(name: str) -> str:
+    """A name compared without case, spaces, hyphens or underscores ("Kidney right" = "kidney_right")."""
+    return "".join(ch for ch in name.lower() if ch.isalnum())
 
 
 def evaluation_job(
@@ -110,6 +129,7 @@ def predict_job(
         raise DagmanInputError("no fine-tuned run chosen: pick a fine-tuning run folder (--checkpoint)")
     if config.threads:
         torch.set_num_threads(config.threads)
+    check_ct(image, f"'{image.metadata.get('name', 'the image')}'")
     # what can be wrong is found before the inference: the run, and the reference and its grid
     segmenter = segmenter or load_segmenter(config.checkpoint, weights=config.weights, device=config.device)
     if reference is not None:

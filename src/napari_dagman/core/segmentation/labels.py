@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from napari_dagman.core.errors import CheckpointError, DagmanInputError
+from napari_dagman.core.io import MAX_LABEL_VALUES
 from napari_dagman.core.labels import default_names
 from napari_dagman.core.volume import Volume
 
@@ -161,6 +162,11 @@ def check_label_volume(labels: Volume, what: str) -> Volume:
         raise DagmanInputError(f"{what} is not a label map: it holds negative values")
     if arr.size and arr.max() > 65535:
         raise DagmanInputError(f"{what}: label ids above 65535 are not supported")
+    if arr.size and len(np.unique(arr)) > MAX_LABEL_VALUES:  # whole, non-negative grey values: a CT stored raw
+        raise DagmanInputError(
+            f"{what} looks like a CT, not a label map: it holds {len(np.unique(arr))} distinct values (a label map "
+            f"holds at most {MAX_LABEL_VALUES}); choose the label map"
+        )
     return labels if arr is labels.array else labels.with_array(arr.astype(np.uint16))
 
 

@@ -27,6 +27,7 @@ from napari_dagman.core.events import (
     ProgressEvent,
     check_cancelled,
 )
+from napari_dagman.core.memory import check_prediction_memory
 from napari_dagman.core.models.architecture import DEEPEST_STRIDE
 from napari_dagman.core.segmentation.data import roi_size_for
 from napari_dagman.core.segmentation.model import Segmenter
@@ -102,6 +103,9 @@ def run_prediction(
         raise DagmanInputError(f"roi must be a multiple of {DEEPEST_STRIDE}, got {roi}")
     name = name or str(image.metadata.get("name", "image"))
     arch = segmenter.arch
+    s = segmenter.spacing
+    target = image.spacing if s is None else ((s, s, s) if arch.dims == 3 else (image.spacing[0], s, s))
+    check_prediction_memory(image, spacing=target, classes=segmenter.label_map.num_classes)
     # the MONAI transforms a bundle of this run runs too (core.segmentation.pipeline)
     data, preprocessing = to_model_space(image, segmenter.spacing, arch.dims, segmenter.hu_range)
     model_image = data[IMAGE_KEY]

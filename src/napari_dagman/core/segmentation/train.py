@@ -22,7 +22,8 @@ from napari_dagman.core.checkpoint import RunFolder, architecture_from_metadata
 from napari_dagman.core.config import FinetuneConfig
 from napari_dagman.core.errors import CheckpointError, DagmanInputError
 from napari_dagman.core.events import CancelToken, FinishedEvent, ValidationEvent
-from napari_dagman.core.io import label_map_message
+from napari_dagman.core.io import check_ct
+from napari_dagman.core.memory import check_training_memory
 from napari_dagman.core.models.architecture import Architecture
 from napari_dagman.core.models.encoder import set_fused_window_attention
 from napari_dagman.core.segmentation.data import (
@@ -141,6 +142,16 @@ class FinetuneTask(TrainingTask):
         if not pairs:
             raise DagmanInputError("no image/label-map pairs to train on")
         names = _names(pairs)
+        for (image, _), name in zip(pairs, names, strict=True):
+            check_ct(image, f"the image '{name}'")
+        check_training_memory(
+            [image for image, _ in pairs],
+            spacing=config.spacing,
+            roi=int(config.roi),
+            dims=int(config.dims or 3),
+            crops=int(config.batch_size or 1),
+            what=f"fine-tuning on {len(pairs)} image(s) at {config.spacing or 'their own'} mm, ROI {config.roi}",
+        )
         label_vols = [
             check_label_volume(labels, f"label map of '{name}'")
             for (_, labels), name in zip(pairs, names, strict=True)
@@ -172,11 +183,7 @@ class FinetuneTask(TrainingTask):
             seed=config.seed,
         )
         self.config, self.label_map, self.total_steps = config, label_map, config.steps
-        looks = (
-            label_map_message(image, f"the image '{name}'")
-            for (image, _), name in zip(pairs, names, strict=True)
-        )
-        self.notes = notes + [m for m in looks if m] + self._data_notes()
+        self.notes = notes + self._data_notes()
         self.data_records = [
             {
                 "name": c.name,

@@ -31,6 +31,7 @@ from napari_dagman.core.checkpoint import BEST_FILE, MODEL_FILE, RESUME_FILE, SN
 from napari_dagman.core.errors import CheckpointError, DagmanError, DagmanInputError
 from napari_dagman.core.events import CancelToken, CheckpointEvent, FinishedEvent, LogEvent, StepEvent
 from napari_dagman.core.io import check_output_folder
+from napari_dagman.core.memory import out_of_memory
 from napari_dagman.core.methods.losses import learning_rate
 from napari_dagman.core.training.distributed import DistContext, step_seed
 from napari_dagman.core.training.precision import autocast_for, compile_modules, speed_settings
@@ -196,9 +197,17 @@ def run_training(
             steps = tee_events(steps, TensorBoardWriter(run.path, start_step=start))
         return (yield from steps)
     except Exception as err:  # a bug too: run.json must not say "running" after the job has ended
+        failure = err
+        if out_of_memory(err) and not isinstance(err, DagmanError):  # preparing the data or building the model
+            failure = DagmanInputError(
+                f"out of memory before the first step ({_first_line(err)}): use a coarser --spacing, a smaller "
+                "--roi or fewer volumes"
+            )
         if dist.is_main:
-            reason = str(err) if isinstance(err, DagmanError) else f"{type(err).__name__}: {err}"
+            reason = str(failure) if isinstance(failure, DagmanError) else f"{type(err).__name__}: {err}"
             run.finish_run_info(f"failed: {reason}", None)
+        if failure is not err:
+            raise failure from None
         raise
     finally:
         lock.release()
@@ -206,6 +215,11 @@ def run_training(
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         dist.close()
+
+
+def _first_line(err: BaseException) -> str:
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+    return lines[0] if lines else type(err).__name__
 
 
 def _take(lock: RunLock, run: RunFolder, command: str | None) -> list[str]:
@@ -352,6 +366,19 @@ def _steps(
                 yield from saver.save(step, "snapshot")
             elif step % config.save_every == 0 or step == total:
                 yield from saver.save(step, "last")
+    except Exception as err:
+        if not out_of_memory(err):
+            raise
+        # the step's tensors are gone with the exception; what is on disk is whole and resumable
+        kept = (
+            f"the run keeps step {saver.saved_step}: continue it with --resume"
+            if saver.saved_step
+            else "nothing was saved yet: start again"
+        )
+        raise DagmanInputError(
+            f"out of memory at step {step + 1} of {total} ({_first_line(err)}); {kept} after lowering --roi or "
+            "--batch-size"
+        ) from None
     except GeneratorExit:
         # the consumer closed us (GUI cancel, Ctrl-C in the CLI): keep the progress, then stop
         if step > saver.saved_step:

@@ -23,6 +23,7 @@ from napari_dagman.core.diversity import CollapseAlarm
 from napari_dagman.core.errors import CheckpointError, DagmanInputError
 from napari_dagman.core.events import CancelToken, FinishedEvent, PreviewEvent
 from napari_dagman.core.io import label_map_message
+from napari_dagman.core.memory import check_training_memory
 from napari_dagman.core.methods.base import InputSpec, SSLMethod, StepOutput
 from napari_dagman.core.methods.registry import get_method
 from napari_dagman.core.models.architecture import Architecture, architecture_for
@@ -164,7 +165,19 @@ class PretrainTask(TrainingTask):
             if not config.images and not self.volumes:
                 config = config.replace(images=saved.images)
         raw = load_inputs(config, self.volumes)
+        looks = [m for m in (label_map_message(v) for v in raw) if m]
+        if looks:  # label maps given as CTs (a folder holding the segmentations too): refused before any work
+            more = f" (and {len(looks) - 1} more)" if len(looks) > 1 else ""
+            raise DagmanInputError(looks[0] + more)
         self.spec = get_method(config.method).load().input_spec(config.method_options(), config.roi)
+        check_training_memory(
+            raw,
+            spacing=config.spacing,
+            roi=config.roi * self.spec.scale,
+            dims=config.dims,
+            crops=2 * int(config.batch_size or 1),
+            what=f"pretraining on {len(raw)} volume(s) at {config.spacing or 'their own'} mm, ROI {config.roi}",
+        )
         self.prepared = prepare_inputs(config, raw, self.spec.scale)
         if self.spec.high_res > 1:
             hu = (config.hu_min, config.hu_max)
@@ -177,9 +190,7 @@ class PretrainTask(TrainingTask):
         self.alarm = CollapseAlarm(from_step=max(10, int(self.config.warmup_steps or 0)))
         self.arch = build_architecture(self.config)
         self.total_steps = int(self.config.steps or 1)
-        # a label map given as a CT first (one rule for the CLI and the docks), then what preparing noticed
-        self.notes = [m for m in (label_map_message(v) for v in raw) if m]
-        self.notes += [note for p in self.prepared for note in p.notes]
+        self.notes = [note for p in self.prepared for note in p.notes]
         self.data_records = [
             {
                 "name": p.name,

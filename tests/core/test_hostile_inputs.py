@@ -1,0 +1,262 @@
+"""The second bad-input matrix (issue 28), outside the readers: label maps and CTs never taken for each other, a
+reference of another labelling, empty flags, hostile JSON and safetensors headers, full disks, jobs that cannot fit
+in memory or run out of it, and the embedding cache's leftovers. Each case is one line (exit 2 on the command line)
+and leaves nothing half-written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from tests.helpers import file_size_limit
+
+from napari_dagman.cli import main
+from napari_dagman.core.errors import CheckpointError, DagmanInputError
+from napari_dagman.core.io import read_volume, write_volume
+
+TINY = ["--preset", "tiny", "--roi", "32", "--spacing", "4", "--batch-size", "1", "--steps", "1", "--quiet"]
+
+
+def run_cli(capsys, *argv: str) -> tuple[int, str]:
+    """Exit status and stderr; a refusal is exactly one error line and no traceback."""
+    status = main([str(a) for a in argv])
+    err = capsys.readouterr().err.strip()
+    if status == 2:
+        errors = [line for line in err.splitlines() if ": error: " in line]
+        assert len(errors) == 1 and err.endswith(errors[0]) and "Traceback" not in err, err
+    return status, err
+
+
+# --- label maps and CTs ----------------------------------------------------------------------------------------
+def test_a_label_map_given_as_the_ct_is_refused_by_every_job(shared_data, tmp_path, ft_run, tiny_run, capsys):
+    seg = shared_data / "example_seg_fast_force_split.nii.gz"
+    for argv in (
+        ["pretrain", seg, "--out", tmp_path / "p", *TINY],
+        ["finetune", seg, shared_data / "example_seg_fast_force_split.nii.gz", "--out", tmp_path / "f",
+         "--preset", "tiny", "--roi", "64", "--spacing", "6", "--steps", "1", "--labels", "5", "--quiet"],
+        ["predict", seg, "--checkpoint", ft_run, "--out", tmp_path / "pred.nii.gz", "--quiet"],
+        ["embed", seg, "--checkpoint", tiny_run, "--out", tmp_path / "e", "--quiet"],
+        ["attention", seg, "--checkpoint", tiny_run, "--out", tmp_path / "a", "--quiet"],
+    ):
+        status, err = run_cli(capsys, *argv)
+        assert status == 2, (argv[0], err)
+        assert "looks like a label map, not a CT" in err and "example_seg_fast_force_split" in err, err
+    # nothing was written: every refusal came before the run folders and outputs
+    assert not any(p.exists() for p in (tmp_path / "p", tmp_path / "f", tmp_path / "pred.nii.gz", tmp_path / "e"))
+
+
+def test_a_folder_mixing_cts_and_segmentations_is_refused_for_pretraining(shared_data, tmp_path, capsys):
+    folder = tmp_path / "cases"
+    folder.mkdir()
+    for name in ("example_ct_sm.nii.gz", "example_seg.nii.gz"):
+        (folder / name).symlink_to(shared_data / name)
+    status, err = run_cli(capsys, "pretrain", folder, "--out", tmp_path / "run", *TINY)
+    assert status == 2 and "example_seg.nii.gz' looks like a label map" in err
+
+
+def test_a_ct_given_as_the_label_map_is_refused(shared_data, tmp_path, capsys):
+    ct = read_volume(shared_data / "example_ct_sm.nii.gz")
+    raw = ct.with_array((ct.array + 1024).clip(0).astype(np.uint16))  # stored without its rescale: no negatives
+    write_volume(raw, tmp_path / "raw_ct.nii.gz")
+    status, err = run_cli(
+        capsys, "finetune", shared_data / "example_ct_sm.nii.gz", tmp_path / "raw_ct.nii.gz", "--out", tmp_path / "f",
+        "--preset", "tiny", "--roi", "64", "--spacing", "6", "--steps", "1", "--quiet",
+    )
+    assert status == 2 and "looks like a CT, not a label map" in err and "distinct values" in err
+
+
+def test_a_reference_of_another_labelling_is_refused_with_both_names(shared_data, ft_run, tmp_path, capsys):
+    reference = read_volume(shared_data / "example_seg_fast_force_split.nii.gz")
+    names = {5: "aorta", 1: "common_carotid_artery_left", 2: "kidney_right", 3: "kidney_left"}
+    write_volume(reference, tmp_path / "other.nii.gz", label_names=names)
+    ct = tmp_path / "ct.nii.gz"
+    ct.symlink_to(shared_data / "example_ct.nii.gz")
+    out = tmp_path / "pred.nii.gz"
+    status, err = run_cli(capsys, "predict", ct, "--checkpoint", ft_run, "--reference", tmp_path / "other.nii.gz",
+                          "--out", out, "--quiet")
+    assert status == 2 and "id 5 is 'aorta' there and 'liver' in the run" in err, err
+    assert not out.exists()
+    # the same ids named alike (case, spaces) are one labelling: accepted
+    from napari_dagman.core.segmentation.jobs import check_reference_ids
+    from napari_dagman.core.segmentation.labels import LabelMap
+
+    reference.metadata["label_names"] = {5: "Liver", 2: "kidney right"}
+    check_reference_ids(reference, LabelMap((5, 2), ("liver", "kidney_right")))
+
+
+# --- flags ----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["predict", "ct.nii.gz", "--checkpoint", "run", "--out", "o.nii.gz", "--reference", ""],
+        ["finetune", "ct.nii.gz", "seg.nii.gz", "--out", "o", "--labels", ""],
+        ["pretrain", "ct.nii.gz", "--out", "o", "--method="],
+        ["export", "", "--format", "safetensors", "--out", "x.safetensors"],
+    ],
+)
+def test_an_empty_flag_is_refused_not_taken_for_its_default(argv, capsys):
+    status, err = run_cli(capsys, *argv)
+    assert status == 2 and "is empty" in err
+
+
+def test_a_path_that_does_not_exist_is_refused_before_napari_opens(tmp_path, capsys):
+    status, err = run_cli(capsys, "view", tmp_path / "nonexistent" / "ct.nii.gz")
+    assert status == 2 and "does not exist" in err
+    status, err = run_cli(capsys, "view", tmp_path)
+    assert status == 2 and "without DICOM" in err
+
+
+# --- hostile JSON and safetensors headers ------------------------------------------------------------------------
+def _safetensors(path: Path, header: bytes) -> Path:
+    path.write_bytes(struct.pack("<Q", len(header)) + header)
+    return path
+
+
+def test_hostile_safetensors_headers_are_one_line_not_a_crash(tmp_path):
+    deep = _safetensors(tmp_path / "deep.safetensors", b'{"a": ' + b"[" * 200_000 + b"]" * 200_000 + b"}")
+    huge = _safetensors(
+        tmp_path / "huge.safetensors",
+        json.dumps({"__metadata__": {"format": "napari-dagman/1", "x": "a" * (20 << 20)}}).encode(),
+    )
+    nested = _safetensors(
+        tmp_path / "nested.safetensors",
+        json.dumps({"__metadata__": {"format": "napari-dagman/1", "architecture": "[" * 5000 + "]" * 5000}}).encode(),
+    )
+    claim = tmp_path / "claim.safetensors"
+    claim.write_bytes(struct.pack("<Q", 1 << 62) + b"{}")
+    code = (
+        "import sys\nfrom napari_dagman.core.checkpoint import load_tensors\nfrom napari_dagman.core.errors import "
+        "DagmanError\ntry:\n    load_tensors(sys.argv[1])\nexcept DagmanError as err:\n    print(err)\n"
+    )
+    said = {}
+    for path in (deep, huge, nested, claim):  # in a child: a crash (signal 11) must show as a failed process
+        done = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0 and done.stderr == "", done.stderr[-2000:]
+        said[path.stem] = done.stdout.strip()
+        assert len(said[path.stem].splitlines()) == 1
+    assert "nests 200001 levels deep" in said["deep"]
+    assert "larger than it can be" in said["huge"]
+    assert "metadata 'architecture' nests deeper" in said["nested"]
+    assert "header length" in said["claim"]
+
+
+def test_a_deeply_nested_config_file_is_one_line(tmp_path, capsys):
+    config = tmp_path / "config.json"
+    config.write_text('{"steps": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    status, err = run_cli(capsys, "pretrain", "ct.nii.gz", "--out", tmp_path / "o", "--config", config)
+    assert status == 2 and "nests 100001 levels deep" in err
+
+
+def test_a_run_config_too_large_or_too_deep_is_refused(tiny_run, tmp_path):
+    from napari_dagman.core.runs import RunFolder
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text('{"architecture": ' + "[" * 10_000 + "]" * 10_000 + "}")
+    with pytest.raises(CheckpointError, match="levels deep"):
+        RunFolder(run).config_dict()
+
+
+# --- full disk ------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("fmt, name", [("monai-swinunetr", "enc.pt"), ("safetensors", "enc.safetensors")])
+def test_export_on_a_full_disk_is_one_line_and_leaves_nothing(tiny_run, tmp_path, capsys, fmt, name):
+    out = tmp_path / "out"
+    out.mkdir()
+    with file_size_limit(64 << 10):  # the encoder is ~2 MB: its write fails part-way, as on a full disk
+        status, err = run_cli(capsys, "export", tiny_run, "--format", fmt, "--out", out / name)
+    assert status == 2 and "cannot write" in err and "File too large" in err, err
+    assert sorted(p.name for p in out.iterdir()) == []  # no temporary, no half file
+
+
+def test_a_writer_that_fails_in_its_own_words_is_one_line(tmp_path):
+    from napari_dagman.core.files import atomic_write
+
+    def write(tmp: Path) -> None:
+        tmp.write_bytes(b"partial")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598\nmore C++ lines")
+
+    with pytest.raises(DagmanInputError) as info:
+        atomic_write(tmp_path / "w.pt", write)
+    assert str(info.value).count("\n") == 0 and "RuntimeError: [enforce fail" in str(info.value)
+    assert list(tmp_path.iterdir()) == []
+
+
+# --- memory -------------------------------------------------------------------------------------------------------
+def test_a_prediction_that_cannot_fit_is_refused_before_it_starts(shared_data, ft_run, tmp_path, monkeypatch, capsys):
+    """A CT whose header says 30 mm voxels (a tenth of the truth, as a wrong header gives) would be resampled
+    to ~1.4 billion voxels at the run's spacing: refused with the figures, before the model runs."""
+    import napari_dagman.core.memory as memory
+
+    ct = read_volume(shared_data / "example_ct.nii.gz")
+    write_volume(ct.with_array(ct.array), tmp_path / "coarse.nii.gz")
+    coarse = read_volume(tmp_path / "coarse.nii.gz")
+    coarse.spacing = (30.0, 30.0, 30.0)  # type: ignore[misc]
+    write_volume(coarse, tmp_path / "coarse.nii.gz")
+    monkeypatch.setattr(memory, "available_bytes", lambda: 8 << 30)
+    out = tmp_path / "pred.nii.gz"
+    started = time.monotonic()
+    status, err = run_cli(capsys, "predict", tmp_path / "coarse.nii.gz", "--checkpoint", ft_run, "--out", out, "--quiet")
+    assert status == 2 and "segmenting this CT needs at least" in err and "8.0 GB available" in err, err
+    assert "x the model's spacing (30, 30, 30 mm vs 6, 6, 6 mm): check the image's header" in err
+    assert not out.exists()
+    assert time.monotonic() - started < 60
+
+
+def test_pretraining_that_cannot_fit_is_refused_before_it_starts(shared_data, tmp_path, monkeypatch, capsys):
+    import napari_dagman.core.memory as memory
+
+    monkeypatch.setattr(memory, "available_bytes", lambda: 16 << 30)
+    argv = ["pretrain", shared_data / "example_ct.nii.gz", "--out", tmp_path / "run", *TINY, "--spacing", "0.25"]
+    status, err = run_cli(capsys, *argv)
+    assert status == 2 and "pretraining on 1 volume(s) at 0.25 mm" in err and "16.0 GB available" in err, err
+    assert not (tmp_path / "run").exists()
+    # the check can be turned off by a user who knows better
+    monkeypatch.setenv(memory.NO_MEMORY_CHECK_ENV, "1")
+    memory.require_memory(1e15, "x", "y")
+
+
+def test_running_out_of_memory_mid_run_is_one_line_and_the_run_resumes(shared_data, tmp_path, monkeypatch, capsys):
+    from napari_dagman.core.training.pretrain import PretrainTask
+
+    original = PretrainTask.step
+    calls = {"n": 0}
+
+    def step(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(PretrainTask, "step", step)
+    run = tmp_path / "run"
+    argv = ["pretrain", shared_data / "example_ct_sm.nii.gz", "--out", run, *TINY, "--steps", "5", "--save-every", "2"]
+    status, err = run_cli(capsys, *argv)
+    assert status == 2 and "out of memory at step 4 of 5" in err and "keeps step 2" in err, err
+    assert json.loads((run / "run.json").read_text())["status"].startswith("failed: out of memory")
+    monkeypatch.setattr(PretrainTask, "step", original)
+    status, err = run_cli(capsys, *argv, "--resume")
+    assert status == 0, err
+    assert json.loads((run / "run.json").read_text())["steps_done"] == 5
+
+
+# --- the embedding cache ------------------------------------------------------------------------------------------
+def test_the_embedding_cache_removes_stale_temporaries_and_keeps_live_ones(tmp_path):
+    from napari_dagman.core.embeddings.cache import STALE_TEMPORARY_S, EmbeddingCache
+
+    stale, live = tmp_path / ".abc.k2j4h5g6.tmp.npz", tmp_path / ".def.a1b2c3d4.tmp.npz"
+    for path in (stale, live):
+        path.write_bytes(b"left by a killed write")
+    old = time.time() - STALE_TEMPORARY_S - 60
+    os.utime(stale, (old, old))
+    cache = EmbeddingCache(tmp_path)
+    cache.save_array("projection", np.zeros(3))
+    assert not stale.exists() and live.exists()  # a younger one may be another process writing now
+    assert (tmp_path / "projection.npz").is_file()
