@@ -260,3 +260,31 @@ def test_the_embedding_cache_removes_stale_temporaries_and_keeps_live_ones(tmp_p
     cache.save_array("projection", np.zeros(3))
     assert not stale.exists() and live.exists()  # a younger one may be another process writing now
     assert (tmp_path / "projection.npz").is_file()
+
+
+def test_a_system_error_rewrapped_by_a_library_is_one_line(tmp_path):
+    """pydicom re-raises a full disk as an OSError whose text is the tag and a whole traceback."""
+    from napari_dagman.core.files import atomic_write
+
+    def write(tmp: Path) -> None:
+        raise OSError(
+            "With tag (7FE0,0010) got exception: [Errno 28] No space left on device\nTraceback (most recent call "
+            'last):\n  File "pydicom/tag.py", line 29'
+        )
+
+    with pytest.raises(DagmanInputError) as info:
+        atomic_write(tmp_path / "seg.dcm", write)
+    assert str(info.value) == f"cannot write {tmp_path / 'seg.dcm'}: No space left on device"
+
+
+def test_preparing_a_ct_for_the_model_prints_no_warning(shared_data):
+    """MONAI's deprecated Orientationd default warned on every prediction and bundle run (stderr noise)."""
+    import warnings
+
+    from napari_dagman.core.segmentation.pipeline import to_model_space
+
+    ct = read_volume(shared_data / "example_ct_sm.nii.gz")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        data, _ = to_model_space(ct, 6.0, 3, (-1000.0, 1000.0))
+    assert tuple(data["image"].shape) == (1, 15, 50, 61)  # 30 x 101 x 122 voxels of 3 mm at 6 mm

@@ -140,7 +140,11 @@ def check_output_file(path: str | os.PathLike, what: str = "output file") -> Non
 
 def _os_reason(err: OSError, folder: Path) -> str:
     """The system's reason, naming the file concerned when it lies outside the target's folder (a parent)."""
-    reason = err.strerror or str(err)
+    reason = err.strerror
+    if not reason:  # a library that re-raised the system's error with its own text (pydicom: tag, then a traceback)
+        found = re.search(r"\[Errno (\d+)\]", str(err))
+        lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+        reason = os.strerror(int(found.group(1))) if found else (lines[0] if lines else type(err).__name__)
     if isinstance(err.filename, (str, bytes, os.PathLike)):
         concerned = Path(os.fsdecode(err.filename))
         if concerned.parent != folder:

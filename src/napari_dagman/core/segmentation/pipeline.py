@@ -48,7 +48,11 @@ def model_transforms(
     spacing: float | None, dims: int, hu_range: Sequence[float], key: str = IMAGE_KEY
 ) -> list[dict[str, Any]]:
     """Input (channel-first, any orientation) -> network input: z-y-x axes, the run's spacing, [0, 1]."""
-    transforms: list[dict[str, Any]] = [{"_target_": "Orientationd", "keys": key, "axcodes": MODEL_AXCODES}]
+    # the axis labels MONAI has always used, given explicitly: its default is deprecated (a FutureWarning on
+    # every prediction) and would change to reading the MetaTensor's space
+    transforms: list[dict[str, Any]] = [
+        {"_target_": "Orientationd", "keys": key, "axcodes": MODEL_AXCODES, "labels": [["L", "R"], ["P", "A"], ["I", "S"]]}
+    ]
     if spacing is not None:
         # 2D models keep the slice spacing (a non-positive pixdim keeps the input's)
         pixdim = [float(spacing)] * 3 if dims == 3 else [-1.0, float(spacing), float(spacing)]
