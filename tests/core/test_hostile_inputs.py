@@ -218,6 +218,12 @@ def test_pretraining_that_cannot_fit_is_refused_before_it_starts(shared_data, tm
     status, err = run_cli(capsys, *argv)
     assert status == 2 and "pretraining on 1 volume(s) at 0.25 mm" in err and "16.0 GB available" in err, err
     assert not (tmp_path / "run").exists()
+    # a ROI whose activations cannot fit (the network's share, a lower bound measured on this CPU)
+    argv = ["pretrain", shared_data / "example_ct_sm.nii.gz", "--out", tmp_path / "run", *TINY, "--roi", "512",
+            "--preset", "base", "--device", "cpu"]
+    status, err = run_cli(capsys, *argv)
+    assert status == 2 and "ROI 512 needs at least" in err and "smaller --roi" in err, err
+    assert not (tmp_path / "run").exists()
     # the check can be turned off by a user who knows better
     monkeypatch.setenv(memory.NO_MEMORY_CHECK_ENV, "1")
     memory.require_memory(1e15, "x", "y")

@@ -1,9 +1,9 @@
 """Memory: what a job will need, checked against what the machine has before work is spent, and an
 out-of-memory during a job said in one line.
 
-The estimates are lower bounds (the arrays a job must hold at once, not every temporary of the libraries under
-it): a job refused by them could not have run, and one that passes may still run out, which `out_of_memory`
-then recognises.
+The estimates are lower bounds (the arrays a job must hold at once, and the network's activations under what was
+measured): a job refused by them could not have run, and one that passes may still run out, which
+`out_of_memory` then recognises.
 """
 
 from __future__ import annotations
@@ -100,15 +100,46 @@ def prepared_volumes_bytes(
     return sum(sizes) + max(sizes, default=0)
 
 
+#: Lower bound of a training step's activations per stage-1 token of one sample: a fixed part (attention maps:
+#: heads x window) and a part per embedding channel. Measured as peak RSS less the process's floor (about 830 MB,
+#: a ROI-32 tiny run) on CPU, fp32, batch 1, dagman (both views, the teacher): tiny ROI 64 19 KB and small ROI 64
+#: 34 KB per token (2-step runs on example_ct_sm, GNU time), small ROI 96 29 KB and base ROI 96 38 KB
+#: (`benchmarks/results/pretrain_step_cpu_tiny64.json`, its memory rows); 12 KB + 0.5 KB per channel stays under
+#: every one, so no job that fits is refused.
+ACTIVATION_BYTES_PER_TOKEN = 12 * 1024
+ACTIVATION_BYTES_PER_TOKEN_CHANNEL = 512
+
+
+def activation_bytes(*, roi: int, dims: int, batch: int, embed_dim: int) -> int:
+    """Lower bound of one training step's activations (`ACTIVATION_BYTES_PER_TOKEN`): stage-1 tokens are the ROI
+    over the patch size of 2, per sample."""
+    tokens = (roi // 2) ** (3 if dims == 3 else 2)
+    return batch * tokens * (ACTIVATION_BYTES_PER_TOKEN + ACTIVATION_BYTES_PER_TOKEN_CHANNEL * embed_dim)
+
+
 def check_training_memory(
-    volumes: Sequence[object], *, spacing: float | None, roi: int, dims: int, crops: int, what: str
+    volumes: Sequence[object],
+    *,
+    spacing: float | None,
+    roi: int,
+    dims: int,
+    crops: int,
+    batch: int,
+    embed_dim: int,
+    device: str,
+    what: str,
 ) -> None:
-    """Refuse a training job whose prepared volumes and one step's crops (``crops`` crops of ``roi``, regions
-    1.5 x the ROI) cannot fit; the model's activations come on top and are not counted."""
+    """Refuse a training job whose prepared volumes, one step's crops (``crops`` crops of ``roi``, regions 1.5 x
+    the ROI) and, on the CPU, the network's activations (a lower bound, `activation_bytes`) cannot fit in memory.
+    On a GPU the activations are the GPU's (not checked here: mixed precision and the allocator change them)."""
     region = math.ceil(1.5 * roi) ** (3 if dims == 3 else 2)
-    needed = prepared_volumes_bytes(volumes, spacing=spacing, roi=roi, dims=dims) + crops * region * FLOAT_BYTES
+    needed = (
+        prepared_volumes_bytes(volumes, spacing=spacing, roi=roi, dims=dims)
+        + crops * region * FLOAT_BYTES
+        + (activation_bytes(roi=roi, dims=dims, batch=batch, embed_dim=embed_dim) if device == "cpu" else 0)
+    )
     require_memory(
-        needed, what, "use a coarser --spacing, a smaller --roi or --batch-size, or fewer volumes per run"
+        needed, what, "use a smaller --roi or --batch-size, a smaller --preset, a coarser --spacing, or fewer volumes"
     )
 
 

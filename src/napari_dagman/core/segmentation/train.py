@@ -20,6 +20,7 @@ from torch import nn
 
 from napari_dagman.core.checkpoint import RunFolder, architecture_from_metadata
 from napari_dagman.core.config import FinetuneConfig
+from napari_dagman.core.devices import resolve_device
 from napari_dagman.core.errors import CheckpointError, DagmanInputError
 from napari_dagman.core.events import CancelToken, FinishedEvent, ValidationEvent
 from napari_dagman.core.io import check_ct
@@ -150,6 +151,9 @@ class FinetuneTask(TrainingTask):
             roi=int(config.roi),
             dims=int(config.dims or 3),
             crops=int(config.batch_size or 1),
+            batch=int(config.batch_size or 1),
+            embed_dim=self.arch.embed_dim,
+            device=resolve_device(config.device).type,
             what=f"fine-tuning on {len(pairs)} image(s) at {config.spacing or 'their own'} mm, ROI {config.roi}",
         )
         label_vols = [

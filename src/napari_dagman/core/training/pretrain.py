@@ -19,6 +19,7 @@ from napari_dagman.core.augment import Augmentation
 from napari_dagman.core.checkpoint import RunFolder, architecture_from_metadata
 from napari_dagman.core.config import PretrainConfig
 from napari_dagman.core.data import PreparedVolume, ViewSampler, prepare_volume, refine_volume
+from napari_dagman.core.devices import resolve_device
 from napari_dagman.core.diversity import CollapseAlarm
 from napari_dagman.core.errors import CheckpointError, DagmanInputError
 from napari_dagman.core.events import CancelToken, FinishedEvent, PreviewEvent
@@ -176,6 +177,9 @@ class PretrainTask(TrainingTask):
             roi=config.roi * self.spec.scale,
             dims=config.dims,
             crops=2 * int(config.batch_size or 1),
+            batch=int(config.batch_size or 1),
+            embed_dim=build_architecture(config).embed_dim,
+            device=resolve_device(config.device).type,
             what=f"pretraining on {len(raw)} volume(s) at {config.spacing or 'their own'} mm, ROI {config.roi}",
         )
         self.prepared = prepare_inputs(config, raw, self.spec.scale)
