@@ -155,3 +155,11 @@ def ft_config(shared_data: Path, out: Path, **changes: Any):
     }
     base.update(changes)
     return FinetuneConfig(**base)
+
+
+def cancelled_job(*, cancel: Any = None) -> Iterator[int]:
+    """A background job that yields once and is then cancelled (napari closed under it): for the child process."""
+    from napari_dagman.core.events import JobCancelled
+
+    yield 1
+    raise JobCancelled("the job was cancelled")

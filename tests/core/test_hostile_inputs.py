@@ -294,3 +294,17 @@ def test_preparing_a_ct_for_the_model_prints_no_warning(shared_data):
         warnings.simplefilter("error")
         data, _ = to_model_space(ct, 6.0, 3, (-1000.0, 1000.0))
     assert tuple(data["image"].shape) == (1, 15, 50, 61)  # 30 x 101 x 122 voxels of 3 mm at 6 mm
+
+
+def test_a_job_cancelled_in_its_child_process_prints_no_traceback(capfd):
+    """Closing napari with the explorer computing in its child: the cancel is no failure (it printed one)."""
+    from tests.helpers import cancelled_job
+
+    from napari_dagman._widgets.common.child_process import ChildProcessJob
+    from napari_dagman.core.events import JobCancelled
+
+    events = ChildProcessJob(cancelled_job, nice=0).events()
+    assert next(events) == 1
+    with pytest.raises(JobCancelled):
+        next(events)
+    assert "Traceback" not in capfd.readouterr().err

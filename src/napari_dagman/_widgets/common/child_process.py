@@ -28,7 +28,7 @@ from typing import Any
 
 from napari_dagman._widgets.common.child import ChildFailure, ChildProcess
 from napari_dagman.core.errors import DagmanError
-from napari_dagman.core.events import CancelToken
+from napari_dagman.core.events import CancelToken, JobCancelled
 
 #: How long a child may take to stop by itself (finish its step, save) before it is terminated.
 DEFAULT_GRACE_S = 60.0
@@ -168,8 +168,10 @@ class ChildProcessJob:
 
     @staticmethod
     def _rebuild(failure: ChildFailure) -> BaseException:
-        if isinstance(failure.exception, DagmanError):
-            return failure.exception  # a user error: its one-line message is all the user needs
+        if isinstance(failure.exception, DagmanError | JobCancelled):
+            # a user error: its one-line message is all the user needs; a cancel (napari closed while the job
+            # ran) is not an error at all, and printed nothing until it printed a traceback here
+            return failure.exception
         # a bug: the child's traceback is the useful one; the parent only reports the one-line summary
         print(f"napari-dagman background process failed:\n{failure.traceback}", file=sys.stderr)
         if failure.exception is not None:
