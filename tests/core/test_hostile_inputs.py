@@ -308,3 +308,18 @@ def test_a_job_cancelled_in_its_child_process_prints_no_traceback(capfd):
     with pytest.raises(JobCancelled):
         next(events)
     assert "Traceback" not in capfd.readouterr().err
+
+
+def test_out_of_memory_outside_training_is_one_line(shared_data, ft_run, tmp_path, monkeypatch, capsys):
+    """A prediction whose allocation fails anyway (MONAI's Spacingd on a huge grid): one line, exit 2."""
+    import napari_dagman.core.segmentation.prediction as prediction
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: "
+                           "you tried to allocate 22156689408 bytes.\nmore lines")
+
+    monkeypatch.setattr(prediction, "sliding_window_logits", fail)
+    status, err = run_cli(capsys, "predict", shared_data / "example_ct_sm.nii.gz", "--checkpoint", ft_run,
+                          "--out", tmp_path / "p.nii.gz", "--quiet")
+    assert status == 2 and "out of memory ([enforce fail at alloc_cpu.cpp:117]" in err and "crop the CT" in err
+    assert not (tmp_path / "p.nii.gz").exists()

@@ -74,6 +74,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"napari-dagman {args.command}: interrupted", file=sys.stderr)
         return 130
+    except (MemoryError, RuntimeError) as err:  # PyTorch, NumPy or ITK out of memory outside a training step
+        from napari_dagman.core.memory import out_of_memory, out_of_memory_message
+
+        if not out_of_memory(err):
+            raise
+        print(f"napari-dagman {args.command}: error: {out_of_memory_message(err)}", file=sys.stderr)
+        return EXIT_USER_ERROR
 
 
 if __name__ == "__main__":  # pragma: no cover

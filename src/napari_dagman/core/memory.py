@@ -158,3 +158,10 @@ def check_prediction_memory(volume: object, *, spacing: Sequence[float], classes
         else "crop the CT to the region of interest, or use a machine with more memory"
     )
     require_memory(needed, "segmenting this CT", advice)
+
+
+def out_of_memory_message(err: BaseException) -> str:
+    """One line for an allocation failure outside a training step (a prediction, the explorer, embeddings)."""
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+    said = lines[0] if lines else type(err).__name__
+    return f"out of memory ({said}): use a smaller input (crop the CT) or a machine with more memory"

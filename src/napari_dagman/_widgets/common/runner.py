@@ -295,7 +295,14 @@ class JobRunner:
         self.last_error = err
         if self._detached:  # nobody is there to read it (napari's window is gone)
             return
-        notify_error(self.describe(str(err)) if isinstance(err, DagmanError) else err)
+        from napari_dagman.core.memory import out_of_memory, out_of_memory_message
+
+        if isinstance(err, DagmanError):
+            notify_error(self.describe(str(err)))
+        elif out_of_memory(err):  # a prediction or the explorer on too large an input: one line, as in the CLI
+            notify_error(self.describe(out_of_memory_message(err)))
+        else:
+            notify_error(err)
         if self.on_error is not None:
             self.on_error(err)
 
