@@ -79,6 +79,18 @@ def window_count(shape: Sequence[int], roi_size: Sequence[int], overlap: float) 
     return n
 
 
+def _checked_roi(image: Volume, segmenter: Segmenter, roi: int | None) -> int:
+    """The sliding window's side, checked, once the image is known to fit in memory (`check_prediction_memory`):
+    both refused before the model runs."""
+    roi = int(roi or segmenter.roi)
+    if roi % DEEPEST_STRIDE:
+        raise DagmanInputError(f"roi must be a multiple of {DEEPEST_STRIDE}, got {roi}")
+    s = segmenter.spacing
+    target = image.spacing if s is None else ((s, s, s) if segmenter.arch.dims == 3 else (image.spacing[0], s, s))
+    check_prediction_memory(image, spacing=target, classes=segmenter.label_map.num_classes)
+    return roi
+
+
 def run_prediction(
     image: Volume,
     segmenter: Segmenter,
@@ -98,14 +110,9 @@ def run_prediction(
     from napari_dagman.core.segmentation.pipeline import IMAGE_KEY, classes_on_input_grid, to_model_space
 
     t_start = time.perf_counter()
-    roi = int(roi or segmenter.roi)
-    if roi % DEEPEST_STRIDE:
-        raise DagmanInputError(f"roi must be a multiple of {DEEPEST_STRIDE}, got {roi}")
+    roi = _checked_roi(image, segmenter, roi)
     name = name or str(image.metadata.get("name", "image"))
     arch = segmenter.arch
-    s = segmenter.spacing
-    target = image.spacing if s is None else ((s, s, s) if arch.dims == 3 else (image.spacing[0], s, s))
-    check_prediction_memory(image, spacing=target, classes=segmenter.label_map.num_classes)
     # the MONAI transforms a bundle of this run runs too (core.segmentation.pipeline)
     data, preprocessing = to_model_space(image, segmenter.spacing, arch.dims, segmenter.hu_range)
     model_image = data[IMAGE_KEY]

@@ -197,15 +197,7 @@ def run_training(
             steps = tee_events(steps, TensorBoardWriter(run.path, start_step=start))
         return (yield from steps)
     except Exception as err:  # a bug too: run.json must not say "running" after the job has ended
-        failure = err
-        if out_of_memory(err) and not isinstance(err, DagmanError):  # preparing the data or building the model
-            failure = DagmanInputError(
-                f"out of memory before the first step ({_first_line(err)}): use a coarser --spacing, a smaller "
-                "--roi or fewer volumes"
-            )
-        if dist.is_main:
-            reason = str(failure) if isinstance(failure, DagmanError) else f"{type(err).__name__}: {err}"
-            run.finish_run_info(f"failed: {reason}", None)
+        failure = _record_failure(run, dist.is_main, err)
         if failure is not err:
             raise failure from None
         raise
@@ -220,6 +212,34 @@ def run_training(
 def _first_line(err: BaseException) -> str:
     lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
     return lines[0] if lines else type(err).__name__
+
+
+def _record_failure(run: RunFolder, is_main: bool, err: Exception) -> Exception:
+    """Mark the run failed, with the reason; returns what to raise: an out-of-memory while the data were prepared
+    or the model built becomes one line, anything else is raised as it is."""
+    failure: Exception = err
+    if out_of_memory(err) and not isinstance(err, DagmanError):
+        failure = DagmanInputError(
+            f"out of memory before the first step ({_first_line(err)}): use a coarser --spacing, a smaller --roi "
+            "or fewer volumes"
+        )
+    if is_main:
+        reason = str(failure) if isinstance(failure, DagmanError) else f"{type(err).__name__}: {err}"
+        run.finish_run_info(f"failed: {reason}", None)
+    return failure
+
+
+def _out_of_memory_in_step(err: BaseException, step: int, total: int, saved_step: int) -> DagmanInputError:
+    """One line for an allocation that failed in a step: the step's tensors are gone with the exception, and
+    what is on disk is whole and resumable."""
+    kept = (
+        f"the run keeps step {saved_step}: continue it with --resume"
+        if saved_step
+        else "nothing was saved yet: start again"
+    )
+    return DagmanInputError(
+        f"out of memory at step {step} of {total} ({_first_line(err)}); {kept} after lowering --roi or --batch-size"
+    )
 
 
 def _take(lock: RunLock, run: RunFolder, command: str | None) -> list[str]:
@@ -369,16 +389,7 @@ def _steps(
     except Exception as err:
         if not out_of_memory(err):
             raise
-        # the step's tensors are gone with the exception; what is on disk is whole and resumable
-        kept = (
-            f"the run keeps step {saver.saved_step}: continue it with --resume"
-            if saver.saved_step
-            else "nothing was saved yet: start again"
-        )
-        raise DagmanInputError(
-            f"out of memory at step {step + 1} of {total} ({_first_line(err)}); {kept} after lowering --roi or "
-            "--batch-size"
-        ) from None
+        raise _out_of_memory_in_step(err, step + 1, total, saver.saved_step) from None
     except GeneratorExit:
         # the consumer closed us (GUI cancel, Ctrl-C in the CLI): keep the progress, then stop
         if step > saver.saved_step:
