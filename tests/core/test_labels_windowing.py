@@ -64,3 +64,33 @@ def test_window_presets_and_custom():
 def test_model_normalisation_is_clipped_and_linear():
     hu = np.array([-1000, -175, 37.5, 250, 3000], dtype=np.float32)
     np.testing.assert_allclose(normalize_hu(hu), [0.0, 0.0, 0.5, 1.0, 1.0])
+
+
+#: Organs that touch on a CT (a slice or a 3D view shows them side by side): a chest CT's heart and great vessels
+#: and lung lobes, the abdomen's neighbours. Issue 27: heart and aorta were both crimson, and the lobes of one lung
+#: shared one colour.
+TOUCHING = [
+    ("heart", "aorta"), ("heart", "pulmonary_artery"), ("aorta", "pulmonary_artery"), ("heart", "pulmonary_vein"),
+    ("aorta", "pulmonary_vein"), ("heart", "atrial_appendage_left"), ("heart", "superior_vena_cava"),
+    ("aorta", "superior_vena_cava"), ("pulmonary_artery", "superior_vena_cava"), ("heart", "esophagus"),
+    ("aorta", "esophagus"), ("trachea", "esophagus"), ("trachea", "lung_upper_lobe_right"),
+    ("lung_upper_lobe_right", "lung_middle_lobe_right"), ("lung_middle_lobe_right", "lung_lower_lobe_right"),
+    ("lung_upper_lobe_left", "lung_lower_lobe_left"), ("heart", "lung_lower_lobe_left"), ("heart", "liver"),
+    ("liver", "gallbladder"), ("liver", "inferior_vena_cava"), ("liver", "kidney_right"),
+    ("kidney_right", "adrenal_gland_right"), ("kidney_left", "adrenal_gland_left"), ("spleen", "stomach"),
+    ("stomach", "pancreas"), ("pancreas", "duodenum"), ("duodenum", "small_bowel"), ("small_bowel", "colon"),
+    ("liver", "portal_vein_and_splenic_vein"), ("pancreas", "portal_vein_and_splenic_vein"),
+]  # fmt: skip
+
+
+def test_organs_that_touch_get_colours_told_apart_at_a_glance():
+    """CIEDE2000 colour difference of at least 15 (about 10 is 'another colour' at a glance)."""
+    from skimage.color import deltaE_ciede2000, rgb2lab
+
+    from napari_dagman.core.labels import organ_colour
+
+    def lab(name):
+        return rgb2lab(np.array(organ_colour(name)[:3])[None, None])[0, 0]
+
+    close = {(a, b): round(float(deltaE_ciede2000(lab(a), lab(b))), 1) for a, b in TOUCHING}
+    assert {pair: d for pair, d in close.items() if d < 15} == {}
