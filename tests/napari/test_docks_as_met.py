@@ -247,6 +247,8 @@ def test_results_switch_sets_every_result_layer_and_rows_land_on_the_reference(
         dock.view.value = mode
         assert {layer for layer in (pred, ref, diff) if layer.visible} == shown, mode
     assert "false positive" in dock.legend.text() and "wrong organ" in dock.legend.text()
+    # its mean Dice says over what (the fine-tuning dock's is over the held-out slab: the two differ)
+    assert "mean Dice" in dock.status.text() and "whole CT" in dock.status.text()
     # predicted and reference volumes side by side, full organ names
     header = [dock.table.horizontalHeaderItem(c).text() for c in range(dock.table.columnCount())]
     assert header[:3] == ["organ", "predicted ml", "reference ml"]

@@ -84,7 +84,12 @@ class ResultsView:
         scored = np.isfinite(summary)
         self.status.setText(
             f"{len(results.table)} organs"
-            + (f"; mean Dice {np.mean(summary[scored]):.3f} over {int(scored.sum())}" if scored.any() else "")
+            # over the whole CT: not the fine-tuning dock's validation Dice, which is over its held-out slab only
+            + (
+                f"; mean Dice {np.mean(summary[scored]):.3f} over {int(scored.sum())}, whole CT"
+                if scored.any()
+                else ""
+            )
             + "; click a row to go to the organ"
         )
 

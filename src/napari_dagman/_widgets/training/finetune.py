@@ -396,7 +396,7 @@ class FinetuneWidget(TrainingDock):
         )
         text = f"{head}; run folder {finished.run_dir}"
         if best is not None:
-            text += f"; best validation Dice {best:.3f} (step {finished.summary.get('best_step')})"
+            text += f"; best validation Dice {best:.3f} on the held-out slab (step {finished.summary.get('best_step')})"
         self.results_button.setEnabled(True)
         return text, [("Predict & inspect", lambda *_: self.open_results(finished.run_dir))]
 
