@@ -94,3 +94,31 @@ def test_organs_that_touch_get_colours_told_apart_at_a_glance():
 
     close = {(a, b): round(float(deltaE_ciede2000(lab(a), lab(b))), 1) for a, b in TOUCHING}
     assert {pair: d for pair, d in close.items() if d < 15} == {}
+
+
+def test_every_pair_of_touching_organs_in_the_shared_label_maps_is_told_apart(shared_data):
+    """Organs whose voxels share a face in the three shared TotalSegmentator maps (144 pairs: vertebrae and their
+    neighbours, hip and femur, the bowel) get colours at least 15 apart (CIEDE2000)."""
+    from skimage.color import deltaE_ciede2000, rgb2lab
+
+    from napari_dagman.core.io import read_volume
+    from napari_dagman.core.labels import TOTALSEG_V2, organ_colour
+
+    touching: set[tuple[int, int]] = set()
+    for name in ("example_seg_fast_force_split.nii.gz", "example_seg_dicom.nii.gz", "example_seg.nii.gz"):
+        ids = read_volume(shared_data / name).array.astype(np.int32)
+        for axis in range(3):
+            a = np.moveaxis(ids, axis, 0)
+            lower, upper = a[:-1].ravel(), a[1:].ravel()
+            face = (lower != upper) & (lower > 0) & (upper > 0)
+            touching |= set(map(tuple, np.unique(np.sort(np.stack([lower[face], upper[face]], 1), axis=1), axis=0)))
+
+    def lab(name):
+        return rgb2lab(np.array(organ_colour(name)[:3])[None, None])[0, 0]
+
+    assert len(touching) > 100
+    close = {
+        (TOTALSEG_V2[p], TOTALSEG_V2[q]): round(float(deltaE_ciede2000(lab(TOTALSEG_V2[p]), lab(TOTALSEG_V2[q]))), 1)
+        for p, q in touching
+    }
+    assert {pair: d for pair, d in close.items() if d < 15} == {}

@@ -8,6 +8,7 @@ by organ *name*, so an organ has the same colour whatever id a file gives it.
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -163,7 +164,7 @@ _ORGAN_COLOURS: dict[str, tuple[int, int, int]] = {
     "portal_vein": (90, 60, 220),
     "urinary_bladder": (220, 200, 40),
     "bladder": (220, 200, 40),
-    "colon": (140, 86, 75),
+    "colon": (120, 72, 0),
     "small_bowel": (255, 152, 150),
     "duodenum": (250, 225, 150),
     "esophagus": (247, 182, 210),
@@ -176,13 +177,14 @@ _ORGAN_COLOURS: dict[str, tuple[int, int, int]] = {
     "trachea": (224, 224, 0),
     "vertebra": (240, 230, 140),
     "spine": (240, 230, 140),
-    "sacrum": (205, 205, 120),
+    "sacrum": (192, 192, 240),
     "rib": (255, 240, 200),
     "costal_cartilages": (200, 240, 220),
     "femur": (255, 250, 200),
-    "hip": (230, 200, 150),
+    "hip": (24, 0, 168),
     "muscle": (160, 70, 70),
     "gluteus": (120, 200, 110),
+    "gluteus_maximus": (0, 144, 0),
     "gluteus_medius": (170, 220, 60),
     "gluteus_minimus": (60, 110, 60),
     "autochthon": (0, 128, 128),
@@ -191,19 +193,31 @@ _ORGAN_COLOURS: dict[str, tuple[int, int, int]] = {
     "body": (200, 150, 120),
     "nodule": (255, 60, 60),
     "lung_vessels": (200, 60, 60),
-    "spinal_cord": (255, 255, 0),
+    "spinal_cord": (240, 168, 96),
     "adrenal_gland": (120, 220, 60),
     "prostate": (190, 120, 160),
 }
+
+
+#: Vertebrae touch their neighbours: three shades in turn down the spine (C1 ... S1), so that any two adjacent
+#: levels differ (they all had one colour).
+_VERTEBRA_SHADES: tuple[tuple[int, int, int], ...] = ((240, 230, 140), (144, 144, 48), (120, 216, 144))
+_VERTEBRA_LEVEL = re.compile(r"vertebrae_([ctls])(\d+)$")
+_SPINE_START = {"c": 0, "t": 7, "l": 19, "s": 24}  # C1 is level 0, T1 7, L1 19, S1 24
 
 
 def organ_colour(name: str) -> tuple[float, float, float, float]:
     """RGBA in 0..1 for an organ name: a curated colour when known, else a stable colour from its name.
 
     A name ending in "_left" gets a lighter shade of its pair's colour (a darker one for a light colour), so
-    left and right organs are told apart and still read as a pair.
+    left and right organs are told apart and still read as a pair; vertebrae take `_VERTEBRA_SHADES` in turn.
     """
     key = name.lower()
+    level = _VERTEBRA_LEVEL.match(key)
+    if level:
+        index = _SPINE_START[level.group(1)] + int(level.group(2)) - 1
+        r, g, b = _VERTEBRA_SHADES[index % len(_VERTEBRA_SHADES)]
+        return (r / 255.0, g / 255.0, b / 255.0, 1.0)
     best = ""
     for prefix in _ORGAN_COLOURS:
         if key.startswith(prefix) and len(prefix) > len(best):
