@@ -41,6 +41,7 @@ def read_layers(path: PathOrPaths) -> list[LayerData]:
     from napari_dagman.core.io import is_label_map, read_volumes
 
     paths = [path] if isinstance(path, str | os.PathLike) else list(path)
+    keep_radiological()
     layers: list[LayerData] = []
     for p in paths:
         for volume in read_volumes(p):
@@ -53,3 +54,15 @@ def read_layers(path: PathOrPaths) -> list[LayerData]:
             else:
                 layers.append(image_layer_data(volume))
     return layers
+
+
+def keep_radiological() -> None:
+    """The viewer the plugin reads into shows its coronal and sagittal views head up, from now on
+    (`_widgets.orientation`); napari's current viewer is the one opening the file."""
+    try:
+        import napari
+        from napari_dagman._widgets.orientation import follow_radiological
+
+        follow_radiological(napari.current_viewer())
+    except Exception:  # noqa: BLE001 (a display nicety must never stop a file from opening)
+        return

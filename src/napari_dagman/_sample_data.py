@@ -18,8 +18,10 @@ def sample_phantom() -> list[LayerData]:
     """
     # imported here so that napari's plugin discovery does not pay for scipy and pandas
     from napari_dagman import _layers
+    from napari_dagman._reader import keep_radiological
     from napari_dagman.core.phantom import make_phantom
 
+    keep_radiological()
     ct, labels = make_phantom()
     return [
         _layers.image_layer_data(ct, name="phantom CT"),

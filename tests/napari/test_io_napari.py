@@ -162,3 +162,33 @@ def test_labels_layer_from_elsewhere_keeps_its_feature_names(make_napari_viewer)
     assert tuple(volume.spacing) == (2.0, 1.0, 1.0)
     with pytest.raises(Exception, match="is a Image layer, not a labels layer"):
         volume_from_layer(viewer.add_image(data.astype(float)), kind="labels")
+
+
+def test_coronal_and_sagittal_views_show_the_head_up_and_axial_stays_radiological(make_napari_viewer, shared_data):
+    """napari draws the first displayed axis downwards: the LPS volume's z (inferior -> superior) displayed
+    vertically put the head at the bottom of coronal and sagittal views (issue 27)."""
+    viewer = make_napari_viewer()
+    viewer.open(shared_data / "example_ct_sm.nii.gz", plugin="napari-dagman")
+
+    def shown() -> tuple[str, str]:
+        return tuple(str(v.value) for v in viewer.camera.orientation2d)
+
+    assert shown() == ("down", "right")  # axial: anterior up, the patient's right on the screen's left
+    viewer.dims.order = (1, 0, 2)  # coronal: z vertical, x horizontal
+    assert shown() == ("up", "right")  # superior up, the patient's right on the left
+    viewer.dims.order = (2, 0, 1)  # sagittal: z vertical, y horizontal (anterior on the left)
+    assert shown() == ("up", "right")
+    viewer.dims.order = (0, 1, 2)
+    assert shown() == ("down", "right")
+
+
+def test_other_images_keep_napari_s_orientation(make_napari_viewer):
+    import numpy as np
+
+    viewer = make_napari_viewer()
+    viewer.add_image(np.zeros((8, 9, 10)))  # not the plugin's: a microscope stack, say
+    from napari_dagman._widgets.orientation import follow_radiological
+
+    follow_radiological(viewer)
+    viewer.dims.order = (1, 0, 2)
+    assert str(viewer.camera.orientation2d[0].value) == "down"
