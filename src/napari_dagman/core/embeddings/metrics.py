@@ -161,9 +161,12 @@ def quality_metrics(
         "settings": settings,
     }
     if len(kept_ids) < 2:
+        unscored = n - int(keep.sum())
         metrics["note"] = (
-            f"fewer than 2 organs with >= {min_patches} patches of purity >= {min_purity}: no metrics "
-            "(use smaller patches, a smaller stride or organ sampling)"
+            f"fewer than 2 organs with >= {min_patches} patches of purity >= {min_purity}: {unscored} of {n} "
+            f"patches of {patch_mm:g} mm are background, mixed or of a rare organ; no metrics (choose smaller "
+            f"patches, e.g. {patch_mm / 2:g} mm, a lower minimum purity, or organ sampling: patches centred in "
+            "each organ)"
         )
         return Quality(metrics, keep, slab, prediction)
 
@@ -356,7 +359,8 @@ def metrics_reading(metrics: dict[str, Any]) -> str:
     (else the clusters' NMI); the figures themselves are in `metric_rows`."""
     organs = metrics.get("organs", {})
     if "note" in metrics and "nmi" not in metrics:
-        return f"Not enough organ patches to score ({metrics['evaluated_patches']} patches of {len(organs)} organs)."
+        # what to change is in the note (smaller patches, lower purity, organ sampling): say it, not only "no"
+        return f"Not enough organ patches to score: {metrics['note']}."
     if "knn_balanced_accuracy" in metrics:
         score, chance = metrics["knn_balanced_accuracy"], 1.0 / max(1, len(organs))
         lift = (score - chance) / (1.0 - chance) if chance < 1 else 0.0
