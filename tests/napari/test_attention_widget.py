@@ -334,9 +334,14 @@ def test_two_runs_side_by_side_with_their_difference(
     np.testing.assert_allclose(viewer.layers[DIFFERENCE_LAYER].data, 0.0, atol=1e-6)
     # the second run's tiles show the same masks (same crop and seed) and make their layer when clicked
     np.testing.assert_array_equal(dock.compared.preview.masks[RUN_MASK], dock.result.preview.masks[RUN_MASK])
+    assert layer(viewer, MASK_LAYER.format(RUN_MASK)).visible
     click_tile(dock.heads_figure, ("head", 1, 3))
     second = layer(viewer, HEADS_LAYER.replace(":", " (second run):"))
     assert second.visible and not layer(viewer, HEADS_LAYER).visible
+    # a head shown alone: its slider is named, no mask lies over it (issue 27)
+    heads_axis = viewer.dims.ndim - second.ndim
+    assert viewer.dims.axis_labels[heads_axis] == "head" and viewer.dims.point[heads_axis] == 3
+    assert not [m for m in dock.layers.mask_layers() if m.visible]
     # the same run twice: their maps agree completely
     assert dock.result.stats["comparison"]["correlation"] == pytest.approx(1.0)
     # both runs' head diversity, with each run's probe figure

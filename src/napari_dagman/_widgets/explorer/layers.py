@@ -251,7 +251,13 @@ class ExplorerLayers:
         layer.visible = True
         if key[0] == "head":
             axis = self.viewer.dims.ndim - layer.ndim  # the heads axis: the first of the layer's four
+            labels = list(self.viewer.dims.axis_labels)
+            if labels[axis] != "head":  # napari calls it "-4"; its slider is the head shown
+                labels[axis] = "head"
+                self.viewer.dims.axis_labels = labels
             self.viewer.dims.set_point(axis, float(key[2]))
+            for mask in self.mask_layers():  # a head's map alone: the masks (and dropped cells) lay over it
+                mask.visible = False
         if (
             key[0] == "mask" and key[1] == 0 and key[2] in ("noisy-teacher", "run")
         ):  # with the cells it did not see
