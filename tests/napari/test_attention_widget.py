@@ -126,6 +126,7 @@ def test_crop_maps_heads_and_masks_update_in_place(make_napari_viewer, ct, tiny_
     # relative attention: a head's map averages to 1 over its tokens (uniform = 1)
     np.testing.assert_allclose(heads.data.reshape(4, -1).mean(axis=1), 1.0, rtol=1e-4)
     assert mean.blending == "additive" and mean.colormap.name == "coolwarm (log x uniform)"
+    assert mean.colorbar.visible and not heads.colorbar.visible  # the map shown has the canvas' colour bar
     # one fixed, logarithmic colour scale for every head: 1/4 to 4 x uniform, said in the dock
     assert tuple(mean.contrast_limits) == pytest.approx((0.25, 4.0))
     assert tuple(heads.contrast_limits) == pytest.approx((0.25, 4.0))
@@ -338,7 +339,8 @@ def test_two_runs_side_by_side_with_their_difference(
     click_tile(dock.heads_figure, ("head", 1, 3))
     second = layer(viewer, HEADS_LAYER.replace(":", " (second run):"))
     assert second.visible and not layer(viewer, HEADS_LAYER).visible
-    # a head shown alone: its slider is named, no mask lies over it (issue 27)
+    # a head shown alone: its slider is named, no mask lies over it, the canvas' one colour bar is its (issue 27)
+    assert second.colorbar.visible and not layer(viewer, MEAN_LAYER).colorbar.visible
     heads_axis = viewer.dims.ndim - second.ndim
     assert viewer.dims.axis_labels[heads_axis] == "head" and viewer.dims.point[heads_axis] == 3
     assert not [m for m in dock.layers.mask_layers() if m.visible]

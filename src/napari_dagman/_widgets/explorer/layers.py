@@ -163,9 +163,12 @@ class ExplorerLayers:
                 **common,
             )
         data = maps.mean.astype(np.float32)
-        return self.output(
+        shown = self.output(
             name, data, "image", dict(MAP_STYLE), suffix, scale=maps.scale, translate=maps.translate, **common
         )
+        if key[0] == "mean" and run == 0:
+            show_colour_bar(shown, [layer for layer in self.map_layers() if layer is not shown])
+        return shown
 
     def _map_properties(self, difference: bool) -> dict[str, Any]:
         style = self.style
@@ -249,6 +252,8 @@ class ExplorerLayers:
         for other in self.map_layers() if maps else self.mask_layers():
             other.visible = other is layer
         layer.visible = True
+        if maps:  # one colour bar on the canvas: the map shown's
+            show_colour_bar(layer, self.map_layers())
         if key[0] == "head":
             axis = self.viewer.dims.ndim - layer.ndim  # the heads axis: the first of the layer's four
             labels = list(self.viewer.dims.axis_labels)
@@ -303,6 +308,15 @@ class ExplorerLayers:
     def layer_of(self, key: tuple) -> Any:
         """The layer a tile's key shows, if it exists (whatever verdict its name carries)."""
         return self.find(layer_name(key))
+
+
+def show_colour_bar(layer: Any, others: list[Any]) -> None:
+    """napari's colour bar on the canvas for ``layer``'s map (its log scale in x uniform), none for ``others``."""
+    for other in others:
+        if other is not layer and hasattr(other, "colorbar"):
+            other.colorbar.visible = False
+    if hasattr(layer, "colorbar"):
+        layer.colorbar.visible = True
 
 
 def fading_colormap(name: str) -> Any:
