@@ -163,3 +163,16 @@ def cancelled_job(*, cancel: Any = None) -> Iterator[int]:
 
     yield 1
     raise JobCancelled("the job was cancelled")
+
+
+def run_cli(capsys: Any, *argv: Any) -> tuple[int, str]:
+    """Exit status and stderr of one command; a refusal is one error line (after any progress lines it printed
+    as the job ran), never a traceback."""
+    from napari_dagman.cli import main
+
+    status = main([str(a) for a in argv])
+    err = capsys.readouterr().err.strip()
+    if status == 2:
+        errors = [line for line in err.splitlines() if ": error: " in line]
+        assert len(errors) == 1 and err.endswith(errors[0]) and "Traceback" not in err, err
+    return status, err

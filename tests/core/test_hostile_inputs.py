@@ -16,23 +16,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from tests.helpers import file_size_limit
+from tests.helpers import file_size_limit, run_cli
 
-from napari_dagman.cli import main
 from napari_dagman.core.errors import CheckpointError, DagmanInputError
 from napari_dagman.core.io import read_volume, write_volume
 
 TINY = ["--preset", "tiny", "--roi", "32", "--spacing", "4", "--batch-size", "1", "--steps", "1", "--quiet"]
-
-
-def run_cli(capsys, *argv: str) -> tuple[int, str]:
-    """Exit status and stderr; a refusal is exactly one error line and no traceback."""
-    status = main([str(a) for a in argv])
-    err = capsys.readouterr().err.strip()
-    if status == 2:
-        errors = [line for line in err.splitlines() if ": error: " in line]
-        assert len(errors) == 1 and err.endswith(errors[0]) and "Traceback" not in err, err
-    return status, err
 
 
 # --- label maps and CTs ----------------------------------------------------------------------------------------

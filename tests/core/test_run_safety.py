@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from tests.helpers import ORGANS, file_size_limit, read_only_folder
+from tests.helpers import ORGANS, file_size_limit, read_only_folder, run_cli
 
 from napari_dagman.cli import main
 from napari_dagman.core.checkpoint import load_tensors, save_tensors
@@ -38,17 +38,6 @@ def saved_step(path: Path) -> int | None:
         return int(load_tensors(path)[1]["step"])
     except (DagmanInputError, KeyError, ValueError):
         return None
-
-
-def run_cli(capsys, *argv: str) -> tuple[int, str]:
-    """Exit status and stderr of one command; a refusal is one error line (after any progress lines it printed
-    as the job ran), never a traceback."""
-    status = main([str(a) for a in argv])
-    err = capsys.readouterr().err.strip()
-    if status == 2:
-        errors = [line for line in err.splitlines() if ": error: " in line]
-        assert len(errors) == 1 and err.endswith(errors[0]) and "Traceback" not in err, err
-    return status, err
 
 
 def copy_run(run: Path, target: Path, *, link: tuple[str, ...] = ("model.safetensors", "best.safetensors")) -> Path:

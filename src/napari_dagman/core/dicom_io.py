@@ -79,7 +79,7 @@ def _dicom_header(file: str) -> tuple[dict[str, str], DicomSlice]:
         with quiet_itk():
             reader.ReadImageInformation()
     except RuntimeError as err:
-        return {}, DicomSlice(file, unreadable=first_line(err))
+        return {}, DicomSlice(file, unreadable=itk_reason(err))
 
     def text(tag: str) -> str | None:
         return reader.GetMetaData(tag) if reader.HasMetaDataKey(tag) else None
@@ -174,7 +174,7 @@ def read_series_image(
             image = reader.Execute()
     except RuntimeError as err:
         raise DagmanInputError(
-            f"cannot read DICOM series '{series.name}' in {folder}: {first_line(err)}"
+            f"cannot read DICOM series '{series.name}' in {folder}: {itk_reason(err)}"
         ) from None
     image = _even_series(image, reader, f"'{series.name}' in {folder}", uneven_slices, notes)
     try:
@@ -240,7 +240,7 @@ def quiet_itk():
         sitk.ProcessObject.SetGlobalWarningDisplay(shown)
 
 
-def first_line(err: BaseException) -> str:
+def itk_reason(err: BaseException) -> str:
     """SimpleITK errors are multi-line C++ traces; keep the informative last line."""
     lines = [ln.strip() for ln in str(err).strip().splitlines() if ln.strip()]
     return lines[-1] if lines else type(err).__name__

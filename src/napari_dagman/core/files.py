@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from napari_dagman.core.errors import DagmanError, DagmanInputError
+from napari_dagman.core.errors import DagmanError, DagmanInputError, first_line
 
 
 def suffix_of(path: str | os.PathLike) -> str:
@@ -143,8 +143,7 @@ def _os_reason(err: OSError, folder: Path) -> str:
     reason = err.strerror
     if not reason:  # a library that re-raised the system's error with its own text (pydicom: tag, then a traceback)
         found = re.search(r"\[Errno (\d+)\]", str(err))
-        lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
-        reason = os.strerror(int(found.group(1))) if found else (lines[0] if lines else type(err).__name__)
+        reason = os.strerror(int(found.group(1))) if found else first_line(err)
     if isinstance(err.filename, (str, bytes, os.PathLike)):
         concerned = Path(os.fsdecode(err.filename))
         if concerned.parent != folder:
@@ -163,8 +162,7 @@ def _library_reason(err: Exception, folder: Path) -> str:
         info = os.statvfs(folder)
         if info.f_bavail * info.f_frsize < _NEARLY_FULL_BYTES:
             return os.strerror(28)  # ENOSPC: "No space left on device"
-    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
-    return f"{type(err).__name__}: {lines[0] if lines else 'failed'}"
+    return f"{type(err).__name__}: {first_line(err)}"
 
 
 def _umask_mode() -> int:

@@ -24,7 +24,7 @@ from napari_dagman.core.dicom_io import (  # noqa: F401  (re-exported: the reade
     DicomSeries,
     any_modality_allowed,
     check_dicom_file,
-    first_line,
+    itk_reason,
     list_dicom_series,
     quiet_itk,
     read_series_image,
@@ -200,7 +200,7 @@ def read_volumes(
             raise DagmanInputError(
                 f"cannot read {path.name}: not an image file (NIfTI, NRRD, MHA/MHD or DICOM) despite its name"
             ) from None
-        reason = first_line(err)
+        reason = itk_reason(err)
         if "No such file or directory" in reason:  # ITK's stale errno: the file is there, its data are not
             reason = "its data cannot be read"
         raise DagmanInputError(f"cannot read {path.name}: broken or truncated file ({reason})") from None
@@ -360,13 +360,13 @@ def write_volume(
     try:
         image = to_sitk(volume)
     except RuntimeError as err:
-        raise DagmanInputError(f"cannot write {path}: {first_line(err)}") from None
+        raise DagmanInputError(f"cannot write {path}: {itk_reason(err)}") from None
 
     def write(tmp: Path) -> None:
         try:
             sitk.WriteImage(image, str(tmp), useCompression=compress)
         except RuntimeError as err:
-            raise DagmanInputError(first_line(err)) from None
+            raise DagmanInputError(itk_reason(err)) from None
 
     atomic_write(path, write, verify=lambda tmp: _verify_volume(tmp, image.GetSize()))
     written = [str(path)]
@@ -388,7 +388,7 @@ def _verify_volume(path: Path, size: tuple[int, ...]) -> None:
     try:
         reader.ReadImageInformation()
     except RuntimeError as err:
-        raise DagmanInputError(f"the written file does not read back ({first_line(err)})") from None
+        raise DagmanInputError(f"the written file does not read back ({itk_reason(err)})") from None
     if tuple(reader.GetSize()) != tuple(size):
         raise DagmanInputError(f"the written file has size {reader.GetSize()}, not {size}")
     if suffix_of(path) in (".nii", ".nii.gz") and not nifti_complete(path):

@@ -13,7 +13,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from napari_dagman.core.errors import DagmanInputError
+from napari_dagman.core.errors import DagmanInputError, first_line
 
 #: Environment variable that turns the memory checks off (a machine whose /proc/meminfo misleads, or a user who
 #: knows the swap will carry it).
@@ -162,6 +162,4 @@ def check_prediction_memory(volume: object, *, spacing: Sequence[float], classes
 
 def out_of_memory_message(err: BaseException) -> str:
     """One line for an allocation failure outside a training step (a prediction, the explorer, embeddings)."""
-    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
-    said = lines[0] if lines else type(err).__name__
-    return f"out of memory ({said}): use a smaller input (crop the CT) or a machine with more memory"
+    return f"out of memory ({first_line(err)}): use a smaller input (crop the CT) or a machine with more memory"

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from napari_dagman.core.checkpoint import BEST_FILE, MODEL_FILE, RESUME_FILE, SNAPSHOT_DIR, RunFolder, RunLock
-from napari_dagman.core.errors import CheckpointError, DagmanError, DagmanInputError
+from napari_dagman.core.errors import CheckpointError, DagmanError, DagmanInputError, first_line
 from napari_dagman.core.events import CancelToken, CheckpointEvent, FinishedEvent, LogEvent, StepEvent
 from napari_dagman.core.io import check_output_folder
 from napari_dagman.core.memory import out_of_memory
@@ -209,18 +209,13 @@ def run_training(
         dist.close()
 
 
-def _first_line(err: BaseException) -> str:
-    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
-    return lines[0] if lines else type(err).__name__
-
-
 def _record_failure(run: RunFolder, is_main: bool, err: Exception) -> Exception:
     """Mark the run failed, with the reason; returns what to raise: an out-of-memory while the data were prepared
     or the model built becomes one line, anything else is raised as it is."""
     failure: Exception = err
     if out_of_memory(err) and not isinstance(err, DagmanError):
         failure = DagmanInputError(
-            f"out of memory before the first step ({_first_line(err)}): use a coarser --spacing, a smaller --roi "
+            f"out of memory before the first step ({first_line(err)}): use a coarser --spacing, a smaller --roi "
             "or fewer volumes"
         )
     if is_main:
@@ -238,7 +233,7 @@ def _out_of_memory_in_step(err: BaseException, step: int, total: int, saved_step
         else "nothing was saved yet: start again"
     )
     return DagmanInputError(
-        f"out of memory at step {step} of {total} ({_first_line(err)}); {kept} after lowering --roi or --batch-size"
+        f"out of memory at step {step} of {total} ({first_line(err)}); {kept} after lowering --roi or --batch-size"
     )
 
 
