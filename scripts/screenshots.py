@@ -242,6 +242,15 @@ def fit_window(viewer) -> None:
     viewer.reset_view()
 
 
+def open_dock(viewer, name: str):
+    """Dock this plugin's widget ``name`` as the Plugins menu does and return the real dock once it is built."""
+    from napari_dagman._widgets.common.loading import inner_dock
+
+    widget = viewer.window.add_plugin_dock_widget("napari-dagman", name)[1]
+    spin(120, until=lambda: inner_dock(widget) is not None)
+    return inner_dock(widget)
+
+
 def dock_of(widget):
     """The QDockWidget that holds ``widget``."""
     from qtpy.QtWidgets import QDockWidget
@@ -253,7 +262,7 @@ def dock_of(widget):
 
 def finetune_shot(viewer, out: Path, runs: Path, ct, seg, run: Path, args: argparse.Namespace) -> int:
     """A short fine-tune from the tiny run in the fine-tuning dock, then Predict & inspect results (a tab)."""
-    finetune = viewer.window.add_plugin_dock_widget("napari-dagman", "Fine-tuning")[1]
+    finetune = open_dock(viewer, "Fine-tuning")
     fold(finetune, keep=("Data",))
     # the dock started from the open CT and its label map
     assert (finetune.image.value, finetune.labels.value) == (ct, seg), "the dock did not preselect the layers"
@@ -302,7 +311,7 @@ def clusters_shot(viewer, out: Path, ct, seg, run: Path) -> int:
     import numpy as np
 
     seg.visible, seg.contour, seg.opacity = True, 0, 0.5
-    clusters = viewer.window.add_plugin_dock_widget("napari-dagman", "Organ clusters")[1]
+    clusters = open_dock(viewer, "Organ clusters")
     assert (clusters.image.value, clusters.labels.value) == (ct, seg), "the dock did not preselect the layers"
     clusters.run.value = str(run)
     clusters.method.value = "umap"
@@ -354,7 +363,7 @@ def explorer_shots(viewer, out: Path, runs: Path, args: argparse.Namespace) -> i
     viewer.open(data_dir / "example_seg_fast_force_split.nii.gz", plugin="napari-dagman")
     ct, seg = viewer.layers[-2], viewer.layers[-1]
     seg.visible = False
-    explorer = viewer.window.add_plugin_dock_widget("napari-dagman", "Attention & mask explorer")[1]
+    explorer = open_dock(viewer, "Attention & mask explorer")
     explorer.image.value, explorer.organs.value = ct, seg
     explorer.set_run(str(made["dagman"]))
     explorer.device.value, explorer.scope.value, explorer.smooth.value = "cpu", "crop", False

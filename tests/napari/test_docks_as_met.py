@@ -19,6 +19,7 @@ import pytest
 from napari_dagman._layers import image_layer_data
 from napari_dagman._widgets.clusters.dock import ClustersWidget
 from napari_dagman._widgets.common import JobDock, dock_widget_of
+from napari_dagman._widgets.common.loading import inner_dock
 from napari_dagman._widgets.results.dock import SegmentationResultsWidget
 from napari_dagman._widgets.training.finetune import FinetuneWidget
 from napari_dagman._widgets.training.pretrain import PretrainWidget
@@ -61,7 +62,7 @@ def phantom():
 
 
 # --- screen and layout ----------------------------------------------------------------------------------------
-def test_all_docks_fit_a_1600x1000_screen_and_segmentation_docks_are_tabs(make_napari_viewer, shared_data):
+def test_all_docks_fit_a_1600x1000_screen_and_open_as_tabs_of_one_another(make_napari_viewer, shared_data):
     viewer = make_napari_viewer(show=True)
     open_pair(viewer, shared_data)
     window = viewer.window._qt_window
@@ -69,7 +70,8 @@ def test_all_docks_fit_a_1600x1000_screen_and_segmentation_docks_are_tabs(make_n
     docked = {}
     for name in DOCKS:
         dock, widget = viewer.window.add_plugin_dock_widget("napari-dagman", name)
-        docked[name] = (dock, widget)
+        assert spin(60, until=lambda w=widget: inner_dock(w) is not None), name
+        docked[name] = (dock, inner_dock(widget))
         spin(0.3)
         # the window never grows past the screen, whichever docks are open
         assert window.frameGeometry().height() <= 1000 and window.height() <= 1000, name
@@ -79,9 +81,12 @@ def test_all_docks_fit_a_1600x1000_screen_and_segmentation_docks_are_tabs(make_n
     # every dock's body scrolls: the pretraining dock's form is taller than the room it is given
     pretrain = docked["Pretraining"][1]
     assert pretrain._scroll.verticalScrollBar().maximum() > 0
-    # fine-tuning and its results open as tabs of one another
-    finetune_dock, results_dock = docked["Fine-tuning"][0], docked["Segmentation results"][0]
-    assert results_dock in window.tabifiedDockWidgets(finetune_dock)
+    # the job docks open as tabs of one another (from the Plugins menu they stacked as slivers), the window strip
+    # stays on its own
+    jobs = [docked[name][0] for name in DOCKS[1:]]
+    for dock in jobs[1:]:
+        assert dock in window.tabifiedDockWidgets(jobs[0])
+    assert docked["CT window"][0] not in window.tabifiedDockWidgets(jobs[0])
 
 
 # --- starting from what is open --------------------------------------------------------------------------------

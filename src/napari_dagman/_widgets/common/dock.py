@@ -1,5 +1,5 @@
-"""`JobDock`, the base of every dock that runs a job: one cancel contract, a scrolling body, tabs for docks that
-belong together, bad input as one line in the dock's own words."""
+"""`JobDock`, the base of every dock that runs a job: one cancel contract, a scrolling body, tabs with the
+plugin's other docks, bad input as one line in the dock's own words."""
 
 from __future__ import annotations
 
@@ -50,8 +50,6 @@ class JobDock(QWidget):
     run_kind: ClassVar[str] = "job"
     #: The status line while a cancel is under way.
     cancelling_text: ClassVar[str] = "cancelling: finishing the current step..."
-    #: Docks of the same group open as tabs of one another (e.g. fine-tuning and its results); "" = none.
-    tab_group: ClassVar[str] = ""
 
     def __init__(self, napari_viewer: napari.viewer.Viewer, *, settings_group: str, description: str) -> None:
         super().__init__()
@@ -98,29 +96,9 @@ class JobDock(QWidget):
 
     def showEvent(self, event: Any) -> None:  # noqa: N802 (Qt's name)
         super().showEvent(event)
-        if self.tab_group and not self._tabbed:
+        if not self._tabbed:
             self._tabbed = True
-            self._tab_with_group()
-
-    def _tab_with_group(self) -> None:
-        """Join the tabs of an open dock of the same group, and come to the front."""
-        mine = dock_widget_of(self)
-        window = mine.parentWidget() if mine is not None else None
-        if not isinstance(window, QMainWindow):
-            return
-        for other in window.findChildren(QDockWidget):
-            inner = other.widget()
-            if (
-                other is not mine
-                and isinstance(inner, JobDock)
-                and inner.tab_group == self.tab_group
-                and not other.isFloating()
-                and other.isVisible()
-            ):
-                window.tabifyDockWidget(other, mine)
-                mine.show()
-                mine.raise_()
-                return
+            tab_with_open_docks(self)
 
     # --- messages ----------------------------------------------------------------------------------------------
     def user_text(self, text: str) -> str:
@@ -246,6 +224,32 @@ class JobDock(QWidget):
             self.status.setText("cancelled")
         self._set_running(False)
         self._cancel_requested_at = None
+
+
+def tab_with_open_docks(widget: QWidget) -> None:
+    """Dock ``widget`` as a tab of this plugin's docks already open (and bring it to the front).
+
+    napari's Plugins menu docks each widget below the others: five docks became slivers a few rows high. The
+    window dock (`WindowWidget`) is a strip meant to stay above, so it is neither tabbed nor tabbed with.
+    """
+    from napari_dagman._widgets.common.loading import DeferredDock
+
+    mine = dock_widget_of(widget)
+    window = mine.parentWidget() if mine is not None else None
+    if not isinstance(window, QMainWindow):
+        return
+    for other in window.findChildren(QDockWidget):
+        if (
+            other is not mine
+            and isinstance(other.widget(), JobDock | DeferredDock)
+            and not other.isFloating()
+            and other.isVisible()
+            and window.dockWidgetArea(other) == window.dockWidgetArea(mine)
+        ):
+            window.tabifyDockWidget(other, mine)
+            mine.show()
+            mine.raise_()
+            return
 
 
 def dock_widget_of(widget: QWidget) -> QDockWidget | None:

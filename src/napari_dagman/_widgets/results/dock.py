@@ -58,7 +58,6 @@ class SegmentationResultsWidget(ResultsView, ResultsNavigation, ResultsExport, J
     COLUMNS = tuple(name for name, _ in COLUMNS)
     run_kind = "prediction"
     cancelling_text = "cancelling after the current batch of windows..."
-    tab_group = "segmentation"
 
     def __init__(self, napari_viewer: napari.viewer.Viewer) -> None:
         super().__init__(napari_viewer, settings_group="results", description="segmentation prediction")

@@ -312,5 +312,10 @@ class TrainingDock(TrainingProgress, JobDock):
         except (KeyError, LookupError, ValueError) as err:
             notify_error(f"cannot open the {what}: {err}")
             return None
+        from napari_dagman._widgets.common.loading import DeferredDock
+
+        if isinstance(widget, DeferredDock):  # built now (this dock's libraries are loaded) or when they are
+            widget.call_when_built(lambda dock: dock.set_run(run_dir, **choices))
+            return widget.dock
         widget.set_run(run_dir, **choices)
         return widget

@@ -103,7 +103,6 @@ class FinetuneWidget(TrainingDock):
     run_kind = "fine-tuning run"
     job = "finetune"
     command = "napari-dagman fine-tuning dock"
-    tab_group = "segmentation"
 
     def __init__(self, napari_viewer: napari.viewer.Viewer) -> None:
         super().__init__(napari_viewer, settings_group="finetune", description="segmentation fine-tuning")
