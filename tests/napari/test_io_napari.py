@@ -182,6 +182,55 @@ def test_coronal_and_sagittal_views_show_the_head_up_and_axial_stays_radiologica
     assert shown() == ("down", "right")
 
 
+def test_edge_letters_name_the_patient_directions_of_each_view(make_napari_viewer, shared_data):
+    viewer = make_napari_viewer()
+    viewer.open(shared_data / "example_ct_sm.nii.gz", plugin="napari-dagman")
+
+    def letters() -> tuple[str, str, str, str]:
+        overlays = viewer.canvas.overlays
+        return tuple(
+            overlays[f"dagman_orientation_{edge}"].text for edge in ("top", "bottom", "left", "right")
+        )
+
+    assert letters() == ("A", "P", "R", "L")  # axial, radiological: the patient's right on the screen's left
+    viewer.dims.order = (1, 0, 2)
+    assert letters() == ("S", "I", "R", "L")  # coronal
+    viewer.dims.order = (2, 0, 1)
+    assert letters() == ("S", "I", "A", "P")  # sagittal
+    viewer.camera.orientation2d = ("up", "left")  # a user's flip: the letters follow the camera
+    assert letters() == ("S", "I", "P", "A")
+    viewer.dims.ndisplay = 3
+    assert not viewer.canvas.overlays["dagman_orientation_top"].visible
+
+
+def test_a_coronal_screenshot_shows_the_marked_head_end_at_the_top(make_napari_viewer):
+    """Pixels, not only napari's state: a volume bright at its superior end (high z in LPS) is bright at the top of
+    the coronal canvas, under the letter S."""
+    import numpy as np
+
+    from napari_dagman._layers import image_layer_data
+    from napari_dagman._widgets.orientation import follow_radiological
+    from napari_dagman.core.volume import Volume
+
+    array = np.full((40, 40, 40), -1000.0, np.float32)
+    array[30:, 5:35, 5:35] = 1000.0  # the head end: the top quarter of z
+    viewer = make_napari_viewer(show=True)
+    viewer._add_layer_from_data(*image_layer_data(Volume(array, spacing=(2.0, 2.0, 2.0)), window="bone"))
+    follow_radiological(viewer)
+    viewer.dims.order = (1, 0, 2)  # coronal
+    viewer.reset_view()
+    shot = np.asarray(viewer.screenshot(canvas_only=True, flash=False))[..., :3].astype(float)
+    grey = shot.mean(axis=2)
+    middle = grey[:, grey.shape[1] // 4 : 3 * grey.shape[1] // 4]
+    rows = middle.mean(axis=1)
+    bright = np.flatnonzero(rows > 0.5 * rows.max())
+    assert bright.size and bright.max() < grey.shape[0] / 2, "the bright (superior) end is not at the top"
+    # the letter S is drawn at the top centre: yellowish pixels (red and green high, blue low) in the top band
+    top = shot[: shot.shape[0] // 8, shot.shape[1] // 3 : 2 * shot.shape[1] // 3]
+    yellow = (top[..., 0] > 180) & (top[..., 1] > 150) & (top[..., 2] < 120)
+    assert yellow.sum() > 5
+
+
 def test_other_images_keep_napari_s_orientation(make_napari_viewer):
     import numpy as np
 
