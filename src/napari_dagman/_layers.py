@@ -8,21 +8,28 @@ import numpy as np
 
 from napari_dagman.core import labels as label_tables
 from napari_dagman.core.volume import Volume
-from napari_dagman.core.windowing import DEFAULT_WINDOW, window_limits
+from napari_dagman.core.windowing import opening_window, window_limits
 
 LayerData = tuple[Any, dict[str, Any], str]
 
 
-def image_layer_data(volume: Volume, name: str | None = None, window: str = DEFAULT_WINDOW) -> LayerData:
-    """An Image layer in HU at physical scale, with a CT display window."""
+def image_layer_data(volume: Volume, name: str | None = None, window: str | None = None) -> LayerData:
+    """An Image layer in HU at physical scale, with a CT display window: ``window`` (a preset), else the one
+    `opening_window` picks (the DICOM window tags, else mediastinum for a chest CT and abdomen otherwise)."""
+    if window is None:
+        window, limits, why = opening_window(volume.array, volume.metadata)
+    else:
+        limits, why = window_limits(window), f"{window} window"
     kwargs = volume.layer_kwargs()
     kwargs.update(
         name=name or volume.metadata.get("name", "CT"),
         colormap="gray",
-        contrast_limits=list(window_limits(window)),
+        contrast_limits=list(limits),
         blending="translucent",
     )
     kwargs["metadata"]["kind"] = "ct"
+    kwargs["metadata"]["window"] = window
+    kwargs["metadata"]["window_reason"] = why
     return volume.array, kwargs, "image"
 
 

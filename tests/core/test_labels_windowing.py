@@ -122,3 +122,30 @@ def test_every_pair_of_touching_organs_in_the_shared_label_maps_is_told_apart(sh
         for p, q in touching
     }
     assert {pair: d for pair, d in close.items() if d < 15} == {}
+
+
+def test_a_ct_opens_in_the_window_of_its_body_region_or_its_own_dicom_window(shared_data):
+    """Issue 27: the default window was abdomen for every CT, a chest CT included."""
+    from napari_dagman._layers import image_layer_data
+    from napari_dagman.core.io import read_volumes
+    from napari_dagman.core.phantom import make_phantom
+    from napari_dagman.core.volume import Volume
+    from napari_dagman.core.windowing import body_region, opening_window
+
+    ct, labels = make_phantom()
+    lung_ids = [i for i, name in labels.metadata["label_names"].items() if name.startswith("lung_") and "lobe" in name]
+    lung_slices = np.flatnonzero(np.isin(labels.array, lung_ids).any(axis=(1, 2)))
+    chest = Volume(ct.array[lung_slices], spacing=ct.spacing)
+    assert body_region(chest.array) == "chest"
+    _, kwargs, _ = image_layer_data(chest)
+    assert kwargs["metadata"]["window"] == "mediastinum"
+    assert tuple(kwargs["contrast_limits"]) == WINDOW_PRESETS["mediastinum"].limits
+    # the real abdominal CT (lung bases included) stays abdominal
+    abdomen = read_volumes(shared_data / "example_ct.nii.gz")[0]
+    assert opening_window(abdomen.array, abdomen.metadata)[0] == "abdomen"
+    # a DICOM series opens in its own window (WindowCenter 40\300, WindowWidth 300\1500: the first pair)
+    series = read_volumes(shared_data / "example_ct_dicom")[0]
+    name, limits, why = opening_window(series.array, series.metadata)
+    assert (name, limits) == ("custom", (-110.0, 190.0)) and "DICOM" in why
+    # a preset asked for wins
+    assert image_layer_data(series, window="lung")[1]["metadata"]["window"] == "lung"

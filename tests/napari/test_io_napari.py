@@ -107,6 +107,16 @@ def test_window_presets_change_display_only(make_napari_viewer, shared_data):
     np.testing.assert_array_equal(layer.data, before)
 
 
+def test_window_dock_shows_the_dicom_window_a_series_opened_with(make_napari_viewer, shared_data):
+    viewer = make_napari_viewer()
+    viewer.open(shared_data / "example_ct_dicom", plugin="napari-dagman")
+    layer = viewer.layers[0]
+    assert tuple(layer.contrast_limits) == (-110.0, 190.0)  # the series' WindowCenter 40 / WindowWidth 300
+    dock = WindowWidget(viewer)
+    assert (dock._preset.value, dock._width.value, dock._level.value) == ("custom", 300.0, 40.0)
+    assert "DICOM window" in dock._status.value
+
+
 def test_window_dock_without_image_warns(make_napari_viewer, notifications):
     viewer = make_napari_viewer()
     dock = WindowWidget(viewer)

@@ -39,8 +39,25 @@ class WindowWidget(Container):
         scroll.setMaximumHeight(scroll.widget().sizeHint().height() + 2)
         self.native.layout().addStretch(1)  # at the top of its dock
         self._show_preset_values()
+        self._follow_layer()
         self._preset.changed.connect(self._on_preset)
         self._apply.changed.connect(self.apply)
+        self._layer.changed.connect(self._follow_layer)
+
+    def _follow_layer(self, _value=None) -> None:
+        """Show the window the chosen CT opened with (its DICOM window or its body region's, `opening_window`)."""
+        layer = self._layer.value
+        window = (getattr(layer, "metadata", None) or {}).get("window")
+        if window not in (*WINDOW_PRESETS, "custom"):
+            return
+        with self._preset.changed.blocked():
+            self._preset.value = window
+        if window == "custom":
+            low, high = layer.contrast_limits
+            self._width.value, self._level.value = high - low, (low + high) / 2
+        self._show_preset_values()
+        reason = layer.metadata.get("window_reason")
+        self._status.value = f"{layer.name}: {reason}" if reason else ""
 
     def _image_layers(self, _widget=None) -> list:
         import napari

@@ -40,6 +40,8 @@ _DICOM_TAGS = {
     "0020|000e": "series_uid",
     "0010|0020": "patient_id",
     "0008|0020": "study_date",
+    "0028|1050": "window_center",
+    "0028|1051": "window_width",
 }
 
 
