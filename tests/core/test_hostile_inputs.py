@@ -42,6 +42,23 @@ def test_a_label_map_given_as_the_ct_is_refused_by_every_job(shared_data, tmp_pa
     assert not any(p.exists() for p in (tmp_path / "p", tmp_path / "f", tmp_path / "pred.nii.gz", tmp_path / "e"))
 
 
+def test_a_ct_with_few_grey_values_can_be_read_as_one_when_the_user_says_so(shared_data, monkeypatch):
+    from napari_dagman.core.errors import LabelMapAsCTError
+    from napari_dagman.core.io import check_ct, read_volume
+
+    seg = read_volume(shared_data / "example_seg.nii.gz")
+    with pytest.raises(LabelMapAsCTError, match="NAPARI_DAGMAN_IMAGE_IS_CT=1"):
+        check_ct(seg)
+    seg.metadata["is_ct"] = True  # a layer marked "it is a CT" in napari
+    assert check_ct(seg) is seg
+    del seg.metadata["is_ct"]
+    monkeypatch.setenv("NAPARI_DAGMAN_IMAGE_IS_CT", "1")
+    assert check_ct(seg) is seg
+    monkeypatch.setenv("NAPARI_DAGMAN_IMAGE_IS_CT", "maybe")
+    with pytest.raises(DagmanInputError, match="NAPARI_DAGMAN_IMAGE_IS_CT must be 1 or 0, got 'maybe'"):
+        check_ct(seg)
+
+
 def test_a_folder_mixing_cts_and_segmentations_is_refused_for_pretraining(shared_data, tmp_path, capsys):
     folder = tmp_path / "cases"
     folder.mkdir()

@@ -142,6 +142,18 @@ def test_a_label_map_given_as_the_ct_is_refused_at_start(make_napari_viewer, sha
     errors = [m for s, m in notifications if s == "error"]
     assert errors and "'seg as image' looks like a label map" in errors[-1] and "\n" not in errors[-1]
     assert not [p for p in tmp_path.iterdir() if p.is_dir()]  # no run folder
+    # the refusal offers "It is a CT"; the CT window dock's checkbox shows the same mark, and Start then goes on
+    dock._read_as_ct("seg as image")
+    assert layer.metadata["is_ct"] is True
+    window = WindowWidget(viewer)
+    window._layer.value = layer
+    assert window._is_ct.value is True
+    window._is_ct.value = False
+    assert layer.metadata["is_ct"] is False
+    with pytest.raises(DagmanInputError, match="NAPARI_DAGMAN_IMAGE_IS_CT=1"):
+        dock.build_job()
+    window._is_ct.value = True
+    assert dock.build_job()[1]  # the layer's volume goes to the job
     # the real CT is not refused
     ct = viewer.open(shared_data / "example_ct_sm.nii.gz", plugin="napari-dagman")[0]
     dock.layers.value = [ct]

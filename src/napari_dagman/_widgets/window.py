@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from magicgui.widgets import ComboBox, Container, FloatSpinBox, Label, PushButton
+from magicgui.widgets import CheckBox, ComboBox, Container, FloatSpinBox, Label, PushButton
 
 from napari_dagman._widgets.common import layer_combo, scroll_body
 from napari_dagman.core.errors import DagmanInputError
@@ -31,8 +31,13 @@ class WindowWidget(Container):
         self._width = FloatSpinBox(label="width (HU)", min=1, max=10000, step=10)
         self._level = FloatSpinBox(label="level (HU)", min=-2000, max=4000, step=10)
         self._apply = PushButton(text="Apply")
+        self._is_ct = CheckBox(
+            text="it is a CT",
+            tooltip="an image with few whole-number values is refused as a label map by every job; tick this if this "
+            "layer really is a CT (the CLI's NAPARI_DAGMAN_IMAGE_IS_CT=1)",
+        )
         self._status = Label(value="")
-        self.extend([self._layer, self._preset, self._width, self._level, self._apply, self._status])
+        self.extend([self._layer, self._preset, self._width, self._level, self._apply, self._is_ct, self._status])
         # napari docks the form's own widget: its rows go in a scroll area inside it, which never grows
         # taller than the rows (the dock gives the space it does not need to the others)
         scroll = scroll_body(self.native)
@@ -43,11 +48,20 @@ class WindowWidget(Container):
         self._preset.changed.connect(self._on_preset)
         self._apply.changed.connect(self.apply)
         self._layer.changed.connect(self._follow_layer)
+        self._is_ct.changed.connect(self._mark_ct)
+
+    def _mark_ct(self, value: bool) -> None:
+        layer = self._layer.value
+        if layer is not None:
+            layer.metadata["is_ct"] = bool(value)
 
     def _follow_layer(self, _value=None) -> None:
         """Show the window the chosen CT opened with (its DICOM window or its body region's, `opening_window`)."""
         layer = self._layer.value
-        window = (getattr(layer, "metadata", None) or {}).get("window")
+        metadata = getattr(layer, "metadata", None) or {}
+        with self._is_ct.changed.blocked():
+            self._is_ct.value = bool(metadata.get("is_ct"))
+        window = metadata.get("window")
         if window not in (*WINDOW_PRESETS, "custom"):
             return
         with self._preset.changed.blocked():

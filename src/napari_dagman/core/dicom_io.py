@@ -23,7 +23,7 @@ from napari_dagman.core.dicom_headers import (
     even_slices,
     slice_geometry,
 )
-from napari_dagman.core.errors import DagmanInputError
+from napari_dagman.core.errors import DagmanInputError, env_flag
 
 #: What to do with a DICOM series whose slices are unevenly spaced when the caller does not say: "refuse"
 #: (default) or "resample" (interpolate onto even slices, with a note). Read from this environment variable.
@@ -123,14 +123,7 @@ def list_dicom_series(folder: str | os.PathLike) -> list[DicomSeries]:
 
 def any_modality_allowed(value: bool | None) -> bool:
     """Whether DICOM of another modality than CT is read: ``value``, else ``$NAPARI_DAGMAN_ANY_MODALITY``."""
-    if value is not None:
-        return value
-    raw = os.environ.get(ANY_MODALITY_ENV, "").strip().lower()
-    if raw in ("", "0", "false", "no"):
-        return False
-    if raw in ("1", "true", "yes"):
-        return True
-    raise DagmanInputError(f"{ANY_MODALITY_ENV} must be 1 or 0, got '{raw}'")
+    return value if value is not None else env_flag(ANY_MODALITY_ENV)
 
 
 def _check_modality(slices: Iterable[DicomSlice], what: str, any_modality: bool, notes: list[str]) -> None:

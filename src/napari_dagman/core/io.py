@@ -29,7 +29,7 @@ from napari_dagman.core.dicom_io import (  # noqa: F401  (re-exported: the reade
     quiet_itk,
     read_series_image,
 )
-from napari_dagman.core.errors import DagmanInputError
+from napari_dagman.core.errors import DagmanInputError, LabelMapAsCTError, env_flag
 from napari_dagman.core.files import (  # noqa: F401  (re-exported: the writers and readers' callers use io)
     atomic_write,
     atomic_write_text,
@@ -286,16 +286,24 @@ def read_volume(
 
 
 # --- label maps -------------------------------------------------------------------------------------------
+#: Set to 1 to read an image that looks like a label map as a CT anyway (napari: the CT window dock's 'it is a CT').
+IMAGE_IS_CT_ENV = "NAPARI_DAGMAN_IMAGE_IS_CT"
+
+
 def label_map_message(volume: Volume, what: str | None = None) -> str | None:
-    """The warning for an "image" that holds a label map (whole numbers, few distinct values), else None: one rule
-    for the CLI, the docks and the jobs."""
+    """The refusal for an "image" that holds a label map (whole numbers, few distinct values), else None: one rule
+    for the CLI, the docks and the jobs. A volume marked ``is_ct`` (a layer the user says is a CT) or
+    ``$NAPARI_DAGMAN_IMAGE_IS_CT=1`` passes: a CT stored with few grey values exists."""
+    if volume.metadata.get("is_ct") or env_flag(IMAGE_IS_CT_ENV):
+        return None
     if not is_label_map(volume) or np.ptp(volume.array) == 0:  # a constant volume is refused as such elsewhere
         return None
     what = what or f"'{volume.metadata.get('source_path') or volume.metadata.get('name') or 'an image'}'"
     values = np.unique(volume.array)
     return (
         f"{what} looks like a label map, not a CT ({len(values)} distinct whole numbers from {values.min()} to "
-        f"{values.max()}): choose the CT as the image"
+        f"{values.max()}): choose the CT as the image, or, if it is one, set {IMAGE_IS_CT_ENV}=1 (in napari: "
+        "'it is a CT' in the CT window dock)"
     )
 
 
@@ -304,7 +312,7 @@ def check_ct(volume: Volume, what: str | None = None) -> Volume:
     teaches nothing, and segmented, it gives nonsense. One rule for the CLI, the docks and the jobs."""
     message = label_map_message(volume, what)
     if message:
-        raise DagmanInputError(message)
+        raise LabelMapAsCTError(message)
     return volume
 
 

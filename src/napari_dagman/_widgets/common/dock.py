@@ -21,12 +21,13 @@ from napari_dagman._widgets.common.child_process import DEFAULT_NICE
 from napari_dagman._widgets.common.layout import scroll_body
 from napari_dagman._widgets.common.notify import (
     guard_notification_timers,
+    notify,
     notify_error,
     notify_warning,
 )
 from napari_dagman._widgets.common.runner import JobRunner, stop_jobs_with
 from napari_dagman._widgets.common.settings import Settings
-from napari_dagman.core.errors import DagmanError
+from napari_dagman.core.errors import DagmanError, LabelMapAsCTError
 
 if TYPE_CHECKING:
     import napari
@@ -116,7 +117,10 @@ class JobDock(QWidget):
 
     def refuse(self, err: BaseException | str) -> bool:
         """Bad input at Start: one notification line, the reason on the status line (no stale text); False."""
-        if isinstance(err, str | DagmanError):
+        if isinstance(err, LabelMapAsCTError) and err.layer_name:
+            text = self.user_text(str(err))
+            notify(text, "error", [("It is a CT", lambda *_: self._read_as_ct(err.layer_name))])
+        elif isinstance(err, str | DagmanError):
             text = self.user_text(str(err))
             notify_error(text)
         else:
@@ -124,6 +128,15 @@ class JobDock(QWidget):
             text = f"{type(err).__name__}: {err}"
         self.status.setText(f"not started: {text.splitlines()[0] if text else ''}")
         return False
+
+    def _read_as_ct(self, layer_name: str) -> None:
+        """The user says a layer refused as a label map is a CT: mark it (`core.io.label_map_message` honours the
+        mark; the CT window dock's 'it is a CT' shows it) and say what to do next."""
+        if layer_name not in self._viewer.layers:
+            return
+        self._viewer.layers[layer_name].metadata["is_ct"] = True
+        notify(f"'{layer_name}' will be read as a CT: press Start again", "info")
+        self.status.setText(f"'{layer_name}' is marked as a CT; start again")
 
     def _expose(self, form: Any, names: Sequence[str]) -> None:
         """Make some of a form's widgets attributes of the dock (the names scripts and tests use)."""

@@ -47,9 +47,14 @@ def volume_from_layer(layer: Any, kind: str = "image") -> Volume:
             meta["label_names"] = meta_names
     volume = Volume.from_layer_data(data, scale=layer.scale, translate=layer.translate, metadata=meta)
     if kind == "image":
+        from napari_dagman.core.errors import LabelMapAsCTError
         from napari_dagman.core.io import check_ct
 
-        check_ct(volume, f"'{layer.name}'")  # refused at Start, in the core's words
+        try:
+            check_ct(volume, f"'{layer.name}'")  # refused at Start, in the core's words
+        except LabelMapAsCTError as err:
+            err.layer_name = layer.name  # the dock offers to read this layer as a CT anyway
+            raise
     return volume
 
 

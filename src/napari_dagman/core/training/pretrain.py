@@ -21,7 +21,7 @@ from napari_dagman.core.config import PretrainConfig
 from napari_dagman.core.data import PreparedVolume, ViewSampler, prepare_volume, refine_volume
 from napari_dagman.core.devices import resolve_device
 from napari_dagman.core.diversity import CollapseAlarm
-from napari_dagman.core.errors import CheckpointError, DagmanInputError
+from napari_dagman.core.errors import CheckpointError, DagmanInputError, LabelMapAsCTError
 from napari_dagman.core.events import CancelToken, FinishedEvent, PreviewEvent
 from napari_dagman.core.io import label_map_message
 from napari_dagman.core.memory import check_training_memory
@@ -169,7 +169,7 @@ class PretrainTask(TrainingTask):
         looks = [m for m in (label_map_message(v) for v in raw) if m]
         if looks:  # label maps given as CTs (a folder holding the segmentations too): refused before any work
             more = f" (and {len(looks) - 1} more)" if len(looks) > 1 else ""
-            raise DagmanInputError(looks[0] + more)
+            raise LabelMapAsCTError(looks[0] + more)
         self.spec = get_method(config.method).load().input_spec(config.method_options(), config.roi)
         check_training_memory(
             raw,
