@@ -187,8 +187,9 @@ def test_crop_maps_heads_and_masks_update_in_place(make_napari_viewer, ct, tiny_
     assert titles == [f"{s} {share:.0%}" for s, share in zip(PREVIEW_STRATEGIES, shares, strict=True)]
     assert dock.masks_figure.tile_axes(("mask", 0, RUN_MASK)).get_title() == f"this run {k / cells:.0%}"
 
-    dock.contour.value = True
-    assert mask_layers[RUN_MASK].contour == 1
+    assert mask_layers[RUN_MASK].contour == 1  # outlines by default: the map under the mask stays readable
+    dock.contour.value = False
+    assert mask_layers[RUN_MASK].contour == 0
     dock.show_mask.value = "none"
     assert not any(x.visible for x in mask_layers.values())
 

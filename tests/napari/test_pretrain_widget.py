@@ -178,7 +178,10 @@ def test_tiny_run_finishes_writes_run_folder_and_updates_previews_in_place(
     assert mask.data.shape == (32, 32, 32) and mask.contour == 1
     np.testing.assert_array_equal(mask.data[::16, ::16, ::16], previews[-1].mask)
     attention = viewer.layers[PREVIEW_ATTENTION]
-    assert attention.blending == "additive" and attention.data.shape == (2, 2, 2)
+    assert attention.blending == "translucent" and attention.data.shape == (2, 2, 2)
+    # the explorer's honest scale: x uniform from 1/4 to 4 on a log colour map, with napari's colour bar
+    assert tuple(attention.contrast_limits) == pytest.approx((0.25, 4.0))
+    assert "log x uniform" in attention.colormap.name and attention.colorbar.visible
     # the finish notification names the run folder; the dock is idle again
     assert any(str(run) in message for severity, message in notifications if severity == "info")
     assert dock.start_button.text() == "Start" and dock.explore_button.isEnabled()

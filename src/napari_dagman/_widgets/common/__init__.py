@@ -28,6 +28,7 @@ _WHERE: dict[str, str] = {
     "label_names_from_features": "layers",
     "last_run": "settings",
     "layer_combo": "pickers",
+    "log_colormap": "layers",
     "layer_label_names": "layers",
     "layer_picker": "pickers",
     "layer_select": "pickers",

@@ -165,3 +165,16 @@ def viewer_camera(viewer: Any) -> Any:
     ``viewer.camera`` before."""
     scene = getattr(viewer, "scene", None)
     return getattr(scene, "camera", None) or viewer.camera
+
+
+def log_colormap(name: str, low: float, high: float) -> Any:
+    """A napari colour map that spreads ``name`` logarithmically over [low, high]: the layer keeps values in x
+    uniform (what hovering shows) while its colours follow log(x), as the tiles' colour bar does."""
+    import matplotlib
+    from napari.utils.colormaps import Colormap
+
+    values = np.geomspace(low, high, 65)
+    controls = (values - low) / (high - low)
+    controls[0], controls[-1] = 0.0, 1.0
+    colours = matplotlib.colormaps[name](np.linspace(0.0, 1.0, len(values)))
+    return Colormap(colours, controls=controls, name=f"{name} (log x uniform)")

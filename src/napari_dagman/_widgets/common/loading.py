@@ -4,8 +4,8 @@ in napari's thread when they are there.
 Opening the pretraining dock used to freeze napari for 5-7 s (issue 27): its device list imported torch, its method
 forms imported every method (MONAI, scikit-learn, pydicom), its plots matplotlib, all in the GUI thread. Now napari
 docks a `DeferredDock` at once (a line saying what loads), a worker thread imports the libraries, and the real dock
-is made inside it when they are loaded (0.2-0.3 s of building). A process that has them already (a second dock, a
-script, the tests) gets the real dock at once.
+is made inside it when they are loaded (0.2-0.3 s of building). A process that has torch and MONAI already (a dock
+opened after another, a script, the tests) gets the real dock at once.
 
 A plain ``import torch`` in a thread still froze the GUI for 0.3-0.4 s: Python holds the GIL while the dynamic
 loader runs libtorch's static initialisers. `ctypes` releases the GIL around ``dlopen``, so the big shared libraries
@@ -72,13 +72,14 @@ def _open_shared_libraries() -> None:
                 ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
 
 
-def loaded(modules: tuple[str, ...] = ()) -> bool:
-    """True when the heavy libraries and ``modules`` are imported and every method is loaded."""
-    from napari_dagman.core.methods.registry import REGISTRY
+#: Once these are imported (by a dock that trained, a script, the tests), the rest loads in well under a second:
+#: the dock is then built at once, so a caller that docks it (the training docks' "Explore attention") gets it.
+SLOWEST_MODULES: tuple[str, ...] = ("torch", "monai")
 
-    return all(name in sys.modules for name in (*HEAVY_MODULES, *modules)) and all(
-        spec.module in sys.modules for spec in REGISTRY.values()
-    )
+
+def loaded() -> bool:
+    """True when the slowest libraries are imported already (`load` then takes a fraction of a second)."""
+    return all(name in sys.modules for name in SLOWEST_MODULES)
 
 
 def load(modules: tuple[str, ...] = ()) -> None:
@@ -104,22 +105,23 @@ class _Finished(QObject):
 def when_loaded(callback: Callable[[str], None], modules: tuple[str, ...] = (), parent: QObject | None = None) -> None:
     """Call ``callback("")`` in napari's thread once `load` has run (now, if it has), or ``callback(reason)`` if an
     import failed. The import runs in a daemon thread: closing napari meanwhile does not wait for it."""
-    if loaded(modules):
-        callback("")
+    if loaded():
+        callback(_load_reason(modules))
         return
     finished = _Finished(parent)
     finished.done.connect(callback)
+    threading.Thread(
+        target=lambda: _emit(finished, _load_reason(modules)), name="napari-dagman-load", daemon=True
+    ).start()
 
-    def work() -> None:
-        try:
-            load(modules)
-        except Exception as err:  # noqa: BLE001 (any import failure becomes the dock's one line)
-            reason = f"{type(err).__name__}: {err}".splitlines()[0]
-            _emit(finished, reason)
-        else:
-            _emit(finished, "")
 
-    threading.Thread(target=work, name="napari-dagman-load", daemon=True).start()
+def _load_reason(modules: tuple[str, ...]) -> str:
+    """`load`, and "" when it worked, else why not in one line."""
+    try:
+        load(modules)
+    except Exception as err:  # noqa: BLE001 (any import failure becomes the dock's one line)
+        return f"{type(err).__name__}: {err}".splitlines()[0]
+    return ""
 
 
 def _emit(finished: _Finished, reason: str) -> None:

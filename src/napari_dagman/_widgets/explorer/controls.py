@@ -224,7 +224,11 @@ def _display_controls(settings: Settings) -> dict[str, Any]:
             value="run",
             tooltip="the mask layer shown in napari (or click its tile)",
         ),
-        "contour": CheckBox(label="outlines only", value=False, tooltip="draw the mask layers as contours"),
+        "contour": CheckBox(
+            label="outlines only",
+            value=True,
+            tooltip="draw the mask layers as contours (the attention map under them stays visible); untick to fill",
+        ),
         "follow": CheckBox(
             label="click moves the crop",
             value=True,

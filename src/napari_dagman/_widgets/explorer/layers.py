@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from napari_dagman._widgets.common import OUTPUT_KEY, cells_on_voxels, upsert_layer
+from napari_dagman._widgets.common.layers import log_colormap
 from napari_dagman._widgets.explorer.tiles import DROPPED_COLOUR, MASK_COLOURS, Contrast
 
 if TYPE_CHECKING:
@@ -73,19 +74,6 @@ def base_name(name: str) -> str:
     if " (flat: " in name and name.endswith(")"):
         return name[: name.rindex(" (flat: ")]
     return name
-
-
-def log_colormap(name: str, low: float, high: float) -> Any:
-    """A napari colour map that spreads ``name`` logarithmically over [low, high]: the layer keeps values in x
-    uniform (what hovering shows) while its colours follow log(x), as the tiles' colour bar does."""
-    import matplotlib
-    from napari.utils.colormaps import Colormap
-
-    values = np.geomspace(low, high, 65)
-    controls = (values - low) / (high - low)
-    controls[0], controls[-1] = 0.0, 1.0
-    colours = matplotlib.colormaps[name](np.linspace(0.0, 1.0, len(values)))
-    return Colormap(colours, controls=controls, name=f"{name} (log x uniform)")
 
 
 @dataclass

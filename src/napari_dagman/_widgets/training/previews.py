@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from napari_dagman._widgets.common import OUTPUT_KEY, cells_on_voxels, jump_to, upsert_layer
+from napari_dagman._widgets.common import OUTPUT_KEY, cells_on_voxels, jump_to, log_colormap, upsert_layer
 
 if TYPE_CHECKING:
     from napari_dagman.core.events import PreviewEvent
@@ -52,17 +52,28 @@ class PretrainPreviews:
         )
         capabilities = self.capabilities
         if event.attention is not None and "attention" in capabilities.previews:
-            # relative attention (x number of tokens): 1 = uniform, the unit of the attention explorer too
+            # relative attention (x number of tokens): 1 = uniform, on the explorer's one log scale (1/4 to 4) with
+            # napari's colour bar; additive blending over the CT and a 0-2 stretch made 0.8-1.4 all dark red
+            from napari_dagman.core.windowing import UNIFORM_RANGE
+
             mean = event.attention.mean(axis=0) * float(np.prod(event.attention.shape[1:]))
+            name = PREVIEW_ATTENTION if capabilities.has_teacher else PREVIEW_CLASS_ATTENTION
+            created = name not in self._viewer.layers
             self._preview_layer(
-                PREVIEW_ATTENTION if capabilities.has_teacher else PREVIEW_CLASS_ATTENTION,
+                name,
                 mean.astype(np.float32),
                 "image",
                 event.attention_scale,
                 event.attention_translate,
-                create={"colormap": "inferno", "blending": "additive", "opacity": 0.7},
-                contrast_limits=(0.0, max(2.0, float(mean.max()))),
+                create={
+                    "colormap": log_colormap("inferno", *UNIFORM_RANGE),
+                    "blending": "translucent",
+                    "opacity": 0.7,
+                    "contrast_limits": UNIFORM_RANGE,
+                },
             )
+            if created and hasattr(self._viewer.layers[name], "colorbar"):
+                self._viewer.layers[name].colorbar.visible = True
         if "mask" in capabilities.previews:
             # outlines of the hidden cells, drawn on the crop's voxels so that they read over the attention
             self._cell_layer(PREVIEW_MASK, event.mask, event, MASK_COLOUR)
