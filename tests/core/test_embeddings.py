@@ -470,3 +470,21 @@ def test_too_few_organ_patches_says_what_to_change():
     )
     reading = metrics_reading(quality.metrics)
     assert "54 of 60 patches of 48 mm" in reading and "24 mm" in reading and "organ sampling" in reading
+
+
+def test_organs_without_a_scored_patch_are_named_with_their_thickness_and_a_patch_size_that_fits():
+    """Issue 27: 48 mm patches lost the aorta, the pulmonary artery and T12 without a word."""
+    from napari_dagman.core.embeddings.patches import missing_organs_note, organ_thickness_mm
+
+    labels = np.zeros((40, 40, 40), np.int64)
+    labels[4:36, 4:36, 4:24] = 1  # a liver: 20 voxels (40 mm) thick
+    labels[4:36, 28:32, 28:32] = 2  # an aorta: a 4-voxel (8 mm) tube
+    labels[10:14, 30:34, 34:38] = 3  # a small organ with no name
+    spacing = (2.0, 2.0, 2.0)
+    thickness = organ_thickness_mm(labels, spacing)
+    assert thickness[1] == pytest.approx(40.0, abs=4.1) and thickness[2] == pytest.approx(8.0, abs=4.1)
+    names = {1: "liver", 2: "aorta"}
+    missing, note = missing_organs_note(labels, spacing, names, {"liver"}, patch_mm=48.0, min_purity=0.5)
+    assert set(missing) == {"aorta", "3"} and missing["aorta"] == pytest.approx(thickness[2], abs=0.1)
+    assert "2 organ(s)" in note and "aorta" in note and "48 mm" in note and "patches of about 8 mm" in note
+    assert missing_organs_note(labels, spacing, names, {"liver", "aorta", "3"}, 48.0, 0.5) == ({}, "")

@@ -10,7 +10,7 @@ from napari_dagman.core.embeddings.cache import EmbeddingCache, projection_key
 from napari_dagman.core.embeddings.clustering import CLUSTERINGS, cluster_features
 from napari_dagman.core.embeddings.features import embed_volume, load_encoder
 from napari_dagman.core.embeddings.metrics import embedding_quality
-from napari_dagman.core.embeddings.patches import PatchEmbeddings
+from napari_dagman.core.embeddings.patches import PatchEmbeddings, missing_organs_note
 from napari_dagman.core.embeddings.projection import project
 from napari_dagman.core.embeddings.results import EmbeddingResult, build_table
 from napari_dagman.core.errors import DagmanInputError
@@ -103,4 +103,19 @@ def run_embedding(
     if len(emb) < 3:
         raise DagmanInputError(f"only {len(emb)} patch(es) fit the image: use a smaller patch or stride")
     result = yield from analyse(emb, config, cache=cache)
+    if labels is not None and result.quality is not None:
+        # organs a chest researcher looks for (aorta, pulmonary artery, a vertebra) vanished without a word
+        missing, note = missing_organs_note(
+            labels.array,
+            labels.spacing,
+            labels.metadata.get("label_names") or emb.organ_names or {},
+            set(result.quality.metrics.get("organs", {})),
+            float(emb.patch_mm[0]),
+            config.min_purity,
+            merge_sides=config.merge_sides,
+        )
+        if note:
+            result.quality.metrics["missing_organs"] = missing
+            result.quality.metrics["missing_note"] = note
+            yield LogEvent(note, "warning")
     return result

@@ -282,6 +282,8 @@ def metrics_summary(metrics: dict[str, Any]) -> str:
     lines = [f"evaluated: {metrics['evaluated_patches']} patches of {len(metrics['organs'])} organs"]
     if "note" in metrics:
         lines.append(f"note: {metrics['note']}")
+    if "missing_note" in metrics:
+        lines.append(f"missing organs: {metrics['missing_note']}")
     figures = [
         (name, metrics[key])
         for name, key in (("NMI", "nmi"), ("ARI", "ari"), ("silhouette", "silhouette"))
@@ -357,6 +359,11 @@ def metric_rows(metrics: dict[str, Any]) -> list[tuple[str, str, str]]:
 def metrics_reading(metrics: dict[str, Any]) -> str:
     """One plain sentence on how well the organs separate, from the balanced k-NN accuracy against chance
     (else the clusters' NMI); the figures themselves are in `metric_rows`."""
+    reading = _reading(metrics)
+    return f"{reading} {metrics['missing_note'][0].upper()}{metrics['missing_note'][1:]}." if "missing_note" in metrics else reading
+
+
+def _reading(metrics: dict[str, Any]) -> str:
     organs = metrics.get("organs", {})
     if "note" in metrics and "nmi" not in metrics:
         # what to change is in the note (smaller patches, lower purity, organ sampling): say it, not only "no"

@@ -239,3 +239,59 @@ def selection_mask(emb: PatchEmbeddings, ids: Sequence[int] | np.ndarray, value:
     for a, b in zip(lo, hi, strict=True):
         out[a[0] : b[0], a[1] : b[1], a[2] : b[2]] = value
     return out
+
+
+def organ_thickness_mm(labels: np.ndarray, spacing: Sequence[float]) -> dict[int, float]:
+    """Each organ's thickness in mm: twice the depth of its deepest voxel (the diameter of the largest ball inside
+    it). A patch much wider than this is mostly something else, whatever its centre."""
+    from scipy import ndimage
+
+    out: dict[int, float] = {}
+    for value, box in enumerate(ndimage.find_objects(labels), start=1):
+        if box is None:
+            continue
+        mask = np.pad(labels[box] == value, 1)
+        out[value] = 2.0 * float(ndimage.distance_transform_edt(mask, sampling=spacing).max())
+    return out
+
+
+def missing_organs_note(
+    labels: np.ndarray,
+    spacing: Sequence[float],
+    names: dict[int, str],
+    kept: set[str],
+    patch_mm: float,
+    min_purity: float,
+    merge_sides: bool = False,
+) -> tuple[dict[str, float], str]:
+    """The organs of the label map that got no scored patch, with their thickness, and what to change.
+
+    Returns ({name: thickness mm}, note; "" when none is missing). ``kept`` are the organ names the metrics
+    scored (side-free names when ``merge_sides``).
+    """
+    from napari_dagman.core.embeddings.metrics import side_free_name
+
+    thickness = organ_thickness_mm(np.asarray(labels, np.int64), spacing)
+    missing: dict[str, float] = {}
+    for value, mm in sorted(thickness.items()):
+        name = names.get(value, str(value))  # as the metrics name an organ
+        shown = side_free_name(name) if merge_sides else name
+        if shown not in kept:
+            missing[shown] = max(missing.get(shown, 0.0), round(mm, 1))
+    if not missing:
+        return {}, ""
+    thin = sorted(missing.items(), key=lambda item: item[1])
+    fits = float(np.median([mm for _, mm in thin]))
+    suggestion = max(8, int(fits // 4) * 4)
+    listed = ", ".join(f"{name} ({mm:g} mm)" for name, mm in thin[:8]) + (
+        f" and {len(thin) - 8} more" if len(thin) > 8 else ""
+    )
+    advice = (
+        f"patches of about {suggestion} mm would fit half of them"
+        if suggestion < patch_mm
+        else "a lower minimum purity or more organ-centred patches would keep them"
+    )
+    return missing, (
+        f"{len(missing)} organ(s) of the label map have no patch of purity >= {min_purity:g} at {patch_mm:g} mm, "
+        f"thinnest first (thickness): {listed}; {advice}"
+    )
