@@ -75,3 +75,59 @@ def guard_notification_timers() -> None:
 
     timer_start._dagman_guard = True  # type: ignore[attr-defined]
     NapariQtNotification.timer_start = timer_start
+    _stack_toasts(NapariQtNotification)
+
+
+#: Space between stacked toasts, and between the lowest and the window's edge (napari's own offset).
+TOAST_GAP = 8
+
+
+def _stack_toasts(toast_class: Any) -> None:
+    """Stack napari's toasts instead of drawing each new one over the last (napari 0.9 puts every toast at the
+    same bottom-right place: three messages at Start read as one, issue 27), and drop the "Source:
+    <napari.utils.notifications.NotificationManager object ...>" line napari writes on every toast it shows (the
+    emitter, not where the message came from)."""
+    show, close = toast_class.show, toast_class.close
+
+    def show_stacked(self: Any) -> None:
+        label = getattr(self, "source_label", None)
+        if label is not None and "NotificationManager object" in label.text():
+            label.setText("")
+        show(self)
+        parent = self.parent()
+        restack_toasts(toast_class, parent)
+        if parent is not None and hasattr(parent, "resized") and not getattr(parent, "_dagman_restacks", False):
+            # napari moves every toast back to the bottom right when the canvas resizes (a dock opens, the
+            # window settles): stack them again once its handlers have run
+            from qtpy.QtCore import QTimer
+
+            parent._dagman_restacks = True
+            parent.resized.connect(lambda *_: QTimer.singleShot(0, lambda: restack_toasts(toast_class, parent)))
+
+    def close_restacked(self: Any) -> None:
+        parent = self.parent()
+        close(self)
+        restack_toasts(toast_class, parent)
+
+    toast_class.show, toast_class.close = show_stacked, close_restacked
+
+
+def restack_toasts(toast_class: Any, parent: Any) -> None:
+    """Place the open toasts of ``parent`` one above the other from its bottom right, the newest lowest. The
+    newest stays where napari's slide-in animation takes it."""
+    if parent is None:
+        return
+    shown = [t for t in toast_class._instances if t.parent() is parent and t.isVisible()]
+    if not shown:
+        return
+    newest = shown[-1]
+    sliding = newest.geom_anim.state() == newest.geom_anim.State.Running
+    if sliding:  # where it will rest
+        top = newest.geom_anim.endValue().top()
+    else:  # at the bottom right (the toast below it was closed)
+        top = parent.height() - newest.height() - TOAST_GAP
+        newest.move(parent.width() - newest.width() - TOAST_GAP, top)
+    for toast in reversed(shown[:-1]):
+        toast.geom_anim.stop()  # an older toast still sliding in would move itself back over the newest
+        top -= toast.height() + TOAST_GAP
+        toast.move(parent.width() - toast.width() - TOAST_GAP, max(0, top))
