@@ -17,6 +17,11 @@ phase, samples the lateness of a 10 ms Qt timer (how late each tick fires; 0 = o
 * ``explorer-thread`` / ``explorer-process``: the attention dock computing whole-volume maps again and again.
 
 * ``process-nice-nopreview``: the child at nice 10 with the live previews off (what the previews cost);
+* ``process-nice5``: the child at nice 5 (between the two);
+
+``--competitor`` runs a second pretraining from the command line (nice 0, the phantom, the same settings) beside
+every phase, as on a machine someone else also uses: its steps per second are reported beside the dock's
+(``competitor_steps_per_s``), so the child's priority can be judged for fairness as well as for the viewer.
 
 Lateness is reported as p50 / p99 / max in ms, training as steps per second after the first step and as a
 fraction of the headless phase's. Where the time goes: the CPU time of the napari process (all its threads,
@@ -48,6 +53,7 @@ ALL_PHASES = (
     "process",
     "process-nice",
     "process-nice-nopreview",
+    "process-nice5",
     "explorer-thread",
     "explorer-process",
 )
@@ -69,6 +75,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--spacing", type=float, default=3.0, help="training spacing in mm (default: 3)")
     p.add_argument("--batch", type=int, default=1, help="batch size (default: 1)")
     p.add_argument("--preview-every", type=int, default=5, help="live preview every N steps (default: 5)")
+    p.add_argument(
+        "--competitor",
+        action="store_true",
+        help="run a command-line pretraining (nice 0) beside every phase: a loaded machine",
+    )
     p.add_argument("--json", default=str(Path(__file__).parent / "results" / "ui_latency.json"))
     return p.parse_args(argv)
 
@@ -232,6 +243,49 @@ def headless_phase(config: dict[str, Any], seconds: float) -> dict[str, Any]:
     return {**result, "load_before": before, "load_after": load()}
 
 
+# --- a competing command-line run (a loaded machine) -------------------------------------------------------------
+class Competitor:
+    """``napari-dagman pretrain`` on the phantom in the background at nice 0; its steps are read from its
+    metrics.jsonl, so its speed over a phase is (steps at the end - steps at the start) / seconds."""
+
+    def __init__(self, config: dict[str, Any], folder: Path) -> None:
+        import subprocess
+
+        from napari_dagman.core.io import write_volume
+        from napari_dagman.core.phantom import make_phantom
+
+        folder.mkdir(parents=True, exist_ok=True)
+        ct = folder / "phantom.nii.gz"
+        write_volume(make_phantom()[0], ct)
+        self.out = folder / "run"
+        argv = [
+            sys.executable, "-m", "napari_dagman.cli", "pretrain", str(ct), "--out", str(self.out),
+            "--preset", str(config["preset"]), "--roi", str(config["roi"]), "--spacing", str(config["spacing"]),
+            "--batch-size", str(config["batch_size"]), "--steps", "1000000", "--preview-every", "0", "--quiet",
+            "--device", "cpu",
+        ]  # fmt: skip
+        self.process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.mark: tuple[int, float] | None = None
+
+    def steps(self) -> int:
+        path = self.out / "metrics.jsonl"
+        return sum(1 for _ in path.open()) if path.is_file() else 0
+
+    def start_phase(self) -> None:
+        spin(600, until=lambda: self.steps() >= 2)  # past its start-up
+        self.mark = (self.steps(), time.perf_counter())
+
+    def end_phase(self) -> float | None:
+        if self.mark is None:
+            return None
+        steps, t0 = self.mark
+        return round((self.steps() - steps) / (time.perf_counter() - t0), 4)
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(60)
+
+
 # --- phases with the GUI ---------------------------------------------------------------------------------------
 def training_phase(
     viewer: Any,
@@ -387,11 +441,14 @@ def main(argv: list[str] | None = None) -> int:
     probe = LatencyProbe()
     spin(3.0)  # let the window settle
 
+    competitor = Competitor(config, Path(runs) / "competitor") if args.competitor else None
     last_run = None
     runs_by_phase: dict[str, list[dict[str, Any]]] = {phase: [] for phase in args.phases}
     for repeat in range(args.repeat):
         for phase in args.phases:
             print(f"--- {phase} #{repeat + 1} ({args.seconds:.0f} s) load {load()}", flush=True)
+            if competitor is not None:
+                competitor.start_phase()
             if phase == "idle":
                 before = load()
                 meter = CpuMeter()
@@ -400,14 +457,14 @@ def main(argv: list[str] | None = None) -> int:
                 out = {**probe.stop(), **meter.read(), "load_before": before, "load_after": load()}
             elif phase == "headless":
                 out = headless_phase(config | {"out": str(Path(runs) / f"headless-{repeat}")}, args.seconds)
-            elif phase in ("thread", "thread-1", "process", "process-nice", "process-nice-nopreview"):
+            elif phase in ("thread", "thread-1", "process", "process-nice", "process-nice-nopreview", "process-nice5"):
                 out = training_phase(
                     viewer,
                     pretrain,
                     probe,
                     args.seconds,
                     in_process=phase.startswith("process"),
-                    nice=10 if phase.startswith("process-nice") else 0,
+                    nice=5 if phase == "process-nice5" else 10 if phase.startswith("process-nice") else 0,
                     threads=1 if phase == "thread-1" else None,
                     previews=not phase.endswith("nopreview"),
                 )
@@ -419,9 +476,14 @@ def main(argv: list[str] | None = None) -> int:
                 explorer.set_run(last_run)
                 explorer.image.value = viewer.layers["phantom CT"]
                 out = explorer_phase(explorer, probe, args.seconds, in_process=phase == "explorer-process")
+            if competitor is not None:
+                out["competitor_steps_per_s"] = competitor.end_phase()
             runs_by_phase[phase].append(out)
             print("    " + json.dumps(out), flush=True)
+    if competitor is not None:
+        competitor.stop()
     results["runs"] = runs_by_phase
+    results["competitor"] = bool(args.competitor)
     results["phases"] = {phase: median_of(rs) for phase, rs in runs_by_phase.items() if rs}
 
     print(f"\nmedian of {args.repeat} run(s) per phase; load = 1-min load average before -> after")
@@ -431,7 +493,7 @@ def main(argv: list[str] | None = None) -> int:
             r["of_headless"] = round(r["steps_per_s"] / headless, 3)
     print(
         "phase                    p50 ms   p99 ms   max ms   steps/s  x headless  GUI cpu/s  train cpu/s  "
-        "ms/step  ms/preview   load"
+        "ms/step  ms/preview  CLI steps/s   load"
     )
     for phase, r in results["phases"].items():
         sps = r.get("steps_per_s")
@@ -439,7 +501,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{phase:23s} {r.get('p50_ms', '-'):>7} {r.get('p99_ms', '-'):>8} {r.get('max_ms', '-'):>8} "
             f"{(f'{sps:.3f}' if sps else '-'):>9} {r.get('of_headless', '-'):>11} {r.get('gui_cpu_per_s', '-'):>10} "
             f"{r.get('training_cpu_per_s', '-'):>12} {r.get('handler_ms_per_step') or '-':>8} "
-            f"{r.get('handler_ms_per_preview') or '-':>11}   {r.get('load_before')}->{r.get('load_after')}"
+            f"{r.get('handler_ms_per_preview') or '-':>11} {r.get('competitor_steps_per_s') or '-':>11}   "
+            f"{r.get('load_before')}->{r.get('load_after')}"
         )
     path = Path(args.json)
     path.parent.mkdir(parents=True, exist_ok=True)

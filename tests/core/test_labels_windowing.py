@@ -25,7 +25,10 @@ def test_totalsegmentator_v2_map(shared_data):
     assert all(TOTALSEG_V2[int(k)] == v for k, v in official.items() if k != "0")
 
 
-def test_default_names_fit_totalsegmentator_else_generic():
+def test_default_names_are_generic_unless_the_user_says_totalsegmentator(monkeypatch):
+    names, source = default_names([0, 1, 5, 117])  # ids that fit TotalSegmentator are not a reason to use its names
+    assert source == "generic" and names == {1: "label_1", 5: "label_5", 117: "label_117"}
+    monkeypatch.setenv("NAPARI_DAGMAN_TOTALSEGMENTATOR", "1")
     names, source = default_names([0, 1, 5, 117])
     assert source == "totalsegmentator_v2" and names == {1: "spleen", 5: "liver", 117: "costal_cartilages"}
     names, source = default_names([1, 300])
@@ -47,7 +50,7 @@ def test_label_table_and_colours_are_stable_per_organ_name():
 
 def test_names_in_prefers_given_names():
     arr = np.array([[[0, 1, 5]]])
-    assert names_in(arr, {1: "my organ"}) == {1: "my organ", 5: "liver"}
+    assert names_in(arr, {1: "my organ"}) == {1: "my organ", 5: "label_5"}  # never a guessed name
 
 
 def test_window_presets_and_custom():

@@ -55,11 +55,13 @@ def add_parser(sub: argparse._SubParsersAction, argv: Sequence[str] = ()) -> Non
 
 
 def organ_names(labels_path: str | None) -> dict[int, str]:
-    """Names that ``--labels`` may use: TotalSegmentator v2, overridden by the first label map's sidecar."""
+    """Names that ``--labels`` may use: the first label map's own (`core.label_names`), and TotalSegmentator v2's
+    when the user says the maps are TotalSegmentator's."""
     from napari_dagman.core.io import read_label_names
+    from napari_dagman.core.label_names import totalsegmentator_asked
     from napari_dagman.core.labels import TOTALSEG_V2
 
-    names = dict(TOTALSEG_V2)
+    names = dict(TOTALSEG_V2) if totalsegmentator_asked() else {}
     if labels_path and Path(labels_path).is_file():
         names.update(read_label_names(labels_path) or {})
     return names

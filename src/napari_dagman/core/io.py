@@ -218,7 +218,21 @@ def read_volumes(
         names = read_label_names(path)
         if names is not None:
             volume.metadata["label_names"] = names
+        _note_unnamed(volume, path)
     return [volume]
+
+
+def _note_unnamed(volume: Volume, path: Path) -> None:
+    """Say once, in the volume's notes, which of its ids have no name (they are called ``label_<id>``)."""
+    from napari_dagman.core.label_names import totalsegmentator_asked, unnamed_note
+    from napari_dagman.core.segmentation.labels import present_ids
+
+    if totalsegmentator_asked():
+        return
+    named = volume.metadata.get("label_names") or {}
+    unnamed = [i for i in present_ids(volume.array) if i not in named]
+    if unnamed:
+        volume.metadata.setdefault("notes", []).append(unnamed_note(unnamed, path.name))
 
 
 def _itk_read(path: Path) -> sitk.Image:
@@ -335,18 +349,31 @@ def sidecar_path(path: str | os.PathLike) -> Path:
 
 
 def read_label_names(path: str | os.PathLike) -> dict[int, str] | None:
-    """Id -> name from ``<stem>.labels.json`` or, failing that, a ``labels.json`` in the same folder."""
-    from napari_dagman.core.files import read_json
+    """Id -> name of a label file, never guessed (`core.label_names`): its ``<stem>.labels.json``, the label table
+    in its NIfTI header (TotalSegmentator's), a ``labels.json`` in its folder, or an MSD/nnU-Net dataset.json."""
+    from napari_dagman.core.label_names import dataset_json_names, header_label_names
 
     path = Path(path)
-    for candidate in (sidecar_path(path), path.with_name("labels.json")):
-        if candidate.is_file():
-            raw = read_json(candidate)
-            try:
-                return {int(k): str(v) for k, v in raw.items()}
-            except (ValueError, AttributeError, TypeError):
-                raise DagmanInputError(f"{candidate} is not a JSON object of label id -> name") from None
-    return None
+    side = sidecar_path(path)
+    if side.is_file():
+        return _names_file(side)
+    header = header_label_names(path)
+    if header:
+        return header
+    folder = path.with_name("labels.json")
+    if folder.is_file():
+        return _names_file(folder)
+    return dataset_json_names(path)
+
+
+def _names_file(path: Path) -> dict[int, str]:
+    from napari_dagman.core.files import read_json
+
+    raw = read_json(path)
+    try:
+        return {int(k): str(v) for k, v in raw.items()}
+    except (ValueError, AttributeError, TypeError):
+        raise DagmanInputError(f"{path} is not a JSON object of label id -> name") from None
 
 
 # --- writing ----------------------------------------------------------------------------------------------

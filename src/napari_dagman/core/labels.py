@@ -236,12 +236,16 @@ def organ_colour(name: str) -> tuple[float, float, float, float]:
 
 
 def default_names(ids: Iterable[int]) -> tuple[dict[int, str], str]:
-    """Names for label ids without a sidecar: TotalSegmentator v2 when the ids fit it, else ``label_<id>``.
+    """Names for label ids that have none (`core.label_names`): ``label_<id>``, or TotalSegmentator v2's when the
+    user says the maps are TotalSegmentator's (``NAPARI_DAGMAN_TOTALSEGMENTATOR=1``) and the ids fit it. Never a
+    guess from the ids alone: any map with ids up to 117 fits.
 
     Returns the table and where it came from (``"totalsegmentator_v2"`` or ``"generic"``).
     """
+    from napari_dagman.core.label_names import totalsegmentator_asked
+
     ids = sorted(int(i) for i in ids if int(i) != 0)
-    if ids and max(ids) <= len(TOTALSEG_V2_NAMES):
+    if ids and max(ids) <= len(TOTALSEG_V2_NAMES) and totalsegmentator_asked():
         return {i: TOTALSEG_V2[i] for i in ids}, "totalsegmentator_v2"
     return {i: f"label_{i}" for i in ids}, "generic"
 

@@ -201,6 +201,11 @@ class FinetuneTask(TrainingTask):
     def _data_notes(self) -> list[str]:
         """Organs missing from a case, from the training part or from the validation part."""
         label_map, notes = self.label_map, []
+        unnamed = [i for i, name in zip(label_map.ids, label_map.names, strict=True) if name == f"label_{i}"]
+        if unnamed:  # said once, here: the run, its bundle and its DICOM SEG carry these names
+            from napari_dagman.core.label_names import unnamed_note
+
+            notes.append(unnamed_note(unnamed, "the label maps"))
         untrained = [
             label_map.names[k - 1]
             for k in range(1, label_map.num_classes)
