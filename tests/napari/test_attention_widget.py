@@ -74,7 +74,7 @@ def make_dock(make_napari_viewer, ct, run=None, organs=None):
 
 
 def finish(dock, timeout: float = 300.0) -> None:
-    assert dock._runner.wait(timeout), "the explorer did not finish"
+    assert dock.wait(timeout), "the explorer did not finish"
 
 
 def wait_until(condition, timeout: float) -> bool:

@@ -27,6 +27,7 @@ from napari_dagman._widgets.common.notify import (
 )
 from napari_dagman._widgets.common.runner import JobRunner, stop_jobs_with
 from napari_dagman._widgets.common.settings import Settings
+from napari_dagman._widgets.common.turns import Turns
 from napari_dagman.core.errors import DagmanError, LabelMapAsCTError
 
 if TYPE_CHECKING:
@@ -75,6 +76,8 @@ class JobDock(QWidget):
         self._cancel_buttons: list[Any] = []
         self._toggle: tuple[Any, str] | None = None
         self._cancel_requested_at: float | None = None  # while set, "cancelling..." stays on the status line
+        #: drawing a result piece by piece, one event-loop turn each (`Turns`): napari repaints between pieces
+        self.drawing = Turns(self)
         self.status = QLabel("idle")
         self.status.setWordWrap(True)
         stop_jobs_with(self, self._runner)  # closing the dock stops its job cleanly (a run saves first)
@@ -204,8 +207,8 @@ class JobDock(QWidget):
         self.status.setText(self.cancelling_text)
 
     def wait(self, timeout: float = 600.0) -> bool:
-        """Process events until the job ends (tests and scripts)."""
-        return self._runner.wait(timeout)
+        """Process events until the job ends and its result is drawn (tests and scripts)."""
+        return self._runner.wait(timeout) and self.drawing.finish()
 
     def _set_running(self, running: bool) -> None:
         for form in self._forms:

@@ -153,13 +153,17 @@ class ExplorerView:
                 self.threshold.value = round(float(threshold), 2)
         self._sync_style()
         self.layers.prune()
-        for (
-            key
-        ) in self.layers.tile_keys():  # the first run's layers now, the second's when their tile is clicked
-            if key[0] == "difference" or key[1] == 0:
-                self.layers.layer(key)
-        self._apply_mask_visibility()
-        self._refresh_figures()
+        # one piece per event-loop turn (`Turns`): napari repaints and answers between the new layers and figures
+        keys = [k for k in self.layers.tile_keys() if k[0] == "difference" or k[1] == 0]  # the second run's: on click
+        pieces = [lambda k=key: self.layers.layer(k) for key in keys]
+        pieces += [self._apply_mask_visibility, self._refresh_figures, self._show_panels]
+        self.drawing.start(pieces)
+
+    def _show_panels(self) -> None:
+        """The organ table, the model line, diversity and the checks of the current result."""
+        result = self.result
+        if result is None:
+            return
         self.organ_panel.set_table(result.organs)
         if result.organs is None and result.maps is not None and self.organs.value is not None:
             self._compute_organs()
