@@ -68,6 +68,22 @@ def test_a_folder_mixing_cts_and_segmentations_is_refused_for_pretraining(shared
     assert status == 2 and "example_seg.nii.gz' looks like a label map" in err
 
 
+def test_pretraining_on_a_nested_folder_uses_its_cts_and_leaves_their_label_maps_out(shared_data, tmp_path, capsys):
+    """Issue 26: folders were not searched recursively, and `case_seg.nii.gz` beside `case.nii.gz` was a CT."""
+    cases = tmp_path / "cohort"
+    for sub, ct in (("s01", "example_ct_sm.nii.gz"), ("deeper/s02", "example_ct.nii.gz")):
+        (cases / sub).mkdir(parents=True)
+        (cases / sub / "ct.nii.gz").symlink_to(shared_data / ct)
+    (cases / "s01" / "ct_seg.nii.gz").symlink_to(shared_data / "example_seg.nii.gz")
+    (cases / ".trash").mkdir()
+    (cases / ".trash" / "old.nii.gz").symlink_to(shared_data / "example_seg.nii.gz")
+    status, err = run_cli(capsys, "pretrain", cases, "--out", tmp_path / "run", *TINY)
+    assert status == 0, err
+    images = json.loads((tmp_path / "run" / "config.json").read_text())["images"]
+    assert sorted(Path(p).relative_to(cases).as_posix() for p in images) == ["deeper/s02/ct.nii.gz", "s01/ct.nii.gz"]
+    assert "ct_seg.nii.gz" in err  # said once: the label map left out
+
+
 def test_a_ct_given_as_the_label_map_is_refused(shared_data, tmp_path, capsys):
     ct = read_volume(shared_data / "example_ct_sm.nii.gz")
     raw = ct.with_array((ct.array + 1024).clip(0).astype(np.uint16))  # stored without its rescale: no negatives

@@ -6,7 +6,7 @@ import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
-from napari_dagman.cli.common import run_training
+from napari_dagman.cli.common import run_training, say
 from napari_dagman.core.config import PretrainConfig
 
 EXAMPLES = """examples:
@@ -92,10 +92,15 @@ def run(args: argparse.Namespace) -> int:
     method_fields = get_method(method or "dagman").options_class().field_names()
     given.update({k: v for k, v in vars(args).items() if k in method_fields})
     if args.images:
-        given["images"] = expand_inputs(args.images)
+        given["images"] = [str(p) for p in args.images]
     given["out"] = args.out
     config = compose_pretrain_config(
         given, config_file=args.config_file, resume=args.out if args.resume else None
     )
+    if args.images:  # after the config file is read: a broken one is said first
+        images, notes = expand_inputs(config.images)
+        for note in notes:
+            say(f"note: {note}", err=True)
+        config = config.replace(images=images)
     _, status = run_training(run_pretraining, config, resume=args.resume, name="pretrain", quiet=args.quiet)
     return status

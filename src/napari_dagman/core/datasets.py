@@ -9,8 +9,6 @@ label map as one `Volume`, a TotalSegmentator ``segmentations/`` folder merged i
 
 from __future__ import annotations
 
-import csv
-import io
 import os
 import re
 from collections import defaultdict
@@ -20,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from napari_dagman.core.case_lists import Row, cell, csv_rows, json_rows
 from napari_dagman.core.errors import DagmanInputError
 from napari_dagman.core.files import read_json, stem_of, suffix_of
 from napari_dagman.core.io import folder_has_dicom, is_volume_file, read_volume
@@ -42,8 +41,6 @@ TS_MASKS = "segmentations"
 #: TotalSegmentator v2 class name -> id; masks with other names get ids from FIRST_EXTRA_ID up.
 TS_IDS: dict[str, int] = {name: i for i, name in TOTALSEG_V2.items()}
 FIRST_EXTRA_ID = max(TOTALSEG_V2) + 1
-#: A list file larger than this is refused before it is read.
-MAX_LIST_BYTES = 16 * 2**20
 _CHANNEL = re.compile(r"(.*)_(\d{4})")
 _SHOWN = 5  # names listed in a note
 
@@ -144,11 +141,11 @@ def _cases_of(path: Path, *, labels: bool, split: str) -> Found:
             return _ts_cases([path], labels=labels), [], "totalsegmentator"
         return _folder(path, labels=labels)
     if suffix_of(path) == ".csv":
-        return _list_file(path, _csv_rows(path), labels=labels)
+        return _list_file(path, csv_rows(path), labels=labels)
     if suffix_of(path) == ".json":
         raw = read_json(path)
         if isinstance(raw, list):
-            return _list_file(path, _json_rows(path, raw), labels=labels)
+            return _list_file(path, json_rows(path, raw), labels=labels)
         return _dataset(path, raw, labels=labels, split=split)
     return _single(path, labels=labels)
 
@@ -299,69 +296,25 @@ def _nnunet(json_path: Path, raw: dict, *, labels: bool, split: str) -> Found:
 
 
 # --- list files -------------------------------------------------------------------------------------------
-Row = tuple[str, dict[str, object]]  # (where: "row 3" / "item 2", cells by lower-case column name)
-
-
-def _csv_rows(path: Path) -> list[Row]:
-    """The data rows of a CSV list, each with its row number as a spreadsheet shows it (the header is row 1)."""
-    try:
-        if path.stat().st_size > MAX_LIST_BYTES:
-            raise DagmanInputError(f"{path} is larger than a list of cases can be ({MAX_LIST_BYTES:,} bytes)")
-        text = path.read_bytes().decode("utf-8-sig")  # -sig: Excel's byte-order mark
-    except UnicodeDecodeError:
-        raise DagmanInputError(f"{path} is not a UTF-8 text file") from None
-    except OSError as err:
-        raise DagmanInputError(f"cannot read {path}: {err.strerror or err}") from None
-    header = text.split("\n", 1)[0]
-    # Excel writes ';' where ',' is the decimal mark: the delimiter is the one that makes 'image' a column
-    delimiter = next((d for d in ",;\t" if "image" in [c.strip().lower() for c in header.split(d)]), ",")
-    reader = csv.DictReader(io.StringIO(text), delimiter=delimiter)
-    columns = [str(c).strip().lower() for c in reader.fieldnames or []]
-    if "image" not in columns:
-        found = ", ".join(columns) or "none"
-        raise DagmanInputError(f"{path}: the first row must name the columns, 'image' among them (found: {found})")
-    rows: list[Row] = []
-    try:
-        for row in reader:
-            rows.append((f"row {reader.line_num}", {str(k).strip().lower(): v for k, v in row.items() if k}))
-    except csv.Error as err:
-        raise DagmanInputError(f"{path}, row {reader.line_num}: {err}") from None
-    return rows
-
-
-def _json_rows(path: Path, raw: list) -> list[Row]:
-    rows: list[Row] = []
-    for n, item in enumerate(raw, 1):
-        if not isinstance(item, dict):
-            raise DagmanInputError(f"{path}, item {n}: not an object with an 'image' (and 'label', 'name')")
-        rows.append((f"item {n}", {str(k).strip().lower(): v for k, v in item.items()}))
-    return rows
-
-
-def _cell(cells: dict[str, object], *keys: str) -> str:
-    values = (cells.get(key) for key in keys)
-    return next((str(v).strip() for v in values if v is not None and str(v).strip()), "")
-
-
 def _list_file(path: Path, rows: list[Row], *, labels: bool) -> Found:
     """Cases from a list file's rows; relative paths are relative to the list file."""
     unknown = sorted({k for _, cells in rows for k in cells} - {"image", "label", "labels", "name"})
     notes = [f"{path}: ignored column(s) {', '.join(unknown)} (known: image, label, name)"] if unknown else []
     cases = []
     for where, cells in rows:
-        if not _cell(cells, "image"):
+        if not cell(cells, "image"):
             raise DagmanInputError(f"{path}, {where}: no image")
-        image = path.parent / Path(_cell(cells, "image")).expanduser()
+        image = path.parent / Path(cell(cells, "image")).expanduser()
         if not image.exists():
             raise DagmanInputError(f"{path}, {where}: image {image} does not exist")
         label = None
         if labels:
-            if not _cell(cells, "label", "labels"):
+            if not cell(cells, "label", "labels"):
                 raise DagmanInputError(f"{path}, {where}: no label map (column 'label') for {image.name}")
-            label = path.parent / Path(_cell(cells, "label", "labels")).expanduser()
+            label = path.parent / Path(cell(cells, "label", "labels")).expanduser()
             if not label.exists():
                 raise DagmanInputError(f"{path}, {where}: label map {label} does not exist")
-        cases.append(Case(_cell(cells, "name") or case_name(image), str(image), str(label) if label else None))
+        cases.append(Case(cell(cells, "name") or case_name(image), str(image), str(label) if label else None))
     if not cases:
         raise DagmanInputError(f"{path} lists no cases")
     return cases, notes, "list"
@@ -487,6 +440,15 @@ def _in_labels_folder(image: Path, listed: dict[Path, dict[str, list[Path]]]) ->
     return listed[folder].get(case_name(image), [])
 
 
+def _folder_name(image: Path, root: Path, images: Sequence[Path]) -> str:
+    """A case's name in a folder: its own (`case_name`), or, when another image has it too (``s01/ct.nii.gz``,
+    ``s02/ct.nii.gz``: TotalSegmentator's and many hospitals' layout), its path below ``root`` joined by "_"."""
+    name = case_name(image)
+    if sum(case_name(p).lower() == name.lower() for p in images) < 2:
+        return name
+    return "_".join((*image.relative_to(root).parent.parts, name))
+
+
 def _folder(root: Path, *, labels: bool) -> Found:
     """A plain folder, searched recursively; with ``labels``, each image's label map by place or by name."""
     found = _Search([], [], [])
@@ -499,7 +461,7 @@ def _folder(root: Path, *, labels: bool) -> Found:
     if not labels:
         if label_maps:
             notes.append(f"left out {len(label_maps)} label maps: {_few(label_maps, root)}")
-        cases = [Case(case_name(p), str(p)) for p in images]
+        cases = [Case(_folder_name(p, root, images), str(p)) for p in images]
     else:
         test = [p for p in images if p.parent.name == "imagesTs" and not (p.parent.parent / "labelsTs").is_dir()]
         if test:
@@ -511,7 +473,7 @@ def _folder(root: Path, *, labels: bool) -> Found:
             mine.update(_in_labels_folder(image, beside))  # labelsTr/ outside the folder searched (imagesTr/ given)
             partner = _one_partner(image, sorted(mine), _looked_for(image))
             used.add(partner)
-            cases.append(Case(case_name(image), str(image), str(partner)))
+            cases.append(Case(_folder_name(image, root, images), str(image), str(partner)))
         alone = [f for f in label_maps if f not in used]
         if alone:
             notes.append(f"left out {len(alone)} label maps without an image: {_few(alone, root)}")

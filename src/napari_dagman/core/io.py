@@ -269,21 +269,14 @@ def _restore_non_finite(image: sitk.Image, path: Path, header: Any) -> sitk.Imag
     return restored
 
 
-def expand_inputs(paths: Iterable[str | os.PathLike]) -> list[str]:
-    """Files stay; a folder of volume files becomes its files; a DICOM folder stays a folder (one series)."""
-    out: list[str] = []
-    for raw in paths:
-        path = Path(raw)
-        if path.is_dir() and not folder_has_dicom(path):
-            files = sorted(str(f) for f in path.iterdir() if is_volume_file(f))
-            if not files:
-                raise DagmanInputError(
-                    f"folder {path} holds no CT volumes (NIfTI, NRRD, MHA) and no DICOM series"
-                )
-            out.extend(files)
-        else:
-            out.append(str(path))
-    return out
+def expand_inputs(paths: Iterable[str | os.PathLike]) -> tuple[list[str], list[str]]:
+    """The CT images in ``paths`` and what was left out (`core.datasets.find_cases`): files stay, a DICOM folder is
+    one series, other folders are searched recursively, a dataset.json or a list gives its images; label maps
+    known by their place (labelsTr/) or name (``case_seg.nii.gz`` beside ``case.nii.gz``) are left out."""
+    from napari_dagman.core.datasets import find_cases
+
+    cohort = find_cases([str(p) for p in paths], labels=False)
+    return [case.image for case in cohort.cases], list(cohort.notes)
 
 
 def read_volume(

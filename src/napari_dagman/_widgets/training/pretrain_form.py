@@ -12,7 +12,7 @@ from magicgui.widgets import CheckBox, ComboBox, FileEdit
 from qtpy.QtWidgets import QHBoxLayout, QPushButton, QVBoxLayout, QWidget
 from superqt import QCollapsible
 
-from napari_dagman._widgets.common import is_output_layer, layer_select, path_text
+from napari_dagman._widgets.common import is_output_layer, layer_select, notify_info, path_text
 from napari_dagman._widgets.common.forms import (
     ConfigForm,
     add_sections,
@@ -302,7 +302,8 @@ class PretrainForm:
 
     # --- the values a run is built from ------------------------------------------------------------------------
     def _paths(self) -> list[str]:
-        """Files and the folder entry; a folder of CT files becomes its files (as on the command line)."""
+        """Files and the folder entry; a folder becomes its CT images, searched recursively (as on the command
+        line); label maps left out are said once."""
         from napari_dagman.core.io import expand_inputs
 
         raw = [str(p) for p in (self.files.value or ()) if str(p).strip() not in ("", ".")]
@@ -312,7 +313,10 @@ class PretrainForm:
         for path in raw:
             if not Path(path).exists():
                 raise DagmanInputError(f"{path} does not exist")
-        return expand_inputs(raw)
+        images, notes = expand_inputs(raw) if raw else ([], [])
+        for note in notes:
+            notify_info(note)
+        return images
 
     def config_values(self) -> dict[str, Any]:
         """The form's general values and the method's options, as `PretrainConfig.from_dict` takes them."""
