@@ -16,6 +16,9 @@ EXAMPLES = """examples:
   napari-dagman predict dicom_folder/ --checkpoint runs/seg/model.safetensors --out seg.nrrd --overlap 0.75
   napari-dagman predict dicom_folder/ --checkpoint runs/seg --out seg.dcm
       # a DICOM Segmentation over the series (needs napari-dagman[dicom])
+  napari-dagman predict imagesTs/ --checkpoint runs/seg --out predictions/ --reference labelsTs/
+      # a cohort: a folder (searched recursively), a dataset.json or a .csv list; the model is loaded once,
+      # each case is written to predictions/<case>.nii.gz, with cohort.csv (case x organ) and cohort_summary.json
 """
 
 
@@ -30,14 +33,21 @@ def add_parser(sub: argparse._SubParsersAction, argv: Sequence[str] = ()) -> Non
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("image", help="image file or DICOM series folder")
+    p.add_argument(
+        "image",
+        help="image file or DICOM series folder; or a cohort: a folder of CTs, a dataset.json or a .csv/.json list",
+    )
     p.add_argument("--checkpoint", required=True, help="fine-tuning run folder (or one of its .safetensors)")
     p.add_argument(
         "--out",
         required=True,
         help="label map to write (.nii.gz, .nii, .mha, .nrrd), or .dcm: a DICOM SEG over a DICOM series input",
     )
-    p.add_argument("--reference", help="reference label map on the image's grid: report per-organ metrics")
+    p.add_argument(
+        "--reference",
+        help="reference label map on the image's grid: report per-organ metrics (a cohort: a folder of label maps "
+        "named as the cases, e.g. labelsTs/)",
+    )
     p.add_argument("--metrics", help="metrics JSON to write (default: <out>.metrics.json with --reference)")
     p.add_argument("--config", dest="config_file", help="JSON config file; flags given here override it")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -45,8 +55,58 @@ def add_parser(sub: argparse._SubParsersAction, argv: Sequence[str] = ()) -> Non
     p.set_defaults(func=run)
 
 
+def is_cohort(source: str) -> bool:
+    """A folder that is not one DICOM series, a dataset.json, or a .csv/.json list of cases."""
+    from napari_dagman.core.io import folder_has_dicom
+
+    path = Path(source)
+    if path.is_dir():
+        return not folder_has_dicom(path)
+    return path.suffix.lower() in (".json", ".csv")
+
+
+def run_cohort(args: argparse.Namespace) -> int:
+    """Every case of a cohort with one loaded model: a file per case, the cohort table and its summary."""
+    from dataclasses import replace
+
+    from napari_dagman.core.datasets import case_name, find_cases
+    from napari_dagman.core.errors import DagmanInputError
+    from napari_dagman.core.io import is_volume_file
+    from napari_dagman.core.segmentation.cohort import COHORT_SUMMARY, COHORT_TABLE, cohort_predict_job
+
+    out = Path(args.out)
+    if (out.exists() and not out.is_dir()) or out.name.endswith((".nii", ".nii.gz", ".mha", ".nrrd", ".dcm")):
+        raise DagmanInputError(f"{args.image} is a cohort: --out must be a folder, got {out}")
+    config = PredictConfig.from_args(args, config_file=args.config_file, checkpoint=args.checkpoint)
+    cohort = find_cases([args.image], labels=False)
+    for note in cohort.notes:
+        say(f"note: {note}", err=True)
+    cases = cohort.cases
+    if args.reference:
+        folder = Path(args.reference)
+        if not folder.is_dir():
+            raise DagmanInputError(f"for a cohort, --reference is a folder of label maps; {folder} is not one")
+        references = {case_name(p): p for p in sorted(folder.rglob("*")) if is_volume_file(p)}
+        missing = [c.name for c in cases if c.name not in references]
+        if missing:
+            say(f"note: no reference in {folder} for {len(missing)} case(s): {', '.join(missing[:5])}", err=True)
+        cases = [replace(c, labels=str(references[c.name])) if c.name in references else c for c in cases]
+    results = drive_result(cohort_predict_job(config, cases, out), desc="predict", quiet=args.quiet)
+    for organ, row in results.summary["organs"].items():
+        if row["mean_dice"] is not None:
+            worst = ", ".join(f"{w['case']} {w['dice']:.3f}" for w in row["worst"])
+            say(f"{organ:<24} Dice mean {row['mean_dice']:.3f} median {row['median_dice']:.3f}  worst: {worst}")
+    say(f"wrote {len(results.written)} case(s), {COHORT_TABLE} and {COHORT_SUMMARY} in {out}")
+    if results.failed:
+        say(f"warning: {len(results.failed)} case(s) skipped: {', '.join(results.failed)}", err=True)
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     from napari_dagman.core.errors import DagmanInputError
+
+    if is_cohort(args.image):
+        return run_cohort(args)
     from napari_dagman.core.io import WRITE_SUFFIXES, check_output_file, stem_of, suffix_of
     from napari_dagman.core.segmentation import format_table
     from napari_dagman.core.segmentation.jobs import predict_job, write_prediction
