@@ -55,3 +55,26 @@ def test_a_cohort_needs_an_output_folder(shared_data, ft_run, tmp_path, capsys):
     (tmp_path / "cts" / "a.nii.gz").symlink_to(shared_data / "example_ct_sm.nii.gz")
     status, err = run_cli(capsys, "predict", tmp_path / "cts", "--checkpoint", ft_run, "--out", tmp_path / "x.nii.gz")
     assert status == 2 and "--out must be a folder" in err
+
+
+def test_finetune_on_a_totalsegmentator_case_folder_trains_its_organs_by_their_mask_names(
+    shared_data, tmp_path, capsys
+):
+    """Issue 26: `finetune` read no dataset layout; a TotalSegmentator case is a CT and one mask per organ."""
+    from napari_dagman.core.io import read_volume, write_volume
+
+    case = tmp_path / "s0001"
+    (case / "segmentations").mkdir(parents=True)
+    (case / "ct.nii.gz").symlink_to(shared_data / "example_ct.nii.gz")
+    seg = read_volume(shared_data / "example_seg_fast_force_split.nii.gz")
+    for name, value in (("liver", 5), ("spleen", 1)):
+        write_volume(seg.with_array((seg.array == value).astype(np.uint8)), case / "segmentations" / f"{name}.nii.gz")
+    status, err = run_cli(
+        capsys, "finetune", case, "--out", tmp_path / "run", "--preset", "tiny", "--roi", "64", "--spacing", "6",
+        "--steps", "1", "--val-every", "1", "--labels", "liver,spleen", "--quiet",
+    )  # fmt: skip
+    assert status == 0, err
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    # TotalSegmentator's ids for its own mask names (liver 5, spleen 1), named by the masks, not guessed
+    assert config["classes"] == {"ids": [5, 1], "names": ["liver", "spleen"]}
+    assert config["segmentations"] == [str(case / "segmentations")]

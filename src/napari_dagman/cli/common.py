@@ -9,6 +9,7 @@ import sys
 import threading
 from collections.abc import Callable, Generator, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from napari_dagman.core.errors import DagmanError
@@ -34,6 +35,16 @@ def read_input(path: str) -> Volume:
     for note in volume.metadata.get("notes", []):
         say(f"warning: {note}", err=True)
     return volume
+
+
+def is_cohort(source: str) -> bool:
+    """A folder that is not one DICOM series, a dataset.json, or a .csv/.json list of cases."""
+    from napari_dagman.core.io import folder_has_dicom
+
+    path = Path(source)
+    if path.is_dir():
+        return not folder_has_dicom(path)
+    return path.suffix.lower() in (".json", ".csv")
 
 
 def is_main_process() -> bool:

@@ -7,7 +7,7 @@ import math
 from collections.abc import Sequence
 from pathlib import Path
 
-from napari_dagman.cli.common import run_training, say
+from napari_dagman.cli.common import is_cohort, run_training, say
 from napari_dagman.core.config import FinetuneConfig
 
 EXAMPLES = """examples:
@@ -64,6 +64,12 @@ def organ_names(labels_path: str | None) -> dict[int, str]:
     names = dict(TOTALSEG_V2) if totalsegmentator_asked() else {}
     if labels_path and Path(labels_path).is_file():
         names.update(read_label_names(labels_path) or {})
+    elif labels_path and Path(labels_path).is_dir():  # a TotalSegmentator segmentations/ folder: its masks' names
+        from napari_dagman.core.datasets import mask_ids
+        from napari_dagman.core.io import is_volume_file, stem_of
+
+        stems = [stem_of(p) for p in Path(labels_path).iterdir() if is_volume_file(p)]
+        names.update({i: stem for stem, i in mask_ids(stems).items()})
     return names
 
 
@@ -73,6 +79,13 @@ def run(args: argparse.Namespace) -> int:
     from napari_dagman.core.segmentation import parse_organs, run_finetuning
     from napari_dagman.core.segmentation.data import slab_warning
 
+    if len(args.pairs) == 1 and is_cohort(args.pairs[0]):  # a dataset: its image/label pairs
+        from napari_dagman.core.datasets import find_cases
+
+        cohort = find_cases([args.pairs[0]], labels=True)
+        for note in cohort.notes:
+            say(f"note: {note}", err=True)
+        args.pairs = [path for case in cohort.cases for path in (case.image, case.labels)]
     if len(args.pairs) % 2:
         raise DagmanInputError(
             f"give IMAGE LABELS pairs: got {len(args.pairs)} path(s), the last one ({args.pairs[-1]}) has no partner"

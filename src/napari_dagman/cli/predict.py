@@ -6,7 +6,7 @@ import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
-from napari_dagman.cli.common import drive_result, read_input, say
+from napari_dagman.cli.common import drive_result, is_cohort, read_input, say
 from napari_dagman.core.config import PredictConfig
 
 EXAMPLES = """examples:
@@ -53,16 +53,6 @@ def add_parser(sub: argparse._SubParsersAction, argv: Sequence[str] = ()) -> Non
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     PredictConfig.add_arguments(p)
     p.set_defaults(func=run)
-
-
-def is_cohort(source: str) -> bool:
-    """A folder that is not one DICOM series, a dataset.json, or a .csv/.json list of cases."""
-    from napari_dagman.core.io import folder_has_dicom
-
-    path = Path(source)
-    if path.is_dir():
-        return not folder_has_dicom(path)
-    return path.suffix.lower() in (".json", ".csv")
 
 
 def run_cohort(args: argparse.Namespace) -> int:

@@ -242,12 +242,11 @@ def slab_advice(
 def slab_warning(config: FinetuneConfig, names: dict[int, str] | None = None) -> str:
     """The CLI's counterpart of the fine-tuning dock's check at Start: for one image and label map split by a slab,
     the line saying which organs the slab misses and where a slab holds more ("" otherwise)."""
-    from napari_dagman.core.io import read_volume
     from napari_dagman.core.segmentation.model import run_input_defaults
 
     if len(config.segmentations) != 1 or config.val_split not in ("auto", "slab") or not config.organs:
         return ""
-    labels = read_volume(config.segmentations[0])
+    labels = read_labels(config.images[0], config.segmentations[0])
     defaults = run_input_defaults(config.init)
     dims = int(config.dims or defaults["dims"])
     model_z = float(config.spacing or defaults["spacing"]) if dims == 3 else float(labels.spacing[0])
@@ -404,11 +403,19 @@ def load_pairs(config: FinetuneConfig) -> list[tuple[Volume, Volume]]:
         except DagmanInputError as err:
             raise DagmanInputError(f"cannot use image {image_path}: {err}") from None
         try:
-            labels = read_volume(labels_path)
+            labels = read_labels(image_path, labels_path, image)
         except DagmanInputError as err:
             raise DagmanInputError(f"cannot use label map {labels_path}: {err}") from None
         pairs.append((image, labels))
     return pairs
+
+
+def read_labels(image_path: str, labels_path: str, image: Volume | None = None) -> Volume:
+    """A label map file, or a TotalSegmentator ``segmentations/`` folder merged onto the image's grid
+    (`core.datasets.read_case_labels`)."""
+    from napari_dagman.core.datasets import Case, case_name, read_case_labels
+
+    return read_case_labels(Case(case_name(image_path), str(image_path), str(labels_path)), image)
 
 
 def _names(pairs: Sequence[tuple[Volume, Volume]]) -> list[str]:
