@@ -122,3 +122,24 @@ def test_a_seg_needs_a_dicom_series_and_highdicom_one_line_each(
     assert main(["predict", series, "--checkpoint", str(ft_run), "--out", str(out), "--quiet"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.endswith(INSTALL_HINT) and len(err.splitlines()) == 1
+
+
+def test_a_seg_written_by_predict_reads_back_through_the_plugin_on_the_source_grid(predictions):
+    """Issue 26: the plugin's reader opened its own SEG as an image of frames (values 0/255) without a word."""
+    from napari_dagman.core.io import is_label_map, read_volume, read_volumes
+
+    series, nifti_path, seg_path = predictions
+    (seg,) = read_volumes(seg_path)
+    nifti = read_volume(nifti_path)
+    ct = read_volume(series)
+    assert is_label_map(seg) and seg.shape == ct.shape == nifti.shape
+    np.testing.assert_allclose(seg.spacing, ct.spacing, atol=1e-4)
+    np.testing.assert_allclose(seg.origin, ct.origin, atol=1e-3)
+    names = seg.metadata["label_names"]  # segment numbers in organ-id order, named by their labels
+    assert list(names.values()) == ["spleen", "kidney_right", "kidney_left", "liver", "colon"]
+    ids = {"spleen": 1, "kidney_right": 2, "kidney_left": 3, "liver": 5, "colon": 20}
+    expected = np.zeros_like(nifti.array)
+    for number, name in names.items():
+        expected[seg.array == number] = ids[name]
+    np.testing.assert_array_equal(expected, nifti.array)  # voxel for voxel
+    assert int((seg.array > 0).sum()) > 0

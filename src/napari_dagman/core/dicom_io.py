@@ -241,6 +241,20 @@ def itk_reason(err: BaseException) -> str:
     return lines[-1] if lines else type(err).__name__
 
 
+def is_dicom_seg(path: Path) -> bool:
+    """Whether a DICOM file is a Segmentation (SOP class or Modality SEG), from its header alone."""
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        with quiet_itk():
+            reader.ReadImageInformation()
+    except RuntimeError:
+        return False
+    sop = reader.GetMetaData("0008|0016").strip() if reader.HasMetaDataKey("0008|0016") else ""
+    modality = reader.GetMetaData("0008|0060").strip() if reader.HasMetaDataKey("0008|0060") else ""
+    return sop.rstrip("\x00") == "1.2.840.10008.5.1.4.1.1.66.4" or modality == "SEG"
+
+
 def check_dicom_file(path: Path, any_modality: bool, notes: list[str]) -> dict[str, str]:
     """Refuse a single DICOM file that is not CT or whose rescale is not a number or 0 (ITK reads 1); its tags."""
     tags, header = _dicom_header(str(path))
