@@ -17,7 +17,7 @@ phase, samples the lateness of a 10 ms Qt timer (how late each tick fires; 0 = o
 * ``explorer-thread`` / ``explorer-process``: the attention dock computing whole-volume maps again and again.
 
 * ``process-nice-nopreview``: the child at nice 10 with the live previews off (what the previews cost);
-* ``process-nice5``: the child at nice 5 (between the two);
+* ``process-nice2``, ``process-nice5``: the child at nice 2 or 5 (between the two);
 
 ``--competitor`` runs a second pretraining from the command line (nice 0, the phantom, the same settings) beside
 every phase, as on a machine someone else also uses: its steps per second are reported beside the dock's
@@ -53,6 +53,7 @@ ALL_PHASES = (
     "process",
     "process-nice",
     "process-nice-nopreview",
+    "process-nice2",
     "process-nice5",
     "explorer-thread",
     "explorer-process",
@@ -154,6 +155,14 @@ def spin(seconds: float, until: Any = None) -> None:
     QTimer.singleShot(max(0, int(seconds * 1000)), loop.quit)
     loop.exec()
     checker.stop()
+
+
+def phase_nice(phase: str) -> int:
+    """The child's nice value of a phase: process 0, process-nice 10, process-niceN N."""
+    if not phase.startswith("process-nice"):
+        return 0
+    digits = phase.removeprefix("process-nice").split("-")[0]
+    return int(digits) if digits.isdigit() else 10
 
 
 def median_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -457,14 +466,14 @@ def main(argv: list[str] | None = None) -> int:
                 out = {**probe.stop(), **meter.read(), "load_before": before, "load_after": load()}
             elif phase == "headless":
                 out = headless_phase(config | {"out": str(Path(runs) / f"headless-{repeat}")}, args.seconds)
-            elif phase in ("thread", "thread-1", "process", "process-nice", "process-nice-nopreview", "process-nice5"):
+            elif phase in ("thread", "thread-1") or phase.startswith("process"):
                 out = training_phase(
                     viewer,
                     pretrain,
                     probe,
                     args.seconds,
                     in_process=phase.startswith("process"),
-                    nice=5 if phase == "process-nice5" else 10 if phase.startswith("process-nice") else 0,
+                    nice=phase_nice(phase),
                     threads=1 if phase == "thread-1" else None,
                     previews=not phase.endswith("nopreview"),
                 )

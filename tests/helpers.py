@@ -165,6 +165,13 @@ def cancelled_job(*, cancel: Any = None) -> Iterator[int]:
     raise JobCancelled("the job was cancelled")
 
 
+def environment_job(*names: str, cancel: Any = None) -> Iterator[dict[str, str | None]]:
+    """A background job that yields the environment variables ``names`` as its process sees them."""
+    import os
+
+    yield {name: os.environ.get(name) for name in names}
+
+
 def run_cli(capsys: Any, *argv: Any) -> tuple[int, str]:
     """Exit status and stderr of one command; a refusal is one error line (after any progress lines it printed
     as the job ran), never a traceback."""

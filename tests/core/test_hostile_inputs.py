@@ -332,6 +332,19 @@ def test_a_job_cancelled_in_its_child_process_prints_no_traceback(capfd):
     assert "Traceback" not in capfd.readouterr().err
 
 
+def test_the_child_process_waits_passively_in_openmp_unless_the_user_chose(monkeypatch):
+    """Beside another training run, PyTorch's spinning OpenMP threads cut both runs to a fifth (0.11 and 0.19
+    steps/s against 0.91 alone); passive waiting gave 0.61 and 0.60 (docs/pretraining.md#responsiveness)."""
+    from tests.helpers import environment_job
+
+    from napari_dagman._widgets.common.child_process import ChildProcessJob
+
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    assert list(ChildProcessJob(environment_job, "OMP_WAIT_POLICY", nice=0).events()) == [{"OMP_WAIT_POLICY": "PASSIVE"}]
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")  # a user's own setting stays
+    assert list(ChildProcessJob(environment_job, "OMP_WAIT_POLICY", nice=0).events()) == [{"OMP_WAIT_POLICY": "ACTIVE"}]
+
+
 def test_out_of_memory_outside_training_is_one_line(shared_data, ft_run, tmp_path, monkeypatch, capsys):
     """A prediction whose allocation fails anyway (MONAI's Spacingd on a huge grid): one line, exit 2."""
     import napari_dagman.core.segmentation.prediction as prediction

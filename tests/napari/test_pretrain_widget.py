@@ -142,11 +142,12 @@ def test_tiny_run_finishes_writes_run_folder_and_updates_previews_in_place(
             )
         )
 
-    on_preview = dock._on_preview
-    dock._on_preview = lambda event: (on_preview(event), after_preview(event))
+    pieces = dock._preview_pieces  # a preview is drawn one layer per event-loop turn: check after its last piece
+    dock._preview_pieces = lambda event: [*pieces(event), lambda: after_preview(event)]
     assert dock.start()
     assert dock.start_button.text() == "Cancel"
     assert wait_until(lambda: not dock.running, 240), "the 3-step run did not finish"
+    assert dock.drawing.finish()
 
     run = tmp_path / "runs" / "tiny"
     assert dock.last_finished is not None and not dock.last_finished.cancelled

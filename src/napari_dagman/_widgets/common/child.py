@@ -81,6 +81,19 @@ def _picklable(err: BaseException) -> BaseException | None:
 
 
 # --- parent side ---------------------------------------------------------------------------------------------
+def child_environment() -> dict[str, str]:
+    """napari's environment, with OpenMP threads that sleep while they wait (unless the user chose otherwise).
+
+    PyTorch's OpenMP threads spin for a while at the end of each parallel region. Beside another training run on
+    a 2-core machine both then burned the cores spinning: the dock's run did 0.11 steps/s and the other 0.19,
+    against 0.91 alone; with passive waiting 0.61 and 0.60 (`benchmarks/ui_latency.py --competitor`,
+    docs/pretraining.md#responsiveness).
+    """
+    env = dict(os.environ)
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    return env
+
+
 class ChildProcess:
     """A job running in its own interpreter; its messages arrive on a queue (`get`).
 
@@ -113,6 +126,7 @@ class ChildProcess:
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             cwd=os.getcwd(),
+            env=child_environment(),
         )
         self.pid = self.popen.pid
         self._send_lock = threading.Lock()

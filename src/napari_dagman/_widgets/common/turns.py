@@ -34,6 +34,12 @@ class Turns(QObject):
         if self._queue:
             self._timer.start()
 
+    def add(self, pieces: Iterable[Callable[[], object]]) -> None:
+        """Queue ``pieces`` after what is queued (each live preview is drawn, in order)."""
+        self._queue.extend(pieces)
+        if self._queue and not self._timer.isActive():
+            self._timer.start()
+
     def _next(self) -> None:
         if self._queue:
             self._queue.popleft()()
