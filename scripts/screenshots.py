@@ -187,7 +187,7 @@ def phantom_shots(viewer, out: Path, runs: Path, args: argparse.Namespace) -> in
     viewer.dims.set_point(0, z_crop)
     viewer.layers.selection.active = explorer.layers.find(MEAN_LAYER)
     save(viewer, out / "attention_explorer.png")
-    viewer.window.remove_dock_widget(explorer)
+    viewer.window.remove_dock_widget(dock_of(explorer))
     viewer.layers.clear()
     return 0
 
