@@ -15,6 +15,9 @@ tick for 0.1 s (a stall is only seen after a first tick) and then:
   the way napari's Plugins menu does (``viewer.window.add_plugin_dock_widget("napari-dagman", NAME)``) and runs
   the real Qt event loop until the real dock is built (`DeferredDock.dock`; the CT window is a plain widget, ready
   at once);
+* ``results-draw``: opens the real CT and its label map, docks the segmentation results, chooses a 2-step tiny
+  fine-tuning run (made by the parent, or ``--ft-run``) and clicks Predict; ready when the prediction, the
+  disagreement layer and the table are drawn;
 * ``explorer-compute``: docks the attention explorer, waits for it to be built, chooses the run folder (a 3-step
   tiny DAGMaN run on ``example_ct.nii.gz``, ROI 32 at 4 mm, as the tests' ``tiny_run``; made once by the parent
   with the CLI, or ``--run``) and the phantom CT, lets it settle (2 s), then clicks Compute (default settings: a
@@ -69,8 +72,10 @@ OPEN_CASES = {
     "results": "Segmentation results",
     "window": "CT window",
 }
-ALL_CASES = (*OPEN_CASES, "explorer-compute")
+ALL_CASES = (*OPEN_CASES, "explorer-compute", "results-draw")
 TARGET_MS = 200.0
+#: the shared real CT and its label map (results-draw)
+SHARED = "/work/shared/data"
 #: napari_dagman._widgets.explorer.layers.MEAN_LAYER (not imported: it is heavy); the name may end in " (flat)"
 MEAN_LAYER = "attention: mean"
 
@@ -85,6 +90,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="run every case N times, each in a fresh process (interleaved); the table shows the medians",
     )
     p.add_argument("--run", help="a pretraining run folder for explorer-compute (default: make a 3-step tiny one)")
+    p.add_argument(
+        "--ft-run", help="a fine-tuning run folder for results-draw (default: make a 2-step tiny one from --run)"
+    )
     p.add_argument(
         "--ct",
         default="/work/shared/data/example_ct.nii.gz",
@@ -200,6 +208,8 @@ def child(case: str, run: str | None, timeout: float) -> dict[str, Any]:
             raise RuntimeError(f"the {case} dock was not built in {timeout:.0f} s: {widget.note.text()}")
         marks["ready"] = marks["dock built"]
         out["ready_s"] = round(marks["ready"] - t0, 3)
+    elif case == "results-draw":
+        t0 = results_draw(viewer, probe, run, timeout, marks, out)
     else:
         widget, out["open_call_ms"] = open_dock(viewer, OPEN_CASES["explorer"], marks)
         spin(timeout, until=lambda: real_dock(widget) is not None)
@@ -248,6 +258,45 @@ def child(case: str, run: str | None, timeout: float) -> dict[str, Any]:
     return out
 
 
+def results_draw(viewer: Any, probe: Any, run: str | None, timeout: float, marks: dict, out: dict) -> float:
+    """Predict the real CT with a fine-tuned run in the results dock, against its reference, until the results are
+    drawn (prediction and disagreement layers, the table); returns the moment Predict was clicked."""
+    from qtpy.QtWidgets import QApplication
+
+    for name in ("example_ct.nii.gz", "example_seg_fast_force_split.nii.gz"):
+        viewer.open(str(Path(SHARED) / name), plugin=PLUGIN)
+    QApplication.processEvents()
+    widget, out["open_call_ms"] = open_dock(viewer, OPEN_CASES["results"], marks)
+    spin(timeout, until=lambda: real_dock(widget) is not None)
+    dock = real_dock(widget)
+    if dock is None:
+        raise RuntimeError(f"the results dock was not built in {timeout:.0f} s: {widget.note.text()}")
+    dock.image.value = viewer.layers["example_ct"]
+    dock.reference.value = viewer.layers["example_seg_fast_force_split"]
+    dock.checkpoint.value = run
+    spin(2.0)
+    marks.clear()
+
+    def finished() -> bool:
+        return "click returned" in marks and not dock.running and not dock.drawing.pending and dock.results is not None
+
+    probe.start()
+    spin(0.1)
+    t0 = time.perf_counter()
+    dock.predict()
+    marks["click returned"] = time.perf_counter()
+    out["click_ms"] = round(1000.0 * (marks["click returned"] - t0), 1)
+    spin(timeout, until=lambda: not dock.running)
+    marks["job stopped"] = time.perf_counter()
+    spin(timeout, until=finished)
+    if not finished():
+        raise RuntimeError(f"Predict did not finish in {timeout:.0f} s: {dock.status.text()}")
+    marks["ready"] = time.perf_counter()
+    out["ready_s"] = round(marks["ready"] - t0, 3)
+    out["status"] = dock.status.text()
+    return t0
+
+
 def child_main(args: argparse.Namespace) -> int:
     if os.environ.get("QT_QPA_PLATFORM") == "offscreen":
         print("QT_QPA_PLATFORM=offscreen does not render napari: run under xvfb-run instead", file=sys.stderr)
@@ -269,6 +318,20 @@ def make_run(ct: str, out: Path) -> Path:
     t = time.perf_counter()
     subprocess.run(command, check=True, cwd=ROOT)
     print(f"tiny run in {out} ({time.perf_counter() - t:.0f} s)", flush=True)
+    return out
+
+
+def make_ft_run(run: Path, out: Path) -> Path:
+    """A 2-step tiny fine-tuning run from ``run`` on the real CT (the tests' ``ft_run``), with the command line."""
+    command = [
+        sys.executable, "-m", "napari_dagman.cli", "finetune", f"{SHARED}/example_ct.nii.gz",
+        f"{SHARED}/example_seg_fast_force_split.nii.gz", "--init", str(run), "--out", str(out), "--roi", "64",
+        "--spacing", "6", "--steps", "2", "--val-every", "2", "--labels", "liver,spleen,kidney_right,kidney_left",
+        "--device", "cpu", "--quiet",
+    ]  # fmt: skip
+    t = time.perf_counter()
+    subprocess.run(command, check=True, cwd=ROOT)
+    print(f"tiny fine-tuning run in {out} ({time.perf_counter() - t:.0f} s)", flush=True)
     return out
 
 
@@ -302,9 +365,12 @@ def main(argv: list[str] | None = None) -> int:
 
     run = args.run
     scratch = None
-    if "explorer-compute" in args.cases and not run:
+    ft_run = args.ft_run
+    if ({"explorer-compute", "results-draw"} & set(args.cases) and not run) or ("results-draw" in args.cases and not ft_run):
         scratch = tempfile.TemporaryDirectory(prefix="dock-latency-")
-        run = str(make_run(args.ct, Path(scratch.name) / "tiny3d"))
+        run = run or str(make_run(args.ct, Path(scratch.name) / "tiny3d"))
+        if "results-draw" in args.cases and not ft_run:
+            ft_run = str(make_ft_run(Path(run), Path(scratch.name) / "seg"))
     results: dict[str, Any] = {
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "load_before": load()},
         "target_ms": TARGET_MS,
@@ -315,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
     for repeat in range(args.repeat):
         for case in args.cases:
             t = time.perf_counter()
-            out = run_case(case, run, args.timeout)
+            out = run_case(case, ft_run if case == "results-draw" else run, args.timeout)
             results["runs"][case].append(out)
             print(
                 f"--- {case} #{repeat + 1}: {time.perf_counter() - t:.0f} s, max {out.get('max_ms')} ms, "

@@ -121,11 +121,11 @@ def test_dock_bad_input_gives_one_line_notifications(
     liver = (np.asarray(seg.data) == 5).astype(np.uint8) * 5
     only_liver = viewer.add_labels(liver, scale=seg.scale, translate=seg.translate, name="liver only")
     dock.labels.value = only_liver
-    assert dock.offered_organs == {5: "liver"}
+    assert dock.offered_organs == {5: "label_5"}  # painted without names: called by its number, never guessed
     dock.offer_organs({1: "spleen"})
     dock.organs.value = [1]
     assert dock.start() and dock.wait(120)
-    assert "spleen (1) occur in none of the label maps" in notifications[-1][1]
+    assert "(1) occur in none of the label maps" in notifications[-1][1]
 
     # a fine-tuning run given where a pretraining run is expected: refused at Start, nothing started
     dock.labels.value = seg

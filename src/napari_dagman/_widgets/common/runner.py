@@ -48,6 +48,13 @@ def _finish_jobs_at_exit(timeout: float = EXIT_GRACE_S) -> None:
         runner.thread_ended.wait(max(0.0, end - time.monotonic()))
         if not runner.thread_ended.is_set() and runner.process_job is not None:
             runner.process_job.terminate()  # it did not stop in time: the last checkpoint on disk stays
+    if runners:
+        # the job's generator has ended, but its worker still emits "returned" and "finished": Qt's objects torn
+        # down under it raised "wrapped C/C++ object ... has been deleted" in that thread, and the process aborted
+        # (signal 6) when the thread pool was destroyed with the thread still in it
+        from qtpy.QtCore import QThreadPool
+
+        QThreadPool.globalInstance().waitForDone(int(1000 * max(1.0, end - time.monotonic())))
 
 
 def _hook_exit() -> None:

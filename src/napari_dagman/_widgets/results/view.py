@@ -3,6 +3,7 @@ are shown (a part of `SegmentationResultsWidget`)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -51,14 +52,29 @@ class ResultsView:
     # --- drawing ------------------------------------------------------------------------------------------------
     def show_results(self, results: SegmentationResults) -> None:
         """Layers (prediction, disagreement) and the table."""
+        for piece in self.result_pieces(results):
+            piece()
+
+    def result_pieces(self, results: SegmentationResults) -> list[Callable[[], None]]:
+        """`show_results` as pieces (the prediction layer, the disagreement layer, the table), one per event-loop
+        turn when a job delivers them."""
+
+        def start() -> None:
+            self.results = results
+
+        return [start, lambda: self._prediction_layer(results), lambda: self._disagreement_layer(results),
+                lambda: self._show_table(results)]  # fmt: skip
+
+    def _prediction_layer(self, results: SegmentationResults) -> None:
         from napari_dagman._layers import labels_layer_data
 
-        self.results = results
         if self._image_layer is not None:  # a new prediction: draw it over the CT
             base = self._image_layer.name
             data, kwargs, _ = labels_layer_data(results.prediction, results.names, name=f"{base} prediction")
             kwargs["metadata"][OUTPUT_KEY] = "prediction"
             self.prediction_layer = upsert_layer(self._viewer, kwargs.pop("name"), data, "labels", **kwargs)
+
+    def _disagreement_layer(self, results: SegmentationResults) -> None:
         if results.disagreement is not None and self.prediction_layer is not None:
             from napari_dagman.core.labels import label_table
             from napari_dagman.core.segmentation import DISAGREEMENT_NAMES, disagreement_colours
@@ -78,6 +94,8 @@ class ResultsView:
                 metadata={OUTPUT_KEY: "disagreement", "label_names": dict(DISAGREEMENT_NAMES)},
                 **placement,
             )
+
+    def _show_table(self, results: SegmentationResults) -> None:
         self._fill_table(results.table)
         self.set_view(self.view.value)
         summary = results.table["dice"].to_numpy(dtype=float)
