@@ -1,8 +1,9 @@
 """Organ names and colours for label maps.
 
-The default id -> name table is TotalSegmentator's v2 "total" class map (117 classes; the names are
-TotalSegmentator's, Apache-2.0, reproduced so label maps from it open with the right names). Colours are keyed
-by organ *name*, so an organ has the same colour whatever id a file gives it.
+TotalSegmentator's v2 "total" class map (117 classes; the names are TotalSegmentator's, Apache-2.0, reproduced) names
+the ids of a map only when the user says it is TotalSegmentator's or its masks are named so (`core.label_names`,
+`core.datasets`); otherwise names are read, never guessed. Colours are keyed by organ *name*, so an organ has the
+same colour whatever id a file gives it.
 """
 
 from __future__ import annotations
