@@ -212,26 +212,15 @@ def inner_dock(widget: Any) -> Any:
     return widget.dock if isinstance(widget, DeferredDock) else widget
 
 
-class PretrainDock(DeferredDock):
-    target = "napari_dagman._widgets.training.pretrain:PretrainWidget"
-    what = "pretraining"
+def _dock(name: str, target: str, what: str) -> type[DeferredDock]:
+    """A `DeferredDock` class for the manifest (napari instantiates a class, passing ``napari_viewer``)."""
+    return type(name, (DeferredDock,), {"target": target, "what": what, "__module__": __name__})
 
 
-class AttentionDock(DeferredDock):
-    target = "napari_dagman._widgets.explorer.dock:AttentionWidget"
-    what = "attention explorer"
-
-
-class ClustersDock(DeferredDock):
-    target = "napari_dagman._widgets.clusters.dock:ClustersWidget"
-    what = "organ clusters"
-
-
-class FinetuneDock(DeferredDock):
-    target = "napari_dagman._widgets.training.finetune:FinetuneWidget"
-    what = "fine-tuning"
-
-
-class ResultsDock(DeferredDock):
-    target = "napari_dagman._widgets.results.dock:SegmentationResultsWidget"
-    what = "segmentation results"
+PretrainDock = _dock("PretrainDock", "napari_dagman._widgets.training.pretrain:PretrainWidget", "pretraining")
+AttentionDock = _dock("AttentionDock", "napari_dagman._widgets.explorer.dock:AttentionWidget", "attention explorer")
+ClustersDock = _dock("ClustersDock", "napari_dagman._widgets.clusters.dock:ClustersWidget", "organ clusters")
+FinetuneDock = _dock("FinetuneDock", "napari_dagman._widgets.training.finetune:FinetuneWidget", "fine-tuning")
+ResultsDock = _dock(
+    "ResultsDock", "napari_dagman._widgets.results.dock:SegmentationResultsWidget", "segmentation results"
+)
