@@ -9,7 +9,9 @@ opened after another, a script, the tests) gets the real dock at once.
 
 A plain ``import torch`` in a thread still froze the GUI for 0.3-0.4 s: Python holds the GIL while the dynamic
 loader runs libtorch's static initialisers. `ctypes` releases the GIL around ``dlopen``, so the big shared libraries
-are opened through it first and the import then finds them loaded (measured: longest stall 0.39 s -> 0.15 s).
+are opened through it first and the import then finds them loaded (``import torch`` alone: longest stall 0.39 s ->
+0.15 s). Opening a whole dock still stalls napari up to 0.3 s while MONAI and the rest import
+(`benchmarks/dock_latency.py`, docs/pretraining.md#opening-a-dock).
 """
 
 from __future__ import annotations
