@@ -65,11 +65,9 @@ def organ_names(labels_path: str | None) -> dict[int, str]:
     if labels_path and Path(labels_path).is_file():
         names.update(read_label_names(labels_path) or {})
     elif labels_path and Path(labels_path).is_dir():  # a TotalSegmentator segmentations/ folder: its masks' names
-        from napari_dagman.core.datasets import mask_ids
-        from napari_dagman.core.io import is_volume_file, stem_of
+        from napari_dagman.core.datasets import mask_names
 
-        stems = [stem_of(p) for p in Path(labels_path).iterdir() if is_volume_file(p)]
-        names.update({i: stem for stem, i in mask_ids(stems).items()})
+        names.update(mask_names(labels_path))
     return names
 
 

@@ -61,11 +61,11 @@ def run_cohort(args: argparse.Namespace) -> int:
 
     from napari_dagman.core.datasets import case_name, find_cases
     from napari_dagman.core.errors import DagmanInputError
-    from napari_dagman.core.io import is_volume_file
+    from napari_dagman.core.io import WRITE_SUFFIXES, is_volume_file, suffix_of
     from napari_dagman.core.segmentation.cohort import COHORT_SUMMARY, COHORT_TABLE, cohort_predict_job
 
     out = Path(args.out)
-    if (out.exists() and not out.is_dir()) or out.name.endswith((".nii", ".nii.gz", ".mha", ".nrrd", ".dcm")):
+    if (out.exists() and not out.is_dir()) or suffix_of(out) in (*WRITE_SUFFIXES, ".dcm"):
         raise DagmanInputError(f"{args.image} is a cohort: --out must be a folder, got {out}")
     config = PredictConfig.from_args(args, config_file=args.config_file, checkpoint=args.checkpoint)
     cohort = find_cases([args.image], labels=False)

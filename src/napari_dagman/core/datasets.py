@@ -321,6 +321,11 @@ def _list_file(path: Path, rows: list[Row], *, labels: bool) -> Found:
 
 
 # --- TotalSegmentator -------------------------------------------------------------------------------------
+def mask_names(folder: str | os.PathLike) -> dict[int, str]:
+    """Id -> name of a TotalSegmentator ``segmentations/`` folder's masks, as `read_case_labels` merges them."""
+    return {i: stem for stem, i in mask_ids(_mask_files(Path(folder))).items()}
+
+
 def _mask_files(folder: Path) -> dict[str, Path]:
     """Mask name (file stem) -> file, in a ``segmentations/`` folder."""
     masks: dict[str, Path] = {}

@@ -23,6 +23,10 @@ DICOM_ORIENTATION_TOLERANCE = 1e-3
 _PERPENDICULAR = 0.1
 
 
+#: DICOM's Segmentation Storage SOP class.
+SEGMENTATION_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
+
+
 @dataclass(frozen=True)
 class DicomSlice:
     """What one DICOM file's header says about where its slice lies and what its values mean: the tags' text as
@@ -37,10 +41,17 @@ class DicomSlice:
     slope: str | None = None  # RescaleSlope (0028,1053)
     intercept: str | None = None  # RescaleIntercept (0028,1052)
     unreadable: str | None = None  # why the header could not be read
+    sop_class: str | None = None  # SOPClassUID (0008,0016)
 
     @property
     def name(self) -> str:
         return Path(self.file).name
+
+    @property
+    def is_segmentation(self) -> bool:
+        """A DICOM Segmentation (its SOP class, or Modality SEG): segments over a series, not a CT slice."""
+        uid = (self.sop_class or "").strip().rstrip("\x00")
+        return uid == SEGMENTATION_SOP_CLASS or (self.modality or "").strip() == "SEG"
 
 
 def _numbers(text: str | None, count: int) -> np.ndarray | None:

@@ -97,6 +97,7 @@ def _dicom_header(file: str) -> tuple[dict[str, str], DicomSlice]:
         size=(size[0], size[1]) if len(size) >= 2 else None,
         slope=text("0028|1053"),
         intercept=text("0028|1052"),
+        sop_class=text("0008|0016"),
     )
 
 
@@ -241,25 +242,14 @@ def itk_reason(err: BaseException) -> str:
     return lines[-1] if lines else type(err).__name__
 
 
-def is_dicom_seg(path: Path) -> bool:
-    """Whether a DICOM file is a Segmentation (SOP class or Modality SEG), from its header alone."""
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(str(path))
-    try:
-        with quiet_itk():
-            reader.ReadImageInformation()
-    except RuntimeError:
-        return False
-    sop = reader.GetMetaData("0008|0016").strip() if reader.HasMetaDataKey("0008|0016") else ""
-    modality = reader.GetMetaData("0008|0060").strip() if reader.HasMetaDataKey("0008|0060") else ""
-    return sop.rstrip("\x00") == "1.2.840.10008.5.1.4.1.1.66.4" or modality == "SEG"
-
-
-def check_dicom_file(path: Path, any_modality: bool, notes: list[str]) -> dict[str, str]:
-    """Refuse a single DICOM file that is not CT or whose rescale is not a number or 0 (ITK reads 1); its tags."""
+def check_dicom_file(path: Path, any_modality: bool, notes: list[str]) -> tuple[dict[str, str], bool]:
+    """Refuse a single DICOM file that is not CT or whose rescale is not a number or 0 (ITK reads 1); its tags, and
+    whether it is a DICOM Segmentation (read as a label map, not checked as a CT), from one read of its header."""
     tags, header = _dicom_header(str(path))
     if header.unreadable:
-        return tags  # not DICOM after all, or broken: ITK says which
+        return tags, False  # not DICOM after all, or broken: ITK says which
+    if header.is_segmentation:
+        return tags, True
     _check_modality([header], path.name, any_modality, notes)
     dicom_rescale(header, where=path.name)
-    return tags
+    return tags, False

@@ -24,7 +24,6 @@ from napari_dagman.core.dicom_io import (  # noqa: F401  (re-exported: the reade
     DicomSeries,
     any_modality_allowed,
     check_dicom_file,
-    is_dicom_seg,
     itk_reason,
     list_dicom_series,
     quiet_itk,
@@ -192,11 +191,11 @@ def read_volumes(
         check_metaimage(path)
     notes: list[str] = []
     dicom = suffix == ".dcm" or looks_like_dicom(path)
-    if dicom and is_dicom_seg(path):  # a segmentation, not a CT: its segments on its own geometry
+    tags, segmentation = check_dicom_file(path, any_modality_allowed(any_modality), notes) if dicom else ({}, False)
+    if segmentation:  # a DICOM SEG, not a CT: its segments on its own geometry
         from napari_dagman.core.segmentation.dicom_seg import read_dicom_seg
 
         return [read_dicom_seg(path)]
-    tags = check_dicom_file(path, any_modality_allowed(any_modality), notes) if dicom else {}
     try:
         with quiet_itk():
             image = _itk_read(path)

@@ -274,10 +274,6 @@ def write_dicom_seg(
 
 
 # --- reading -----------------------------------------------------------------------------------------------------
-#: DICOM's Segmentation Storage SOP class.
-SEG_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
-
-
 def read_dicom_seg(path: str | os.PathLike) -> Volume:
     """A DICOM Segmentation as one label map on its own geometry (LPS), segment numbers as ids and segment labels
     as names (``metadata["label_names"]``): what `predict --out *.dcm` writes reads back voxel for voxel.
