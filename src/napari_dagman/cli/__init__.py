@@ -15,7 +15,7 @@ from napari_dagman import __version__
 
 #: Subcommand modules, in the order ``--help`` lists them.
 SUBCOMMANDS: tuple[str, ...] = (
-    "demo", "pretrain", "finetune", "predict", "attention", "embed", "export", "methods", "view"
+    "demo", "pretrain", "finetune", "predict", "classify", "attention", "embed", "export", "methods", "view"
 )
 
 EXIT_USER_ERROR = 2
