@@ -33,6 +33,7 @@ DOCKS = (
     "Organ clusters",
     "Fine-tuning",
     "Segmentation results",
+    "Lesion classification",
 )
 
 

@@ -48,33 +48,9 @@ def add_parser(sub: argparse._SubParsersAction, argv: Sequence[str] = ()) -> Non
     p.set_defaults(func=run)
 
 
-def summary_lines(metrics: dict) -> list[str]:
-    """What the terminal shows: the probe's headline figure with its interval, beside each control's."""
-
-    def figure(m: dict) -> str:
-        name = "AUC" if m.get("auc") is not None else "balanced accuracy"
-        value = m.get("auc") if m.get("auc") is not None else m.get("balanced_accuracy")
-        ci = m.get("auc_ci95") if m.get("auc") is not None else m.get("balanced_accuracy_ci95")
-        text = "n/a" if value is None else f"{value:.3f}"
-        return f"{name} {text}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
-
-    enc = metrics["encoder"]
-    lines = [f"{metrics['rows']} rows, {metrics['patients']} patients, {metrics['validation']}"]
-    lines.append(f"probe on {enc['which']} ({enc['method']}, stage {enc['stage']}): {figure(metrics['heads']['probe'])}")
-    lines += [f"  control {name}: {figure(m)}" for name, m in metrics["controls"].items()]
-    for d in metrics["differences"]:
-        if d["ci95"] is not None:
-            verdict = "beyond" if d["exceeds_interval"] else "within"
-            lines.append(
-                f"  {d['shots']} shots: encoder - {d['minus']} = {d['difference']:+.3f} "
-                f"[{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}] ({verdict} the interval)"
-            )
-    lines += [f"note: {n}" for n in metrics.get("notes", [])]
-    return lines
-
-
 def run(args: argparse.Namespace) -> int:
     from napari_dagman.core.classification import classify_job
+    from napari_dagman.core.classification.report import summary_lines
 
     extra = {"table": args.table, "checkpoint": args.checkpoint, "out": args.out}
     config = ClassifyConfig.from_args(args, config_file=args.config_file, **extra)

@@ -223,6 +223,7 @@ PretrainDock = _dock("PretrainDock", "napari_dagman._widgets.training.pretrain:P
 AttentionDock = _dock("AttentionDock", "napari_dagman._widgets.explorer.dock:AttentionWidget", "attention explorer")
 ClustersDock = _dock("ClustersDock", "napari_dagman._widgets.clusters.dock:ClustersWidget", "organ clusters")
 FinetuneDock = _dock("FinetuneDock", "napari_dagman._widgets.training.finetune:FinetuneWidget", "fine-tuning")
+ClassifyDock = _dock("ClassifyDock", "napari_dagman._widgets.classify.dock:ClassifyWidget", "classification")
 ResultsDock = _dock(
     "ResultsDock", "napari_dagman._widgets.results.dock:SegmentationResultsWidget", "segmentation results"
 )

@@ -273,6 +273,11 @@ class AttentionWidget(ExplorerView, ExplorerActions, JobDock):
             maps=self.result.scope == "crop", image=self._image_layer, point=np.asarray(world)[-3:]
         )
 
+    def compute_around(self, world: Any, image: Any = None) -> bool:
+        """Maps and masks of a crop centred on a world point (the classification dock's "attention here")."""
+        self.scope.value = "crop"
+        return self._start(maps=True, image=image, point=np.asarray(world, dtype=float)[-3:])
+
     def _on_canvas_click(self, viewer: Any, event: Any) -> Any:
         """A click (not a drag) on the canvas in pan/zoom mode moves the crop there, when asked to."""
         active = viewer.layers.selection.active

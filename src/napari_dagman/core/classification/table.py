@@ -5,8 +5,7 @@ outcome); optional ``x``, ``y``, ``z`` (the lesion centre in world millimetres, 
 this plugin's layers) and ``size`` (the lesion's diameter, mm), ``patient`` (rows of one patient are never split
 apart; default: the image) and ``split`` (``train``/``test``; default: patient-level cross-validation).
 
-Every refusal names the row by its number in the file (the header is line 1, the first row is row 2 of a CSV as
-a spreadsheet shows it; we say "row N" counting the rows from 1, as pandas' index + 1).
+Every refusal names the row by its number, counting the rows under the header from 1.
 """
 
 from __future__ import annotations
@@ -80,6 +79,19 @@ def _classes(labels: list[str], positive: str | None) -> tuple[list[str], np.nda
     return unique, np.asarray([index[v] for v in labels], int)
 
 
+def check_classes(labels: list[str], positive: str | None = None) -> tuple[list[str], np.ndarray]:
+    """Class names and row indices (see `_classes`); refuse one class, or a class with one row."""
+    class_names, y = _classes(labels, positive)
+    if len(class_names) < 2:
+        raise DagmanInputError(f"the table has one class ({class_names[0]}): a classifier needs two or more")
+    counts = np.bincount(y, minlength=len(class_names))
+    if counts.min() < 2:
+        raise DagmanInputError(
+            f"the class {class_names[int(counts.argmin())]} has one row; each class needs two or more"
+        )
+    return class_names, y
+
+
 def _is_number(value: str) -> bool:
     try:
         float(value)
@@ -140,14 +152,7 @@ def read_table(path: str | os.PathLike, *, positive: str | None = None) -> Class
         if pd.isna(value) or not _label_text(value):
             raise DagmanInputError(f"row {row}: no label")
         labels.append(_label_text(value))
-    class_names, y = _classes(labels, positive)
-    if len(class_names) < 2:
-        raise DagmanInputError(f"the table has one class ({class_names[0]}): a classifier needs two or more")
-    counts = np.bincount(y, minlength=len(class_names))
-    if counts.min() < 2:
-        raise DagmanInputError(
-            f"the class {class_names[int(counts.argmin())]} has one row; each class needs two or more"
-        )
+    class_names, y = check_classes(labels, positive)
     sizes = np.full(len(frame), np.nan)
     if "size" in frame.columns:
         sizes = pd.to_numeric(frame["size"], errors="coerce").to_numpy(float)

@@ -1,0 +1,1 @@
+"""The lesion-classification dock (`dock.ClassifyWidget`)."""
