@@ -59,6 +59,12 @@ from napari_dagman.core.phantom.geometry import (
     VERTEBRA_L5,
     VERTEBRA_LEVELS,
 )
+from napari_dagman.core.phantom.lesions import (
+    LESION_CLASSES,
+    Lesion,
+    add_lesions,
+    make_lesion_cohort,
+)
 
 __all__ = [
     "AORTA",
@@ -66,6 +72,7 @@ __all__ = [
     "HEART",
     "KIDNEY_LEFT",
     "KIDNEY_RIGHT",
+    "LESION_CLASSES",
     "LIVER",
     "LUNG_LOWER_LEFT",
     "LUNG_LOWER_RIGHT",
@@ -74,6 +81,7 @@ __all__ = [
     "LUNG_UPPER_LEFT",
     "LUNG_UPPER_RIGHT",
     "LUNG_VESSELS",
+    "Lesion",
     "PHANTOM_HU",
     "PHANTOM_LABELS",
     "RIB_LEFT_1",
@@ -88,5 +96,7 @@ __all__ = [
     "URINARY_BLADDER",
     "VERTEBRA_L5",
     "VERTEBRA_LEVELS",
+    "add_lesions",
+    "make_lesion_cohort",
     "make_phantom",
 ]
