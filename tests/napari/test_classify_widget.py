@@ -79,3 +79,28 @@ def test_one_class_is_refused_in_one_line_before_anything_is_written(
     assert not dock.start()
     assert any("one class" in message for _, message in notifications)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_table_of_several_cts_draws_the_open_ones_rows_and_a_row_opens_its_ct(
+    make_napari_viewer, tiny_run, tmp_path
+):
+    from napari_dagman.core.phantom.lesions import make_lesion_cohort
+
+    table = make_lesion_cohort(tmp_path / "cohort", cases=3, lesions_per_case=6, seed=0)
+    rows = pd.read_csv(table)
+    viewer = make_napari_viewer()
+    viewer.open(tmp_path / "cohort" / rows["image"][0], plugin="napari-dagman")
+    dock = ClassifyWidget(viewer)
+    viewer.window.add_dock_widget(dock)
+    dock.image.value = viewer.layers[0]
+    dock.run.value, dock.out.value, dock.table.value = str(tiny_run), str(tmp_path / "out"), str(table)
+    dock.form.set_values({"folds": 3, "shots": "all", "bootstrap": 200, "controls": False})
+    assert dock.start()
+    assert dock.wait(300) and dock.finished is not None, dock.status.text()
+    first = rows["image"] == rows["image"][0]
+    assert len(viewer.layers[PREDICTIONS_LAYER].data) == first.sum()  # only the open CT's lesions
+    other = int(np.flatnonzero(~first)[0])
+    dock.go_to(other)  # a lesion of a CT that is not open: the row opens it and shows its lesions
+    assert sum(layer.source.path is not None and rows["image"][other] in str(layer.source.path)
+               for layer in viewer.layers) == 1  # fmt: skip
+    assert viewer.dims.point[0] == pytest.approx(rows["z"][other], abs=6.1)

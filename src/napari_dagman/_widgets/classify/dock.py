@@ -67,6 +67,7 @@ class ClassifyWidget(JobDock):
         self.rows: Any = None  # predictions.csv of the last result
         self._centres: np.ndarray | None = None
         self._last_event: Any = None
+        self._from_points = True  # the last job classified the dock's points (all on the chosen CT)
         self._build()
 
     def _build(self) -> None:
@@ -165,6 +166,7 @@ class ClassifyWidget(JobDock):
             if not config.out:
                 raise DagmanInputError("choose an output folder")
             table = path_text(self.table)
+            self._from_points = not table
             if table:
                 job, args = classify_job, (config.replace(table=table),)
             else:
@@ -235,17 +237,30 @@ class ClassifyWidget(JobDock):
         column = self._positive_column()
         self.results.setRowCount(len(self.rows))
         self.results.setHorizontalHeaderLabels(["row", "class", "predicted", f"p({column.split('_p_', 1)[1]})"])
-        for i, row in enumerate(self.rows.itertuples(index=False)):
-            values = [row.row, row.label, getattr(row, "encoder_predicted", ""), getattr(row, column, np.nan)]
+        for i, row in enumerate(self.rows.to_dict("records")):
+            values = [row["row"], row["label"], row.get("encoder_predicted", ""), row.get(column, np.nan)]
             for j, value in enumerate(values):
                 text = f"{value:.3f}" if isinstance(value, float) else str(value)
                 self.results.setItem(i, j, QTableWidgetItem("" if text == "nan" else text))
+
+    def _shown_rows(self) -> np.ndarray:
+        """Rows whose CT is open in the viewer: all of the dock's points; a table's rows of the open images."""
+        import napari
+
+        if self._from_points:
+            return np.ones(len(self.rows), bool)
+        open_images = {
+            str(Path(layer.source.path).resolve())
+            for layer in self._viewer.layers
+            if isinstance(layer, napari.layers.Image) and layer.source.path
+        }
+        return np.asarray([str(Path(image).resolve()) in open_images for image in self.rows["image"]])
 
     def _draw_points(self) -> None:
         import pandas as pd
 
         centres = self._table_points()
-        keep = np.isfinite(centres).all(axis=1)
+        keep = np.isfinite(centres).all(axis=1) & self._shown_rows()
         if not keep.any():
             return
         column = self._positive_column()
@@ -267,11 +282,15 @@ class ClassifyWidget(JobDock):
         return None if row < 0 else row
 
     def go_to(self, row: int) -> None:
-        """Move the viewer to the lesion of a result row (slider and camera)."""
+        """Move the viewer to the lesion of a result row (slider and camera), opening its CT when a table's row
+        lies in an image that is not open."""
         centres = self._table_points() if self.finished is not None else None
         if centres is None or row >= len(centres) or not np.isfinite(centres[row]).all():
             return
         self.results.selectRow(row)
+        if not self._shown_rows()[row]:
+            self._viewer.open(self.rows["image"].iloc[row], plugin="napari-dagman")
+            self._draw_points()
         jump_to(self._viewer, centres[row])
 
     def attention_here(self) -> None:
