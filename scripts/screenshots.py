@@ -10,8 +10,9 @@ whole-volume attention computation and the mask previews in the explorer. Then, 
 ``../shared/data`` (``$DAGMAN_SHARED_DATA``) with its label map, it makes a 3-step tiny pretraining run (core
 API, as the tests' ``tiny_run``), fine-tunes from it in the fine-tuning dock (curves), predicts in the results
 dock, which opens as a tab of the fine-tuning dock (prediction layer, table, click-through to the liver), and
-computes a UMAP of the run's patch embeddings in the organ-clusters dock. It writes ``docs/images/{window_dock,
-pretrain_dock,attention_explorer,finetune_dock,results_dock,organ_clusters}.png`` (each under 400 kB);
+computes a UMAP of the run's patch embeddings in the organ-clusters dock, and classifies the phantom lesion cohort's
+table in the lesion-classification dock. It writes ``docs/images/{window_dock,
+pretrain_dock,attention_explorer,finetune_dock,results_dock,organ_clusters,classify_dock}.png`` (each under 400 kB);
 ``--docks`` makes a subset. The docks are opened from the plugin's manifest, as napari's Plugins menu does.
 """
 
@@ -26,7 +27,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 MAX_BYTES = 400_000
-DOCKS = ("window", "pretrain", "attention", "finetune", "results", "clusters", "explorer")
+DOCKS = ("window", "pretrain", "attention", "finetune", "results", "clusters", "classify", "explorer")
 #: Organs of the fine-tuning picture (TotalSegmentator ids): liver, spleen, kidneys, colon, urinary bladder.
 FINETUNE_ORGANS = [5, 1, 2, 3, 20, 21]
 
@@ -93,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     viewer = napari.Viewer(title="napari-dagman", show=True)
     viewer.window._qt_window.resize(1600, 1000)
     steps = [phantom_shots] if {"window", "pretrain", "attention"} & docks else []
-    if {"finetune", "results", "clusters"} & docks:
+    if {"finetune", "results", "clusters", "classify"} & docks:
         steps.append(real_ct_shots)
     if "explorer" in docks:  # the attention explorer's own pictures (docs/attention.md): explorer_shots below
         steps.append(explorer_shots)
@@ -222,6 +223,8 @@ def real_ct_shots(viewer, out: Path, runs: Path, args: argparse.Namespace) -> in
         return 1
     if "clusters" in args.docks and clusters_shot(viewer, out, ct, seg, run):
         return 1
+    if "classify" in args.docks and classify_shot(viewer, out, runs, run):
+        return 1
     return 0
 
 
@@ -332,6 +335,33 @@ def clusters_shot(viewer, out: Path, ct, seg, run: Path) -> int:
     clusters._scroll.ensureWidgetVisible(clusters.scatter)
     save(viewer, out / "organ_clusters.png")
     viewer.window.remove_dock_widget(dock_of(clusters))
+    return 0
+
+
+def classify_shot(viewer, out: Path, runs: Path, run: Path) -> int:
+    """The phantom lesion cohort's table classified with the tiny run's encoder; one lesion's row clicked."""
+    from napari_dagman.core.phantom.lesions import make_lesion_cohort
+
+    for layer in list(viewer.layers):
+        viewer.layers.remove(layer)
+    table = make_lesion_cohort(runs / "lesions", cases=4, lesions_per_case=10, seed=0, shape=(64, 96, 96),
+                               spacing=(4.5, 3.3, 3.3))  # fmt: skip
+    first = sorted((runs / "lesions").glob("case_*.nii.gz"))[0]
+    viewer.open(first, plugin="napari-dagman")
+    viewer.reset_view()
+    classify = open_dock(viewer, "Lesion classification")
+    classify.run.value, classify.table.value, classify.out.value = str(run), str(table), str(runs / "classify")
+    classify.form.set_values({"shots": "1,5,all", "draws": 5, "device": "cpu"})
+    print("classifying the phantom lesions ...", flush=True)
+    if not classify.start() or not classify.wait(1800) or classify.finished is None:
+        print(f"the classification failed: {classify.status.text()}", file=sys.stderr)
+        return 1
+    fit_window(viewer)
+    classify.go_to(3)
+    fold(classify)
+    classify._scroll.ensureWidgetVisible(classify.results)
+    save(viewer, out / "classify_dock.png")
+    viewer.window.remove_dock_widget(dock_of(classify))
     return 0
 
 

@@ -66,8 +66,6 @@ def _encoders(config: ClassifyConfig) -> tuple[Any, dict[str, Any]]:
         pretrained = load_pretrained_encoder(config.checkpoint, config.which, weights=config.weights)
     except CheckpointError as err:
         raise CheckpointError(f"cannot use {config.checkpoint} as an encoder: {err}") from None
-    if pretrained.kind != "swin" and not hasattr(pretrained.encoder, "stages"):
-        raise DagmanInputError(f"the run's {pretrained.which} encoder has no feature stages to pool")
     encoders = {ENCODER: pretrained.encoder}
     if config.controls:
         encoders[RANDOM_INIT] = random_init_encoder(pretrained.arch, config.seed, type(pretrained.encoder))
