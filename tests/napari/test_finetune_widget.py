@@ -234,6 +234,8 @@ def test_click_through_moves_dims_and_camera_to_the_organ(make_napari_viewer, sh
 def test_a_prediction_of_a_dicom_series_exports_as_dicom_seg(
     make_napari_viewer, shared_data, ft_run, tmp_path
 ):
+    from napari_dagman.core.segmentation.dicom_seg import series_source
+
     hd = pytest.importorskip("highdicom")
     viewer = make_napari_viewer()
     (ct,) = viewer.open(str(shared_data / "example_ct_dicom"), plugin="napari-dagman")
@@ -241,6 +243,8 @@ def test_a_prediction_of_a_dicom_series_exports_as_dicom_seg(
     dock.set_run(str(ft_run), image=ct)
     dock.device.value = "cpu"
     assert dock.predict() and dock.wait(300)
+    # the layer names its series itself, for napari's File > Save as a DICOM SEG (`_writer`)
+    assert series_source(dock.prediction_layer.metadata) == series_source(ct.metadata) != {}
     written = dock.export_prediction(str(tmp_path / "seg.dcm"))
     seg = hd.seg.segread(written[0])
     names = layer_label_names(dock.prediction_layer)

@@ -67,11 +67,14 @@ class ResultsView:
 
     def _prediction_layer(self, results: SegmentationResults) -> None:
         from napari_dagman._layers import labels_layer_data
+        from napari_dagman.core.segmentation.dicom_seg import series_source
 
         if self._image_layer is not None:  # a new prediction: draw it over the CT
             base = self._image_layer.name
             data, kwargs, _ = labels_layer_data(results.prediction, results.names, name=f"{base} prediction")
             kwargs["metadata"][OUTPUT_KEY] = "prediction"
+            # the DICOM series it was predicted on, for napari's File > Save as a DICOM SEG (`_writer`)
+            kwargs["metadata"].update(series_source(self._image_layer.metadata))
             self.prediction_layer = upsert_layer(self._viewer, kwargs.pop("name"), data, "labels", **kwargs)
 
     def _disagreement_layer(self, results: SegmentationResults) -> None:

@@ -95,16 +95,32 @@ def segment_coding(name: str) -> SegmentCoding:
 
 
 # --- the source series ---------------------------------------------------------------------------------------------
+#: The metadata key of a label map that names the DICOM series folder it lies on (with ``series_uid``): a
+#: prediction's own ``source_path`` is dropped (it is the CT's, not the label map's), this one is not.
+SERIES_KEY = "dicom_series"
+
+
+def series_source(metadata: dict[str, Any]) -> dict[str, str]:
+    """``{SERIES_KEY: folder, "series_uid": uid}`` of the DICOM series ``metadata`` lies on: an image read from a
+    series folder (``source_path``), or a label map that names one (`SERIES_KEY`); empty when there is none."""
+    folder = metadata.get(SERIES_KEY) or metadata.get("source_path")
+    # present but blank in a de-identified series: GDCM then lists the series under "" too
+    if "series_uid" not in metadata or not folder or not Path(folder).is_dir():
+        return {}
+    return {SERIES_KEY: str(folder), "series_uid": str(metadata["series_uid"])}
+
+
 def _series_files(image: Volume) -> list[str]:
     from napari_dagman.core.io import list_dicom_series
 
-    folder = image.metadata.get("source_path")
-    if "series_uid" not in image.metadata or not folder or not Path(folder).is_dir():
+    source = series_source(image.metadata)
+    if not source:
         raise DagmanInputError(
             "a DICOM SEG is written over the DICOM series it segments: give a DICOM series folder as input "
             "(this image is not one)"
         )
-    series = [s for s in list_dicom_series(folder) if s.uid == image.metadata["series_uid"]]
+    folder = source[SERIES_KEY]
+    series = [s for s in list_dicom_series(folder) if s.uid == source["series_uid"]]
     if not series:
         raise DagmanInputError(f"the DICOM series of the image is no longer in {folder}")
     return list(series[0].files)
@@ -187,12 +203,17 @@ def segment_descriptions(ids: list[int], names: dict[int, str], source: str) -> 
     import napari_dagman
     from napari_dagman.core.labels import organ_colour
 
-    algorithm = hd.AlgorithmIdentificationSequence(
-        name="napari-dagman SwinUNETR",
-        family=codes.cid7162.ArtificialIntelligence,
-        version=napari_dagman.__version__,
-        source=source[:64] or None,
-    )
+    # no model named (a label map drawn in napari, not a prediction): MANUAL segments, which carry no algorithm,
+    # rather than crediting the model with the user's drawing
+    algorithm, kind = None, hd.seg.SegmentAlgorithmTypeValues.MANUAL
+    if source:
+        algorithm = hd.AlgorithmIdentificationSequence(
+            name="napari-dagman SwinUNETR",
+            family=codes.cid7162.ArtificialIntelligence,
+            version=napari_dagman.__version__,
+            source=source[:64],
+        )
+        kind = hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC
     out = []
     for number, organ in enumerate(ids, start=1):
         name = names.get(organ, f"label {organ}")
@@ -203,7 +224,7 @@ def segment_descriptions(ids: list[int], names: dict[int, str], source: str) -> 
             segment_label=name[:64],
             segmented_property_category=coding.category,
             segmented_property_type=coding.type,
-            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+            algorithm_type=kind,
             algorithm_identification=algorithm,
             tracking_id=f"{name} ({organ})"[:64],
             tracking_uid=hd.UID(),
