@@ -41,6 +41,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--method", default="dagman", help="pretraining method of the encoder (default: the reference method)")
     p.add_argument("--steps", type=int, default=250, help="pretraining steps (the protocol's budget)")
     p.add_argument("--run", help="a pretraining run to use instead of pretraining one")
+    p.add_argument("--stage", type=int, default=3, help="encoder stage pooled (classify's default: 3)")
     p.add_argument("--shots", default="1,5,20,all")
     p.add_argument("--draws", type=int, default=10)
     p.add_argument("--folds", type=int, default=4)
@@ -121,8 +122,8 @@ def main(argv: list[str] | None = None) -> int:
         images, work / f"run_{args.method}", args.method, args.steps, args.seed
     )
     config = ClassifyConfig(
-        table=str(table), checkpoint=run, out=str(work / "result"), shots=args.shots, draws=args.draws,
-        folds=args.folds, seed=args.seed,
+        table=str(table), checkpoint=run, out=str(work / f"result_stage{args.stage}"), shots=args.shots,
+        draws=args.draws, folds=args.folds, seed=args.seed, stage=args.stage,
     )  # fmt: skip
     finished = consume(classify_job(config))
     metrics = finished.summary
@@ -138,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         timing = ClassifyConfig(
             table=str(timing_table(table, work, args.rows, args.seed)), checkpoint=run, out=str(work / "timing"),
-            controls=False, shots="all", draws=1, folds=2, bootstrap=200, seed=args.seed,
+            controls=False, shots="all", draws=1, folds=2, bootstrap=200, seed=args.seed, stage=args.stage,
         )  # fmt: skip
         timed = consume(classify_job(timing)).summary["timing"]
     finally:
@@ -146,7 +147,8 @@ def main(argv: list[str] | None = None) -> int:
 
     report = {
         "cohort": {"cases": args.cases, "lesions_per_case": args.lesions, "table": str(table), "build_s": cohort_s},
-        "encoder": {"method": args.method, "steps": args.steps, "run": run, "pretrain_s": round(pretrain_s, 1)},
+        "encoder": {"method": args.method, "steps": args.steps, "run": run, "pretrain_s": round(pretrain_s, 1),
+                    "stage": args.stage},  # fmt: skip
         "probe": metrics["heads"]["probe"],
         "controls": metrics["controls"],
         "label_efficiency": metrics["label_efficiency"],

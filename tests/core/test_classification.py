@@ -273,3 +273,25 @@ def test_bad_tables_get_one_line_and_exit_2_before_any_feature(tmp_path, capsys,
     assert code == 2
     assert message in stderr
     assert not (out / "metrics.json").exists()
+
+
+def test_a_lesion_box_is_the_lesions_whatever_the_stage_and_pools_the_tokens_it_touches():
+    """A 10 mm lesion at 3 mm with context 2 is a 7-voxel box at every stage (the intensity control reads the
+    lesion, not a 48 mm token of liver), and the encoder's feature is the mean of the tokens the box touches."""
+    from napari_dagman.core.classification.features import pool_boxes, row_boxes
+    from napari_dagman.core.classification.table import ClassTable
+    from napari_dagman.core.config.classify import ClassifyConfig
+    from napari_dagman.core.data import PreparedVolume
+
+    pv = PreparedVolume(np.zeros((64, 64, 64), np.float32), (3.0,) * 3, (0.0,) * 3, np.eye(3), "v", "")
+    table = ClassTable(
+        path=Path("t.csv"), images=["a"], y=np.zeros(1, int), class_names=["a", "b"], patients=np.asarray(["p"]),
+        centres=np.asarray([[96.0, 96.0, 96.0]]), sizes=np.asarray([10.0]), split=None,
+    )  # fmt: skip
+    for token in (4, 16):
+        starts, stops = row_boxes(table, [0], pv, ClassifyConfig(context=2.0), (token,) * 3)
+        assert (stops - starts).tolist() == [[7, 7, 7]]
+        assert starts.tolist() == [[29, 29, 29]]  # centred on voxel 32
+    fmap = np.arange(2 * 4 * 4 * 4, dtype=np.float32).reshape(2, 4, 4, 4)
+    pooled = pool_boxes(fmap, (16, 16, 16), starts, stops)  # voxels 29-35 touch tokens 1 and 2 on each axis
+    assert np.allclose(pooled[0], fmap[:, 1:3, 1:3, 1:3].mean(axis=(1, 2, 3)))

@@ -4,8 +4,8 @@ Each image is read, resampled to the run's spacing and HU window (`core.data.mod
 was trained on) and run through the encoder **once**, over the smallest region holding every box of its rows;
 each row then averages the feature map over its box. So 200 lesions of one CT cost one sliding-window pass, not
 200. A box is ``context`` x the lesion's size (its surroundings: margins and spiculae are what tells lesions
-apart), ``box_mm`` without a size, at least one token of the chosen stage; a row without a centre uses the body
-(the voxels above the HU window's floor) of its whole volume.
+apart), ``box_mm`` without a size, whatever the stage (the feature map is averaged over the tokens the box
+touches); a row without a centre uses the body (the voxels above the HU window's floor) of its whole volume.
 
 The controls see exactly the same boxes: a random-init encoder of the same architecture, and the histogram of
 the encoder's input intensities (``intensity``), so a probe that only reads mean HU shows up as such.
@@ -84,8 +84,10 @@ def row_boxes(
             lo, hi = (body.min(axis=0), body.max(axis=0) + 1) if len(body) else (np.zeros(3, int), shape)
         else:
             side_mm = config.context * table.sizes[i] if np.isfinite(table.sizes[i]) else config.box_mm
-            side = np.maximum(np.rint(side_mm / np.asarray(pv.spacing)).astype(int), np.asarray(token))
-            if pv.array.shape[0] == 1 or token[0] == 1:  # a 2D model: the lesion's own slice
+            # the box is the lesion's, whatever the stage: the encoder pools the tokens it touches, and the
+            # intensity control reads the same voxels (a box grown to one 48 mm token would drown a 10 mm lesion)
+            side = np.maximum(np.rint(side_mm / np.asarray(pv.spacing)).astype(int), 1)
+            if token[0] == 1:  # a 2D model: the lesion's own slice
                 side[0] = 1
             centre = np.rint(centre_index(pv, table.centres[i])).astype(int)
             lo = np.clip(centre - side // 2, 0, shape - 1)
