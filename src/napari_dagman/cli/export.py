@@ -7,12 +7,14 @@ import shlex
 from collections.abc import Sequence
 
 from napari_dagman.cli.common import say
+from napari_dagman.core.config.jobs import INVERSE_MODES
 
 EXAMPLES = """examples:
   napari-dagman export runs/dagman --format monai-swinunetr --out encoder.pt
       # encoder.pt (swinViT.* tensors), encoder.json (SwinUNETR arguments), encoder.input.json (spacing, HU)
   napari-dagman export runs/dagman --format safetensors --out encoder.safetensors --which student
   napari-dagman export runs/seg --format monai-bundle --out seg_bundle
+      # --inverse probabilities: smoother borders, but memory grows with the class count
   python -m monai.bundle run --config_file seg_bundle/configs/inference.json --bundle_root seg_bundle \\
       --image ct.nii.gz --output_dir out
 """
@@ -27,7 +29,7 @@ def add_parser(sub: argparse._SubParsersAction, argv: Sequence[str] = ()) -> Non
         description="Write a run for the tools users already have. monai-swinunetr / safetensors: a pretraining "
         "run's published Swin encoder as a state dict in MONAI SwinUNETR's layout (swinViT.*, tensors only), "
         "with SwinUNETR's arguments in a JSON beside it. monai-bundle: a fine-tuning run as a MONAI Bundle whose "
-        "inference.json segments like `napari-dagman predict`.",
+        "inference.json segments like `napari-dagman predict` with the same --inverse.",
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -48,6 +50,14 @@ def add_parser(sub: argparse._SubParsersAction, argv: Sequence[str] = ()) -> Non
     )
     bundle.add_argument("--overlap", type=float, help="window overlap (default 0.5)")
     bundle.add_argument("--sw-batch-size", type=int, help="windows per forward pass (default 4)")
+    bundle.add_argument(
+        "--inverse",
+        choices=INVERSE_MODES,
+        help="how class scores go back onto the input grid: labels (default: arg-max on the model's grid, one "
+        "channel resampled nearest, memory independent of the class count) or probabilities (every class "
+        "resampled linearly before the arg-max: smoother borders, memory grows with the class count); "
+        "`napari-dagman predict --inverse` with the same value gives the same labels",
+    )
     p.set_defaults(func=run)
 
 
@@ -67,6 +77,8 @@ def run(args: argparse.Namespace) -> int:
             roi=args.roi,
             overlap=args.overlap,
             sw_batch_size=args.sw_batch_size,
+            # the bundle's default when not given (`pipeline.BUNDLE_INVERSE`)
+            **({"inverse": args.inverse} if args.inverse else {}),
         )
         say(f"wrote {', '.join(written)}")
         say(
@@ -75,8 +87,8 @@ def run(args: argparse.Namespace) -> int:
             "--image CT --output_dir OUT"
         )
         return 0
-    if args.roi is not None or args.overlap is not None or args.sw_batch_size is not None:
-        raise DagmanInputError("--roi, --overlap and --sw-batch-size apply to --format monai-bundle")
+    if any(v is not None for v in (args.roi, args.overlap, args.sw_batch_size, args.inverse)):
+        raise DagmanInputError("--roi, --overlap, --sw-batch-size and --inverse apply to --format monai-bundle")
     written = export_encoder(
         args.run, args.out, fmt=args.fmt, which=args.which, weights=args.weights or "last"
     )

@@ -14,6 +14,8 @@ EXAMPLES = """examples:
   napari-dagman predict ct.nii.gz --checkpoint runs/seg --out ct_seg.nii.gz --reference seg.nii.gz
       # also prints per-organ Dice and HD95 and writes ct_seg.metrics.json and ct_seg.metrics.csv
   napari-dagman predict dicom_folder/ --checkpoint runs/seg/model.safetensors --out seg.nrrd --overlap 0.75
+  napari-dagman predict ct.nii.gz --checkpoint runs/seg --out ct_seg.nii.gz --inverse labels
+      # arg-max on the model's grid, as an exported bundle by default: its labels, and faster with many organs
   napari-dagman predict dicom_folder/ --checkpoint runs/seg --out seg.dcm
       # a DICOM Segmentation over the series (needs napari-dagman[dicom])
   napari-dagman predict imagesTs/ --checkpoint runs/seg --out predictions/ --reference labelsTs/

@@ -145,11 +145,12 @@ def check_training_memory(
 
 def check_prediction_memory(volume: object, *, spacing: Sequence[float], classes: int) -> None:
     """Refuse a prediction whose arrays cannot fit: the image at the model's spacing with the sliding window's
-    class scores and their count map, then the class probabilities on the input's grid."""
+    class scores and their count map, then on the input's grid the float image and the class map (the class
+    scores go back a slab at a time: not a whole-grid term per class)."""
     shape, native = tuple(volume.shape), tuple(float(s) for s in volume.spacing)  # type: ignore[attr-defined]
     model = voxels_at_spacing(shape, native, tuple(spacing))
     source = math.prod(shape)
-    needed = FLOAT_BYTES * (model * (2 * classes + 2) + source * (classes + 2))
+    needed = FLOAT_BYTES * (model * (2 * classes + 2) + source) + source * 2
     ratio = max(s / t for s, t in zip(native, spacing, strict=True))
     advice = (
         f"its voxels are {ratio:.0f}x the model's spacing ({', '.join(f'{s:g}' for s in native)} mm vs "

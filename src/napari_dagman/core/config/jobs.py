@@ -458,6 +458,11 @@ class FinetuneConfig(OptimiserOptions, RunOptions):
             raise DagmanInputError("organ label ids must be positive (0 is background)")
 
 
+#: How predicted class scores go back onto the input's grid: resampled probabilities, or the model grid's arg-max
+#: (`core.segmentation.pipeline` says what each costs and gives).
+INVERSE_MODES: tuple[str, ...] = ("probabilities", "labels")
+
+
 @dataclass
 class PredictConfig(ConfigBase):
     """Sliding-window segmentation of a CT with a fine-tuned run. ``None`` = the run's training value."""
@@ -482,6 +487,14 @@ class PredictConfig(ConfigBase):
     )
     overlap: float = option(0.5, "sliding-window overlap", minimum=0.0, maximum=0.95, group="inference")
     sw_batch_size: int = option(4, "windows per forward pass", minimum=1, group="inference")
+    inverse: str = option(
+        "probabilities",
+        "how class scores go back onto the input's grid: probabilities (resampled linearly, arg-max on the input "
+        "grid: smooth borders) or labels (arg-max on the model's grid, resampled nearest: an exported bundle's "
+        "default); both stream slabs, so memory does not grow with the class count",
+        choices=INVERSE_MODES,
+        group="inference",
+    )
     hd95: bool = option(
         True, "also compute the 95% Hausdorff distance when a reference is given", group="inference"
     )

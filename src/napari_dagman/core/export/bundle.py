@@ -10,8 +10,15 @@
 
 and runs it with ``python -m monai.bundle run --config_file DIR/configs/inference.json --bundle_root DIR
 --image ct.nii.gz --output_dir OUT``. The transforms between loading and saving are `predict`'s own
-(`core.segmentation.pipeline`), built from the same config dicts, so the labels are the same voxel for voxel.
-Only MONAI is needed to run it (with nibabel for NIfTI, pydicom for DICOM, pytorch-ignite for the evaluator).
+(`core.segmentation.pipeline`), built from the same config dicts, so the labels are those of ``predict
+--inverse`` with the bundle's ``inverse``. Only MONAI is needed to run it (with nibabel for NIfTI, pydicom for
+DICOM, pytorch-ignite for the evaluator).
+
+``inverse`` (`pipeline.INVERSE_MODES`, ``export --inverse``) says how the class scores go back onto the input
+grid. MONAI's ``Invertd`` resamples all channels it is given at once, so ``"probabilities"`` holds K+1 channels
+of the input grid (a 512 x 512 x 336 CT: 4.5 GB peak with 5 organs, about 23 GB with 60), and the default,
+``"labels"`` (arg-max on the model's grid, one channel resampled nearest), 2.9 GB whatever the class count
+(`pipeline.BUNDLE_INVERSE` says what it costs at the borders).
 """
 
 from __future__ import annotations
@@ -26,8 +33,10 @@ from napari_dagman.core.io import atomic_write_text, check_output_folder
 from napari_dagman.core.segmentation.data import roi_size_for
 from napari_dagman.core.segmentation.model import Segmenter, load_segmenter
 from napari_dagman.core.segmentation.pipeline import (
+    BUNDLE_INVERSE,
     IMAGE_KEY,
     PRED_KEY,
+    check_inverse,
     label_dtype,
     model_transforms,
     output_transforms,
@@ -76,8 +85,11 @@ def network_arguments(segmenter: Segmenter) -> dict[str, Any]:
     }
 
 
-def inference_config(segmenter: Segmenter, *, roi: int, overlap: float, sw_batch_size: int) -> dict[str, Any]:
-    """``configs/inference.json``: MONAI's standard evaluator over `predict`'s transforms."""
+def inference_config(
+    segmenter: Segmenter, *, roi: int, overlap: float, sw_batch_size: int, inverse: str = BUNDLE_INVERSE
+) -> dict[str, Any]:
+    """``configs/inference.json``: MONAI's standard evaluator over `predict`'s transforms (``inverse``: one of
+    `pipeline.INVERSE_MODES`)."""
     arch, ids = segmenter.arch, segmenter.label_map.ids
     loading = [
         {"_target_": "LoadImaged", "keys": IMAGE_KEY, "image_only": True},
@@ -126,7 +138,7 @@ def inference_config(segmenter: Segmenter, *, roi: int, overlap: float, sw_batch
         },
         "postprocessing": {
             "_target_": "Compose",
-            "transforms": [*output_transforms(ids, "@preprocessing"), saving],
+            "transforms": [*output_transforms(ids, "@preprocessing", inverse), saving],
         },
         "handlers": [
             {
@@ -154,8 +166,22 @@ def inference_config(segmenter: Segmenter, *, roi: int, overlap: float, sw_batch
     }
 
 
+#: The metadata's words for each of `pipeline.INVERSE_MODES`.
+INVERSE_WORDS = {
+    "probabilities": "class probabilities resampled onto the input grid before the arg-max",
+    "labels": "arg-max on the model's grid, the class map resampled onto the input grid (nearest)",
+}
+#: The README's step for each, with the why of the choice.
+INVERSE_STEPS = {
+    "probabilities": "softmax, class probabilities resampled back onto the input grid (`Invertd`, linear),\n"
+    "   arg-max: smooth borders, but every class on the input grid at once (memory grows with the classes)",
+    "labels": "arg-max on the model's grid, the one-channel class map resampled back onto the input grid\n"
+    "   (`Invertd`, nearest): memory of one channel whatever the class count, borders in model voxels",
+}
+
+
 def bundle_metadata(
-    segmenter: Segmenter, run: Path, *, roi: int, run_config: dict[str, Any]
+    segmenter: Segmenter, run: Path, *, roi: int, run_config: dict[str, Any], inverse: str = BUNDLE_INVERSE
 ) -> dict[str, Any]:
     """``configs/metadata.json`` after MONAI's Bundle specification (with the organ names and the provenance)."""
     versions = software_versions()
@@ -181,7 +207,7 @@ def bundle_metadata(
         "description": (
             f"MONAI SwinUNETR fine-tuned with napari-dagman (run {run.name}, step {segmenter.step}); encoder "
             f"from {_init_description(run_config)}. Inference: the run's spacing and HU window, Gaussian "
-            "sliding window, class probabilities resampled onto the input grid before the arg-max."
+            f"sliding window, {INVERSE_WORDS[inverse]}."
         ),
         "authors": "the authors of the napari-dagman run",
         "copyright": "the authors of the napari-dagman run",
@@ -191,6 +217,8 @@ def bundle_metadata(
         "image_classes": "one channel, CT in HU: clipped to the run's window and scaled to [0, 1]",
         "pred_classes": f"{label_map.num_classes} channels: " + ", ".join(channels.values()),
         "label_names": {"0": "background", **{str(i): n for i, n in label_map.id_names.items()}},
+        # how the class scores go back onto the input grid (`napari-dagman predict --inverse` gives the same)
+        "inverse": check_inverse(inverse),
         "network_data_format": {
             "inputs": {
                 IMAGE_KEY: {
@@ -258,7 +286,7 @@ Needs MONAI {metadata["monai_version"]} or later, nibabel (NIfTI), pydicom (DICO
 1. array axes z, y, x of the LPS volume (`Orientationd(axcodes="SPL")`), resampled to
    {segmenter.spacing} mm (`Spacingd`), HU clipped to {list(segmenter.hu_range)} and scaled to [0, 1];
 2. SwinUNETR over a Gaussian-blended sliding window;
-3. softmax, class probabilities resampled back onto the input grid (`Invertd`), arg-max, class -> organ id.
+3. {INVERSE_STEPS[metadata["inverse"]]}, class -> organ id.
 
 ## Label values
 
@@ -305,15 +333,19 @@ def export_bundle(
     roi: int | None = None,
     overlap: float | None = None,
     sw_batch_size: int | None = None,
+    inverse: str = BUNDLE_INVERSE,
 ) -> list[str]:
     """Write a fine-tuning run as a MONAI Bundle in ``out`` (see the module) and check it; returns the paths.
 
-    ``roi``, ``overlap`` and ``sw_batch_size`` default to `predict`'s (the training ROI, `PredictConfig`'s).
+    ``roi``, ``overlap`` and ``sw_batch_size`` default to `predict`'s (the training ROI, `PredictConfig`'s);
+    ``inverse`` (`pipeline.INVERSE_MODES`) to `pipeline.BUNDLE_INVERSE`, whose memory does not grow with the classes.
     """
     from napari_dagman.core.checkpoint import RunFolder
     from napari_dagman.core.config import PredictConfig
 
     out = Path(out)
+    if inverse not in INVERSE_WORDS:
+        raise DagmanInputError(f"--inverse must be one of {', '.join(INVERSE_WORDS)}, got '{inverse}'")
     check_output_folder(out, "bundle folder")
     segmenter = load_segmenter(run, weights=weights, device="cpu")
     if segmenter.arch.dims != 3:
@@ -330,9 +362,9 @@ def export_bundle(
     config.validate()  # the limits predict puts on them
     run = Path(run)
     run_config = RunFolder(run).config_dict() if run.is_dir() else {}
-    metadata = bundle_metadata(segmenter, run, roi=roi, run_config=run_config)
+    metadata = bundle_metadata(segmenter, run, roi=roi, run_config=run_config, inverse=inverse)
     inference = inference_config(
-        segmenter, roi=roi, overlap=config.overlap, sw_batch_size=config.sw_batch_size
+        segmenter, roi=roi, overlap=config.overlap, sw_batch_size=config.sw_batch_size, inverse=inverse
     )
     written = [
         write_state_dict(out / "models" / "model.pt", segmenter.net.state_dict()),

@@ -142,6 +142,7 @@ def predict_job(
         overlap=config.overlap,
         sw_batch_size=config.sw_batch_size,
         cancel=cancel,
+        inverse=config.inverse,
     )
     results = yield from evaluation_job(
         labels, reference, names=labels.metadata["label_names"], hd95=config.hd95, cancel=cancel
@@ -151,6 +152,7 @@ def predict_job(
         "checkpoint_step": segmenter.step,
         "roi": config.roi or segmenter.roi,
         "overlap": config.overlap,
+        "inverse": config.inverse,
     }
     return results
 

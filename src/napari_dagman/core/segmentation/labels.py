@@ -68,7 +68,14 @@ class LabelMap:
             raise DagmanInputError(
                 f"class {int(classes.max())} out of range (the model has {self.num_classes})"
             )
-        return lut[classes.astype(np.int64, copy=False)]
+        if classes.ndim == 0:
+            return lut[int(classes)]
+        out = np.empty(classes.shape, dtype=dtype)
+        # a slab at a time: indexing converts the indices to int64, 8 bytes a voxel of a whole CT otherwise
+        step = max(1, (1 << 24) // max(1, int(np.prod(classes.shape[1:]))))
+        for first in range(0, classes.shape[0], step):
+            out[first : first + step] = lut[classes[first : first + step].astype(np.int64, copy=False)]
+        return out
 
     def to_dict(self) -> dict[str, Any]:
         return {"ids": list(self.ids), "names": list(self.names)}

@@ -1,7 +1,8 @@
 """Prediction with a fine-tuned network: MONAI's sliding-window inference (Gaussian blending) at the run's
-spacing; class probabilities are resampled back onto the input grid before the arg-max, so the labels keep the
-input's geometry. The resampling and intensity steps are MONAI transforms shared with the run's MONAI Bundle
-(`core.segmentation.pipeline`), so both give the same labels.
+spacing; the class scores are resampled back onto the input grid (by default the probabilities, before the
+arg-max: `pipeline.INVERSE_MODES`) a slab at a time, so the labels keep the input's geometry and the memory does
+not grow with the class count. The resampling and intensity steps are MONAI transforms shared with the run's MONAI
+Bundle (`core.segmentation.pipeline`), so both give the same labels.
 """
 
 from __future__ import annotations
@@ -31,6 +32,13 @@ from napari_dagman.core.memory import check_prediction_memory
 from napari_dagman.core.models.architecture import DEEPEST_STRIDE
 from napari_dagman.core.segmentation.data import roi_size_for
 from napari_dagman.core.segmentation.model import Segmenter
+from napari_dagman.core.segmentation.pipeline import (
+    IMAGE_KEY,
+    PREDICT_INVERSE,
+    check_inverse,
+    classes_on_input_grid,
+    to_model_space,
+)
 from napari_dagman.core.volume import Volume
 
 Event = Any  # one of the dataclasses in core.events
@@ -100,15 +108,16 @@ def run_prediction(
     sw_batch_size: int = 4,
     cancel: CancelToken | None = None,
     name: str | None = None,
+    inverse: str = PREDICT_INVERSE,
 ) -> Generator[Event, None, Volume]:
     """Segment ``image``; yields `ProgressEvent` per batch of windows, a `PredictionEvent`, a `FinishedEvent`.
+    ``inverse`` (`pipeline.INVERSE_MODES`) says how the class scores go back onto the input grid.
 
     The label map (returned, and in the `PredictionEvent`) holds the original label ids on the input's grid,
     with ``metadata["label_names"]`` and the input's source orientation (a NIfTI written from it overlays the
     input file). A cancel raises `JobCancelled` after the current batch of windows.
     """
-    from napari_dagman.core.segmentation.pipeline import IMAGE_KEY, classes_on_input_grid, to_model_space
-
+    check_inverse(inverse)
     t_start = time.perf_counter()
     roi = _checked_roi(image, segmenter, roi)
     name = name or str(image.metadata.get("name", "image"))
@@ -167,9 +176,8 @@ def run_prediction(
         raise error
     logits: torch.Tensor = result["logits"]
     yield ProgressEvent(total, total, "resampling to the input grid")
-    # class probabilities (linear), not the arg-max, go back onto the input grid: smooth borders on a finer grid
-    classes = classes_on_input_grid(data, logits, preprocessing)
-    del logits
+    classes = classes_on_input_grid(image, model_image, logits, inverse)
+    del logits, data, preprocessing
     ids = segmenter.label_map.to_labels(classes)
     labels = image.with_array(
         ids,
@@ -186,7 +194,8 @@ def run_prediction(
         total,
         total,
         paths={"weights": segmenter.source},
-        summary={"seconds": seconds, "windows": total, "model_spacing": model_image.pixdim.tolist()},
+        summary={"seconds": seconds, "windows": total, "inverse": inverse,
+                 "model_spacing": model_image.pixdim.tolist()},  # fmt: skip
     )
     return labels
 
@@ -198,10 +207,14 @@ def predict(
     roi: int | None = None,
     overlap: float = 0.5,
     sw_batch_size: int = 4,
+    inverse: str = PREDICT_INVERSE,
 ) -> Volume:
     """`run_prediction` to the end: the label map in the input's geometry."""
     labels = None
-    for event in run_prediction(image, segmenter, roi=roi, overlap=overlap, sw_batch_size=sw_batch_size):
+    events = run_prediction(
+        image, segmenter, roi=roi, overlap=overlap, sw_batch_size=sw_batch_size, inverse=inverse
+    )
+    for event in events:
         if isinstance(event, PredictionEvent):
             labels = event.labels
     if labels is None:
