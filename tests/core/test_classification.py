@@ -295,3 +295,20 @@ def test_a_lesion_box_is_the_lesions_whatever_the_stage_and_pools_the_tokens_it_
     fmap = np.arange(2 * 4 * 4 * 4, dtype=np.float32).reshape(2, 4, 4, 4)
     pooled = pool_boxes(fmap, (16, 16, 16), starts, stops)  # voxels 29-35 touch tokens 1 and 2 on each axis
     assert np.allclose(pooled[0], fmap[:, 1:3, 1:3, 1:3].mean(axis=(1, 2, 3)))
+
+
+def test_a_row_without_a_centre_pools_the_body_of_its_volume():
+    from napari_dagman.core.classification.features import row_boxes
+    from napari_dagman.core.classification.table import ClassTable
+    from napari_dagman.core.config.classify import ClassifyConfig
+    from napari_dagman.core.data import PreparedVolume
+
+    array = np.zeros((20, 30, 40), np.float32)
+    array[3:15, 5:25, 10:31] = 0.6  # the body: everything above the HU window's floor
+    pv = PreparedVolume(array, (3.0,) * 3, (0.0,) * 3, np.eye(3), "v", "")
+    table = ClassTable(
+        path=Path("t.csv"), images=["a", "a"], y=np.asarray([0, 1]), class_names=["a", "b"],
+        patients=np.asarray(["p", "q"]), centres=None, sizes=np.full(2, np.nan), split=None,
+    )  # fmt: skip
+    starts, stops = row_boxes(table, [0, 1], pv, ClassifyConfig(), (16, 16, 16))
+    assert starts.tolist() == [[3, 5, 10]] * 2 and stops.tolist() == [[15, 25, 31]] * 2

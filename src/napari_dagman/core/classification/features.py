@@ -77,23 +77,22 @@ def row_boxes(
 ) -> tuple[np.ndarray, np.ndarray]:
     """(starts, stops) (len(rows), 3) of each row's box in model voxels, clipped to the volume."""
     shape = np.asarray(pv.array.shape)
+    if table.centres is None:  # whole volumes: every row of this image is its body's box
+        body = np.argwhere(pv.array > BODY_LEVEL)
+        lo, hi = (body.min(axis=0), body.max(axis=0) + 1) if len(body) else (np.zeros(3, int), shape)
+        return np.tile(lo, (len(rows), 1)).astype(int), np.tile(hi, (len(rows), 1)).astype(int)
     starts, stops = [], []
     for i in rows:
-        if table.centres is None:
-            body = np.argwhere(pv.array > BODY_LEVEL)
-            lo, hi = (body.min(axis=0), body.max(axis=0) + 1) if len(body) else (np.zeros(3, int), shape)
-        else:
-            side_mm = config.context * table.sizes[i] if np.isfinite(table.sizes[i]) else config.box_mm
-            # the box is the lesion's, whatever the stage: the encoder pools the tokens it touches, and the
-            # intensity control reads the same voxels (a box grown to one 48 mm token would drown a 10 mm lesion)
-            side = np.maximum(np.rint(side_mm / np.asarray(pv.spacing)).astype(int), 1)
-            if token[0] == 1:  # a 2D model: the lesion's own slice
-                side[0] = 1
-            centre = np.rint(centre_index(pv, table.centres[i])).astype(int)
-            lo = np.clip(centre - side // 2, 0, shape - 1)
-            hi = np.clip(lo + side, 1, shape)
+        side_mm = config.context * table.sizes[i] if np.isfinite(table.sizes[i]) else config.box_mm
+        # the box is the lesion's, whatever the stage: the encoder pools the tokens it touches, and the
+        # intensity control reads the same voxels (a box grown to one 48 mm token would drown a 10 mm lesion)
+        side = np.maximum(np.rint(side_mm / np.asarray(pv.spacing)).astype(int), 1)
+        if token[0] == 1:  # a 2D model: the lesion's own slice
+            side[0] = 1
+        centre = np.rint(centre_index(pv, table.centres[i])).astype(int)
+        lo = np.clip(centre - side // 2, 0, shape - 1)
         starts.append(lo)
-        stops.append(hi)
+        stops.append(np.clip(lo + side, 1, shape))
     return np.asarray(starts, int), np.asarray(stops, int)
 
 

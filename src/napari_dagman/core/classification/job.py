@@ -112,19 +112,18 @@ def _full_arms(arms: list) -> dict[str, Any]:
 
 def _metrics(config, table, pretrained, arms, splits, notes, feature_s) -> dict[str, Any]:
     full = _full_arms(arms)
-    per_set = {
-        name: {
+    per_set = {}
+    for name, arm in full.items():
+        probabilities = arm.probabilities[0]
+        tested = np.isfinite(probabilities).all(axis=1)  # a table split predicts its test rows only
+        per_set[name] = {
             **classification_metrics(
-                table.y[np.isfinite(arm.probabilities[0]).all(axis=1)],
-                arm.probabilities[0][np.isfinite(arm.probabilities[0]).all(axis=1)],
-                table.patients[np.isfinite(arm.probabilities[0]).all(axis=1)],
+                table.y[tested], probabilities[tested], table.patients[tested],
                 class_names=table.class_names, bootstrap=config.bootstrap, seed=config.seed,
             ),  # fmt: skip
             "shots": arm.shots,
             "c": sorted(set(arm.c_chosen)),
         }
-        for name, arm in full.items()
-    }
     curve = curve_rows(arms, table.y, table.patients, len(table.class_names), config.bootstrap, config.seed)
     return {
         "classes": table.class_names,
