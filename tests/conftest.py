@@ -15,6 +15,16 @@ def shared_data_dir() -> Path:
     return Path(os.environ.get("DAGMAN_SHARED_DATA", REPO.parent / "shared" / "data"))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def volume_cache_dir(tmp_path_factory) -> Path:
+    """The prepared-volume cache of the whole session (never the user's ~/.cache), shared by the runs of the suite
+    and by the child processes of the docks' jobs (they inherit the environment)."""
+    path = tmp_path_factory.mktemp("volume-cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("NAPARI_DAGMAN_VOLUME_CACHE", str(path))
+        yield path
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     path = shared_data_dir()

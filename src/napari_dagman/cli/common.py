@@ -141,12 +141,16 @@ def drive(events: Generator[Any, None, Any], *, desc: str, quiet: bool = False) 
             if isinstance(event, StepEvent | ProgressEvent):
                 total = event.total_steps if isinstance(event, StepEvent) else event.total
                 done = event.step if isinstance(event, StepEvent) else event.done
+                kind = "step" if isinstance(event, StepEvent) else "it"
+                if bar is not None and (bar.unit != kind or bar.total != total):  # the files, then the steps
+                    bar.close()
+                    bar = None
                 if bar is None and show:
                     bar = tqdm(
                         total=total,
                         initial=done - 1 if isinstance(event, StepEvent) else 0,
                         desc=desc,
-                        unit="step" if isinstance(event, StepEvent) else "it",
+                        unit=kind,
                         dynamic_ncols=True,
                         file=sys.stderr,
                     )

@@ -7,7 +7,9 @@ uninterrupted run and in one resumed at ``k`` (exact resume), and different on e
 
 from __future__ import annotations
 
+import contextlib
 import math
+import mmap
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -40,6 +42,16 @@ class PreparedVolume:
     def index_to_physical(self, index) -> np.ndarray:
         idx = np.asarray(index, dtype=float)
         return np.asarray(self.origin) + (idx * np.asarray(self.spacing)) @ self.direction.T
+
+
+def release_pages(array: np.ndarray) -> None:
+    """Drop the pages of a memory-mapped array (`core.volume_cache`) from this process; touched again, they are read
+    back from the operating system's file cache. A long run over many cached volumes then holds its crops in RAM,
+    not every page it ever read. Nothing for an array in memory."""
+    handle = getattr(array, "_mmap", None)
+    if isinstance(handle, mmap.mmap) and hasattr(mmap, "MADV_DONTNEED"):
+        with contextlib.suppress(OSError, ValueError):  # closed, or refused: only memory is at stake
+            handle.madvise(mmap.MADV_DONTNEED)
 
 
 def model_volume(
@@ -351,6 +363,8 @@ class ViewSampler:
             flat_local_seeds = [s for per_view in local_seeds for s in per_view]
             batch.local = _stack(augment_views(self.augmentation, flat_local, flat_local_seeds))
             batch.local_crops = [c for per_view in local_crops for c in per_view]
+        for v in {c.volume for c in batch.crops}:  # the crops are copies now
+            release_pages(self.volumes[v].array)
         return batch
 
     def high_res_views(self, crops: list[Crop], seeds: Sequence[int] | None = None) -> np.ndarray:
@@ -369,7 +383,10 @@ class ViewSampler:
                 out.append(arr[z, y * f : y * f + side, x * f : x * f + side])
         if seeds is not None:
             out = augment_views(self.augmentation, out, list(seeds), only_consistent=True)
-        return _stack(out)
+        stacked = _stack(out)
+        for v in {c.volume for c in crops}:
+            release_pages(self.high_res[v].array)
+        return stacked
 
 
 def _stack(crops: list[np.ndarray]) -> np.ndarray:

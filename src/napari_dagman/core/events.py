@@ -51,6 +51,10 @@ class LogEvent:
     level: str = "info"  # info | warning
 
 
+#: The stage a training run's start reports while its image files are prepared (one `ProgressEvent` per file).
+PREPARING = "preparing the volumes"
+
+
 @dataclass
 class ProgressEvent:
     """Progress of a job that is not a training loop (attention over a volume, embeddings)."""

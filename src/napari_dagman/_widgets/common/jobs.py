@@ -55,26 +55,25 @@ def pretrain_job(
 ) -> Generator[Any, None, Any]:
     """`core.training.run_pretraining` on the chosen layers *and* the files in ``config.images``.
 
-    The engine trains on in-memory volumes or on files; the dock offers both at once, so the files are read
-    here (by the engine's own reader) and appended to the layers. ``config.images`` still lists the files, so
-    config.json and run.json record them. ``methods`` are registered first: a method that user code registered
+    The dock offers layers and files at once: the layers go to the run as in-memory volumes, the files through
+    ``config.images`` (``with_images``), so the run reads them one at a time through the prepared-volume cache
+    and reports each ("preparing the volumes", k of n). ``methods`` are registered first: a method that user code registered
     in napari's process is unknown to a child process until then (registering a known spec again is a no-op).
     The stages before the first step are reported as `ProgressEvent`s (a run in a child process takes a while to
     start: the dock says where it is).
     """
     yield _stage(1, "importing torch and MONAI")
     from napari_dagman.core.methods.registry import register
-    from napari_dagman.core.training import load_inputs, run_pretraining
+    from napari_dagman.core.training import run_pretraining
 
     for spec in methods:
         register(spec)
     pool = list(volumes or [])
-    if config.images:
-        yield _stage(2, f"reading {len(config.images)} CT file(s)")
-        pool.extend(load_inputs(config, None))  # a file that looks like a label map: the job warns (core)
     where = f"{config.spacing:g} mm" if config.spacing else "the model's spacing"
-    yield _stage(3, f"resampling to {where} and building the model")
-    result = yield from run_pretraining(config, pool or None, resume=resume, cancel=cancel, command=command)
+    yield _stage(2, f"reading the images and resampling them to {where}")
+    result = yield from run_pretraining(
+        config, pool or None, resume=resume, cancel=cancel, command=command, with_images=bool(pool)
+    )
     return result
 
 

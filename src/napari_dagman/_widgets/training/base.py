@@ -84,6 +84,7 @@ class TrainingDock(TrainingProgress, JobDock):
         self.messages: list[str] = []
         #: (stage, seconds since Start) of the current run's start; "first step" is the last one.
         self.stages: list[tuple[str, float]] = []
+        self._stage_count = ""  # "(3 of 100)" while the files are prepared
         #: Seconds from Start to the first finished step of the current run (None until then).
         self.first_step_s: float | None = None
         self._started_at = 0.0
@@ -244,6 +245,7 @@ class TrainingDock(TrainingProgress, JobDock):
         self._prepare_run(data)
         self._start_line = self._starting_text(config)
         self.stages = [("starting the background process" if self.in_process.value else "starting", 0.0)]
+        self._stage_count = ""
         self.first_step_s = None
         self._history = (str(config.out), bool(resume))
         self._started_at = time.monotonic()

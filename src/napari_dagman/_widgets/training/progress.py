@@ -33,6 +33,7 @@ class TrainingProgress:
             if event.level == "warning":
                 notify_warning(message)
             elif self.first_step_s is None:
+                self._stage_count = ""
                 self._start_line = message  # what is being started, above the stage and its clock
                 # a training job says what it starts once its data and model are ready: the first step is next
                 if not self.stages or self.stages[-1][0] != "first step":
@@ -47,7 +48,12 @@ class TrainingProgress:
 
     # --- the start of a run: stages and a clock -------------------------------------------------------------------
     def _on_stage(self, event: ProgressEvent) -> None:
-        self.stages.append((event.stage, time.monotonic() - self._started_at))
+        from napari_dagman.core.events import PREPARING
+
+        # a stage counted over several events (the volumes of a cohort, one by one) is one stage, with its count
+        if not self.stages or self.stages[-1][0] != event.stage:
+            self.stages.append((event.stage, time.monotonic() - self._started_at))
+        self._stage_count = f" ({event.done} of {event.total})" if event.stage == PREPARING else ""
         self._show_stage()
 
     def _show_stage(self) -> None:
@@ -57,7 +63,7 @@ class TrainingProgress:
             return
         if self._cancel_requested_at is not None:
             return
-        stage = self.stages[-1][0] if self.stages else "starting"
+        stage = self.stages[-1][0] + self._stage_count if self.stages else "starting"
         elapsed = time.monotonic() - self._started_at
         self.status.setText(f"{self._start_line}\n{stage}... ({elapsed:.0f} s)")
 

@@ -63,6 +63,17 @@ class PretrainConfig(OptimiserOptions, RunOptions):
         maximum=50.0,
         group="data",
     )
+    cache: bool = option(
+        True,
+        "prepare each image file once into the prepared-volume cache and map it from disk (RAM holds the crops, "
+        "not the cohort; a warm cache starts in seconds); off = read and prepare in memory at every run",
+        group="data",
+    )
+    cache_dir: str | None = option(
+        None,
+        "prepared-volume cache folder (default $NAPARI_DAGMAN_VOLUME_CACHE or ~/.cache/napari-dagman/volumes)",
+        group="data",
+    )
     hu_min: float = option(-175.0, "model input: HU mapped to 0 (clipped below)", group="data")
     hu_max: float = option(250.0, "model input: HU mapped to 1 (clipped above)", group="data")
     steps: int | None = option(

@@ -142,7 +142,7 @@ def run_training(
         if dist.is_main and run.exists:
             notes += _take(lock, run, command)
         _check_start(run, resume)
-        task.prepare(run, resume)
+        yield from task.preparing(run, resume, dist, cancel)
         config = task.config
         total = task.total_steps
         task.build(device, dist)

@@ -18,7 +18,7 @@ from torch import nn
 from napari_dagman.core.augment import Augmentation
 from napari_dagman.core.checkpoint import RunFolder, architecture_from_metadata
 from napari_dagman.core.config import PretrainConfig
-from napari_dagman.core.data import PreparedVolume, ViewSampler, prepare_volume, refine_volume
+from napari_dagman.core.data import PreparedVolume, ViewSampler
 from napari_dagman.core.devices import resolve_device
 from napari_dagman.core.diversity import CollapseAlarm
 from napari_dagman.core.errors import CheckpointError, DagmanInputError, LabelMapAsCTError
@@ -31,9 +31,11 @@ from napari_dagman.core.models.architecture import Architecture, architecture_fo
 from napari_dagman.core.models.encoder import set_fused_window_attention
 from napari_dagman.core.probes import PROBE_FILE, probe_collapse, probe_crops, probe_head_diversity
 from napari_dagman.core.training.distributed import DistContext
+from napari_dagman.core.training.inputs import PrepareSettings, prepare_one, prepare_sources
 from napari_dagman.core.training.loop import run_training
 from napari_dagman.core.training.task import StepResult, TrainingTask
 from napari_dagman.core.volume import Volume, grid_placement
+from napari_dagman.core.volume_cache import VolumeCache
 
 #: Keys of a pretraining config that shape the network or the method: a resumed run must keep them.
 ARCHITECTURE_KEYS = ("method", "preset", "dims", "roi", "mask_cell", "attention_stage", "out_dim")
@@ -97,39 +99,14 @@ def reset_class_attention(module: nn.Module, seed: int = 0) -> None:
 
 
 # --- inputs ---------------------------------------------------------------------------------------------------
-def load_inputs(config: PretrainConfig, volumes: Sequence[Volume] | None) -> list[Volume]:
-    """The volumes to train on: given ones, or every path in ``config.images`` (all checked before any write)."""
-    if volumes:
-        return list(volumes)
-    if not config.images:
-        raise DagmanInputError("no images given: pass image files or DICOM folders")
-    from napari_dagman.core.io import read_volumes
-
-    out: list[Volume] = []
-    for path in config.images:
-        try:
-            out.extend(read_volumes(path))
-        except DagmanInputError as err:
-            raise DagmanInputError(f"cannot use {path}: {err}") from None
-    return out
-
-
 def prepare_inputs(config: PretrainConfig, volumes: Sequence[Volume], scale: int = 1) -> list[PreparedVolume]:
-    """Model-ready volumes, each padded so that one crop of ``scale`` x the ROI fits."""
-    prepared = []
-    for i, volume in enumerate(volumes):
-        name = str(volume.metadata.get("name") or f"volume {i}")
-        prepared.append(
-            prepare_volume(
-                volume,
-                roi=config.roi * scale,
-                dims=config.dims,
-                spacing=config.spacing,
-                hu_range=(config.hu_min, config.hu_max),
-                name=name,
-            )
-        )
-    return prepared
+    """Model-ready volumes (in memory), each padded so that one crop of ``scale`` x the ROI fits."""
+    settings = PrepareSettings(
+        dims=config.dims, spacing=config.spacing, hu_range=(config.hu_min, config.hu_max), roi=config.roi * scale
+    )
+    return [
+        prepare_one(v, settings, str(v.metadata.get("name") or f"volume {i}"))["volume"] for i, v in enumerate(volumes)
+    ]
 
 
 # --- the task -----------------------------------------------------------------------------------------------------
@@ -138,9 +115,15 @@ class PretrainTask(TrainingTask):
 
     job = "pretrain"
 
-    def __init__(self, config: PretrainConfig, volumes: Sequence[Volume] | None = None) -> None:
+    def __init__(
+        self, config: PretrainConfig, volumes: Sequence[Volume] | None = None, *, with_images: bool = False
+    ) -> None:
         super().__init__(config)
         self.volumes = volumes
+        #: read ``config.images`` besides ``volumes`` (the dock: layers and files); without volumes they always are
+        self.with_images = with_images
+        #: where the files' prepared volumes came from (run.json): the cache folder, found / prepared counts
+        self.cache_record: dict[str, Any] | None = None
         self.method: SSLMethod | None = None
         self.arch: Architecture | None = None
         self.prepared: list[PreparedVolume] = []
@@ -156,6 +139,14 @@ class PretrainTask(TrainingTask):
 
     # --- before anything is written ---------------------------------------------------------------------------
     def prepare(self, run: RunFolder, resume: bool) -> None:
+        for _ in self.preparing(run, resume):
+            pass
+
+    def preparing(
+        self, run: RunFolder, resume: bool, dist: DistContext | None = None, cancel: CancelToken | None = None
+    ) -> Iterator[Any]:
+        """Read and prepare the layers in memory and the files through the prepared-volume cache (one at a time,
+        only the first ``torchrun`` process); yields the progress."""
         config = self.config
         if resume:
             saved = PretrainConfig.from_dict(run.config_dict(), strict=False)
@@ -165,30 +156,60 @@ class PretrainTask(TrainingTask):
                 raise CheckpointError(f"cannot resume {run.path} with a different model: {details}")
             if not config.images and not self.volumes:
                 config = config.replace(images=saved.images)
-        raw = load_inputs(config, self.volumes)
-        looks = [m for m in (label_map_message(v) for v in raw) if m]
+        layers = list(self.volumes or [])
+        files = list(config.images) if (self.with_images or not layers) else []
+        if not layers and not files:
+            raise DagmanInputError("no images given: pass image files or DICOM folders")
+        looks = [m for m in (label_map_message(v) for v in layers) if m]
         if looks:  # label maps given as CTs (a folder holding the segmentations too): refused before any work
             more = f" (and {len(looks) - 1} more)" if len(looks) > 1 else ""
             raise LabelMapAsCTError(looks[0] + more)
         self.spec = get_method(config.method).load().input_spec(config.method_options(), config.roi)
-        check_training_memory(
-            raw,
-            spacing=config.spacing,
-            roi=config.roi * self.spec.scale,
+        settings = PrepareSettings(
             dims=config.dims,
-            crops=2 * int(config.batch_size or 1),
-            batch=int(config.batch_size or 1),
-            embed_dim=build_architecture(config).embed_dim,
-            device=resolve_device(config.device).type,
-            what=f"pretraining on {len(raw)} volume(s) at {config.spacing or 'their own'} mm, ROI {config.roi}",
+            spacing=config.spacing,
+            hu_range=(config.hu_min, config.hu_max),
+            roi=config.roi * self.spec.scale,
+            high_res=self.spec.high_res,
         )
-        self.prepared = prepare_inputs(config, raw, self.spec.scale)
-        if self.spec.high_res > 1:
-            hu = (config.hu_min, config.hu_max)
-            self.high_res = [
-                refine_volume(p, v, self.spec.high_res, dims=config.dims, hu_range=hu)
-                for p, v in zip(self.prepared, raw, strict=True)
-            ]
+
+        def check_memory(volumes: Sequence[Volume]) -> None:
+            check_training_memory(
+                volumes,
+                spacing=config.spacing,
+                roi=settings.roi,
+                dims=config.dims,
+                crops=2 * int(config.batch_size or 1),
+                batch=int(config.batch_size or 1),
+                embed_dim=build_architecture(config).embed_dim,
+                device=resolve_device(config.device).type,
+                what=f"pretraining on {len(layers) + len(files)} volume(s) at {config.spacing or 'their own'} mm, "
+                f"ROI {config.roi}",
+            )
+
+        check_memory(layers)  # the layers are prepared in memory; files one at a time (or mapped from the cache)
+        records = [
+            prepare_one(v, settings, str(v.metadata.get("name") or f"volume {i}")) for i, v in enumerate(layers)
+        ]
+        self.prepared = [r["volume"] for r in records]
+        high_res = [r["high_res"] for r in records if r["high_res"] is not None]
+        if files:
+            dist = dist or DistContext()
+            cache = VolumeCache(config.cache_dir) if config.cache else None
+            found = yield from prepare_sources(
+                files,
+                settings,
+                cache=cache,
+                is_main=dist.is_main,
+                barrier=dist.barrier,
+                cancel=cancel,
+                check_memory=lambda v: check_memory([v]),
+            )
+            self.prepared += found.volumes
+            high_res += found.high_res
+            if cache is not None:
+                self.cache_record = {"folder": str(cache.root), "found": found.cached, "prepared": found.built}
+        self.high_res = high_res if self.spec.high_res > 1 else None
         self.config = resolve_config(config, len(self.prepared))
         # the alarm judges from the end of the learning-rate warm-up (and never the first 10 steps)
         self.alarm = CollapseAlarm(from_step=max(10, int(self.config.warmup_steps or 0)))
@@ -264,7 +285,10 @@ class PretrainTask(TrainingTask):
         }
 
     def run_info(self) -> dict[str, Any]:
-        return {"method": self.config.method}
+        info: dict[str, Any] = {"method": self.config.method}
+        if self.cache_record is not None:
+            info["volume_cache"] = self.cache_record
+        return info
 
     def start_messages(self, start: int, resume: bool) -> list[str]:
         c, spec = self.config, self.spec
@@ -422,14 +446,17 @@ def run_pretraining(
     resume: bool = False,
     cancel: CancelToken | None = None,
     command: str | None = None,
+    with_images: bool = False,
 ) -> Generator[Any, None, FinishedEvent]:
     """Pretrain and yield events; returns (and yields last) the `FinishedEvent`.
 
     ``config.out`` is the run folder; ``volumes`` are in-memory volumes (the GUI's layers), else
     ``config.images`` are read; ``resume`` continues the run in ``config.out``; ``cancel`` is checked before
-    every step (the run saves and finishes as cancelled); ``command`` is recorded in run.json.
+    every step (the run saves and finishes as cancelled); ``command`` is recorded in run.json; ``with_images``
+    reads ``config.images`` besides ``volumes``.
     """
-    return run_training(PretrainTask(config, volumes), resume=resume, cancel=cancel, command=command)
+    task = PretrainTask(config, volumes, with_images=with_images)
+    return run_training(task, resume=resume, cancel=cancel, command=command)
 
 
 def describe_method(name: str) -> dict[str, Any]:
@@ -453,7 +480,6 @@ __all__ = [
     "build_architecture",
     "build_method",
     "describe_method",
-    "load_inputs",
     "prepare_inputs",
     "preview_event",
     "resolve_config",

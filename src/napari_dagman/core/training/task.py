@@ -58,6 +58,14 @@ class TrainingTask(ABC):
     def prepare(self, run: RunFolder, resume: bool) -> None:
         """Read and check the inputs, resolve ``config`` and ``total_steps``; raise on bad input, write nothing."""
 
+    def preparing(
+        self, run: RunFolder, resume: bool, dist: DistContext | None = None, cancel: Any = None
+    ) -> Iterator[Any]:
+        """`prepare`, yielding progress events: what the loop calls (a task reading a cohort overrides it; ``dist``
+        says which process this is, ``cancel`` stops a long preparation)."""
+        self.prepare(run, resume)
+        return iter(())
+
     @abstractmethod
     def build(self, device: torch.device, dist: DistContext) -> None:
         """Build the networks on ``device`` (seeded) and anything the steps need (``dist``: rank, world)."""
