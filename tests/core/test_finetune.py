@@ -15,10 +15,12 @@ from tests.helpers import ORGANS, ft_config
 from napari_dagman.core.checkpoint import load_tensors, save_tensors
 from napari_dagman.core.errors import CheckpointError, DagmanInputError
 from napari_dagman.core.events import (
+    VALIDATING,
     CancelToken,
     FinishedEvent,
     JobCancelled,
     PredictionEvent,
+    ProgressEvent,
     StepEvent,
     ValidationEvent,
 )
@@ -158,6 +160,13 @@ def test_cancel_then_resume_repeats_the_uninterrupted_run_exactly(tmp_path, shar
     resumed = list(run_finetuning(ft_config(shared_data, tmp_path / "cut", init=str(tiny_run)), resume=True))
     assert [e.step for e in resumed if isinstance(e, StepEvent)] == [2, 3]
     assert any(isinstance(e, ValidationEvent) and e.step == 3 for e in resumed)
+    # validation says its progress piece by piece, between the last step and its Dice
+    kinds = [type(e).__name__ for e in resumed]
+    validating = [(e.done, e.total) for e in resumed if isinstance(e, ProgressEvent) and e.stage == VALIDATING]
+    pieces = validating[-1][1]
+    assert pieces >= 1 and validating == [(k, pieces) for k in range(pieces + 1)]
+    last_step, dice = kinds.index("StepEvent", kinds.index("StepEvent") + 1), kinds.index("ValidationEvent")
+    assert kinds[last_step + 1 : dice] == ["ProgressEvent"] * (pieces + 1)
     a, _ = load_tensors(tmp_path / "whole" / "model.safetensors")
     b, meta = load_tensors(tmp_path / "cut" / "model.safetensors")
     assert meta["job"] == "finetune" and json.loads(meta["classes"])["ids"] == ORGANS

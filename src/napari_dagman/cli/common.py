@@ -138,7 +138,10 @@ def drive(events: Generator[Any, None, Any], *, desc: str, quiet: bool = False) 
     finished: FinishedEvent | None = None
     try:
         for event in events:
-            if isinstance(event, StepEvent | ProgressEvent):
+            if isinstance(event, ProgressEvent) and bar is not None and bar.unit == "step":
+                # progress inside the training (validation over cases): on the steps' bar, which stays
+                bar.set_postfix_str(f"{event.stage} {event.done}/{event.total}")
+            elif isinstance(event, StepEvent | ProgressEvent):
                 total = event.total_steps if isinstance(event, StepEvent) else event.total
                 done = event.step if isinstance(event, StepEvent) else event.done
                 kind = "step" if isinstance(event, StepEvent) else "it"

@@ -53,6 +53,8 @@ class LogEvent:
 
 #: The stage a training run's start reports while its image files are prepared (one `ProgressEvent` per file).
 PREPARING = "preparing the volumes"
+#: The stage a fine-tuning run reports while it validates (one `ProgressEvent` per validation case or slab).
+VALIDATING = "validating"
 
 
 @dataclass

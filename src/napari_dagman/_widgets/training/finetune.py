@@ -367,10 +367,13 @@ class FinetuneWidget(TrainingDock):
 
     # --- events (main thread) ---------------------------------------------------------------------------------
     def _on_job_event(self, event: Any) -> None:
-        from napari_dagman.core.events import ValidationEvent
+        from napari_dagman.core.events import ProgressEvent, ValidationEvent
 
         if isinstance(event, ValidationEvent):
             self._add_dice(event.step, event.dice, event.mean_dice)
+        elif isinstance(event, ProgressEvent) and self._cancel_requested_at is None:
+            # validation over the held-out cases: minutes on a CPU, said case by case
+            self.status.setText(f"{event.stage}: {event.done} of {event.total} held-out piece(s) done")
 
     def _add_dice(self, step: int, dice: dict[str, float], mean: float) -> None:
         for organ, value in dice.items():

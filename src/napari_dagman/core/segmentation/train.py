@@ -22,7 +22,7 @@ from napari_dagman.core.checkpoint import RunFolder, architecture_from_metadata
 from napari_dagman.core.config import FinetuneConfig
 from napari_dagman.core.devices import resolve_device
 from napari_dagman.core.errors import CheckpointError, DagmanInputError
-from napari_dagman.core.events import CancelToken, FinishedEvent, ValidationEvent
+from napari_dagman.core.events import VALIDATING, CancelToken, FinishedEvent, ProgressEvent, ValidationEvent
 from napari_dagman.core.io import check_ct
 from napari_dagman.core.memory import check_training_memory
 from napari_dagman.core.models.architecture import Architecture
@@ -86,15 +86,17 @@ def validate(
     num_classes: int,
     device: torch.device,
     amp: bool = False,
-) -> np.ndarray:
-    """Mean Dice per organ class over the validation pieces (NaN for organs absent from all of them).
+) -> Generator[ProgressEvent, None, np.ndarray]:
+    """Mean Dice per organ class over the validation pieces (NaN for organs absent from all of them); yields a
+    `ProgressEvent` per piece (stage `VALIDATING`): validating a few whole CTs takes minutes on a CPU.
 
     A slab is segmented with half a window of image context above and below it (as it would be inside a
     whole-volume prediction), and scored on its own voxels only: labels outside the slab are never looked at.
     """
     net.eval()
     scores = []
-    for piece in pieces:
+    for i, piece in enumerate(pieces):
+        yield ProgressEvent(i, len(pieces), VALIDATING)
         depth = cases[piece.case].image.shape[0]
         c0, c1 = max(0, piece.z0 - roi_size[0] // 2), min(depth, piece.z1 + roi_size[0] // 2)
         logits = sliding_window_logits(
@@ -102,6 +104,7 @@ def validate(
         )
         prediction = logits.argmax(0).numpy()[piece.z0 - c0 : piece.z1 - c0]
         scores.append(dice_per_class(prediction, piece.classes(cases), num_classes))
+    yield ProgressEvent(len(pieces), len(pieces), VALIDATING)
     stacked = np.stack(scores)
     present = ~np.isnan(stacked)
     count = present.sum(axis=0)
@@ -319,9 +322,11 @@ class FinetuneTask(TrainingTask):
     def validation_due(self, step: int) -> bool:
         return step % self.config.val_every == 0 or step == self.total_steps
 
-    def validate(self, step: int, device: torch.device, tracker: dict[str, Any]) -> tuple[list[Any], float]:
+    def validate(
+        self, step: int, device: torch.device, tracker: dict[str, Any]
+    ) -> Generator[Any, None, tuple[list[Any], float]]:
         t0 = time.perf_counter()
-        scores = validate(
+        scores = yield from validate(
             self.net,
             self.cases,
             self.split.val,

@@ -292,10 +292,10 @@ class _Saver:
         self.saved_step = step
         return events
 
-    def validation(self, step: int, device: torch.device) -> list[Event]:
-        """Validate; a better score saves 'best'."""
+    def validation(self, step: int, device: torch.device) -> Generator[Event, None, None]:
+        """Validate, yielding its progress and then its events; a better score saves 'best'."""
         task, run, tracker = self.task, self.run, self.tracker
-        events, score = task.validate(step, device, tracker)
+        events, score = yield from task.validate(step, device, tracker)
         record = task.validation_record(tracker)
         if self.dist.is_main and record is not None:
             run.append_metrics({**record, "time": time.time()})
@@ -303,7 +303,7 @@ class _Saver:
             tracker.update(best_score=score, best_step=step)
             save_weights(run.file(BEST_FILE), task, step)
             events.append(CheckpointEvent(step, str(run.file(BEST_FILE)), "best"))
-        return events
+        yield from events
 
 
 def metrics_record(event: StepEvent) -> dict[str, Any]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -153,8 +153,12 @@ class TrainingTask(ABC):
         """True when 'best' follows a validation score (higher is better) instead of the running loss."""
         return False
 
-    def validate(self, step: int, device: torch.device, tracker: dict[str, Any]) -> tuple[list[Any], float]:
-        """Validate after ``step`` steps: (events, score); the loop saves 'best' when the score improves."""
+    def validate(
+        self, step: int, device: torch.device, tracker: dict[str, Any]
+    ) -> Generator[Any, None, tuple[list[Any], float]]:
+        """Validate after ``step`` steps, yielding its progress (`ProgressEvent`s of stage `VALIDATING`); returns
+        (events, score), and the loop saves 'best' when the score improves."""
+        yield from ()
         return [], math.nan
 
     def validation_due(self, step: int) -> bool:
