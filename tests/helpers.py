@@ -183,3 +183,13 @@ def run_cli(capsys: Any, *argv: Any) -> tuple[int, str]:
         errors = [line for line in err.splitlines() if ": error: " in line]
         assert len(errors) == 1 and err.endswith(errors[0]) and "Traceback" not in err, err
     return status, err
+
+
+def job_result(job: Iterator[Any]) -> tuple[Any, list[Any]]:
+    """Run a job generator to its end: (its return value, the events it yielded)."""
+    events = []
+    while True:
+        try:
+            events.append(next(job))
+        except StopIteration as stop:
+            return stop.value, events

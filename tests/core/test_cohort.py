@@ -6,7 +6,8 @@ import json
 
 import numpy as np
 import pandas as pd
-from tests.helpers import run_cli
+import pytest
+from tests.helpers import job_result, run_cli
 
 
 def test_predict_a_cohort_folder_loads_the_model_once_and_writes_one_table(
@@ -48,6 +49,32 @@ def test_predict_a_cohort_folder_loads_the_model_once_and_writes_one_table(
     liver = summary["organs"]["liver"]
     assert liver["scored"] == 1 and liver["worst"][0]["case"] == "abd01"
     assert liver["mean_dice"] == round(float(table.loc[(table["case"] == "abd01") & (table["organ"] == "liver"), "dice"].iloc[0]), 4)
+
+    # the results dock reads the folder back: one row per case, the scored case first, each case's files
+    from napari_dagman.core.segmentation.cohort import cohort_case_job, read_cohort
+
+    cohort = read_cohort(out)
+    assert list(cohort.cases["case"]) == ["abd01", "abd02"] and np.isnan(cohort.cases["mean_dice"].iloc[1])
+    scored = table[(table["case"] == "abd01") & table["dice"].notna()]
+    assert cohort.cases["mean_dice"].iloc[0] == pytest.approx(scored["dice"].mean())
+    assert cohort.cases["worst_organ"].iloc[0] == scored.sort_values("dice")["organ"].iloc[0]
+    assert cohort.files["abd02"]["reference"] is None
+    case, _ = job_result(cohort_case_job("abd01", cohort.files["abd01"]))
+    assert case.image.shape == case.results.prediction.shape == case.results.reference.shape
+    assert case.results.disagreement is not None
+    again = case.results.table.set_index("organ")["dice"]
+    for row in scored.itertuples():  # the table the dock shows is the table predict wrote
+        assert again[row.organ] == pytest.approx(row.dice, abs=1e-6)
+    unscored, _ = job_result(cohort_case_job("abd02", cohort.files["abd02"]))
+    assert unscored.results.reference is None and unscored.results.disagreement is None
+
+
+def test_a_folder_without_a_cohort_is_refused_in_one_line(tmp_path):
+    from napari_dagman.core.errors import DagmanInputError
+    from napari_dagman.core.segmentation.cohort import read_cohort
+
+    with pytest.raises(DagmanInputError, match="is not a cohort folder: it has no cohort.csv"):
+        read_cohort(tmp_path)
 
 
 def test_a_cohort_needs_an_output_folder(shared_data, ft_run, tmp_path, capsys):

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from tests.helpers import job_result
 
 from napari_dagman.core.errors import LabelMapAsCTError
 from napari_dagman.core.training.inputs import PrepareSettings, prepare_sources
@@ -21,12 +22,7 @@ SETTINGS = PrepareSettings(dims=3, spacing=4.0, hu_range=(-175.0, 250.0), roi=32
 
 def run(paths, settings=SETTINGS, **kwargs):
     """`prepare_sources` to its end: (Preparation, events)."""
-    events, gen = [], prepare_sources([str(p) for p in paths], settings, **kwargs)
-    while True:
-        try:
-            events.append(next(gen))
-        except StopIteration as stop:
-            return stop.value, events
+    return job_result(prepare_sources([str(p) for p in paths], settings, **kwargs))
 
 
 @pytest.fixture

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import SimpleITK as sitk
 
@@ -263,3 +264,44 @@ def test_a_prediction_of_a_dicom_series_exports_as_dicom_seg(
     dock._image_layer = nifti
     with pytest.raises(DagmanInputError, match="DICOM series"):
         dock.export_prediction(str(tmp_path / "other.dcm"))
+
+
+def test_a_cohort_folder_opens_as_a_table_of_cases_whose_rows_open_each_case(
+    make_napari_viewer, shared_data, ft_run, tmp_path, capsys
+):
+    from tests.helpers import run_cli
+
+    images, labels = tmp_path / "imagesTs", tmp_path / "labelsTs"
+    images.mkdir()
+    labels.mkdir()
+    for case in ("abd01", "abd02"):
+        (images / f"{case}_0000.nii.gz").symlink_to(shared_data / "example_ct_sm.nii.gz")
+    (labels / "abd02.nii.gz").symlink_to(shared_data / "example_seg.nii.gz")  # abd01 has no reference
+    out = tmp_path / "predictions"
+    status, err = run_cli(
+        capsys, "predict", images, "--checkpoint", ft_run, "--out", out, "--reference", labels, "--device", "cpu",
+        "--quiet",
+    )  # fmt: skip
+    assert status == 0, err
+
+    viewer = make_napari_viewer()
+    dock = SegmentationResultsWidget(viewer)
+    assert not dock.open_cohort(str(images))  # not a cohort folder: refused, one line
+    assert "not a cohort folder" in dock.status.text()
+    assert dock.cohort_table.isHidden() and dock.open_cohort(str(out)) and not dock.cohort_table.isHidden()
+    rows = [dock.cohort_table.item(r, 0).text() for r in range(dock.cohort_table.rowCount())]
+    assert rows == ["abd02", "abd01"]  # the scored case first, the case without a reference last
+    assert dock.cohort_table.item(1, 2).text() == "-"
+
+    assert dock.open_case(0) and dock.wait(300)
+    names = [layer.name for layer in viewer.layers]
+    assert {"abd02", "abd02 reference", "abd02 prediction", "abd02 prediction vs reference"} <= set(names)
+    ct = viewer.layers["abd02"]
+    assert dock.prediction_layer.data.shape == ct.data.shape == dock.reference_layer.data.shape
+    np.testing.assert_allclose(dock.prediction_layer.translate, ct.translate)
+    table = pd.read_csv(out / "cohort.csv")
+    assert dock.table.rowCount() == int((table["case"] == "abd02").sum())
+    assert dock.go_to_organ(0)  # the organ table of the case clicks through as after a prediction
+
+    assert dock.open_case(1) and dock.wait(300)
+    assert "abd01 prediction" in [layer.name for layer in viewer.layers] and dock.reference_layer is None

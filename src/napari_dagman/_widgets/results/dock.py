@@ -35,6 +35,7 @@ from napari_dagman._widgets.common import (
     volume_from_layer,
 )
 from napari_dagman._widgets.common.forms import ConfigForm, compact_form
+from napari_dagman._widgets.results.cohort import ResultsCohort
 from napari_dagman._widgets.results.export import ResultsExport
 from napari_dagman._widgets.results.navigation import ResultsNavigation
 from napari_dagman._widgets.results.view import COLUMNS, ResultsView
@@ -52,8 +53,9 @@ VIEW_MODES: tuple[str, ...] = ("prediction", "reference", "both (contours)", "di
 
 
 # --- the dock -----------------------------------------------------------------------------------------------------
-class SegmentationResultsWidget(ResultsView, ResultsNavigation, ResultsExport, JobDock):
-    """Predict with a fine-tuned run, compare with a reference, and click through the organs."""
+class SegmentationResultsWidget(ResultsView, ResultsNavigation, ResultsExport, ResultsCohort, JobDock):
+    """Predict with a fine-tuned run, compare with a reference, and click through the organs (and the cases of a
+    cohort's predictions)."""
 
     COLUMNS = tuple(name for name, _ in COLUMNS)
     run_kind = "prediction"
@@ -133,7 +135,7 @@ class SegmentationResultsWidget(ResultsView, ResultsNavigation, ResultsExport, J
         self.legend.setToolTip("colours of the disagreement layer ('disagreement' above)")
 
     def _add_job_buttons(self, layout: QVBoxLayout) -> None:
-        """Predict (Cancel while it runs) and Evaluate layer."""
+        """Predict (Cancel while it runs), Evaluate layer, Open cohort (and its table of cases)."""
         row = QHBoxLayout()
         self.predict_button = QPushButton("Predict")
         self.predict_button.setToolTip(
@@ -141,11 +143,14 @@ class SegmentationResultsWidget(ResultsView, ResultsNavigation, ResultsExport, J
         )
         self.evaluate_button = QPushButton("Evaluate layer")
         self.evaluate_button.setToolTip("fill the table from the 'prediction' layer (and the reference)")
+        self.cohort_button, self.cohort_table = self._make_cohort_controls()
         row.addWidget(self.predict_button)
         row.addWidget(self.evaluate_button)
+        row.addWidget(self.cohort_button)
         layout.addLayout(row)
+        layout.addWidget(self.cohort_table)
         self._toggle = (self.predict_button, "Predict")
-        self._start_buttons.append(self.evaluate_button)
+        self._start_buttons += [self.evaluate_button, self.cohort_button]
 
     def _add_result_controls(self, layout: QVBoxLayout) -> None:
         """The prediction layer and view switch, the legend, the table, organ navigation and export."""
@@ -258,8 +263,11 @@ class SegmentationResultsWidget(ResultsView, ResultsNavigation, ResultsExport, J
             notify_warning(event.message)
 
     def _on_done(self, results: Any) -> None:
+        from napari_dagman.core.segmentation.cohort import CohortCase
+
         # one piece per event-loop turn (`Turns`): the layers and the table of a whole CT held napari 4 s in one piece
-        self.drawing.start(self.result_pieces(results))
+        pieces = self.case_pieces(results) if isinstance(results, CohortCase) else self.result_pieces(results)
+        self.drawing.start(pieces)
 
 
 def disagreement_legend() -> str:

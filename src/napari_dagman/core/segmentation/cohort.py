@@ -68,6 +68,7 @@ def cohort_predict_job(
     rows: list[pd.DataFrame] = []
     written: dict[str, list[str]] = {}
     failed: dict[str, str] = {}
+    files: dict[str, dict[str, str | None]] = {}  # what the results dock opens per case
     for index, case in enumerate(cases):
         check_cancelled(cancel, "the cohort prediction")
         yield ProgressEvent(index, len(cases), f"case {index + 1}/{len(cases)}: {case.name}")
@@ -89,11 +90,17 @@ def cohort_predict_job(
         table = results.table.copy()
         table.insert(0, "case", case.name)
         rows.append(table)
+        files[case.name] = {
+            "image": str(Path(case.image).absolute()),
+            "prediction": str((out / f"{case.name}{suffix}").absolute()),
+            "reference": str(Path(case.labels).absolute()) if reference is not None else None,
+        }
     yield ProgressEvent(len(cases), len(cases), "cohort table")
     if not rows:
         raise DagmanError(f"no case could be predicted: {'; '.join(f'{k}: {v}' for k, v in failed.items())}")
     table = pd.concat(rows, ignore_index=True)
     summary = cohort_summary(table, failed)
+    summary["files"] = files
     from napari_dagman.core.io import atomic_write_text
 
     atomic_write_text(out / COHORT_TABLE, table.to_csv(index=False))
@@ -141,3 +148,97 @@ def cohort_summary(table: pd.DataFrame, failed: dict[str, str] | None = None) ->
         "organs": organs,
         "mean_dice_per_case": {str(k): number(float(v)) for k, v in per_case.items()},
     }
+
+
+# --- reading a cohort back (the results dock) -------------------------------------------------------------------
+@dataclass
+class Cohort:
+    """A cohort folder as the results dock lists it: one row per case (worst mean Dice first) and its files."""
+
+    folder: Path
+    cases: pd.DataFrame  # case, organs, mean_dice, worst_organ, worst_dice
+    files: dict[str, dict[str, str | None]]
+    failed: dict[str, str]
+
+
+def read_cohort(folder: str | Path) -> Cohort:
+    """The cases of a folder written by ``predict FOLDER --out DIR``: refused in one line when it is not one."""
+    from napari_dagman.core.files import read_json
+
+    folder = Path(folder)
+    table_path, summary_path = folder / COHORT_TABLE, folder / COHORT_SUMMARY
+    if not table_path.is_file() or not summary_path.is_file():
+        raise DagmanInputError(
+            f"{folder} is not a cohort folder: it has no {COHORT_TABLE} and {COHORT_SUMMARY} "
+            "(`napari-dagman predict FOLDER --out DIR` writes them)"
+        )
+    try:
+        table = pd.read_csv(table_path)
+    except (OSError, ValueError) as err:
+        raise DagmanInputError(f"cannot read {table_path}: {err}") from None
+    missing = {"case", "organ", "dice"} - set(table.columns)
+    if missing:
+        raise DagmanInputError(f"{table_path} lacks the column(s) {', '.join(sorted(missing))}")
+    summary = read_json(summary_path, "cohort summary")
+    files = summary.get("files") if isinstance(summary, dict) else None
+    if not isinstance(files, dict):
+        raise DagmanInputError(f"{summary_path} does not list the cases' files (written by an older version?)")
+    rows = []
+    for case, group in table.groupby("case", sort=False):
+        dice = group["dice"].to_numpy(dtype=float)
+        scored = np.isfinite(dice)
+        worst = group[scored].sort_values("dice").head(1)
+        rows.append(
+            {
+                "case": str(case),
+                "organs": int(len(group)),
+                "mean_dice": float(dice[scored].mean()) if scored.any() else math.nan,
+                "worst_organ": str(worst["organ"].iloc[0]) if len(worst) else "",
+                "worst_dice": float(worst["dice"].iloc[0]) if len(worst) else math.nan,
+            }
+        )
+    cases = pd.DataFrame(rows, columns=["case", "organs", "mean_dice", "worst_organ", "worst_dice"])
+    # the worst cases first (what a reader checks); cases without a reference last, by name
+    cases = cases.sort_values(["mean_dice", "case"], na_position="last", kind="stable").reset_index(drop=True)
+    failed = summary.get("failed") if isinstance(summary.get("failed"), dict) else {}
+    return Cohort(folder, cases, {str(k): v for k, v in files.items()}, dict(failed))
+
+
+@dataclass
+class CohortCase:
+    """One case of a cohort opened again: its CT, and the prediction with its reference, table and errors."""
+
+    name: str
+    image: Any  # Volume
+    results: Any  # SegmentationResults
+
+
+def cohort_case_job(
+    name: str, files: dict[str, str | None], *, cancel: CancelToken | None = None
+) -> Generator[Any, None, CohortCase]:
+    """Read a cohort case's CT, prediction and reference and compute its table and disagreement map (background
+    job of the results dock)."""
+    from napari_dagman.core.io import read_volume
+    from napari_dagman.core.segmentation.jobs import evaluation_job
+
+    for key in ("image", "prediction"):
+        if not files.get(key) or not Path(str(files[key])).exists():
+            raise DagmanInputError(f"{name}: its {key} {files.get(key)} is not there any more")
+    yield ProgressEvent(0, 3, f"{name}: reading the CT")
+    image = read_volume(str(files["image"]))
+    image.metadata["name"] = name
+    check_cancelled(cancel, "opening the case")
+    yield ProgressEvent(1, 3, f"{name}: reading the prediction")
+    prediction = read_volume(str(files["prediction"]))
+    prediction.metadata["name"] = f"{name} prediction"
+    reference = None
+    if files.get("reference"):
+        if not Path(str(files["reference"])).exists():
+            raise DagmanInputError(f"{name}: its reference {files['reference']} is not there any more")
+        reference = read_volume(str(files["reference"]))
+        reference.metadata["name"] = f"{name} reference"
+    check_cancelled(cancel, "opening the case")
+    yield ProgressEvent(2, 3, f"{name}: table and disagreement")
+    results = yield from evaluation_job(prediction, reference, cancel=cancel)  # names: the prediction's sidecar
+    yield ProgressEvent(3, 3, name)
+    return CohortCase(name, image, results)
