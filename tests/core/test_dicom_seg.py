@@ -143,3 +143,95 @@ def test_a_seg_written_by_predict_reads_back_through_the_plugin_on_the_source_gr
         expected[seg.array == number] = ids[name]
     np.testing.assert_array_equal(expected, nifti.array)  # voxel for voxel
     assert int((seg.array > 0).sum()) > 0
+
+
+# --- coding tables ----------------------------------------------------------------------------------------------
+TYPE, CATEGORY, MODIFIER = (
+    "SegmentedPropertyTypeCodeSequence",
+    "SegmentedPropertyCategoryCodeSequence",
+    "SegmentedPropertyTypeModifierCodeSequence",
+)
+
+
+def write_table(path, rows):
+    """A coding table in the shared column names (see `segment_codes`), of codes made up for the test."""
+    columns = ["Structure"] + [f"{p}.{f}" for p in (CATEGORY, TYPE, MODIFIER) for f in FIELDS]
+    lines = [",".join(columns)]
+    for name, category, kind, modifier in rows:
+        lines.append(",".join([name, *category, *kind, *modifier]))
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+FIELDS = ("CodeValue", "CodingSchemeDesignator", "CodeMeaning")
+GLUTEUS = ("99990001", "SCT", "Test gluteus maximus")
+ANATOMY = ("123037004", "SCT", "Anatomical Structure")
+LEFT = (SCT_LEFT, "SCT", "Left")
+
+
+@pytest.fixture
+def coding_table_env(tmp_path, monkeypatch):
+    from napari_dagman.core.segmentation.segment_codes import SEGMENT_CODES_ENV
+
+    path = write_table(tmp_path / "codes.csv", [("gluteus_maximus_left", ANATOMY, GLUTEUS, LEFT)])
+    monkeypatch.setenv(SEGMENT_CODES_ENV, str(path))
+    return path
+
+
+def test_a_coding_table_codes_what_name_matching_left_generic(coding_table_env):
+    """Issue 26: 11 of 117 TotalSegmentator classes became 'Tissue' by name matching; a table gives their codes."""
+    from napari_dagman.core.segmentation.dicom_seg import coding_notes, segment_descriptions
+
+    names = {1: "liver", 2: "gluteus_maximus_left", 3: "gluteus_medius_right"}
+    by_label = {str(d.SegmentLabel): d for d in segment_descriptions([1, 2, 3], names, "a run")}
+    gluteus = by_label["gluteus_maximus_left"].SegmentedPropertyTypeCodeSequence[0]
+    assert (gluteus.CodeValue, gluteus.CodeMeaning) == (GLUTEUS[0], GLUTEUS[2])
+    assert gluteus.SegmentedPropertyTypeModifierCodeSequence[0].CodeValue == SCT_LEFT
+    # a name the table does not hold is matched as before
+    assert by_label["liver"].SegmentedPropertyTypeCodeSequence[0].CodeValue == SCT_LIVER
+    notes = coding_notes(names)
+    assert "codes.csv" in notes[0]
+    assert notes[1].startswith("1 of 3 segments") and "gluteus_medius_right" in notes[1]
+
+
+def test_without_a_table_the_generic_segments_are_said(monkeypatch):
+    from napari_dagman.core.segmentation import segment_codes
+    from napari_dagman.core.segmentation.dicom_seg import coding_notes
+
+    monkeypatch.delenv(segment_codes.SEGMENT_CODES_ENV, raising=False)
+    monkeypatch.setattr(segment_codes, "totalsegmentator_table", lambda: None)
+    (note,) = coding_notes(["liver", "gluteus_maximus_left"])
+    assert note.startswith("1 of 2 segments") and "'Tissue'" in note and "gluteus_maximus_left" in note
+
+
+def test_an_installed_totalsegmentators_table_is_found_without_importing_it(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from napari_dagman.core.segmentation import segment_codes
+
+    package = tmp_path / "totalsegmentator"
+    (package / "resources").mkdir(parents=True)
+    write_table(package / "resources" / "totalsegmentator_snomed_mapping.csv", [("rib_left_7", ANATOMY, GLUTEUS, LEFT)])
+    monkeypatch.delenv(segment_codes.SEGMENT_CODES_ENV, raising=False)
+    spec = SimpleNamespace(submodule_search_locations=[str(package)])
+    monkeypatch.setattr(segment_codes.importlib.util, "find_spec", lambda name: spec if name == "totalsegmentator" else None)
+    path, source = segment_codes.coding_table_source()
+    assert path == package / "resources" / "totalsegmentator_snomed_mapping.csv" and "TotalSegmentator" in source
+    assert segment_codes.coding_table()["rib_left_7"]["type"] == GLUTEUS
+
+
+def test_a_broken_coding_table_is_refused_in_one_line_before_the_inference(tmp_path, monkeypatch, shared_data):
+    from napari_dagman.core.errors import DagmanInputError
+    from napari_dagman.core.io import read_volumes
+    from napari_dagman.core.segmentation.dicom_seg import check_dicom_source
+    from napari_dagman.core.segmentation.segment_codes import SEGMENT_CODES_ENV
+
+    broken = tmp_path / "codes.csv"
+    broken.write_text("Structure,Meaning\nliver,the liver\n")
+    monkeypatch.setenv(SEGMENT_CODES_ENV, str(broken))
+    (image,) = read_volumes(shared_data / "example_ct_dicom")
+    with pytest.raises(DagmanInputError, match="is not a coding table: it lacks the column"):
+        check_dicom_source(image)
+    monkeypatch.setenv(SEGMENT_CODES_ENV, str(tmp_path / "missing.csv"))
+    with pytest.raises(DagmanInputError, match="which is not a file"):
+        check_dicom_source(image)

@@ -132,4 +132,9 @@ def run(args: argparse.Namespace) -> int:
     )
     say(format_table(results.table))
     say(f"wrote {', '.join(written)}")
+    if dicom_seg:
+        from napari_dagman.core.segmentation.dicom_seg import coding_notes
+
+        for note in coding_notes(results.names):
+            say(note, err=True)
     return 0

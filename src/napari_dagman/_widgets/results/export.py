@@ -37,7 +37,13 @@ class ResultsExport:
             source = volume_from_layer(self._image_layer, "image")
             for note in check_dicom_source(source):  # said before the file is written, as predict does
                 notify_warning(note)
-        return write_labels(volume, path, names, source=source)
+        written = write_labels(volume, path, names, source=source)
+        if source is not None:  # which codes the segments carry, and which are generic
+            from napari_dagman.core.segmentation.dicom_seg import coding_notes
+
+            for note in coding_notes(names):
+                notify_info(note)
+        return written
 
     def export_table(self, path: str) -> str:
         """The results table as CSV (organ, id, volumes, Dice, HD95, focus and worst slice)."""

@@ -1,8 +1,9 @@
 """A prediction as a DICOM Segmentation (highdicom) over the DICOM series it was made from.
 
 One binary segment per organ the run segments, labelled with the organ name and coded with SNOMED CT
-(`segment_coding`: pydicom's SCT dictionary, left/right as a modifier; a generic "Tissue" code when the
-dictionary has no concept for the organ). Frames are the source slices themselves: each references its source
+(`segment_coding`: the organ's row of a coding table when there is one, `segment_codes`; else pydicom's SCT
+dictionary, left/right as a modifier, and a generic "Tissue" code when the dictionary has no concept for the
+organ; `coding_notes` says which). Frames are the source slices themselves: each references its source
 instance (SOP Instance UID) and lies in that slice's geometry, so the object opens over the series in 3D
 Slicer, OHIF or a PACS viewer.
 
@@ -24,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from napari_dagman.core.errors import DagmanInputError
+from napari_dagman.core.segmentation.segment_codes import SEGMENT_CODES_ENV, coding_table, coding_table_source
 from napari_dagman.core.volume import Volume
 
 INSTALL_HINT = "DICOM SEG needs highdicom: pip install 'napari-dagman[dicom]'"
@@ -68,11 +70,18 @@ def _camel(words: list[str]) -> str:
     return "".join(w[:1].upper() + w[1:] for w in words)
 
 
-def segment_coding(name: str) -> SegmentCoding:
-    """SNOMED CT coding of an organ name from pydicom's code dictionary (see the module)."""
+def segment_coding(name: str, table: dict[str, Any] | None = None) -> SegmentCoding:
+    """SNOMED CT coding of an organ name: its row of a coding table (`segment_codes`), else from pydicom's code
+    dictionary (see the module)."""
     from pydicom.sr.codedict import codes
+    from pydicom.sr.coding import Code
 
     sct = codes.SCT
+    entry = (table or {}).get(name)
+    if entry is not None:
+        category = Code(*entry["category"]) if entry.get("category") else sct.AnatomicalStructure
+        modifier = Code(*entry["modifier"]) if entry.get("modifier") else None
+        return SegmentCoding(category, Code(*entry["type"]), modifier)
     known = set(sct.dir())
     words = name.split("_")
     side = next((w for w in words if w in ("left", "right")), None)
@@ -163,9 +172,10 @@ def read_source_series(image: Volume) -> tuple[list[Any], list[str]]:
 
 
 def check_dicom_source(image: Volume) -> list[str]:
-    """Refuse (one line) an image that is not a DICOM series or a missing highdicom, before any inference;
-    returns warnings about the series (UIDs it lacks)."""
+    """Refuse (one line) an image that is not a DICOM series, a missing highdicom or a broken coding table, before
+    any inference; returns warnings about the series (UIDs it lacks)."""
     require_highdicom()
+    coding_table()  # a table that is not one is said now, not after the inference
     return read_source_series(image)[1]
 
 
@@ -215,9 +225,10 @@ def segment_descriptions(ids: list[int], names: dict[int, str], source: str) -> 
         )
         kind = hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC
     out = []
+    table = coding_table()
     for number, organ in enumerate(ids, start=1):
         name = names.get(organ, f"label {organ}")
-        coding = segment_coding(name)
+        coding = segment_coding(name, table)
         rgb = tuple(int(round(255 * v)) for v in organ_colour(name)[:3])
         description = hd.seg.SegmentDescription(
             segment_number=number,
@@ -237,6 +248,24 @@ def segment_descriptions(ids: list[int], names: dict[int, str], source: str) -> 
             ]
         out.append(description)
     return out
+
+
+def coding_notes(names: dict[int, str] | list[str]) -> list[str]:
+    """What a reader of the SEG should know about its codes: the table they come from, and the segments left with
+    the generic "Tissue" code (said once, with how to give them their own)."""
+    path, source = coding_table_source()
+    table = coding_table()
+    organs = list(names.values()) if isinstance(names, dict) else list(names)
+    generic = [n for n in organs if segment_coding(n, table).generic]
+    notes = [f"DICOM SEG segment codes from {source}"] if path is not None else []
+    if generic:
+        shown = ", ".join(generic[:8]) + (f" and {len(generic) - 8} more" if len(generic) > 8 else "")
+        notes.append(
+            f"{len(generic)} of {len(organs)} segments have no SNOMED CT code of their own and are coded 'Tissue' "
+            f"({shown}): give a coding table (${SEGMENT_CODES_ENV}=codes.csv) or install TotalSegmentator, "
+            "whose table is then used"
+        )
+    return notes
 
 
 def write_dicom_seg(
