@@ -89,8 +89,8 @@ def test_resume_is_exact_within_a_precision(shared_data, tmp_path, precision):
     assert losses(out) == losses(full)  # bit for bit: every kernel is deterministic on CPU in either precision
 
 
-def test_bf16_losses_follow_fp32_over_50_steps(shared_data, tmp_path):
-    """DAGMaN, tiny, ROI 32, 50 steps from the same seed in fp32 and in bf16 autocast.
+def test_bf16_losses_follow_fp32_over_30_steps(shared_data, tmp_path):
+    """DAGMaN, tiny, ROI 32, 30 steps from the same seed in fp32 and in bf16 autocast.
 
     Tolerance: every step's loss within 2% of fp32's, and the mean of each block of 10 steps within 1%.
     Why these: measured on this CPU, bf16 stays within 0.19% per step and 0.07% per 10-step mean of fp32 over the
@@ -98,18 +98,19 @@ def test_bf16_losses_follow_fp32_over_50_steps(shared_data, tmp_path):
     slowly through different updates), while merely changing the seed moves single steps by up to 11% and
     10-step means by up to 2.5%. The bounds leave a margin of about ten over bf16's own deviation and stay well
     inside the seed-to-seed spread: a bf16 path that broke the numerics (a lost bias, a mask or softmax in the
-    wrong dtype) would look like another run, and fail.
+    wrong dtype) would look like another run, and fail. 30 steps (three blocks), not 50: on a CPU without native
+    bf16 (AVX2 only) a bf16 step is emulated and the 50-step test took 4 minutes of the suite.
     """
     curves = {}
     for precision in ("fp32", "bf16"):
         out = tmp_path / precision
-        consume(run_pretraining(tiny_config(shared_data, out, steps=50, precision=precision, save_every=50)))
+        consume(run_pretraining(tiny_config(shared_data, out, steps=30, precision=precision, save_every=30)))
         curves[precision] = np.array(losses(out))
     fp32, bf16 = curves["fp32"], curves["bf16"]
-    assert fp32.shape == bf16.shape == (50,) and np.isfinite(bf16).all()
+    assert fp32.shape == bf16.shape == (30,) and np.isfinite(bf16).all()
     assert not np.array_equal(fp32, bf16)  # bf16 really ran
     np.testing.assert_allclose(bf16, fp32, rtol=0.02)
-    np.testing.assert_allclose(bf16.reshape(5, 10).mean(1), fp32.reshape(5, 10).mean(1), rtol=0.01)
+    np.testing.assert_allclose(bf16.reshape(3, 10).mean(1), fp32.reshape(3, 10).mean(1), rtol=0.01)
 
 
 def test_bf16_class_attention_maps_match_fp32(shared_data):

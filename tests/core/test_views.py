@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 
 import numpy as np
 import pytest
@@ -109,19 +110,20 @@ def test_an_augmented_seeded_run_repeats_bit_for_bit(tmp_path):
 
     ct, _ = make_phantom()
 
-    def run(out):
+    def run(out, **more):
         config = PretrainConfig(
             out=str(out), preset="tiny", roi=64, spacing=4.0, steps=3, batch_size=1, preview_every=0,
-            probe_every=0, threads=1, precision="fp32", options={"local_crops": 2},
+            probe_every=0, threads=1, precision="fp32", options={"local_crops": 2}, **more,
         )
         consume(run_pretraining(config, [ct]))
+        assert not [t for t in threading.enumerate() if t.name.startswith("napari-dagman-loader")]
         rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
         from napari_dagman.core.checkpoint import load_tensors
 
         return rows, load_tensors(out / "model.safetensors")[0]
 
-    rows_a, weights_a = run(tmp_path / "a")
-    rows_b, weights_b = run(tmp_path / "b")
+    rows_a, weights_a = run(tmp_path / "a")  # the next step's views drawn ahead by the loader thread
+    rows_b, weights_b = run(tmp_path / "b", loader_thread=False)  # each step's drawn when it starts
     for a, b in zip(rows_a, rows_b, strict=True):
         assert {k: v for k, v in a.items() if k not in ("time", "seconds")} == {
             k: v for k, v in b.items() if k not in ("time", "seconds")

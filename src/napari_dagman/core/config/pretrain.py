@@ -74,6 +74,12 @@ class PretrainConfig(OptimiserOptions, RunOptions):
         "prepared-volume cache folder (default $NAPARI_DAGMAN_VOLUME_CACHE or ~/.cache/napari-dagman/volumes)",
         group="data",
     )
+    loader_thread: bool = option(
+        True,
+        "draw and augment the next step's views in a background thread while this step trains (the same views "
+        "either way: a step's views depend on the seed and the step only)",
+        group="data",
+    )
     hu_min: float = option(-175.0, "model input: HU mapped to 0 (clipped below)", group="data")
     hu_max: float = option(250.0, "model input: HU mapped to 1 (clipped above)", group="data")
     steps: int | None = option(

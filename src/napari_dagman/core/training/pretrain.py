@@ -134,6 +134,9 @@ class PretrainTask(TrainingTask):
         self.rank, self.world_size = 0, 1
         self._views: torch.Tensor | None = None
         self._crops: list[Any] = []
+        #: the loader thread (`loader_thread`) and the step it is drawing ahead
+        self._loader: Any = None
+        self._prefetched: dict[int, Any] = {}
         #: says once when the step's figures show collapse (every method; see `core.diversity.CollapseAlarm`)
         self.alarm = CollapseAlarm()
 
@@ -200,7 +203,7 @@ class PretrainTask(TrainingTask):
                 files,
                 settings,
                 cache=cache,
-                is_main=dist.is_main,
+                is_main=dist.local_rank == 0,  # once per node: the first process of each machine prepares
                 barrier=dist.barrier,
                 cancel=cancel,
                 check_memory=lambda v: check_memory([v]),
@@ -235,6 +238,10 @@ class PretrainTask(TrainingTask):
         self.sampler = make_sampler(
             config, self.spec, self.prepared, self.high_res, self.rank, self.world_size
         )
+        if config.loader_thread:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._loader = ThreadPoolExecutor(1, thread_name_prefix="napari-dagman-loader")
 
     # --- modules ---------------------------------------------------------------------------------------------
     def trained_modules(self) -> dict[str, nn.Module]:
@@ -320,13 +327,28 @@ class PretrainTask(TrainingTask):
         return self.spec.views * self.config.batch_size
 
     # --- steps -----------------------------------------------------------------------------------------------------
-    def step(self, step: int, generator: torch.Generator, device: torch.device) -> StepResult:
+    def _load(self, step: int) -> tuple[Any, np.ndarray | None]:
+        """A step's views (and MIRAM's high-resolution targets): a pure function of the seed and the step."""
         batch = self.sampler.sample(step)
+        high_res = self.sampler.high_res_views(batch.crops, batch.seeds) if self.spec.high_res > 1 else None
+        return batch, high_res
+
+    def _batch(self, step: int) -> tuple[Any, np.ndarray | None]:
+        """The step's inputs, drawn ahead by the loader thread when there is one; then it starts on the next step's
+        while this one trains (only that thread uses the sampler and its augmentation from here on)."""
+        future = self._prefetched.pop(step, None)
+        loaded = future.result() if future is not None else self._load(step)
+        self._prefetched.clear()  # a step other than the one drawn ahead (never in the loop; a caller's own order)
+        if self._loader is not None and step + 1 < self.total_steps:
+            self._prefetched[step + 1] = self._loader.submit(self._load, step + 1)
+        return loaded
+
+    def step(self, step: int, generator: torch.Generator, device: torch.device) -> StepResult:
+        batch, high_res = self._batch(step)
         views = torch.from_numpy(batch.views).to(device, non_blocking=True)
         self._views, self._crops = views, batch.crops
         inputs: dict[str, torch.Tensor] = {}
-        if self.spec.high_res > 1:
-            high_res = self.sampler.high_res_views(batch.crops, batch.seeds)
+        if high_res is not None:
             inputs["high_res"] = torch.from_numpy(high_res).to(device, non_blocking=True)
         if batch.local is not None:
             inputs["local"] = torch.from_numpy(batch.local).to(device, non_blocking=True)
@@ -359,6 +381,10 @@ class PretrainTask(TrainingTask):
             )
 
     def release(self) -> None:
+        if self._loader is not None:  # a view drawn ahead for a step that will not run is dropped
+            self._loader.shutdown(wait=True, cancel_futures=True)
+            self._loader = None
+        self._prefetched.clear()
         self.method = None
         self._views = None
 
