@@ -97,17 +97,22 @@ def _probe_cosine(method: str, options: dict, tmp_path: Path, steps: int, **conf
 
 @pytest.mark.slow
 def test_cass_does_not_collapse_at_its_defaults_and_does_in_the_papers_form(tmp_path):
-    """100 tiny steps on the phantom: the projections of 8 different probe crops stay apart at the defaults; the
-    paper's form (no predictor, no variance term), run beside it, maps them all to one direction."""
-    default = _probe_cosine("cass", {}, tmp_path, 100, batch_size=2)
-    paper = _probe_cosine("cass", {"agreement": "paper", "variance_weight": 0.0}, tmp_path, 100, batch_size=2)
+    """50 tiny steps on the phantom: the projections of 8 different probe crops stay apart at the defaults; the
+    paper's form (no predictor, no variance term), run beside it, maps them all to one direction.
+
+    Why 50 (measured, probes every 10 steps over 100): the paper's form is at cosine 0.9996 by step 10 and 0.99999
+    from step 40 on; the default falls from 0.99 at step 10 to 0.58-0.63 at steps 40-50 and 0.33 at 100."""
+    default = _probe_cosine("cass", {}, tmp_path, 50, batch_size=2)
+    paper = _probe_cosine("cass", {"agreement": "paper", "variance_weight": 0.0}, tmp_path, 50, batch_size=2)
     assert default["probe_output_cosine"] < 0.95
     assert paper["probe_output_cosine"] > 0.98
 
 
 @pytest.mark.slow
 def test_mim_alignment_does_not_collapse_at_its_defaults_and_does_in_the_codes_form(tmp_path):
-    default = _probe_cosine("mim", {}, tmp_path, 100, batch_size=1)
-    paper = _probe_cosine("mim", {"alignment": "paper", "variance_weight": 0.0}, tmp_path, 100, batch_size=1)
+    """50 tiny steps, as for CASS. Measured over 100: the code's form reaches cosine 0.994 at step 20 and 0.999 at
+    50; the default is at 0.52 by step 10 and 0.27-0.32 from step 40 on."""
+    default = _probe_cosine("mim", {}, tmp_path, 50, batch_size=1)
+    paper = _probe_cosine("mim", {"alignment": "paper", "variance_weight": 0.0}, tmp_path, 50, batch_size=1)
     assert default["probe_output_cosine"] < 0.95
     assert paper["probe_output_cosine"] > 0.98
