@@ -171,3 +171,28 @@ def test_pretraining_reads_a_warm_cache_and_records_it(tmp_path, ct):
     assert second["volume_cache"]["found"] == 1 and second["data"] == first["data"]
     off = pretrain("c", cache=False)
     assert "volume_cache" not in off and off["data"] == first["data"]
+
+
+def test_the_docks_layers_and_files_train_together_the_files_through_the_cache(tmp_path, ct):
+    """The pretraining dock passes its layers as volumes and its files as images (``with_images``): both are
+    trained on, the files read by the run through the cache (the dock read them itself before, all into RAM)."""
+    from napari_dagman.core.config import PretrainConfig
+    from napari_dagman.core.phantom import make_phantom
+    from napari_dagman.core.training import consume, run_pretraining
+
+    layer, _ = make_phantom()
+    layer.metadata["name"] = "phantom layer"
+
+    def pretrain(out: str, with_images: bool) -> dict:
+        config = PretrainConfig(
+            images=[str(ct)], out=str(tmp_path / out), preset="tiny", roi=32, spacing=4.0, steps=1, batch_size=1,
+            preview_every=0, probe_every=0, cache_dir=str(tmp_path / "cache"),
+        )
+        consume(run_pretraining(config, [layer], with_images=with_images))
+        return json.loads((tmp_path / out / "run.json").read_text())
+
+    both = pretrain("both", True)
+    assert [d["name"] for d in both["data"]] == ["phantom layer", "ct"]
+    assert both["volume_cache"]["prepared"] == 1
+    layers_only = pretrain("layers", False)  # the API's meaning of volumes without with_images: those only
+    assert [d["name"] for d in layers_only["data"]] == ["phantom layer"]
