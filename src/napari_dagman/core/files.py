@@ -107,6 +107,45 @@ def remove_temporaries(folder: str | os.PathLike, *, older_than_s: float | None 
     return removed
 
 
+#: Age (s) after which an `atomic_write` temporary in a shared cache folder is a leftover of a killed process: a
+#: cache write takes seconds, so an hour-old one is no live write of another napari or CLI job sharing the folder.
+STALE_TEMPORARY_S = 3600.0
+
+
+class CacheFolder:
+    """A cache folder that several processes share: each file written whole (`atomic_write`), the leftovers of
+    killed writes swept before the first write, and a write that fails turning the cache read-only (reads still
+    serve) with one warning in `failures`, instead of failing the job."""
+
+    def __init__(self, root: str | os.PathLike) -> None:
+        self.root = Path(root)
+        #: Set when a write failed: later writes are skipped.
+        self.read_only = False
+        #: The reason of the write that failed (one at most).
+        self.failures: list[str] = []
+        self._swept = False
+
+    def sweep(self, *folders: Path) -> list[str]:
+        """Remove what killed writes left in the cache (temporaries older than `STALE_TEMPORARY_S`; younger ones
+        may belong to another process writing now). Done before the first write."""
+        self._swept = True
+        return [n for folder in (self.root, *folders) for n in remove_temporaries(folder, older_than_s=STALE_TEMPORARY_S)]
+
+    def store(self, path: Path, write: Callable[[Path], object]) -> bool:
+        """Write one file of the cache; False (and read-only from now on) when it cannot be written."""
+        if self.read_only:
+            return False
+        if not self._swept:
+            self.sweep(*({path.parent} - {self.root}))
+        try:
+            atomic_write(path, write)
+        except DagmanError as err:
+            self.read_only = True
+            self.failures.append(str(err))
+            return False
+        return True
+
+
 def check_output_folder(path: str | os.PathLike, what: str = "output folder") -> None:
     """Refuse, before any work is spent, an output folder that cannot be written.
 

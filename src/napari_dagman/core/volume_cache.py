@@ -32,9 +32,8 @@ from typing import Any
 import numpy as np
 
 from napari_dagman.core.data import PreparedVolume, release_pages
-from napari_dagman.core.embeddings.cache import STALE_TEMPORARY_S, cache_key
-from napari_dagman.core.errors import DagmanError
-from napari_dagman.core.files import atomic_write, remove_temporaries
+from napari_dagman.core.embeddings.cache import cache_key
+from napari_dagman.core.files import CacheFolder
 from napari_dagman.core.hashing import file_hash
 
 #: Bump when preparation changes what a cached array holds (invalidates every entry).
@@ -66,15 +65,12 @@ def _files_of(path: Path) -> list[Path]:
     return out
 
 
-class VolumeCache:
+class VolumeCache(CacheFolder):
     """Prepared volumes on disk (see the module's text): `load` and `save` a source's volumes under a key."""
 
     def __init__(self, root: str | os.PathLike | None = None) -> None:
-        self.root = Path(root) if root else default_volume_cache_dir()
-        #: Set when a write failed: later saves are skipped (the job goes on in memory), reads still serve.
-        self.read_only = False
+        super().__init__(root or default_volume_cache_dir())
         self.warnings: list[str] = []
-        self._swept = False
 
     # --- keys ---------------------------------------------------------------------------------------------------
     def source_digest(self, path: str | os.PathLike) -> str:
@@ -180,20 +176,12 @@ class VolumeCache:
         }
 
     def _write(self, path: Path, write) -> bool:
-        """One file of the cache, atomically; on failure stop caching and say so once instead of failing."""
-        if self.read_only:
-            return False
-        if not self._swept:  # leftovers of killed writes (old enough not to be another process's live write)
-            self._swept = True
-            for folder in (self.root, self.root / "sources"):
-                remove_temporaries(folder, older_than_s=STALE_TEMPORARY_S)
-        try:
-            atomic_write(path, write)
-        except DagmanError as err:
-            self.read_only = True
-            self.warnings.append(f"prepared volumes are not cached (they are kept in memory instead): {err}")
-            return False
-        return True
+        """One file of the cache (`CacheFolder.store`); a failure is said once, and the job goes on in memory."""
+        if self.store(path, write):
+            return True
+        self.warnings += [f"prepared volumes are not cached (they are kept in memory instead): {f}" for f in self.failures]
+        self.failures.clear()
+        return False
 
 
 __all__ = ["CACHE_VERSION", "VOLUME_CACHE_ENV", "VolumeCache", "default_volume_cache_dir", "release_pages"]

@@ -9,15 +9,14 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from qtpy.QtCore import Qt
 from qtpy.QtWidgets import (
-    QAbstractItemView,
     QFileDialog,
-    QHeaderView,
     QPushButton,
     QTableWidget,
     QTableWidgetItem,
 )
 
 from napari_dagman._widgets.common import OUTPUT_KEY, upsert_layer
+from napari_dagman._widgets.results.view import make_table
 from napari_dagman.core.errors import DagmanError
 
 if TYPE_CHECKING:
@@ -40,17 +39,7 @@ class ResultsCohort:
     def _make_cohort_controls(self) -> tuple[QPushButton, QTableWidget]:
         button = QPushButton("Open cohort...")
         button.setToolTip("a folder written by `napari-dagman predict FOLDER --out DIR`: one row per case")
-        table = QTableWidget(0, len(COHORT_COLUMNS))
-        table.setHorizontalHeaderLabels([name for name, _ in COHORT_COLUMNS])
-        for column, (_, tip) in enumerate(COHORT_COLUMNS):
-            table.horizontalHeaderItem(column).setToolTip(tip)
-        table.setSelectionBehavior(QAbstractItemView.SelectionBehavior.SelectRows)
-        table.setSelectionMode(QAbstractItemView.SelectionMode.SingleSelection)
-        table.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
-        table.horizontalHeader().setSectionResizeMode(QHeaderView.ResizeMode.ResizeToContents)
-        table.horizontalHeader().setStretchLastSection(True)
-        table.verticalHeader().setVisible(False)
-        table.setMinimumHeight(120)
+        table = make_table(COHORT_COLUMNS, min_height=120)
         table.setVisible(False)  # until a cohort is opened
         button.clicked.connect(self._ask_open_cohort)
         table.cellClicked.connect(lambda row, _col: self.open_case(row))

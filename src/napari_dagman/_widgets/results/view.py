@@ -3,7 +3,7 @@ are shown (a part of `SegmentationResultsWidget`)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -27,27 +27,32 @@ COLUMNS: tuple[tuple[str, str], ...] = (
 )
 
 
+def make_table(columns: Sequence[tuple[str, str]], *, min_height: int) -> QTableWidget:
+    """A read-only table of whole rows, one selected at a time, with the columns' names and tooltips."""
+    table = QTableWidget(0, len(columns))
+    table.setHorizontalHeaderLabels([name for name, _ in columns])
+    for column, (_, tip) in enumerate(columns):
+        table.horizontalHeaderItem(column).setToolTip(tip)
+    table.setSelectionBehavior(QAbstractItemView.SelectionBehavior.SelectRows)
+    table.setSelectionMode(QAbstractItemView.SelectionMode.SingleSelection)
+    table.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
+    header = table.horizontalHeader()
+    # every column as wide as its longest entry: full organ names ("urinary_bladder", not "urinary_blad...");
+    # a narrow dock scrolls the table sideways instead of cutting names
+    header.setSectionResizeMode(QHeaderView.ResizeMode.ResizeToContents)
+    header.setStretchLastSection(True)
+    table.setTextElideMode(Qt.TextElideMode.ElideNone)
+    table.verticalHeader().setVisible(False)
+    table.setMinimumHeight(min_height)
+    return table
+
+
 class ResultsView:
     """The table and the result layers of `SegmentationResultsWidget` (its attributes are the dock's)."""
 
     def _make_table(self) -> QTableWidget:
         """The per-organ table: full organ names, predicted and reference ml, Dice, HD95; header tooltips."""
-        table = QTableWidget(0, len(self.COLUMNS))
-        table.setHorizontalHeaderLabels(list(self.COLUMNS))
-        for column, (_, tip) in enumerate(COLUMNS):
-            table.horizontalHeaderItem(column).setToolTip(tip)
-        table.setSelectionBehavior(QAbstractItemView.SelectionBehavior.SelectRows)
-        table.setSelectionMode(QAbstractItemView.SelectionMode.SingleSelection)
-        table.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
-        header = table.horizontalHeader()
-        # every column as wide as its longest entry: full organ names ("urinary_bladder", not "urinary_blad...");
-        # a narrow dock scrolls the table sideways instead of cutting names
-        header.setSectionResizeMode(QHeaderView.ResizeMode.ResizeToContents)
-        header.setStretchLastSection(True)
-        table.setTextElideMode(Qt.TextElideMode.ElideNone)
-        table.verticalHeader().setVisible(False)
-        table.setMinimumHeight(160)
-        return table
+        return make_table(COLUMNS, min_height=160)
 
     # --- drawing ------------------------------------------------------------------------------------------------
     def show_results(self, results: SegmentationResults) -> None:

@@ -18,10 +18,9 @@ import numpy as np
 
 from napari_dagman.core.embeddings.patches import PatchEmbeddings
 from napari_dagman.core.embeddings.projection import PROJECTIONS
-from napari_dagman.core.errors import DagmanError
 from napari_dagman.core.events import LogEvent
+from napari_dagman.core.files import STALE_TEMPORARY_S, CacheFolder  # noqa: F401 (STALE_TEMPORARY_S: its old home)
 from napari_dagman.core.hashing import array_hash, file_hash
-from napari_dagman.core.io import atomic_write, remove_temporaries
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -52,10 +51,6 @@ _DAMAGED = (
     OSError, EOFError, ValueError, KeyError, TypeError, AttributeError, RecursionError, zipfile.BadZipFile
 )
 
-#: Age (s) after which an `atomic_write` temporary in the cache is a leftover of a killed process: a cache write
-#: takes seconds, so an hour-old one is no live write of another napari or CLI job sharing the folder.
-STALE_TEMPORARY_S = 3600.0
-
 #: Cache folders already reported as not writable: said once per session, not at every run.
 _REPORTED: set[str] = set()
 
@@ -73,39 +68,24 @@ def cache_key(parts: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 
-class EmbeddingCache:
+class EmbeddingCache(CacheFolder):
     """Embeddings and projections on disk: ``<key>.npz`` + ``<key>.json``, written atomically, no pickle."""
 
     def __init__(self, root: str | os.PathLike | None = None) -> None:
-        self.root = Path(root) if root else default_cache_dir()
-        #: Set when a write failed: later saves are skipped, reads still serve what is there.
-        self.read_only = False
+        super().__init__(root or default_cache_dir())
         self._warnings: list[str] = []
-        self._swept = False
-
-    def sweep(self) -> list[str]:
-        """Remove what killed writes left in the cache (temporaries older than `STALE_TEMPORARY_S`; younger ones
-        may belong to another process writing now). Done before the first write of each cache object."""
-        self._swept = True
-        return remove_temporaries(self.root, older_than_s=STALE_TEMPORARY_S)
 
     # writing -----------------------------------------------------------------------------------------------
     def _store(self, name: str, write: Callable[[Path], object]) -> bool:
-        """Write one file of the cache; on failure stop caching (and say so once) instead of failing the job."""
-        if self.read_only:
-            return False
-        if not self._swept:
-            self.sweep()
-        try:
-            atomic_write(self.root / name, write)
-        except DagmanError as err:
-            self.read_only = True
-            where = str(self.root.absolute())
-            if where not in _REPORTED:
-                _REPORTED.add(where)
-                self._warnings.append(f"embeddings are not cached: {err}")
-            return False
-        return True
+        """Write one file of the cache; on failure stop caching (and say so once per folder and session)."""
+        if self.store(self.root / name, write):
+            return True
+        where = str(self.root.absolute())
+        if self.failures and where not in _REPORTED:
+            _REPORTED.add(where)
+            self._warnings.append(f"embeddings are not cached: {self.failures[-1]}")
+        self.failures.clear()
+        return False
 
     def _store_npz(self, name: str, arrays: dict[str, np.ndarray]) -> bool:
         return self._store(name, lambda tmp: np.savez(tmp, **arrays))
