@@ -98,6 +98,16 @@ def prepare_sources(
     the missing entries, then every process passes the barrier and maps them. ``check_memory(raw)`` refuses a
     volume that cannot be prepared in the memory left (before it is).
     """
+
+    def build(path: str) -> list[dict[str, PreparedVolume | None]]:
+        """A source's volumes read and prepared, each checked against the memory left before it is prepared."""
+        built = []
+        for volume in _read(path):
+            if check_memory is not None:
+                check_memory(volume)
+            built.append(prepare_one(volume, settings, str(volume.metadata["name"])))
+        return built
+
     total = len(paths)
     keys = [cache.key(p, settings.key_parts()) for p in paths] if cache is not None else [None] * total
     records: list[list[dict[str, Any]] | None] = [None] * total
@@ -110,12 +120,7 @@ def prepare_sources(
             if records[i] is not None:
                 out.cached += 1
                 continue
-            built = []
-            for volume in _read(path):
-                if check_memory is not None:
-                    check_memory(volume)
-                built.append(prepare_one(volume, settings, str(volume.metadata["name"])))
-                del volume
+            built = build(path)
             stored = cache.save(key, built) if cache is not None else None
             records[i] = stored or built  # not writable: kept in memory
             out.built += 1
@@ -125,7 +130,7 @@ def prepare_sources(
         if records[i] is None:  # another process built it; or it could not store it: this one prepares its own
             records[i] = cache.load(key) if cache is not None else None
             if records[i] is None:
-                records[i] = [prepare_one(v, settings, str(v.metadata["name"])) for v in _read(path)]
+                records[i] = build(path)
                 out.built += 1
             else:
                 out.cached += 1
