@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import math
+import shlex
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -16,9 +18,15 @@ EXAMPLES = """examples:
   napari-dagman finetune a.nii.gz a_seg.nii.gz b.nii.gz b_seg.nii.gz c.nii.gz c_seg.nii.gz --init runs/dagman \\
       --out runs/seg3 --val-split cases                    # train on a and b, validate on c
   napari-dagman finetune --out runs/seg --resume --steps 1000   # continue where it stopped
+  napari-dagman finetune ct.nii.gz seg.nii.gz --init runs/dagman --out runs/efficiency --labels 5,1,2,3 \
+      --label-efficiency 1,2,4 --seeds 0,1 --steps 300   # Dice vs 1, 2, 4 labelled slabs, pretrained vs scratch
 
 Validation: with one pair, a held-out axial slab (--val-fraction, --val-position) with a gap of --val-gap-mm on
 each side that is neither trained nor validated; with several pairs, the last --val-cases pairs.
+
+Label efficiency (--label-efficiency K1,K2,...): one run per budget, init (the --init run and scratch) and seed in
+--out/<init>/k<K>_seed<S>, each on K labelled pieces (training cases, or --train-slabs slabs of each volume)
+drawn by the seed; then --out/label_efficiency.csv, .json and .png. Finished runs are reused when run again.
 """
 
 
@@ -50,6 +58,16 @@ def add_parser(sub: argparse._SubParsersAction, argv: Sequence[str] = ()) -> Non
     p.add_argument("--config", dest="config_file", help="JSON config file; flags given here override it")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--label-efficiency",
+        dest="budgets",
+        metavar="K1,K2,...",
+        help="a label-efficiency curve: fine-tune on each number of labelled pieces (training cases, or slabs "
+        "with a slab split), from --init and from scratch, at every --seeds; --out holds the runs and the tables",
+    )
+    p.add_argument(
+        "--seeds", metavar="S1,S2,...", help="with --label-efficiency: the seeds of the arms (default: --seed)"
+    )
     FinetuneConfig.add_arguments(p)
     p.set_defaults(func=run)
 
@@ -105,6 +123,8 @@ def run(args: argparse.Namespace) -> int:
         base["organs"] = parse_organs(args.organ_spec, organ_names(base.get("segmentations", [None])[0]))
     base["out"] = args.out
     config = FinetuneConfig.from_dict(base)
+    if args.budgets is not None or args.seeds is not None:
+        return run_efficiency(args, config)
     if not args.resume:  # the dock's check at Start, said before the work (a warning: a script cannot answer)
         line = slab_warning(config, organ_names(config.segmentations[0] if config.segmentations else None))
         if line:
@@ -124,3 +144,47 @@ def run(args: argparse.Namespace) -> int:
             )
             say(f"  {organ:<24} {shown}")
     return status
+
+
+def run_efficiency(args: argparse.Namespace, config: FinetuneConfig) -> int:
+    """``--label-efficiency``: every arm of the grid, then the table of mean Dice per budget and init."""
+    from napari_dagman.cli.common import drive, stop_on_signals
+    from napari_dagman.core.errors import DagmanInputError
+    from napari_dagman.core.segmentation.efficiency import check_grid, parse_numbers, run_label_efficiency
+
+    if args.budgets is None:
+        raise DagmanInputError("--seeds goes with --label-efficiency K1,K2,...")
+    if args.resume:
+        raise DagmanInputError("--label-efficiency resumes unfinished runs by itself: leave out --resume")
+    if config.train_pieces:
+        raise DagmanInputError("--label-efficiency sets --train-pieces for each run: leave it out")
+    budgets = parse_numbers(args.budgets, "--label-efficiency")
+    seeds = parse_numbers(args.seeds, "--seeds") if args.seeds is not None else [config.seed]
+    check_grid(config, budgets, seeds)  # bad input ends here, before any image is read
+    command = "napari-dagman " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    with stop_on_signals() as stop:
+        finished = drive(
+            run_label_efficiency(config, budgets, seeds, cancel=stop, command=command),
+            desc="label efficiency",
+            quiet=args.quiet,
+        )
+    if finished.cancelled:
+        say(f"cancelled after {finished.steps_done} of {finished.total_steps} runs; run the same command to go on")
+        return stop.exit_status
+    say(f"mean validation Dice (last step) over seeds {', '.join(map(str, seeds))}:")
+    say(f"  {'pieces':>6}  {'pretrained':>19}  {'scratch':>19}  {'pretrained - scratch':>20}")
+    curves = {(c["budget"], c["init"]): c["mean_dice"] for c in finished.summary["curves"]}
+    paired = {p["budget"]: p for p in finished.summary["pretrained_minus_scratch"]}
+    for k in budgets:
+        cells = [_mean_spread(curves[(k, init)]) for init in ("pretrained", "scratch")]
+        say(f"  {k:>6}  {cells[0]:>19}  {cells[1]:>19}  {_mean_spread(paired[k]):>20}")
+    for path in finished.paths.values():
+        say(f"wrote {path}")
+    return 0
+
+
+def _mean_spread(stats: dict) -> str:
+    """``0.412 ± 0.031`` (mean and standard deviation over seeds), ``-`` when there is none."""
+    if stats.get("mean") is None:
+        return "-"
+    return f"{stats['mean']:.3f} ± {stats['std']:.3f}"

@@ -437,6 +437,21 @@ class FinetuneConfig(OptimiserOptions, RunOptions):
     val_cases: int = option(
         1, "cases split: how many of the last pairs are held out", minimum=1, group="validation"
     )
+    train_pieces: int = option(
+        0,
+        "label budget: train on k labelled pieces only (0 = all): k of the training cases with a cases split, "
+        "k of the --train-slabs slabs of each volume's labelled training slices with a slab split; drawn by "
+        "--seed and nested (the pieces of k are among those of any larger k); validation is unchanged",
+        minimum=0,
+        group="data",
+    )
+    train_slabs: int = option(
+        4,
+        "slab split with --train-pieces: equal axial slabs that the training slices holding the chosen organs "
+        "of each volume are cut into",
+        minimum=1,
+        group="data",
+    )
     val_every: int = option(50, "validate every N steps (and at the end)", minimum=1, group="validation")
     overlap: float = option(
         0.25, "sliding-window overlap during validation", minimum=0.0, maximum=0.95, group="validation"

@@ -262,11 +262,84 @@ def slab_warning(config: FinetuneConfig, names: dict[int, str] | None = None) ->
     return advice.text(names or {}, config.val_position)
 
 
+def split_mode(config: FinetuneConfig, num_cases: int) -> str:
+    """The validation split a run of ``num_cases`` pairs uses: slab, cases or none (``auto`` resolved)."""
+    if config.val_split == "auto":
+        return "cases" if num_cases >= 2 else "slab"
+    return config.val_split
+
+
+def budget_units(config: FinetuneConfig, num_cases: int) -> int:
+    """How many labelled pieces `--train-pieces` draws from: the training cases of a cases split, else
+    ``train_slabs`` slabs per volume. Known from the config alone, so a job can refuse a budget before training."""
+    if split_mode(config, num_cases) == "cases":
+        return max(0, num_cases - config.val_cases)
+    return config.train_slabs * num_cases
+
+
+def _labelled_slabs(cases: Sequence[Case], train: Sequence[Piece], slabs: int) -> list[list[Piece]]:
+    """Each volume's training slices that hold a chosen organ (first to last such slice, the validation slab and
+    its gaps left out) cut into ``slabs`` equal runs of slices; a run that straddles the validation slab is two
+    pieces. Slices outside that extent label nothing: a slab of them would leave a budget of 1 with no organ."""
+    units: list[list[Piece]] = []
+    for i, case in enumerate(cases):
+        ranges = [(p.z0, p.z1) for p in train if p.case == i]
+        slices = np.array([z for a, b in ranges for z in range(a, b)], dtype=np.int64)
+        labelled = slices[(case.classes[slices] > 0).any(axis=(1, 2))] if len(slices) else slices
+        if len(labelled) < slabs:
+            raise DagmanInputError(
+                f"{case.name}: {len(labelled)} training slice(s) hold the chosen organs, fewer than "
+                f"--train-slabs {slabs}"
+            )
+        extent = slices[(slices >= labelled[0]) & (slices <= labelled[-1])]
+        for part in np.array_split(extent, slabs):
+            breaks = np.flatnonzero(np.diff(part) > 1) + 1  # where the run jumps over the slab and its gaps
+            units.append([Piece(i, int(r[0]), int(r[-1]) + 1) for r in np.split(part, breaks)])
+    return units
+
+
+def draw_budget(num_units: int, k: int, seed: int) -> list[int]:
+    """``k`` of ``num_units`` labelled pieces (indices, sorted): the first ``k`` of one permutation seeded by
+    ``seed`` alone, so the pieces of k are among those of any larger k (a nested curve) and every arm at one
+    seed (pretrained or scratch) gets the same pieces."""
+    if not 1 <= k <= num_units:
+        raise DagmanInputError(f"a label budget of {k} piece(s) needs 1 to {num_units} (the pieces available)")
+    order = np.random.default_rng([seed, 25]).permutation(num_units)  # 25: a stream of its own, not the crops'
+    return sorted(int(u) for u in order[:k])
+
+
+def _apply_budget(split: Split, cases: Sequence[Case], config: FinetuneConfig, mode: str) -> Split:
+    """``split`` with its training part cut to ``config.train_pieces`` labelled pieces; validation as it was."""
+    k = config.train_pieces
+    if mode == "cases":
+        units = [[p] for p in split.train]
+        names = [cases[p.case].name for p in split.train]
+        what = "training case(s)"
+    else:
+        units = _labelled_slabs(cases, split.train, config.train_slabs)
+        names = [
+            f"{cases[u[0].case].name} z " + "+".join(f"{p.z0}-{p.z1 - 1}" for p in u) for u in units
+        ]
+        what = f"labelled slabs ({config.train_slabs} per volume)"
+    if k > len(units):
+        raise DagmanInputError(f"--train-pieces {k} is more than the {len(units)} {what} there are")
+    chosen = draw_budget(len(units), k, config.seed)
+    train = [p for u in chosen for p in units[u]]
+    note = f"label budget: {k} of {len(units)} {what}, drawn by seed {config.seed}: " + ", ".join(
+        names[u] for u in chosen
+    )
+    return Split(train, split.val, f"{split.description}; {note}")
+
+
 def split_cases(cases: Sequence[Case], config: FinetuneConfig) -> Split:
-    """Training and validation pieces: a held-out slab of every case, held-out cases, or no validation."""
-    mode = config.val_split
-    if mode == "auto":
-        mode = "cases" if len(cases) >= 2 else "slab"
+    """Training and validation pieces: a held-out slab of every case, held-out cases, or no validation; with
+    ``train_pieces``, only that many labelled pieces of the training part (`draw_budget`)."""
+    mode = split_mode(config, len(cases))
+    split = _split(cases, config, mode)
+    return _apply_budget(split, cases, config, mode) if config.train_pieces else split
+
+
+def _split(cases: Sequence[Case], config: FinetuneConfig, mode: str) -> Split:
     if mode == "none":
         return Split([Piece(i, 0, c.image.shape[0]) for i, c in enumerate(cases)], [], "no validation")
     if mode == "cases":

@@ -69,6 +69,8 @@ RESUME_KEYS = (
     "val_position",
     "val_gap_mm",
     "val_cases",
+    "train_pieces",
+    "train_slabs",
     "seed",
     "batch_size",
     "background_ratio",
