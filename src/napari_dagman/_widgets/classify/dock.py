@@ -39,10 +39,14 @@ if TYPE_CHECKING:
 #: The fields of `ClassifyConfig` the dock shows (the table, image and lesions are the dock's own widgets).
 FIELDS: tuple[str, ...] = (
     "checkpoint", "which", "weights", "stage", "box_mm", "context", "overlap", "hist_bins",
-    "controls", "folds", "shots", "draws", "probe_c", "positive", "bootstrap", "seed", "device", "batch_size",
+    "controls", "folds", "shots", "draws", "probe_c", "positive", "bootstrap",
+    "finetune", "finetune_steps", "finetune_lr", "finetune_batch", "finetune_draws", "jitter_mm", "augment",
+    "seed", "device", "batch_size",
 )  # fmt: skip
-PRIMARY_FIELDS = frozenset({"checkpoint", "which", "stage", "controls", "shots", "device"})
-SECTION_TITLES = {"general": "Input", "features": "Features", "probe": "Probe and curves", "run": "Run"}
+PRIMARY_FIELDS = frozenset({"checkpoint", "which", "stage", "controls", "shots", "finetune", "device"})
+SECTION_TITLES = {
+    "general": "Input", "features": "Features", "probe": "Probe and curves", "finetune": "Fine-tuning", "run": "Run"
+}
 #: The lesion layer the dock makes, and the layer of predictions it draws.
 LESIONS_LAYER = "lesions"
 PREDICTIONS_LAYER = "lesion predictions"

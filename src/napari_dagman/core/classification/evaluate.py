@@ -47,6 +47,17 @@ def usable_shots(shots: list[int | str], splits: list[Split], y: np.ndarray, cla
     return kept, notes
 
 
+def training_rows(
+    split: Split, shots: int | str, draw: int, y: np.ndarray, patients: np.ndarray, seed: int
+) -> np.ndarray:
+    """The rows a head trains on in one fold of one draw: all the fold's training rows, or k per class drawn
+    from (seed, k, draw, fold) alone, so the probe, the controls and fine-tuning see the same rows."""
+    if shots == "all":
+        return split.train
+    rng = np.random.default_rng([seed, int(shots), draw, split.fold])
+    return k_shot(split.train, y, patients, int(shots), rng)
+
+
 def run_arms(
     features: dict[str, np.ndarray],
     y: np.ndarray,
@@ -69,11 +80,7 @@ def run_arms(
             probabilities = np.full((len(y), classes), np.nan)
             for split in splits:
                 check_cancelled(cancel, "the classification")
-                if arm.shots == "all":
-                    train = split.train
-                else:
-                    rng = np.random.default_rng([seed, int(arm.shots), draw, split.fold])
-                    train = k_shot(split.train, y, patients, int(arm.shots), rng)
+                train = training_rows(split, arm.shots, draw, y, patients, seed)
                 fit = fit_probe(
                     features[arm.features], y, patients, train, split.test, classes=classes, c=c, seed=seed
                 )
@@ -136,8 +143,10 @@ def differences(
         if name == reference or mine is None:
             continue
         deltas, pooled = [], []
-        each = max(20, bootstrap // len(mine.probabilities))
-        for d, (pa, pb) in enumerate(zip(mine.probabilities, other.probabilities, strict=True)):
+        common = min(len(mine.probabilities), len(other.probabilities))  # draw d has the same rows in both
+        each = max(20, bootstrap // common)
+        pairs = zip(mine.probabilities[:common], other.probabilities[:common], strict=True)
+        for d, (pa, pb) in enumerate(pairs):
             tested = np.isfinite(pa).all(axis=1)
             weights = patient_resamples(patients[tested], each, seed + 1000 * d)
             fa, fb = headline(y[tested], pa[tested], classes), headline(y[tested], pb[tested], classes)

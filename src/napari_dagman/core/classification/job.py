@@ -11,6 +11,7 @@ import numpy as np
 
 from napari_dagman.core.classification.evaluate import curve_rows, differences, run_arms, usable_shots
 from napari_dagman.core.classification.features import check_images, table_features
+from napari_dagman.core.classification.finetune import FINETUNE
 from napari_dagman.core.classification.metrics import classification_metrics
 from napari_dagman.core.classification.report import (
     curve_png,
@@ -93,11 +94,31 @@ def classify_job(
         features, table.y, table.patients, splits, shots,
         classes=classes, draws=config.draws, c=config.probe_c, seed=config.seed, cancel=cancel,
     )  # fmt: skip
+    runs = None
+    if config.finetune:
+        arms_ft, runs = yield from _fine_tune(config, table, pretrained, splits, shots, cancel)
+        arms += arms_ft
     metrics = _metrics(config, table, pretrained, arms, splits, notes, feature_s)
+    if runs is not None:
+        metrics["finetune_runs"] = runs
     paths = _write(config, table, arms, splits, metrics)
     yield FinishedEvent(
         run_dir=str(config.out), steps_done=len(table), total_steps=len(table), paths=paths, summary=metrics
     )
+
+
+def _fine_tune(config, table, pretrained, splits, shots, cancel):
+    """The fine-tuned head's arms (`core.classification.finetune`), and what was trained, resumed or reused."""
+    from napari_dagman.core.classification.crops import row_regions
+    from napari_dagman.core.classification.finetune import finetune_arms
+
+    regions = yield from row_regions(table, pretrained, config, cancel)
+    arms, counts = yield from finetune_arms(config, table, pretrained, regions, splits, shots, cancel)
+    reused = f", {counts['done']} reused from {Path(config.out) / FINETUNE}" if counts["done"] else ""
+    resumed = f", {counts['resume']} resumed" if counts["resume"] else ""
+    yield LogEvent(f"fine-tuning: {counts['new']} run(s) trained{resumed}{reused}")
+    return arms, {"trained": counts["new"], "resumed": counts["resume"], "reused": counts["done"],
+                  "folder": str(Path(config.out) / FINETUNE)}  # fmt: skip
 
 
 def _full_arms(arms: list) -> dict[str, Any]:
@@ -125,6 +146,10 @@ def _metrics(config, table, pretrained, arms, splits, notes, feature_s) -> dict[
             "c": sorted(set(arm.c_chosen)),
         }
     curve = curve_rows(arms, table.y, table.patients, len(table.class_names), config.bootstrap, config.seed)
+    compare = (table.y, table.patients, len(table.class_names), config.bootstrap, config.seed)
+    heads = {"probe": per_set.pop(ENCODER)}
+    if FINETUNE in per_set:
+        heads[FINETUNE] = per_set.pop(FINETUNE)
     return {
         "classes": table.class_names,
         "positive": table.class_names[1] if len(table.class_names) == 2 else None,
@@ -133,12 +158,12 @@ def _metrics(config, table, pretrained, arms, splits, notes, feature_s) -> dict[
         "validation": "table split" if table.split is not None else f"{len(splits)}-fold patient cross-validation",
         "encoder": {"run": str(pretrained.source), "which": pretrained.which, "method": pretrained.method,
                     "stage": config.stage},  # fmt: skip
-        "heads": {"probe": per_set[ENCODER]},
-        "controls": {name: m for name, m in per_set.items() if name != ENCODER},
+        "heads": heads,
+        "controls": per_set,
         "label_efficiency": curve,
-        "differences": differences(
-            arms, ENCODER, table.y, table.patients, len(table.class_names), config.bootstrap, config.seed
-        ),
+        # the probe minus each control; the fine-tuned head minus the probe and each control
+        "differences": [d for d in differences(arms, ENCODER, *compare) if d["minus"] != FINETUNE],
+        **({"finetune_differences": differences(arms, FINETUNE, *compare)} if FINETUNE in heads else {}),
         "timing": {"features_s": round(feature_s, 2), "per_row_s": round(feature_s / len(table), 4)},
         "notes": notes,
     }
@@ -161,6 +186,8 @@ def _write(config, table, arms, splits, metrics) -> dict[str, str]:
     paths["curve"] = curve_png(metrics["label_efficiency"], out)
     if len(table.class_names) == 2:
         merged = {ENCODER: metrics["heads"]["probe"], **metrics["controls"]}
+        if FINETUNE in metrics["heads"]:
+            merged[FINETUNE] = metrics["heads"][FINETUNE]
         paths.update(roc_pr_pngs(table.y, probabilities, merged, out))
     config.save(out / "config.json")
     paths["config"] = str(out / "config.json")

@@ -15,7 +15,7 @@ from napari_dagman.core.classification.table import ClassTable
 from napari_dagman.core.files import atomic_write, atomic_write_text
 
 #: colours of the feature sets in every figure (the run's encoder, then the controls)
-COLOURS = {"random-init": "tab:grey", "intensity": "tab:orange"}
+COLOURS = {"random-init": "tab:grey", "intensity": "tab:orange", "finetune": "tab:green"}
 ENCODER_COLOUR = "tab:blue"
 
 
@@ -137,12 +137,15 @@ def summary_lines(metrics: dict) -> list[str]:
     lines = [f"{metrics['rows']} rows, {metrics['patients']} patients, {metrics['validation']}"]
     lines.append(f"probe on {enc['which']} ({enc['method']}, stage {enc['stage']}): {figure(metrics['heads']['probe'])}")
     lines += [f"  control {name}: {figure(m)}" for name, m in metrics["controls"].items()]
-    for d in metrics["differences"]:
-        if d["ci95"] is not None:
-            verdict = "beyond" if d["exceeds_interval"] else "within"
-            lines.append(
-                f"  {d['shots']} shots: encoder - {d['minus']} = {d['difference']:+.3f} "
-                f"[{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}] ({verdict} the interval)"
-            )
+    if "finetune" in metrics["heads"]:
+        lines.append(f"fine-tuned encoder and head: {figure(metrics['heads']['finetune'])}")
+    for head, key in (("encoder", "differences"), ("finetune", "finetune_differences")):
+        for d in metrics.get(key, []):
+            if d["ci95"] is not None:
+                verdict = "beyond" if d["exceeds_interval"] else "within"
+                lines.append(
+                    f"  {d['shots']} shots: {head} - {d['minus']} = {d['difference']:+.3f} "
+                    f"[{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}] ({verdict} the interval)"
+                )
     lines += [f"note: {n}" for n in metrics.get("notes", [])]
     return lines

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
-from napari_dagman.core.config.base import DEVICE_HELP, ConfigBase, option
+from napari_dagman.core.config.base import DEVICE_HELP, ConfigBase, OptimiserOptions, RunOptions, option
 from napari_dagman.core.errors import DagmanInputError
 
 
@@ -76,6 +76,37 @@ class ClassifyConfig(ConfigBase):
     )
     positive: str | None = option(None, "the positive class of a binary task (default: the second)", group="probe")
     bootstrap: int = option(2000, "patient bootstrap resamples of each interval", minimum=100, group="probe")
+    finetune: bool = option(
+        False,
+        "also fine-tune the encoder with a classification head, one run per fold (and draw) on the training loop, "
+        "in OUT/finetune: resumable, cancellable, with metrics.jsonl; slow (minutes per run on a CPU)",
+        group="finetune",
+    )
+    finetune_steps: int = option(200, "optimiser steps of each fine-tuning run", minimum=1, group="finetune")
+    finetune_lr: float = option(
+        1e-4, "peak learning rate of the fine-tuning runs (warm-up, cosine)", minimum=0.0, maximum=1.0, group="finetune"
+    )
+    finetune_batch: int = option(4, "crops per fine-tuning step (class-balanced)", minimum=1, group="finetune")
+    finetune_draws: int = option(
+        1,
+        "draws fine-tuned per number of shots (the first draws of the probe's: the same rows); each draw costs "
+        "one run per fold",
+        minimum=1,
+        group="finetune",
+    )
+    jitter_mm: float = option(
+        8.0,
+        "fine-tuning: random shift of the crop around each lesion (mm); rotation, zoom, intensity, noise and "
+        "blur come with --augment",
+        minimum=0.0,
+        group="finetune",
+    )
+    augment: bool = option(
+        True,
+        "fine-tuning: random intensity scale and shift, noise, blur, small rotations and zooms (no mirroring: "
+        "laterality is anatomy in CT)",
+        group="finetune",
+    )
     seed: int = option(0, "seed of the folds, the draws, the bootstrap and the random-init encoder", group="run")
     batch_size: int = option(2, "encoder windows per forward pass", minimum=1, group="run")
     device: str = option("auto", DEVICE_HELP, group="run")
@@ -87,3 +118,19 @@ class ClassifyConfig(ConfigBase):
     @property
     def shot_list(self) -> list[int | str]:
         return parse_shots(self.shots)
+
+
+@dataclass
+class ClassifierTrainConfig(OptimiserOptions, RunOptions):
+    """One fine-tuning run of the classification head and its encoder (built by the classify job per fold and
+    draw; what the training loop reads)."""
+
+    kind: ClassVar[str] = "classify-finetune"
+    job_defaults: ClassVar[dict[str, Any]] = {"lr": 1e-4, "weight_decay": 1e-4, "checkpoint_every": 0}
+
+    out: str | None = option(None, "run folder", cli=False, group="run")
+    steps: int = option(200, "optimiser steps", minimum=1, group="optimisation")
+    stage: int = option(3, "encoder stage the head pools", minimum=0, maximum=4)
+    jitter_mm: float = option(8.0, "random shift of the crop around each lesion (mm)", minimum=0.0)
+    augment: bool = option(True, "intensity, noise, blur, rotation and zoom augmentation")
+    train_rows: list[int] = option([], "table rows (0-based) the run trains on", cli=False)
