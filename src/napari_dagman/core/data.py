@@ -20,6 +20,7 @@ from napari_dagman.core.augment import Augmentation, augment_views, view_seed
 from napari_dagman.core.errors import DagmanInputError
 from napari_dagman.core.hashing import array_hash
 from napari_dagman.core.io import resample_to_spacing
+from napari_dagman.core.resident_volumes import ResidentVolumes
 from napari_dagman.core.volume import Volume, check_finite
 from napari_dagman.core.windowing import normalize_hu
 
@@ -272,6 +273,7 @@ class ViewSampler:
         augmentation: Augmentation | None = None,
         high_res: list[PreparedVolume] | None = None,
         high_res_factor: int = 1,
+        resident: ResidentVolumes | None = None,
     ) -> None:
         if not volumes:
             raise DagmanInputError("no volumes to train on")
@@ -286,9 +288,14 @@ class ViewSampler:
         self.local_views, self.local_roi = local_views, local_roi
         self.augmentation = augmentation
         self.high_res, self.high_res_factor = high_res, high_res_factor
+        #: with a bounded in-RAM set (`core.resident_volumes`), every sample is drawn from the volumes it holds
+        self.resident = resident
 
     def volume_for(self, sample: int) -> int:
-        """Volume of the ``sample``-th draw: a fresh permutation of the volumes every pass (epoch)."""
+        """Volume of the ``sample``-th draw: a fresh permutation of the volumes every pass (epoch), or of the
+        volumes held in RAM in the sample's round."""
+        if self.resident is not None:
+            return self.resident.volume_for(sample)
         n = len(self.volumes)
         epoch, within = divmod(sample, n)
         return int(np.random.default_rng([self.seed, 7919, epoch]).permutation(n)[within])
@@ -318,8 +325,17 @@ class ViewSampler:
         region = self.region_start(rng, shape)
         return self.in_region(rng, region, shape, self.roi), self.in_region(rng, region, shape, self.roi)
 
-    def cut(self, volume: int, start: tuple[int, ...], side: int | None = None) -> np.ndarray:
-        arr = self.volumes[volume].array
+    def array(self, volume: int, sample: int | None = None) -> np.ndarray:
+        """A volume's array: the in-RAM copy when a resident set holds it for ``sample``'s round, else the
+        (mapped) prepared array."""
+        if self.resident is not None and sample is not None:
+            return self.resident.array(volume, sample // self.resident.size)
+        return self.volumes[volume].array
+
+    def cut(
+        self, volume: int, start: tuple[int, ...], side: int | None = None, sample: int | None = None
+    ) -> np.ndarray:
+        arr = self.array(volume, sample)
         n = self.roi if side is None else side
         z, y, x = start
         if self.dims == 3:
@@ -339,16 +355,16 @@ class ViewSampler:
         for j in range(self.batch_size):
             sample = (step * self.world_size + self.rank) * self.batch_size + j
             v = self.volume_for(sample)
-            shape = self.volumes[v].array.shape
+            shape = self.array(v, sample).shape
             region = self.region_start(rng, shape)
             for k in range(self.views):
                 start = self.in_region(rng, region, shape, self.roi)
-                views[k].append(self.cut(v, start))
+                views[k].append(self.cut(v, start, sample=sample))
                 crops[k].append(Crop(v, start, size))
                 seeds[k].append(view_seed(self.seed, step, self.rank, sample, k))
             for k in range(self.local_views):
                 start = self.in_region(rng, region, shape, self.local_roi)
-                local[k].append(self.cut(v, start, self.local_roi))
+                local[k].append(self.cut(v, start, self.local_roi, sample=sample))
                 local_crops[k].append(Crop(v, start, local_size))
                 local_seeds[k].append(view_seed(self.seed, step, self.rank, sample, self.views + k))
         flat = [c for per_view in views for c in per_view]

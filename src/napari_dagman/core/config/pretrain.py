@@ -74,6 +74,17 @@ class PretrainConfig(OptimiserOptions, RunOptions):
         "prepared-volume cache folder (default $NAPARI_DAGMAN_VOLUME_CACHE or ~/.cache/napari-dagman/volumes)",
         group="data",
     )
+    memory_cache: int = option(
+        0,
+        "hold this many prepared volumes in RAM and draw every sample from them, swapping --memory-replace of them "
+        "each round (MONAI's SmartCacheDataset scheme): for a slow or network disk; RAM grows by that many "
+        "volumes. 0 = map every volume from the cache on disk (RAM holds crops only)",
+        minimum=0,
+        group="data",
+    )
+    memory_replace: float = option(
+        0.25, "fraction of the volumes held in RAM swapped each round", minimum=0.01, maximum=1.0, group="data"
+    )
     loader_thread: bool = option(
         True,
         "draw and augment the next step's views in a background thread while this step trains (the same views "

@@ -30,6 +30,7 @@ from napari_dagman.core.methods.registry import get_method
 from napari_dagman.core.models.architecture import Architecture, architecture_for
 from napari_dagman.core.models.encoder import set_fused_window_attention
 from napari_dagman.core.probes import PROBE_FILE, probe_collapse, probe_crops, probe_head_diversity
+from napari_dagman.core.resident_volumes import ResidentVolumes
 from napari_dagman.core.training.distributed import DistContext
 from napari_dagman.core.training.inputs import PrepareSettings, prepare_one, prepare_sources
 from napari_dagman.core.training.loop import run_training
@@ -308,6 +309,15 @@ class PretrainTask(TrainingTask):
             f"{self.total_steps} steps on {next(self.method.parameters()).device}"
             + (f" (resuming at step {start})" if resume else ""),
             f"each sample: {views} from a region {c.view_region:g} x the ROI, {augment}",
+        ] + self._resident_message()
+
+    def _resident_message(self) -> list[str]:
+        resident = self.sampler.resident if self.sampler is not None else None
+        if resident is None:
+            return []
+        return [
+            f"memory cache: {resident.size} of {len(self.prepared)} volumes held in RAM, {resident.replace} swapped "
+            f"every {resident.size} samples; every sample is drawn from those held"
         ]
 
     def begin(self, run: RunFolder, is_main: bool, start: int) -> None:
@@ -414,6 +424,11 @@ def make_sampler(
         augmentation=Augmentation(settings, config.dims) if settings is not None else None,
         high_res=high_res,
         high_res_factor=spec.high_res,
+        resident=(
+            ResidentVolumes(prepared, config.memory_cache, config.memory_replace, config.seed)
+            if 0 < config.memory_cache < len(prepared)
+            else None
+        ),
     )
 
 
