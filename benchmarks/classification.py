@@ -47,6 +47,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--folds", type=int, default=4)
     p.add_argument("--rows", type=int, default=200, help="lesion rows of one CT for the timing")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--finetune", action="store_true", help="also fine-tune the encoder with the head (classify --finetune)")
+    p.add_argument("--finetune-steps", type=int, default=100, help="steps of each fine-tuning run (one per fold and shots)")
+    p.add_argument("--finetune-lr", type=float, default=1e-4)
+    p.add_argument("--finetune-batch", type=int, default=4)
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     return p.parse_args(argv)
 
 
@@ -107,6 +112,10 @@ def main(argv: list[str] | None = None) -> int:
     from napari_dagman.core.phantom.lesions import make_lesion_cohort
 
     args = parse_args(argv)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -123,9 +132,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     config = ClassifyConfig(
         table=str(table), checkpoint=run, out=str(work / f"result_stage{args.stage}"), shots=args.shots,
-        draws=args.draws, folds=args.folds, seed=args.seed, stage=args.stage,
+        draws=args.draws, folds=args.folds, seed=args.seed, stage=args.stage, finetune=args.finetune,
+        finetune_steps=args.finetune_steps, finetune_lr=args.finetune_lr, finetune_batch=args.finetune_batch,
     )  # fmt: skip
+    classify_started = time.perf_counter()
     finished = consume(classify_job(config))
+    classify_s = time.perf_counter() - classify_started
     metrics = finished.summary
 
     passes = []
@@ -150,6 +162,10 @@ def main(argv: list[str] | None = None) -> int:
         "encoder": {"method": args.method, "steps": args.steps, "run": run, "pretrain_s": round(pretrain_s, 1),
                     "stage": args.stage},  # fmt: skip
         "probe": metrics["heads"]["probe"],
+        **({"finetune": {**metrics["heads"]["finetune"], "runs": metrics["finetune_runs"],
+                         "steps": args.finetune_steps, "lr": args.finetune_lr, "batch": args.finetune_batch},
+            "finetune_differences": metrics["finetune_differences"]} if args.finetune else {}),  # fmt: skip
+        "classify_s": round(classify_s, 1),
         "controls": metrics["controls"],
         "label_efficiency": metrics["label_efficiency"],
         "differences": metrics["differences"],
@@ -162,10 +178,11 @@ def main(argv: list[str] | None = None) -> int:
     for row in metrics["label_efficiency"]:
         ci = f"[{row['ci95_low']:.3f}, {row['ci95_high']:.3f}]" if row["ci95_low"] is not None else "n/a"
         print(f"{row['features']:12s} {row['shots']!s:>5s} {row['mean']:9.3f} {row['std']:6.3f} {ci:>17s}")
-    for d in metrics["differences"]:
-        ci = "n/a" if d["ci95"] is None else f"[{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]"
-        verdict = "exceeds" if d["exceeds_interval"] else "within"
-        print(f"encoder - {d['minus']:11s} at {d['shots']!s:>3s} shots: {d['difference']:+.3f} {ci} ({verdict})")
+    for head, key in (("encoder", "differences"), ("finetune", "finetune_differences")):
+        for d in metrics.get(key, []):
+            ci = "n/a" if d["ci95"] is None else f"[{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]"
+            verdict = "exceeds" if d["exceeds_interval"] else "within"
+            print(f"{head} - {d['minus']:11s} at {d['shots']!s:>3s} shots: {d['difference']:+.3f} {ci} ({verdict})")
     print(
         f"{args.rows} rows of one CT: {timed['features_s']:.1f} s of features, {timed['per_row_s'] * 1000:.0f} ms "
         f"per row, {len(passes)} encoder pass(es)"

@@ -13,6 +13,7 @@ from napari_dagman.core.config.classify import ClassifyConfig
 EXAMPLES = """examples:
   napari-dagman classify nodules.csv --checkpoint runs/dagman --out nodules/
   napari-dagman classify nodules.csv --checkpoint runs/dagman --shots 1,2,5,10,all --draws 20 --out curve/
+  napari-dagman classify nodules.csv --checkpoint runs/dagman --finetune --finetune-steps 200 --out ft/
   napari-dagman classify outcome.csv --checkpoint runs/mim --which student --stage 4 --positive responder --out io/
 
 the table (CSV or Parquet), one row per case or lesion:
@@ -26,6 +27,8 @@ the table (CSV or Parquet), one row per case or lesion:
 outputs: metrics.json (AUC and average precision for two classes, balanced accuracy and per-class recall, each
 with a 95% patient-bootstrap interval; confusion matrix; the label-efficiency curve; the encoder minus each
 control with a paired interval), predictions.csv (per-row probabilities), curve.csv, curve.png, roc.png, pr.png.
+With --finetune, the encoder is also fine-tuned with a classification head, one resumable run per fold (and draw)
+in OUT/finetune; metrics.json gains heads.finetune and its paired differences. Rerun the same command to resume.
 """
 
 
