@@ -50,6 +50,10 @@ if TYPE_CHECKING:
     from napari_dagman.core.config.classify import ClassifyConfig
 
 
+#: test crops per forward pass
+PREDICT_BATCH = 4
+
+
 def token_masks(los: np.ndarray, his: np.ndarray, grid: tuple[int, ...], factor: tuple[int, ...]) -> torch.Tensor:
     """(B, *grid) weights: 1 on the tokens each box (voxels lo..hi) touches, as `pool_boxes` pools them."""
     f = np.asarray(factor)
@@ -230,8 +234,11 @@ def predict_rows(
     with torch.inference_mode():
         for row in rows:
             crops = test_crops(regions[int(row)], window)
-            images, masks = model.batch(crops, device)
-            out.append(model(images, masks).float().softmax(1).mean(0).cpu().numpy())
+            probabilities = []
+            for first in range(0, len(crops), PREDICT_BATCH):  # a case's windows a few at a time (memory)
+                images, masks = model.batch(crops[first : first + PREDICT_BATCH], device)
+                probabilities.append(model(images, masks).float().softmax(1).cpu())
+            out.append(torch.cat(probabilities).mean(0).numpy())
     return np.stack(out) if out else np.zeros((0, model.head.out_features))
 
 
