@@ -104,3 +104,19 @@ def test_a_table_of_several_cts_draws_the_open_ones_rows_and_a_row_opens_its_ct(
     assert sum(layer.source.path is not None and rows["image"][other] in str(layer.source.path)
                for layer in viewer.layers) == 1  # fmt: skip
     assert viewer.dims.point[0] == pytest.approx(rows["z"][other], abs=6.1)
+
+
+def test_the_dock_fine_tunes_the_encoder_when_asked_and_reads_out_both_heads(
+    make_napari_viewer, shared_data, tiny_run, organ_points, tmp_path
+):
+    viewer, dock = make_dock(make_napari_viewer, shared_data, tiny_run, tmp_path / "out")
+    dock.form.set_values({"finetune": True, "finetune_steps": 2, "finetune_batch": 2})
+    mark(dock, organ_points)
+    assert dock.start()
+    assert dock.wait(300), dock.status.text()
+    assert dock.finished is not None, dock.status.text()
+    assert "fine-tuned encoder and head: AUC" in dock.reading.value
+    runs = sorted((tmp_path / "out" / "finetune" / "shots-all").glob("fold-*/model.safetensors"))
+    assert len(runs) == 2  # one run per fold, in the output folder the command line would use
+    rows = pd.read_csv(tmp_path / "out" / "predictions.csv")
+    assert np.allclose(rows[["finetune_p_liver", "finetune_p_spleen"]].sum(axis=1), 1.0, atol=1e-5)
