@@ -150,6 +150,7 @@ def run_efficiency(args: argparse.Namespace, config: FinetuneConfig) -> int:
     """``--label-efficiency``: every arm of the grid, then the table of mean Dice per budget and init."""
     from napari_dagman.cli.common import drive, stop_on_signals
     from napari_dagman.core.errors import DagmanInputError
+    from napari_dagman.core.segmentation.data import slab_warning
     from napari_dagman.core.segmentation.efficiency import check_grid, parse_numbers, run_label_efficiency
 
     if args.budgets is None:
@@ -161,6 +162,9 @@ def run_efficiency(args: argparse.Namespace, config: FinetuneConfig) -> int:
     budgets = parse_numbers(args.budgets, "--label-efficiency")
     seeds = parse_numbers(args.seeds, "--seeds") if args.seeds is not None else [config.seed]
     check_grid(config, budgets, seeds)  # bad input ends here, before any image is read
+    line = slab_warning(config, organ_names(config.segmentations[0]))
+    if line:  # the same slab validates every run: an organ it misses has no Dice in any
+        say(f"warning: {line}", err=True)
     command = "napari-dagman " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     with stop_on_signals() as stop:
         finished = drive(
