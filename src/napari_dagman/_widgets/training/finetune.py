@@ -47,7 +47,8 @@ __all__ = ["FinetuneWidget", "finetune_job"]
 
 #: The fields of `FinetuneConfig` the dock shows, by section (data, model, optimisation, validation, run).
 FIELDS: tuple[str, ...] = (
-    "roi", "spacing", "hu_min", "hu_max", "resample_labels", "background_ratio", "augment",
+    "roi", "spacing", "hu_min", "hu_max", "resample_labels", "background_ratio", "augment", "train_pieces",
+    "train_slabs",
     "init", "init_encoder", "preset", "init_weights", "dims", "drop_path",
     "steps", "batch_size", "lr", "min_lr", "weight_decay", "warmup_steps", "grad_clip", "precision", "compile",
     "fused_attention",
