@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from napari_dagman.core.checkpoint import RunFolder, architecture_from_metadata
+from napari_dagman.core.checkpoint import RunFolder
 from napari_dagman.core.classification.crops import RowRegion, crop_window, test_crops, training_crop
 from napari_dagman.core.config.classify import ClassifierTrainConfig
 from napari_dagman.core.errors import CheckpointError
@@ -40,7 +40,7 @@ from napari_dagman.core.events import (
     StepEvent,
 )
 from napari_dagman.core.training.distributed import DistContext
-from napari_dagman.core.training.task import StepResult, TrainingTask
+from napari_dagman.core.training.task import SingleNetworkTask, StepResult
 
 if TYPE_CHECKING:
     from napari_dagman.core.checkpoint import PretrainedEncoder
@@ -100,7 +100,7 @@ class BoxPooledClassifier(nn.Module):
         return images, masks
 
 
-class ClassifierTask(TrainingTask):
+class ClassifierTask(SingleNetworkTask):
     """One fine-tuning run: the rows ``config.train_rows`` of a classification table."""
 
     job = "classify"
@@ -153,24 +153,8 @@ class ClassifierTask(TrainingTask):
             settings = AugmentSettings(intensity=0.05, noise=0.02, blur=1.0, rotate=10.0, zoom=0.1)
             self.augmentation = Augmentation(settings, self.arch.dims)
 
-    def trained_modules(self) -> dict[str, nn.Module]:
-        return {"model": self.net}
-
-    def state_modules(self) -> dict[str, nn.Module]:
-        from napari_dagman.core.methods.base import unwrap
-
-        return {"model": unwrap(self.net)}
-
-    def wrap_trained(self, wrapper: Callable[[nn.Module], nn.Module]) -> None:
-        self.net = wrapper(self.net)
-
     def weights_metadata(self) -> dict[str, Any]:
         return {"architecture": self.arch.to_json(), "classes": self.class_names, "stage": self.config.stage}
-
-    def check_checkpoint(self, metadata: dict[str, str], name: str) -> None:
-        diff = self.arch.differences(architecture_from_metadata(metadata, name))
-        if diff:
-            raise CheckpointError(f"{name} was trained with another architecture: {'; '.join(diff)}")
 
     def run_config(self) -> dict[str, Any]:
         return {
@@ -214,9 +198,6 @@ class ClassifierTask(TrainingTask):
 
     def samples(self) -> int:
         return int(self.config.batch_size)
-
-    def release(self) -> None:
-        self.net = None
 
 
 def _unwrapped(net: nn.Module) -> BoxPooledClassifier:

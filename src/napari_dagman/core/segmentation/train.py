@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Generator, Sequence
+from collections.abc import Generator, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from napari_dagman.core.checkpoint import RunFolder, architecture_from_metadata
+from napari_dagman.core.checkpoint import RunFolder
 from napari_dagman.core.config import FinetuneConfig
 from napari_dagman.core.devices import resolve_device
 from napari_dagman.core.errors import CheckpointError, DagmanInputError
@@ -49,7 +49,7 @@ from napari_dagman.core.segmentation.model import (
 from napari_dagman.core.segmentation.prediction import sliding_window_logits
 from napari_dagman.core.training.distributed import DistContext
 from napari_dagman.core.training.loop import run_training
-from napari_dagman.core.training.task import StepResult, TrainingTask
+from napari_dagman.core.training.task import SingleNetworkTask, StepResult
 from napari_dagman.core.volume import Volume
 
 #: Fine-tuning config keys that fix the network, the data split or the random streams: a resumed run keeps them.
@@ -114,7 +114,7 @@ def validate(
     return np.where(count > 0, np.where(present, stacked, 0.0).sum(axis=0) / np.maximum(count, 1), np.nan)
 
 
-class FinetuneTask(TrainingTask):
+class FinetuneTask(SingleNetworkTask):
     """Fine-tuning of a SwinUNETR on image/label-map pairs (in memory, or the files of the config)."""
 
     job = "finetune"
@@ -257,28 +257,12 @@ class FinetuneTask(TrainingTask):
         self.loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
 
     # --- modules and records ------------------------------------------------------------------------------------
-    def trained_modules(self) -> dict[str, nn.Module]:
-        return {"model": self.net}
-
-    def state_modules(self) -> dict[str, nn.Module]:
-        from napari_dagman.core.methods.base import unwrap
-
-        return {"model": unwrap(self.net)}
-
-    def wrap_trained(self, wrapper: Callable[[nn.Module], nn.Module]) -> None:
-        self.net = wrapper(self.net)
-
     def weights_metadata(self) -> dict[str, Any]:
         return {
             "architecture": self.arch.to_json(),
             "classes": self.label_map.to_dict(),
             "input": input_spec(self.config),
         }
-
-    def check_checkpoint(self, metadata: dict[str, str], name: str) -> None:
-        diff = self.arch.differences(architecture_from_metadata(metadata, name))
-        if diff:
-            raise CheckpointError(f"{name} was trained with another architecture: {'; '.join(diff)}")
 
     def run_config(self) -> dict[str, Any]:
         return {
@@ -374,9 +358,6 @@ class FinetuneTask(TrainingTask):
         if tracker and math.isfinite(tracker.get("best_score", -math.inf)):
             return {"best_mean_dice": tracker["best_score"], "best_step": tracker["best_step"]}
         return {}
-
-    def release(self) -> None:
-        self.net = None  # drop the model with the generator's frame (GPU memory), not when it is collected
 
 
 def run_finetuning(

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from napari_dagman.core.augment import Augmentation
-from napari_dagman.core.checkpoint import RunFolder, architecture_from_metadata
+from napari_dagman.core.checkpoint import RunFolder
 from napari_dagman.core.config import PretrainConfig
 from napari_dagman.core.data import PreparedVolume, ViewSampler
 from napari_dagman.core.devices import resolve_device
@@ -278,11 +278,6 @@ class PretrainTask(TrainingTask):
 
     def weights_metadata(self) -> dict[str, Any]:
         return {"architecture": self.arch.to_json(), "method": self.config.method, **self.published()}
-
-    def check_checkpoint(self, metadata: dict[str, str], name: str) -> None:
-        diff = self.arch.differences(architecture_from_metadata(metadata, name))
-        if diff:
-            raise CheckpointError(f"{name} was trained with another architecture: {'; '.join(diff)}")
 
     def run_config(self) -> dict[str, Any]:
         return {

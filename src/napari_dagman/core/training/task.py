@@ -42,6 +42,8 @@ class TrainingTask(ABC):
     """Base of a training job. Subclasses set ``config`` (resolved in `prepare`) and implement the hooks."""
 
     job: ClassVar[str] = "train"
+    #: the network's `Architecture` (set by `prepare`; what a checkpoint to resume must match)
+    arch: Any = None
     #: parameters without gradient are looked for by DDP (a module a loss does not reach)
     find_unused_parameters: bool = False
     #: the arithmetic of the steps, fp32 or bf16 (resolved and set by the loop before the first step)
@@ -99,9 +101,15 @@ class TrainingTask(ABC):
     def weights_metadata(self) -> dict[str, Any]:
         """What every weights file records besides the step (architecture, job, classes, published encoders)."""
 
-    @abstractmethod
     def check_checkpoint(self, metadata: dict[str, str], name: str) -> None:
-        """Refuse a resumable checkpoint this task cannot continue (another job or architecture)."""
+        """Refuse a resumable checkpoint this task cannot continue: one of another architecture than ``arch``
+        (the loop has already refused another job's)."""
+        from napari_dagman.core.checkpoint import architecture_from_metadata
+        from napari_dagman.core.errors import CheckpointError
+
+        diff = self.arch.differences(architecture_from_metadata(metadata, name))
+        if diff:
+            raise CheckpointError(f"{name} was trained with another architecture: {'; '.join(diff)}")
 
     @abstractmethod
     def run_config(self) -> dict[str, Any]:
@@ -180,3 +188,23 @@ class TrainingTask(ABC):
     def release(self) -> None:
         """Drop the networks (GPU memory is freed with the generator's frame, not when it is collected)."""
         return None  # nothing by default
+
+
+class SingleNetworkTask(TrainingTask):
+    """A task that trains one network, ``net``, saved under the key prefix ``model`` (fine-tuning jobs)."""
+
+    net: nn.Module | None = None
+
+    def trained_modules(self) -> dict[str, nn.Module]:
+        return {"model": self.net}
+
+    def state_modules(self) -> dict[str, nn.Module]:
+        from napari_dagman.core.methods.base import unwrap
+
+        return {"model": unwrap(self.net)}
+
+    def wrap_trained(self, wrapper: Callable[[nn.Module], nn.Module]) -> None:
+        self.net = wrapper(self.net)
+
+    def release(self) -> None:
+        self.net = None  # drop the model with the generator's frame (GPU memory), not when it is collected
